@@ -1,0 +1,208 @@
+"""`optrush bench`: time the real training step on one config and report speed, MFU, memory and loss.
+
+    optrush bench recipes/demo.yaml model.preset=llama3.2-1b --synthetic --warmup 3 --steps 8
+    result = bench(load_config(path, overrides, synthetic_data=True), synthetic=True, warmup=3, steps=8)
+    write_report([result], "runs/bench")            # bench.json + bench.md
+
+The step is the training loop's own (`optrush.train.loop`: build, `apply_optimizations`, objective, optimizer,
+`accumulate_gradients`, clipping, scheduler), so what is measured is what `optrush train` runs. `warmup` steps
+run first (the first one includes compilation: reported as `time_to_first_step_s`), then `steps` timed steps
+whose total wall time (each step ends with a device sync) gives tokens/s. Data: the config's own (tokenized,
+packed or padded, as `train` would) or, with `synthetic`, rows of `data.max_length` uniformly random tokens of the
+model's vocabulary, every position trained and no padding, drawn from `train.seed` (no data or tokenizer needed).
+
+MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / peak FLOP/s of the device for the matmul precision (bf16
+peak for bf16 modes, twice that for fp8, TF32 for fp32), the formula of `../shared/gpu/baseline-hf.py` (issue #5).
+Peak memory is what PyTorch allocated on the GPU (weights, gradients, optimizer states and activations) since the
+model was built; on CPU it is the process's peak resident memory.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from optrush.bench.provenance import provenance
+from optrush.config import Config, to_dict
+from optrush.data.batch import Batch
+from optrush.models.presets import get_preset
+from optrush.objectives import build_objective
+from optrush.optim.optimizer import build_optimizer
+from optrush.optim.schedule import build_scheduler
+from optrush.train.float8 import require_float8
+from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
+                                resolve_device, seed_everything)
+from optrush.train.metrics import device_peak_flops, mfu, peak_memory_gib
+from optrush.train.optimizations import apply_optimizations
+
+
+def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name: str = "bench") -> dict:
+    """Run `warmup` + `steps` optimizer steps of `cfg` and return the measurements (JSON-serialisable)."""
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"bench needs warmup >= 1 (the first step compiles) and steps >= 1; got {warmup}, {steps}")
+    device = resolve_device(cfg.train.device)
+    if cfg.precision.mode == "fp8":
+        require_float8(device)
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+
+    started = time.perf_counter()
+    n_steps = warmup + steps
+    if synthetic:
+        vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
+        model = build(cfg, vocab_size=vocab_size, device=device)
+        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps)
+    else:
+        batches, vocab_size = data_batches(cfg, n_steps=n_steps)
+        model = build(cfg, vocab_size=vocab_size, device=device)
+    model = apply_optimizations(model, cfg)
+    objective = build_objective(cfg.objective)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    autocast = precision_context(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    setup_s = time.perf_counter() - started
+
+    model.train()
+    losses, seconds = [], []
+    for micro_batches in batches:
+        step_started = time.perf_counter()
+        loss_sum, units = accumulate_gradients(model, objective, micro_batches, device=device, autocast=autocast)
+        clip_gradients(model, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - step_started)
+        losses.append(loss_sum / max(units, 1))
+
+    timed = batches[warmup:]
+    timed_s = sum(seconds[warmup:])
+    tokens = sum(b.input_ids.numel() for step in timed for b in step)
+    real_tokens = tokens - sum(b.num_padding for step in timed for b in step)
+    flops_per_token = model.flops_per_token(cfg.data.max_length)
+    peak_flops = matmul_peak_flops(device, cfg.precision.mode)
+    return {
+        "name": name,
+        "tokens_per_s": tokens / timed_s,
+        "real_tokens_per_s": real_tokens / timed_s,
+        "mfu": mfu(tokens / timed_s, flops_per_token, peak_flops),
+        "peak_mem_gib": peak_memory_gib(device),
+        "time_to_first_step_s": seconds[0],
+        "step_s": timed_s / steps,
+        "setup_s": setup_s,
+        "loss": losses[-1],
+        "losses": losses,
+        "padding_fraction": 1 - real_tokens / tokens,
+        "warmup": warmup,
+        "steps": steps,
+        "synthetic": synthetic,
+        "rows": cfg.train.micro_batch_size,
+        "seq_len": cfg.data.max_length,
+        "grad_accum": cfg.train.grad_accum,
+        "params": model.num_params(),
+        "flops_per_token": flops_per_token,
+        "peak_flops": peak_flops,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "config": to_dict(cfg),
+        "provenance": provenance(),
+    }
+
+
+def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
+    """Dense peak FLOP/s for the precision the matmuls run in; FP8 tensor cores are twice the bf16 rate on
+    Hopper (1979 vs 989 TFLOP/s on H100 SXM), as issue #5's MFU definition uses."""
+    if mode == "fp8":
+        bf16 = device_peak_flops(device, torch.bfloat16)
+        return None if bf16 is None else 2 * bf16
+    return device_peak_flops(device, torch.float32 if mode == "fp32" else torch.bfloat16)
+
+
+def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int) -> list[list[Batch]]:
+    """`n_steps` x `grad_accum` micro-batches of full random rows (`micro_batch_size` x `data.max_length`)."""
+    rows, length = cfg.train.micro_batch_size, cfg.data.max_length
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    positions = torch.arange(length).expand(rows, length)
+    steps = []
+    for _ in range(n_steps):
+        micro_batches = []
+        for _ in range(cfg.train.grad_accum):
+            tokens = torch.randint(0, vocab_size, (rows, length + 1), generator=generator)
+            micro_batches.append(Batch(input_ids=tokens[:, :-1], labels=tokens[:, 1:], position_ids=positions))
+        steps.append(micro_batches)
+    return steps
+
+
+def data_batches(cfg: Config, *, n_steps: int) -> tuple[list[list[Batch]], int]:
+    """The first `n_steps` steps' micro-batches of the configured data, and the tokenizer's vocabulary size."""
+    from optrush.data.dataset import build_datasets
+    from optrush.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    examples, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle)
+    return [[next(loader) for _ in range(cfg.train.grad_accum)] for _ in range(n_steps)], len(tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------------- reports
+
+COLUMNS = (  # (header, result key, format)
+    ("config", "name", str),
+    ("tokens/s", "tokens_per_s", lambda v: f"{v:,.0f}"),
+    ("non-pad tokens/s", "real_tokens_per_s", lambda v: f"{v:,.0f}"),
+    ("MFU", "mfu", lambda v: f"{v:.3f}"),
+    ("peak GiB", "peak_mem_gib", lambda v: f"{v:.1f}"),
+    ("first step s", "time_to_first_step_s", lambda v: f"{v:.1f}"),
+    ("loss", "loss", lambda v: f"{v:.4f}"),
+)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per result; a failed run (an `error` key) shows its error instead of numbers."""
+    lines = ["| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for result in results:
+        if "error" in result:
+            lines.append(f"| {result['name']} | failed: {result['error'][:120]} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        cells = [("n/a" if result.get(key) is None else fmt(result[key])) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(results: list[dict], *, title: str = "optrush bench") -> str:
+    """A markdown report: the table, then where and how it was measured."""
+    first = next((r for r in results if "error" not in r), None)
+    lines = [f"# {title}", "", markdown_table(results), ""]
+    if first is not None:
+        p = first["provenance"]
+        lines += [f"- device: {first['device']}; torch {p['torch']}, CUDA {p['cuda']}, Python {p['python']}, "
+                  f"optrush {p['git_sha'] or p['optrush'] or 'unknown'}{' (modified)' if p['git_dirty'] else ''}",
+                  f"- batch: {first['rows']} rows x {first['seq_len']} tokens x {first['grad_accum']} micro-batches"
+                  f"{' of synthetic random tokens' if first['synthetic'] else ''}; {first['warmup']} warm-up + "
+                  f"{first['steps']} timed steps; {first['params']:,} parameters",
+                  "- MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / dense peak FLOP/s of the matmul "
+                  f"precision ({fmt_flops(first['peak_flops'])})",
+                  f"- measured {p['timestamp_utc']}"]
+    return "\n".join(lines) + "\n"
+
+
+def fmt_flops(value: float | None) -> str:
+    return "unknown on this device" if value is None else f"{value / 1e12:.0f} TFLOP/s"
+
+
+def write_report(results: list[dict], out_dir: str | Path, *, stem: str = "bench") -> tuple[Path, Path]:
+    """Write `<out_dir>/<stem>.json` (every field) and `<stem>.md`; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    md_path.write_text(report_markdown(results), encoding="utf-8")
+    return json_path, md_path

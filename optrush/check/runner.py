@@ -1,0 +1,86 @@
+"""Run the groups of checks on one config and collect their rows into a `CheckReport`.
+
+    report = run_checks(cfg)                           # every group
+    report = run_checks(cfg, only=["packing", "resume"])
+    report = run_fast_checks(cfg)                      # what `train.verify=true` runs before training
+
+A group that raises becomes one failed row carrying the error (a crash is never a pass).
+"""
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable
+
+import torch
+
+from optrush.check.data import check_data, check_truncation
+from optrush.check.equivalence import check_accumulation, check_kernels, check_packing, check_precision
+from optrush.check.harness import CheckContext, prepare
+from optrush.check.numerics import check_numerics
+from optrush.check.report import CheckReport, CheckResult, not_applicable
+from optrush.check.resume import check_resume
+from optrush.config import Config, ConfigError
+
+DEFAULT_STEPS = 6
+"""Optimizer steps of the training checks (precision drift; resume trains half, saves, then the other half)."""
+
+
+def check_peft(ctx: CheckContext) -> list[CheckResult]:
+    why = f"peft.method={ctx.cfg.peft.method}: optrush has no LoRA/QLoRA yet, so there is no adapter to check"
+    return [not_applicable("peft: zero-init adapter leaves outputs unchanged", why),
+            not_applicable("peft: quantized base dequantizes within bound", why)]
+
+
+def check_multi_gpu(ctx: CheckContext) -> list[CheckResult]:
+    devices = torch.cuda.device_count()
+    why = (f"parallel.strategy={ctx.cfg.parallel.strategy}: one device"
+           + (f" ({devices} visible, but optrush has no multi-GPU strategy yet)" if devices > 1 else ""))
+    return [not_applicable("multi-GPU: == single device", why)]
+
+
+GROUPS: dict[str, Callable[..., list[CheckResult]]] = {
+    "data": check_data,
+    "truncation": check_truncation,
+    "numerics": check_numerics,
+    "packing": check_packing,
+    "accumulation": check_accumulation,
+    "kernels": check_kernels,
+    "precision": check_precision,
+    "peft": check_peft,
+    "resume": check_resume,
+    "multi_gpu": check_multi_gpu,
+}
+TRAINING_GROUPS = ("precision", "resume")
+"""Groups that train for `steps` optimizer steps."""
+FAST = ("data", "numerics", "packing", "accumulation")
+"""The subset `train.verify=true` runs: one forward/backward per model, no training, no compile comparison."""
+
+
+def run_checks(cfg: Config, *, only: Iterable[str] | None = None, steps: int = DEFAULT_STEPS) -> CheckReport:
+    """Run the groups in `only` (default: all of `GROUPS`, in that order) on `cfg`; see `optrush.check`."""
+    names = list(GROUPS) if only is None else list(only)
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown:
+        raise ConfigError(f"unknown check group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    if steps < 2:
+        raise ConfigError(f"--steps {steps}: the training checks need at least 2 steps")
+    ctx = prepare(cfg)
+    report = CheckReport(tolerance=ctx.tolerance, precision=ctx.precision)
+    for name in (n for n in GROUPS if n in names):
+        kwargs = {"steps": steps} if name in TRAINING_GROUPS else {}
+        try:
+            report.rows += GROUPS[name](ctx, **kwargs)
+        except Exception as err:  # noqa: BLE001 - reported as a failed row, with the traceback's last frame
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            report.rows.append(CheckResult(name=f"{name}: ran", passed=False,
+                                           detail=f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"))
+        finally:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return report
+
+
+def run_fast_checks(cfg: Config) -> CheckReport:
+    """The `FAST` subset, for `train.verify=true`: seconds on the debug model, a few forward/backward passes of
+    the real one."""
+    return run_checks(cfg, only=FAST)

@@ -1,0 +1,151 @@
+"""The `optrush` command line: the whole surface on one screen.
+
+    optrush train CONFIG [key=value ...]          train (every key of the config can be overridden)
+    optrush config show CONFIG [key=value ...]    print the resolved config
+    optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
+                                                  time training steps: tokens/s, MFU, peak memory, loss
+                                                  (writes <output_dir>/bench.json and bench.md)
+    optrush check CONFIG [key=value ...] [--only GROUP ...] [--steps N] [--json PATH]
+                                                  equivalence checks of the config's optimizations vs plain
+                                                  references (writes <output_dir>/check.json; exit 1 on failure)
+    optrush demo [--out DIR] [--steps N]          the offline recipe demo: data -> tokenizer -> tiny Llama -> samples
+    optrush tokenizer train --corpus FILE --vocab-size N --out DIR
+
+Each command parses into a Config (or plain arguments) and calls the same library function a Python user calls.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from optrush.config import ConfigError
+
+
+def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The CONFIG argument is optional: `optrush train model.preset=debug ...` starts from the defaults."""
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, args.overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from optrush.config import load_config
+    from optrush.train import train
+
+    train(load_config(*config_and_overrides(args)))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from optrush.config import load_config, to_yaml
+
+    print(to_yaml(load_config(*config_and_overrides(args))), end="")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from optrush.bench.run import bench, markdown_table, write_report
+    from optrush.config import load_config
+
+    cfg = load_config(args.config, args.overrides, synthetic_data=args.synthetic)
+    result = bench(cfg, synthetic=args.synthetic, warmup=args.warmup, steps=args.steps, name=Path(args.config).stem)
+    json_path, md_path = write_report([result], cfg.output_dir)
+    print(markdown_table([result]))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from optrush.check import run_checks
+    from optrush.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_checks(cfg, only=args.only, steps=args.steps)
+    report.print()
+    path = report.write(args.json or Path(cfg.output_dir) / "check.json")
+    print(f"wrote {path}")
+    return 0 if report.passed else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from optrush.cli.demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, records=args.records)
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from optrush.data.corpus import corpus_texts
+    from optrush.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(corpus_texts(args.corpus, column=args.column), vocab_size=args.vocab_size,
+                                out_dir=args.out)
+    print(f"trained a byte-level BPE of {len(tokenizer)} tokens on {args.corpus}; saved to {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="optrush", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model from a YAML config plus key=value overrides")
+    p.add_argument("config", nargs="?", help="YAML config file (optional; see optrush/recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.packing=none")
+    p.set_defaults(run=cmd_train)
+
+    config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="config_command",
+                                                                                   required=True)
+    p = config.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(run=cmd_config_show)
+
+    p = commands.add_parser("bench", help="time training steps of a config: tokens/s, MFU, peak memory, loss")
+    p.add_argument("config", help="YAML config file (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.preset=llama3.2-1b compile.mode=blocks")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random full rows of data.max_length tokens instead of the config's data (no data needed)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
+    p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("check", help="check that the config's optimizations match plain references")
+    p.add_argument("config", help="YAML config file (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kernels.fused_loss=true")
+    p.add_argument("--only", nargs="+", default=None, metavar="GROUP",
+                   help="run only these groups: data truncation numerics packing accumulation kernels precision "
+                        "peft resume multi_gpu")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of the training checks (default: 6)")
+    p.add_argument("--json", default=None, help="where to write the JSON report (default: <output_dir>/check.json)")
+    p.set_defaults(run=cmd_check)
+
+    p = commands.add_parser("demo", help="offline end-to-end recipe demo on CPU (about 2 minutes)")
+    p.add_argument("--out", default="demo_run", help="output directory (default: demo_run)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--records", type=int, default=None, help="synthetic recipes to generate")
+    p.set_defaults(run=cmd_demo)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
+                                                                                         required=True)
+    p = tokenizer.add_parser("train", help="train a byte-level BPE tokenizer and save it in HF format")
+    p.add_argument("--corpus", required=True, help="a JSONL file (text column) or a .txt file (one document a line)")
+    p.add_argument("--column", default="text", help="JSONL column holding the text (default: text)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_tokenizer_train)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"optrush: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Typed configuration: the dataclass tree (`schema`) and its YAML/override loader (`load`)."""
+from optrush.config.load import ConfigError, load_config, to_dict, to_yaml
+from optrush.config.schema import (CheckpointConfig, Config, DataConfig, LoggingConfig, ModelConfig, OptimConfig,
+                                   ParallelConfig, PeftConfig, PrecisionConfig, TrainConfig)
+
+__all__ = ["Config", "ConfigError", "load_config", "to_dict", "to_yaml", "ModelConfig", "DataConfig", "TrainConfig",
+           "OptimConfig", "PrecisionConfig", "PeftConfig", "ParallelConfig", "CheckpointConfig", "LoggingConfig"]

@@ -1,0 +1,301 @@
+"""Build a `Config` from a YAML file plus dotted `key=value` overrides, and validate it.
+
+    cfg = load_config("recipes/demo.yaml", ["train.lr=2e-4", "data.packing=none"])
+
+Every failure raises `ConfigError` with the offending key, what was given and what is expected, so a bad run stops
+before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from optrush.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration problem found at start-up; the message names the key and says what to do."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                synthetic_data: bool = False) -> Config:
+    """The resolved config: defaults, then the YAML file, then the overrides (later wins). `synthetic_data`:
+    the caller feeds random tokens (`optrush bench --synthetic`), so no tokenizer is needed."""
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    cfg = build(Config, tree, prefix="")
+    validate(cfg, synthetic_data=synthetic_data)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path to a YAML file, e.g. recipes/demo.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...), "
+                          f"got {type(tree).__name__}")
+    return tree
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=2e-4` -> ("train.lr", 0.0002); values are read as YAML scalars (`null`, `true`, `[0.9, 0.99]`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=2e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def build(cls: type, tree: Any, *, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and coercing/checking types."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in tree:
+        if key not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(key), [prefix + name for name in fields]))
+    values = {}
+    for name, value in tree.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = build(kind, value, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = coerce(value, kind, key=prefix + name)
+    return cls(**values)
+
+
+def unknown_key_message(key: str, valid: list[str]) -> str:
+    close = (difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+             or difflib.get_close_matches(key, all_keys(Config), n=1, cutoff=0.6)
+             or [k for k in all_keys(Config) if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]])
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        keys.extend(all_keys(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [prefix + f.name])
+    return keys
+
+
+def coerce(value: Any, kind: Any, *, key: str) -> Any:
+    """Return `value` as type `kind`, or raise ConfigError naming key, value and the expected type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, key=key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {type_name(kind)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}.{hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list ({type_name(kind)}), e.g. [a, b]")
+        return [coerce(v, args[0], key=key) for v in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values ({type_name(kind)})")
+        return tuple(coerce(v, a, key=key) for v, a in zip(value, args))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise TypeError(f"config field {key} has an unsupported annotation {kind!r}")
+
+
+def type_name(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        return "[" + ", ".join(type_name(a) for a in args) + "]"
+    if origin is list:
+        return f"[{type_name(args[0])}, ...]"
+    return getattr(kind, "__name__", str(kind))
+
+
+# Switches declared in the schema whose implementation has not landed; each is removed here when it does.
+NOT_BUILT_YET: tuple[str, ...] = ()
+
+
+def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
+    """Reject values that are individually valid but wrong together, or out of range."""
+    problems = []
+    if (cfg.model.path is None) == (cfg.model.preset is None):
+        problems.append("set exactly one of model.path (an HF checkpoint directory) or model.preset "
+                        f"(a built-in architecture); got path={cfg.model.path!r}, preset={cfg.model.preset!r}")
+    if cfg.model.preset is not None and cfg.data.tokenizer is None and not synthetic_data:
+        problems.append("model.preset builds a fresh model, so data.tokenizer must name a tokenizer directory")
+    if cfg.objective == "sft" and cfg.data.format == "text":
+        problems.append("objective=sft trains on completions only: set data.format to prompt_completion or recipe "
+                        "(or use objective=causal_lm for raw text)")
+    positive = {"train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
+                "logging.every": cfg.logging.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                "train.eval_batches": cfg.train.eval_batches, "activations.every": cfg.activations.every}
+    problems += [f"{key}={value}: must be >= 1" for key, value in positive.items() if value < 1]
+    non_negative = {"train.warmup_steps": cfg.train.warmup_steps, "train.eval_every": cfg.train.eval_every,
+                    "checkpoint.every": cfg.checkpoint.every, "train.max_grad_norm": cfg.train.max_grad_norm,
+                    "optim.weight_decay": cfg.optim.weight_decay}
+    problems += [f"{key}={value}: must be >= 0" for key, value in non_negative.items() if value < 0]
+    if cfg.train.lr <= 0:
+        problems.append(f"train.lr={cfg.train.lr}: must be > 0")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction={cfg.data.eval_fraction}: must be in [0, 1)")
+    if cfg.data.eval_path is not None and cfg.data.eval_fraction > 0:
+        problems.append("set data.eval_path or data.eval_fraction, not both")
+    if not 0 <= cfg.train.min_lr_ratio <= 1 or not 0 <= cfg.train.decay_fraction <= 1:
+        problems.append("train.min_lr_ratio and train.decay_fraction must be in [0, 1]")
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        problems.append(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}")
+    if cfg.precision.mode != "fp32" and cfg.train.deterministic:
+        problems.append("train.deterministic=true needs precision.mode=fp32 (bf16 reductions are not repeatable)")
+    if cfg.activations.offload and cfg.compile.mode == "model":
+        problems.append("activations.offload=true needs compile.mode=blocks or none: its hooks must run outside "
+                        "the compiled graph")
+    problems += kernel_problems(cfg)
+    problems += objective_problems(cfg)
+    defaults = Config()
+    for key in NOT_BUILT_YET:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(defaults, section), name):
+            problems.append(f"{key}={value!r} is not available yet (see the roadmap in README.md); "
+                            f"leave {key} at its default")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def kernel_problems(cfg: Config) -> list[str]:
+    """Attention backends and fused kernels that cannot run with the rest of the config."""
+    problems = []
+    if cfg.model.attention != "sdpa" and cfg.train.device == "cpu":
+        why = "FlexAttention has no CPU backward" if cfg.model.attention == "flex" else "varlen_attn has no CPU kernel"
+        problems.append(f"model.attention={cfg.model.attention} needs a CUDA GPU ({why}); use model.attention=sdpa "
+                        "with train.device=cpu")
+    if cfg.model.attention == "varlen" and cfg.precision.mode == "fp32":
+        problems.append("model.attention=varlen runs FlashAttention, which takes bf16 only: set precision.mode to "
+                        "bf16_mixed or bf16_pure, or use model.attention=flex or sdpa for fp32")
+    if cfg.kernels.loss_chunk_tokens < 1:
+        problems.append(f"kernels.loss_chunk_tokens={cfg.kernels.loss_chunk_tokens}: must be >= 1")
+    if cfg.kernels.z_loss < 0:
+        problems.append(f"kernels.z_loss={cfg.kernels.z_loss}: must be >= 0")
+    return problems
+
+
+def objective_problems(cfg: Config) -> list[str]:
+    """Alignment objectives (reward, dpo, grpo) and the data and settings they need."""
+    problems = []
+    pairwise = cfg.objective in ("reward", "dpo")
+    if pairwise and cfg.data.format != "preference":
+        problems.append(f"objective={cfg.objective} trains on preference pairs: set data.format=preference (records "
+                        f"with {cfg.data.prompt_column!r}, {cfg.data.chosen_column!r}, {cfg.data.rejected_column!r})")
+    if cfg.data.format == "preference" and not pairwise:
+        problems.append(f"data.format=preference holds pairs, which objective={cfg.objective} cannot use: set "
+                        "objective=reward or objective=dpo")
+    if pairwise and cfg.train.verify:
+        problems.append(f"train.verify=true checks causal_lm/sft runs only; set train.verify=false for "
+                        f"objective={cfg.objective}")
+    if cfg.objective == "dpo":
+        d = cfg.dpo
+        if d.beta <= 0:
+            problems.append(f"dpo.beta={d.beta}: must be > 0")
+        if not 0 <= d.label_smoothing < 0.5:
+            problems.append(f"dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5)")
+        if d.label_smoothing > 0 and d.loss not in ("sigmoid", "robust", "simpo"):
+            problems.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, robust or simpo, not {d.loss}; "
+                            "set dpo.label_smoothing=0")
+        if d.reference == "lora_disabled":
+            problems.append("dpo.reference=lora_disabled needs LoRA adapters (peft, issue #6), which are not "
+                            "available yet: use dpo.reference=copy or precomputed")
+    if cfg.objective == "grpo":
+        g = cfg.grpo
+        if cfg.data.format not in ("prompt_completion", "recipe"):
+            problems.append("objective=grpo samples completions of the data's prompts: set data.format to "
+                            "prompt_completion or recipe")
+        if cfg.data.packing != "none":
+            problems.append("objective=grpo takes one prompt per row: set data.packing=none")
+        if g.group_size < 2:
+            problems.append(f"grpo.group_size={g.group_size}: must be >= 2 (advantages compare completions "
+                            "within a group)")
+        if g.max_new_tokens < 1 or g.temperature <= 0 or g.clip_eps <= 0 or g.kl_beta < 0:
+            problems.append("grpo.max_new_tokens must be >= 1, grpo.temperature and grpo.clip_eps > 0, "
+                            "grpo.kl_beta >= 0")
+        if not g.rewards or any(":" not in name for name in g.rewards):
+            problems.append(f"grpo.rewards={g.rewards!r}: give one or more 'module:function' import strings, "
+                            "e.g. [optrush.objectives.grpo:recipe_format_reward]")
+    return problems
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (YAML/JSON friendly)."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v))
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

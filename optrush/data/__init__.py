@@ -1,0 +1,28 @@
+"""The data pipeline: records -> cleaned records -> tokenized examples -> planned, collated micro-batches.
+
+    from optrush.data import BatchLoader, build_datasets
+    from optrush.data.tokenizer import load_tokenizer      # imports transformers, so not re-exported here
+
+    tokenizer = load_tokenizer("tok/")
+    train, evals, report = build_datasets(cfg.data, tokenizer, seed=0)
+    loader = BatchLoader(train, strategy="bfd", rows=8, max_length=cfg.data.max_length,
+                         pad_id=tokenizer.pad_token_id, seed=0)
+    batch = next(loader)
+
+Modules: recipes (synthetic corpus + text template), reader (JSONL/JSON records), clean (counted filters),
+tokenizer (BPE training, loading), formats (record -> Example), dataset (files -> examples + report), pack
+(batch planning, collation), loader (endless resumable stream), batch (the Batch every consumer sees).
+"""
+from optrush.data.batch import IGNORE_INDEX, Batch
+from optrush.data.clean import CleanReport, clean_records, recipe_rules
+from optrush.data.dataset import DataReport, build_datasets
+from optrush.data.formats import Example, encode_record
+from optrush.data.loader import BatchLoader
+from optrush.data.pack import collate, plan_batches
+from optrush.data.reader import DataError, read_json, read_jsonl, read_records
+from optrush.data.recipes import generate_recipes, recipe_completion, recipe_prompt, write_jsonl
+
+__all__ = ["IGNORE_INDEX", "Batch", "BatchLoader", "CleanReport", "DataError", "DataReport", "Example",
+           "build_datasets", "clean_records", "collate", "encode_record", "generate_recipes", "plan_batches",
+           "read_json", "read_jsonl", "read_records", "recipe_completion", "recipe_prompt", "recipe_rules",
+           "write_jsonl"]

@@ -1,0 +1,91 @@
+"""Records out of data files, with errors that name the file and line.
+
+    for line_no, record in read_records("train.jsonl"):   # JSONL, or a JSON array of objects
+        ...
+
+`read_jsonl` streams a JSON-lines file (blank lines are skipped; numbers are 1-based line numbers). `read_json`
+reads a file holding one JSON array of objects (numbers are 1-based item numbers). `read_records` picks between
+them by the file's first non-blank character (`[` means a JSON array), not by its extension, because `.json` files
+written by common tools (e.g. `datasets.Dataset.to_json`) are JSON lines. Every problem raises `DataError`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line or item) and says what to do."""
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(number, record) for every record of a JSONL file or a JSON array file (see the module docstring)."""
+    path = _existing(path)
+    return read_json(path) if is_json_array(path) else read_jsonl(path)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Stream (line number, record) from a JSON-lines file, one object per line; blank lines are skipped."""
+    path = _existing(path)
+    with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line number
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno}); each line must "
+                                "hold one complete JSON object: fix or delete this line") from None
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8") \
+                    from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object ({{\"column\": value, ...}}), got "
+                                f"{_json_type(record)}; each line must hold one object")
+            yield line_no, record
+
+
+def read_json(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(item number, record) from a file holding one JSON array of objects (read whole: arrays cannot stream)."""
+    path = _existing(path)
+    try:
+        items = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix the file, or "
+                        "write one JSON object per line (JSONL)") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of objects or JSON lines, got {_json_type(items)}")
+    return _objects(path, items)
+
+
+def _objects(path: Path, items: list) -> Iterator[tuple[int, dict]]:
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {number} of the JSON array is {_json_type(item)}, expected an object "
+                            "({\"column\": value, ...})")
+        yield number, item
+
+
+def is_json_array(path: str | Path) -> bool:
+    """Whether the file's first non-blank character is `[` (one JSON array rather than JSON lines)."""
+    with open(_existing(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip().startswith(b"[")
+    return False
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (give a JSONL file, one JSON object per line)")
+    return path
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+             type(None): "null"}
+    return names[type(value)]

@@ -1,0 +1,111 @@
+"""Attention over packed batches without a dense (T x T) mask: FlexAttention and variable-length flash attention.
+
+    model.set_attention_backend(FLEX)      # or VARLEN; optrush.kernels.apply_kernels does this for model.attention
+
+Both backends plug into `optrush.models.layers.AttentionBackend`: the model builds the mask description once per
+forward pass from `document_ids` and every layer reuses it.
+
+- `flex`: FlexAttention with a document-causal `BlockMask` (https://pytorch.org/blog/flexattention/). Blocks of
+  128 x 128 that cross documents are skipped entirely, so packed rows cost what their documents cost. Rows need
+  not be a multiple of 128 tokens. It needs a CUDA GPU for training (no CPU backward) and compiles on first use
+  (about 9 s on an H100; see /work/shared/gpu/NOTES.md).
+- `varlen`: `torch.nn.attention.varlen.varlen_attn` (FlashAttention's variable-length kernel) on the tokens
+  flattened to (B * T, H, D), with one segment per document run. CUDA only, bf16/fp16 only.
+
+Both follow `layers.attention_mask` exactly: a token sees earlier tokens of its own document; padding (document id
+-1) is a segment of its own, so it never reaches a real token and no row is empty. Documents must be contiguous
+runs within a row, which is what packing produces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from optrush.models.layers import AttentionBackend
+
+# FlexAttention only runs fast compiled: eager it materialises the scores. Compiling happens on first call, and a
+# compiled block or model inlines this wrapper into its own graph.
+_flex_attention_compiled = torch.compile(flex_attention)
+_create_block_mask_compiled = torch.compile(create_block_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------- flex
+
+def flex_block_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,
+                    device: torch.device | str | None = None) -> BlockMask:
+    """Document-causal BlockMask for (B, T) document ids (None: plain causal, shared by every row)."""
+    def keep(b, h, q, kv):
+        allowed = q >= kv
+        if document_ids is not None:
+            allowed = allowed & (document_ids[b, q] == document_ids[b, kv])
+        if sliding_window is not None:
+            allowed = allowed & (q - kv < sliding_window)
+        return allowed
+
+    device = document_ids.device if document_ids is not None else torch.device(device or "cpu")
+    batch = document_ids.shape[0] if document_ids is not None else None
+    build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
+    return build(keep, batch, None, seq_len, seq_len, device=device)
+
+
+def flex_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention on q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D)."""
+    # Under autocast, qk_norm returns fp32 q and k beside bf16 v; the kernel wants one dtype.
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    attend = _flex_attention_compiled if q.is_cuda else flex_attention
+    return attend(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# -------------------------------------------------------------------------------------------------------- varlen
+
+@dataclass(frozen=True, slots=True)
+class VarlenMask:
+    """The packed layout for `varlen_attn`: segment boundaries over the flattened (B * T) tokens."""
+    cu_seqlens: torch.Tensor | None
+    """int32 (segments + 1,) start offsets of each segment plus the total; None = one segment per row."""
+    max_len: int
+    """Longest segment in tokens."""
+    window: tuple[int, int]
+    """varlen_attn's (left, right) window: (-1, 0) is causal; (W - 1, 0) sees the last W keys."""
+
+
+@torch.compiler.disable  # data-dependent sizes (nonzero, max) and host syncs: run eagerly, once per forward
+def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,
+                device: torch.device | str | None = None) -> VarlenMask:
+    """Segments for (B, T) document ids: a new segment starts at each row start and each change of id."""
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    if document_ids is None:
+        return VarlenMask(cu_seqlens=None, max_len=seq_len, window=window)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    total = torch.tensor([document_ids.numel()], device=offsets.device, dtype=offsets.dtype)
+    cu_seqlens = torch.cat([offsets, total]).to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return VarlenMask(cu_seqlens=cu_seqlens, max_len=max_len, window=window)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: VarlenMask) -> torch.Tensor:
+    """varlen_attn on q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D), segments from `mask`."""
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10; imported here so 2.9 can still use sdpa/flex
+
+    B, H, T, D = q.shape
+    # (B, H, T, D) -> (B, T, H, D): the projections made this layout contiguous, so flattening it costs nothing.
+    # Under autocast, qk_norm returns fp32 q and k beside bf16 v; the kernel wants one dtype.
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if k.shape[2] != H:  # torch 2.11's varlen_attn has no enable_gqa: repeat the shared KV heads (any version)
+        k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+    q, k, v = q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D)
+    cu_seqlens = mask.cu_seqlens
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, mask.max_len, mask.max_len, window_size=mask.window)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+FLEX = AttentionBackend(name="flex", build_mask=flex_block_mask, attend=flex_attention_fn)
+VARLEN = AttentionBackend(name="varlen", build_mask=varlen_mask, attend=varlen_attention)
+BACKENDS = {"flex": FLEX, "varlen": VARLEN}

@@ -1,0 +1,196 @@
+"""The Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, Qwen3): one model, four HF families.
+
+    args = ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
+    model = Transformer(args)                               # or optrush.models.io.build_model(args, ...)
+    logits = model(input_ids)                               # (B, T, V)
+    loss = model(input_ids, position_ids=pos, document_ids=docs, labels=labels, reduction="sum")
+
+The families differ only in three switches: `qkv_bias` (Qwen2), `qk_norm` (per-head RMSNorm on q and k, Qwen3)
+and `sliding_window` (Mistral v0.1). Labels come already aligned (see optrush.data.batch): no shift here.
+
+Meta-device construction (FSDP2, big checkpoints): build under `torch.device("meta")`, `to_empty(device=...)`,
+then `tie_weights()` and either `init_weights()` or a checkpoint load, then `init_rope()`. The RoPE tables are
+non-persistent fp32 buffers, so they are never saved and must be rebuilt after materialising (or after `.to(dtype)`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from optrush.models import layers
+from optrush.models.layers import FeedForward, RMSNorm
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    """Hidden size (HF hidden_size)."""
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None = n_heads."""
+    head_dim: int | None = None
+    """Per-head size; None = dim // n_heads. Qwen3 sets it independently (n_heads * head_dim != dim)."""
+    ffn_dim: int
+    """SwiGLU hidden size (HF intermediate_size)."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF rope scaling dict without rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE."""
+    max_seq_len: int = 4096
+    """Longest sequence (HF max_position_embeddings); the RoPE tables have this many rows."""
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    """Attend to at most this many most recent tokens (Mistral v0.1); None = full causal attention."""
+    model_type: str = "llama"
+    """The HF family to save as: llama, mistral, qwen2 or qwen3."""
+    bos_token_id: int | None = None
+    """Token ids carried into the saved config.json for generation tools; the model itself never reads them."""
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        # Plain attributes so optrush.kernels can swap in other implementations with the same signatures;
+        # `attend` is set together with the Transformer's mask builder by `Transformer.set_attention_backend`.
+        self.rotary = layers.apply_rotary
+        self.attend = layers.sdpa_attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, k, cos, sin)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block; the unit that activation checkpointing, compile and FSDP2 wrap."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vocab_size = args.vocab_size
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        # A plain attribute so a fused kernel can replace it: model.loss_fn = fused_linear_cross_entropy
+        self.loss_fn = layers.linear_cross_entropy
+        self.attention_backend = layers.SDPA
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embedding. Call again after `to_empty` or a load with
+        `assign=True`: both replace parameter objects and so silently untie them."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def set_attention_backend(self, backend: layers.AttentionBackend) -> None:
+        """Attend with `backend` (e.g. optrush.kernels.attention.FLEX): its mask is built once per forward pass
+        and its attention runs in every layer."""
+        self.attention_backend = backend
+        for block in self.layers:
+            block.attention.attend = backend.attend
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the fp32 RoPE tables on `device` (default: where the embedding lives)."""
+        device = self.tok_embeddings.weight.device if device is None else device
+        a = self.args
+        inv_freq, scale = layers.rope_inv_freq(head_dim=a.head_dim, theta=a.rope_theta, scaling=a.rope_scaling,
+                                               max_seq_len=a.max_seq_len)
+        self.rope_cos, self.rope_sin = layers.rope_tables(inv_freq, scale, seq_len=a.max_seq_len, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, *, std: float = 0.02) -> None:
+        """Random init: normal(0, std) everywhere (biases too: no zero-initialised weight anywhere), residual
+        output projections scaled by 1/sqrt(2 * n_layers) as in GPT-2, norms at 1. Rebuilds the RoPE tables."""
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+        self.init_rope()
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V) in the weights' dtype when `labels` is None, else the loss of
+        `self.loss_fn` ("sum" or "mean" over labelled tokens). position_ids default to 0..T-1 in every row;
+        document_ids (B, T) restrict attention to each packed document (padding: -1)."""
+        B, T = input_ids.shape
+        if T > self.rope_cos.shape[0]:
+            raise ValueError(f"a sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}: "
+                             "shorten the data (data.max_length) or raise the model's max_seq_len")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = self.attention_backend.build_mask(document_ids, seq_len=T, sliding_window=self.args.sliding_window,
+                                                 device=input_ids.device)
+        h = self.tok_embeddings(input_ids)
+        for block in self.layers:
+            h = block(h, cos, sin, mask)
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return self.loss_fn(h, self.output.weight, labels, reduction=reduction)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied matrix counts once); `exclude_embeddings` leaves out the embedding table."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.tok_embeddings.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token for MFU: 6 * params + 6 * n_layers * seq_len * dim.
+
+        Deliberately the same formula as the HF baseline we compare against (`../shared/gpu/baseline-hf.py`,
+        issue #5) so that MFU ratios are like for like: every parameter counts (an untied embedding lookup too,
+        which slightly flatters untied models), and the attention term is QK^T and AV at causal density (half
+        of 12 * L * T * d, https://arxiv.org/abs/2204.02311 appendix B)."""
+        return 6 * self.num_params() + 6 * self.args.n_layers * seq_len * self.args.dim

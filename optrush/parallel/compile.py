@@ -1,0 +1,34 @@
+"""torch.compile for the model: each transformer block (fast to compile) or the whole model.
+
+    model = apply_compile(model, cfg)   # cfg.compile.mode: none | blocks | model; cfg.compile.dynamic
+
+`blocks` compiles every block's `forward` with `fullgraph=True` (a graph break inside a block is a bug, e.g. a
+kernel that dynamo cannot trace, and should fail loudly rather than silently run half eager). The blocks are
+identical modules, so dynamo traces one graph and reuses it for all of them (parameters are graph inputs), and
+compile time does not grow with depth. Compiling `forward` rather than the module call keeps the block's hooks
+(activation offload) outside the graph. `model` compiles the whole forward, loss included (longer to compile,
+lets inductor fuse across blocks and into the loss).
+
+Shapes: packed batches are rows of exactly `data.max_length` tokens, so every step has the same shapes and nothing
+recompiles after the first step. Padded (unpacked) batches vary in length; with `compile.dynamic=null` torch
+compiles the first shape statically and, at the first different length, once more with a symbolic sequence length
+that serves every later step (`true` starts symbolic, `false` recompiles per length until dynamo's cache limit and
+then runs eager: avoid it with varying lengths).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optrush.config import Config
+
+
+def apply_compile(model: nn.Module, cfg: Config) -> nn.Module:
+    """Compile `model` in place as `cfg.compile` says (names and state_dict keys are unchanged); returns it."""
+    mode, dynamic = cfg.compile.mode, cfg.compile.dynamic
+    if mode == "blocks":
+        for block in model.layers:
+            block.forward = torch.compile(block.forward, dynamic=dynamic, fullgraph=True)
+    elif mode == "model":
+        model.compile(dynamic=dynamic)
+    return model

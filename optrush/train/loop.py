@@ -1,0 +1,237 @@
+"""The one training loop, for every objective.
+
+    from optrush.config import load_config
+    from optrush.train import train
+    summary = train(load_config("recipes/demo.yaml", ["train.max_steps=50"]))
+
+Read top to bottom: set up (device, seed, tokenizer, data, model, optimizations, optimizer), maybe resume, then
+repeat: take `grad_accum` micro-batches, count the step's trained units, accumulate gradients of the summed loss
+divided by that count, clip, step, log, evaluate, checkpoint. Dividing by the *step's* count (not a per-micro-batch
+mean) makes accumulation exactly equal to one large batch whatever the lengths and padding.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from optrush.bench.provenance import provenance
+from optrush.config import Config, ConfigError, to_dict
+from optrush.data.dataset import build_datasets
+from optrush.data.loader import BatchLoader
+from optrush.data.tokenizer import load_tokenizer
+from optrush.models.io import build_model, load_model, save_model
+from optrush.models.presets import get_preset
+from optrush.objectives import build_objective
+from optrush.optim.optimizer import build_optimizer
+from optrush.optim.schedule import build_scheduler
+from optrush.train.checkpoint import CheckpointManager, TrainState, restore
+from optrush.train.float8 import require_float8
+from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib
+from optrush.train.optimizations import apply_optimizations
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
+                "fp8": torch.float32}
+
+
+def train(cfg: Config) -> dict:
+    """Train as configured; returns the run summary (also written to `<output_dir>/summary.json`)."""
+    if cfg.data.path is None:
+        raise ConfigError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    if cfg.precision.mode == "fp8":
+        require_float8(device)  # before any data work: fail in seconds, not after tokenizing
+    if cfg.train.verify:
+        verify(cfg, output_dir)
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    train_examples, eval_examples, data_report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    print(data_report.format(), flush=True)
+
+    model = build(cfg, vocab_size=len(tokenizer), device=device)
+    model = apply_optimizations(model, cfg)
+    objective = build_objective(cfg.objective)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
+                         pin_memory=device.type == "cuda")
+
+    checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
+
+    autocast = precision_context(cfg, device)
+    flops_per_token = model.flops_per_token(cfg.data.max_length)
+    peak_flops = device_peak_flops(device, torch.bfloat16 if cfg.precision.mode != "fp32" else torch.float32)
+    throughput = Throughput()
+    final_eval, eval_step = {}, None
+    model.train()
+    with MetricsLogger(output_dir=output_dir, cfg=cfg.logging, total_steps=cfg.train.max_steps,
+                       start_step=state.step) as metrics:
+        while state.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            micro_batches = [next(loader) for _ in range(cfg.train.grad_accum)]
+            step_loss, units = accumulate_gradients(model, objective, micro_batches, device=device,
+                                                    autocast=autocast)
+            grad_norm = clip_gradients(model, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            loss = step_loss / max(units, 1)
+            state.losses.append(loss)
+            tokens = sum(b.input_ids.numel() for b in micro_batches)
+            real_tokens = tokens - sum(b.num_padding for b in micro_batches)
+            state.tokens_seen += real_tokens
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            throughput.update(tokens=tokens, real_tokens=real_tokens, seconds=time.perf_counter() - started)
+            if state.step % cfg.logging.every == 0 or state.step == cfg.train.max_steps:
+                metrics.log(state.step, {
+                    "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
+                    "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
+                    "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units})
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {state.step}; lower train.lr or use "
+                                         "precision.mode=fp32 to find the cause")
+            if eval_examples and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
+                                                 autocast), state.step
+                metrics.log(state.step, final_eval)
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state)
+
+        if eval_examples and eval_step != state.step:  # always end with an evaluation of the final weights
+            final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast)
+            metrics.log(state.step, final_eval)
+        if cfg.checkpoint.save_final:
+            final_dir = output_dir / "final"
+            save_model(model, final_dir)
+            tokenizer.save_pretrained(final_dir)
+        summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
+                   "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
+                   "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
+                   "peak_mem_gib": peak_memory_gib(device), "params": model.num_params(),
+                   "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
+        metrics.summary(summary)
+    return summary
+
+
+def accumulate_gradients(model, objective, micro_batches, *, device, autocast) -> tuple[float, int]:
+    """Backward over all micro-batches of one optimizer step, each loss divided by the step's total units
+    (all-reduced across ranks once data parallelism exists). Returns (summed loss, units)."""
+    units = sum(objective.units(b) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        with autocast:
+            loss_sum, _ = objective(model, batch.to(device, non_blocking=True))
+        (loss_sum / max(units, 1)).backward()
+        total += loss_sum.item()
+    return total, units
+
+
+def verify(cfg: Config, output_dir: Path) -> None:
+    """`train.verify=true`: the fast subset of `optrush check` on this very config, before any training."""
+    from optrush.check import run_fast_checks  # optrush.check builds on this module
+
+    report = run_fast_checks(cfg)
+    report.print()
+    report.write(output_dir / "check.json")
+    if not report.passed:
+        raise ConfigError(f"train.verify: {len(report.failures)} check(s) failed (see {output_dir / 'check.json'}); "
+                          "turn off the switch each failed row names, or set train.verify=false to train anyway")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """The model named by the config: loaded from an HF directory, or a fresh preset sized to the tokenizer."""
+    dtype = PARAM_DTYPES[cfg.precision.mode]
+    if cfg.model.path is not None:
+        model = load_model(cfg.model.path, dtype=dtype, device=device)
+        if model.vocab_size < vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model at {cfg.model.path} only "
+                              f"{model.vocab_size} embeddings; use the model's own tokenizer")
+        return model
+    args = get_preset(cfg.model.preset, vocab_size=vocab_size)
+    return build_model(args, dtype=dtype, device=device, seed=cfg.train.seed)
+
+
+def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False) -> BatchLoader:
+    return BatchLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
+                       max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
+                       pin_memory=pin_memory)
+
+
+def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
+    resume = cfg.checkpoint.resume
+    for partial in checkpoints.remove_partial():
+        print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
+    if resume == "never":
+        return TrainState()
+    path = checkpoints.latest() if resume == "auto" else Path(resume)
+    if path is None:
+        return TrainState()
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    state = restore(path, **live)
+    print(f"resumed from {path} at step {state.step}", flush=True)
+    return state
+
+
+def precision_context(cfg: Config, device: torch.device):
+    if cfg.precision.mode in ("bf16_mixed", "fp8"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+@torch.no_grad()
+def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocast) -> dict[str, float]:
+    """Mean loss per trained unit over up to `train.eval_batches` micro-batches (same order every time)."""
+    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=False)
+    model.eval()
+    total, units = 0.0, 0
+    for _ in range(min(cfg.train.eval_batches, loader.batches_per_epoch)):
+        batch = next(loader)
+        units += objective.units(batch)
+        with autocast:
+            loss_sum, _ = objective(model, batch.to(device))
+        total += loss_sum.item()
+    model.train()
+    loss = total / max(units, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

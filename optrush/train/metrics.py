@@ -1,0 +1,255 @@
+"""Run metrics: a JSONL log, a live progress bar (or plain lines), TensorBoard, the end-of-run summary, and the
+throughput / MFU / memory numbers that go into them.
+
+    throughput = Throughput()
+    with MetricsLogger(output_dir=out, cfg=cfg.logging, total_steps=cfg.train.max_steps, start_step=step) as log:
+        for step in ...:
+            throughput.update(tokens=n, seconds=dt)
+            log.log(step, {"loss": loss, "lr": lr, "tokens_per_s": throughput.tokens_per_s,
+                           "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak), "peak_mem_gib": ...})
+        log.summary({"provenance": provenance()})
+
+Every `log` call appends one JSON object per line to `<output_dir>/metrics.jsonl` (`{"step": .., "elapsed_s": ..,
+**metrics}`); the caller decides the cadence (`logging.every`). The file is opened for appending, so a resumed run
+continues it; rows with a repeated step come from a resume, and the later one is the one that counts. Known keys
+(see `FORMATS`) are also shown: in a rich progress bar when `logging.progress` is on and stdout is a terminal,
+otherwise as one short text line per call, so CI logs show the loss falling.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from optrush.config.schema import LoggingConfig
+
+# Dense (no sparsity) peak tensor-core FLOP/s per GPU from NVIDIA's datasheets: (bf16/fp16, tf32). The first name
+# contained in `torch.cuda.get_device_name()` wins, so the PCIe H100 must come before the generic H100 (SXM).
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "H200": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak dense matmul FLOP/s of `device` for `dtype` compute, or None when unknown (CPU, unlisted GPUs).
+    float32 maps to the TF32 peak: optrush runs fp32 matmuls as TF32 unless `precision.tf32=false`."""
+    if device.type != "cuda":
+        return None
+    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: 1}.get(dtype)
+    if column is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[column]
+    return None
+
+
+def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation as a fraction (0.4 = 40 %): achieved model FLOP/s over the device peak."""
+    if tokens_per_s is None or peak_flops is None:
+        return None
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far in GiB: CUDA tensors allocated by PyTorch, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / 2**30 if sys.platform == "darwin" else max_rss / 2**20  # macOS reports bytes, Linux KiB
+
+
+class Throughput:
+    """Tokens per second over the last `window` steps. The first step is dropped: it includes warm-up, CUDA
+    context creation and compilation, and would understate a short run's speed. Time each step yourself (after a
+    `torch.cuda.synchronize()` on GPU, or the time goes to whichever later step waits on the queue)."""
+
+    def __init__(self, *, window: int = 20):
+        self.steps: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self.warmed_up = False
+
+    def update(self, *, tokens: int, seconds: float, real_tokens: int | None = None) -> None:
+        """Record one finished step: `tokens` processed (padding included), `real_tokens` of them not padding
+        (defaults to `tokens`), in `seconds`."""
+        if not self.warmed_up:
+            self.warmed_up = True
+            return
+        self.steps.append((tokens, tokens if real_tokens is None else real_tokens, seconds))
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Processed tokens (padding included) per second; None until a step after the first."""
+        return self._rate(0)
+
+    @property
+    def real_tokens_per_s(self) -> float | None:
+        """Non-padding tokens per second; None until a step after the first."""
+        return self._rate(1)
+
+    def _rate(self, column: int) -> float | None:
+        seconds = sum(step[2] for step in self.steps)
+        if seconds <= 0:
+            return None
+        return sum(step[column] for step in self.steps) / seconds
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+# The metrics shown on screen, in this order, as (label, format); every key still goes to the JSONL file.
+FORMATS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "loss": ("loss", lambda v: f"{v:.4f}"),
+    "eval_loss": ("eval_loss", lambda v: f"{v:.4f}"),
+    "eval_ppl": ("eval_ppl", lambda v: f"{v:.2f}"),
+    "lr": ("lr", lambda v: f"{v:.2e}"),
+    "grad_norm": ("grad_norm", lambda v: f"{v:.3f}"),
+    "tokens_per_s": ("tok/s", _si),
+    "mfu": ("mfu", lambda v: f"{100 * v:.1f}%"),
+    "peak_mem_gib": ("mem", lambda v: f"{v:.2f} GiB"),
+}
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return " | ".join(f"{label} {fmt(metrics[key])}" for key, (label, fmt) in FORMATS.items()
+                      if metrics.get(key) is not None)
+
+
+class MetricsLogger:
+    """Writes `metrics.jsonl` (and TensorBoard events), shows progress, and writes `summary.json` at the end.
+    With `enabled=False` (non-zero ranks) every method does nothing and nothing is created."""
+
+    def __init__(self, *, output_dir: str | Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0,
+                 enabled: bool = True):
+        self.output_dir = Path(output_dir)
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.last_step = start_step
+        self.losses: list[float] = []
+        self.tokens_per_s: list[float] = []
+        self.peak_mem_gib: float | None = None
+        self.file = None
+        self.tensorboard = None
+        self.progress: Progress | None = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.tensorboard:
+            self.tensorboard = tensorboard_writer(self.output_dir / "tensorboard")
+        if cfg.progress and sys.stdout.isatty():
+            self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=20),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self.progress.start()
+        self.console = self.progress.console if self.progress is not None else Console(highlight=False)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record `metrics` (Python numbers, strings or None) for optimizer step `step`."""
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                raise TypeError(f"metric {key!r} is a tensor; log Python numbers (call .item() once per log step)")
+        self.last_step = step
+        self._remember(metrics)
+        record = {"step": step, "elapsed_s": round(time.perf_counter() - self.started, 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, step)
+        text = format_metrics(metrics)
+        if self.progress is None:
+            width = len(str(self.total_steps))
+            print(f"step {step:>{width}}/{self.total_steps} | {text}", flush=True)
+            return
+        if any(key.startswith("eval_") for key in metrics):  # evals are rare: keep them on screen above the bar
+            self.console.print(f"step {step}/{self.total_steps} | {text}", highlight=False)
+        else:
+            self.progress.update(self.task, completed=step, stats=text)
+
+    def _remember(self, metrics: dict[str, Any]) -> None:
+        if metrics.get("loss") is not None:
+            self.losses.append(metrics["loss"])
+        if metrics.get("tokens_per_s") is not None:
+            self.tokens_per_s.append(metrics["tokens_per_s"])
+        if metrics.get("peak_mem_gib") is not None:
+            self.peak_mem_gib = max(self.peak_mem_gib or 0.0, metrics["peak_mem_gib"])
+
+    def summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Print a table of the run and write `<output_dir>/summary.json`: steps, final/min loss, mean tokens/s,
+        peak memory and time from what was logged, then `extra` (which wins on equal keys). Returns the record."""
+        if not self.enabled:
+            return {}
+        record = {
+            "steps": self.last_step,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "min_loss": min(self.losses) if self.losses else None,
+            "mean_tokens_per_s": sum(self.tokens_per_s) / len(self.tokens_per_s) if self.tokens_per_s else None,
+            "peak_mem_gib": self.peak_mem_gib,
+            "time_s": round(time.perf_counter() - self.started, 3),
+            **(extra or {}),
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        self.console.print(summary_table(record))
+        return record
+
+
+def summary_table(record: dict[str, Any]) -> Table:
+    """The scalar entries of a summary record (nested ones such as config or provenance stay in the JSON)."""
+    table = Table(title="run summary", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in record.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}")
+        elif isinstance(value, (int, str, bool)) or value is None:
+            table.add_row(key, "n/a" if value is None else str(value))
+    return table
+
+
+def tensorboard_writer(log_dir: Path):
+    # Imported here: tensorboard is an optional dependency, needed only with logging.tensorboard=true.
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or set logging.tensorboard=false)") from error
+    return SummaryWriter(log_dir=str(log_dir))

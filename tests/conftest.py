@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny recipe corpus and a BPE tokenizer trained on it, built once per test session, offline."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def recipe_corpus(tmp_path_factory):
+    """(path to a cleaned recipe JSONL of a few hundred records, the records)."""
+    from optrush.data.clean import clean_records
+    from optrush.data.recipes import generate_recipes, write_jsonl
+
+    kept, _ = clean_records(list(generate_recipes(400, seed=1)))
+    path = tmp_path_factory.mktemp("data") / "recipes.jsonl"
+    write_jsonl(kept, path)
+    return path, kept
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(recipe_corpus, tmp_path_factory):
+    from optrush.data.recipes import recipe_completion, recipe_prompt
+    from optrush.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer((recipe_prompt(r) + recipe_completion(r) for r in recipe_corpus[1]), vocab_size=512, out_dir=out)
+    return out
+
+
+@pytest.fixture
+def debug_overrides(recipe_corpus, tokenizer_dir, tmp_path):
+    """Overrides that make any recipe config a seconds-long CPU run of the `debug` model."""
+    return [f"data.path={recipe_corpus[0]}", f"data.tokenizer={tokenizer_dir}", f"output_dir={tmp_path / 'run'}",
+            "model.preset=debug", "objective=sft", "data.format=recipe", "data.max_length=256",
+            "train.micro_batch_size=2", "train.max_steps=6", "train.lr=1e-2", "train.device=cpu",
+            "logging.progress=false", "checkpoint.resume=never"]

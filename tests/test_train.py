@@ -1,0 +1,162 @@
+"""The training loop's equivalence classes: accumulation == large batch, resume == uninterrupted, atomic saves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from optrush.config import load_config
+from optrush.data.batch import IGNORE_INDEX, Batch
+from optrush.models.io import build_model, load_model
+from optrush.models.presets import get_preset
+from optrush.objectives import build_objective
+from optrush.train import train
+from optrush.train.loop import accumulate_gradients
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def padded_batch(seqs: list[list[int]], labels: list[list[int]]) -> Batch:
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    lab = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)] = torch.tensor(s)
+        lab[i, :len(l)] = torch.tensor(l)
+    return Batch(input_ids=ids, labels=lab, position_ids=torch.arange(width).expand(len(seqs), width).clone(),
+                 attention_lengths=torch.tensor([len(s) for s in seqs]))
+
+
+def test_accumulated_gradients_equal_large_batch():
+    torch.manual_seed(0)
+    args = get_preset("debug")
+    lengths = [5, 17, 9, 30]  # uneven on purpose: a per-micro-batch mean would weight tokens differently
+    seqs = [torch.randint(0, args.vocab_size, (n + 1,)).tolist() for n in lengths]
+    inputs = [s[:-1] for s in seqs]
+    labels = [s[1:] for s in seqs]
+    labels[1][:6] = [IGNORE_INDEX] * 6  # a masked prompt
+
+    def grads(micro_batches):
+        model = build_model(args, dtype=torch.float32, device="cpu", seed=0)
+        loss, units = accumulate_gradients(model, build_objective("causal_lm"), micro_batches, device="cpu",
+                                           autocast=nullcontext())
+        return loss / units, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    big_loss, big = grads([padded_batch(inputs, labels)])
+    acc_loss, acc = grads([padded_batch([i], [l]) for i, l in zip(inputs, labels)])
+    assert abs(big_loss - acc_loss) < 1e-6
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-6, rtol=0), name
+
+
+def test_training_reduces_loss_and_saves_hf_checkpoint(debug_overrides, tmp_path):
+    cfg = load_config(None, debug_overrides + ["train.max_steps=12", "data.eval_fraction=0.1",
+                                               "train.eval_every=6"])
+    summary = train(cfg)
+    assert summary["steps"] == 12 and summary["final_loss"] < summary["losses"][0]
+    assert "eval_loss" in summary
+    run = Path(cfg.output_dir)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, 13))
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run / "final")
+    ids = torch.randint(0, 100, (1, 12))
+    ours = load_model(run / "final")
+    assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("packing", ["bfd", "none"])
+def test_grad_accum_run_equals_large_batch_run(debug_overrides, packing, tmp_path):
+    """Two micro-batches of 2 rows per step train like one micro-batch of the same 4 rows, step after step."""
+    base = debug_overrides + [f"data.packing={packing}", "checkpoint.save_final=false", "train.max_steps=3"]
+    big = train(load_config(None, base + ["train.micro_batch_size=4", f"output_dir={tmp_path / 'a'}"]))
+    small = train(load_config(None, base + ["train.micro_batch_size=2", "train.grad_accum=2",
+                                            f"output_dir={tmp_path / 'b'}"]))
+    assert max(abs(x - y) for x, y in zip(big["losses"], small["losses"])) < 1e-5
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "optrush", "train", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(debug_overrides, tmp_path):
+    base = [o for o in debug_overrides if not o.startswith(("output_dir", "checkpoint.resume"))]
+    # enough steps after the awaited checkpoint that the kill always lands mid-run
+    base += ["train.max_steps=30", "checkpoint.every=2", "train.deterministic=true", "checkpoint.keep_last=2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    done = run_cli(base + [f"output_dir={straight}"])
+    assert done.returncode == 0, done.stderr
+
+    # kill -9 the run once it has written a checkpoint past the first, mid-training
+    proc = subprocess.Popen([sys.executable, "-m", "optrush", "train", *base, f"output_dir={interrupted}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = interrupted / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step_00000004").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step_00000004").exists() and not (interrupted / "final").exists()
+
+    resumed = run_cli(base + [f"output_dir={interrupted}", "checkpoint.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((interrupted / "summary.json").read_text())
+    assert len(a["losses"]) == len(b["losses"]) == 30
+    assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= 1e-6
+    wa, wb = weights(straight), weights(interrupted)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import optrush.train.checkpoint as ckpt
+    from optrush.config import load_config
+    from optrush.train import train
+    real_save_model = ckpt.save_model
+    calls = []
+    def dying_save_model(model, path):
+        calls.append(path)
+        real_save_model(model, path)
+        if len(calls) == 2:  # the second checkpoint: die after the weights, before the rename
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.save_model = dying_save_model
+    train(load_config(None, sys.argv[1:]))
+""")
+
+
+def test_kill_during_checkpoint_write_keeps_previous(debug_overrides, tmp_path):
+    base = [o for o in debug_overrides if not o.startswith(("output_dir", "checkpoint.resume"))]
+    base += ["train.max_steps=6", "checkpoint.every=2", "train.deterministic=true", f"output_dir={tmp_path / 'r'}"]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *base], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step_00000002"]
+    assert any(p.name.startswith(".tmp-") for p in ckpts.iterdir())  # the half-written one
+    resumed = run_cli(base + ["checkpoint.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_00000002" in resumed.stdout
+    assert "removed an incomplete checkpoint" in resumed.stdout
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 6
+
+
+def test_verify_runs_the_fast_checks_before_training(debug_overrides, tmp_path):
+    summary = train(load_config(None, debug_overrides + ["train.verify=true", "train.max_steps=2",
+                                                         "checkpoint.save_final=false"]))
+    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert summary["steps"] == 2 and report["passed"] is True

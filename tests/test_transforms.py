@@ -1,0 +1,237 @@
+"""Model transforms: checkpointing/offload and compile give the loss and gradients of the plain model, compile does
+not recompile on static packed shapes, and the fp8 mode fails at start-up where it cannot run."""
+import time
+from collections import Counter
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from optrush.config import Config, ConfigError, load_config
+from optrush.models.io import build_model
+from optrush.models.presets import get_preset
+from optrush.parallel.checkpointing import apply_activation_checkpointing
+from optrush.parallel.compile import apply_compile
+from optrush.train.float8 import require_float8
+from optrush.train.optimizations import apply_optimizations
+
+ARGS = get_preset("debug", n_layers=4)
+
+
+def packed_batch(seed: int, *, rows: int = 2, length: int = 32) -> dict:
+    """A packed-style batch of fixed shape: two documents per row and some padding (document id -1)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, ARGS.vocab_size, (rows, length + 1), generator=g)
+    docs = torch.tensor([[0] * 10 + [1] * (length - 10), [0] * 20 + [1] * (length - 23) + [-1] * 3])[:rows]
+    positions = torch.cat([torch.arange(10), torch.arange(length - 10)]).expand(rows, length)
+    return dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:], position_ids=positions, document_ids=docs)
+
+
+def config(**sections) -> Config:
+    cfg = Config()
+    for key, value in sections.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def loss_and_grads(model, batch, *, on_save=None):
+    model.zero_grad(set_to_none=True)
+    hooks = torch.autograd.graph.saved_tensors_hooks(on_save, lambda t: t) if on_save else None
+    if hooks:
+        with hooks:
+            loss = model(**batch, reduction="sum")
+    else:
+        loss = model(**batch, reduction="sum")
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes saved for backward as seen from outside the model (inner hooks such as offload take precedence)."""
+    total = 0
+
+    def count(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    loss_and_grads(model, batch, on_save=count)
+    return total
+
+
+@pytest.mark.parametrize("sections", [
+    dict(activations__checkpointing="full"),
+    dict(activations__checkpointing="selective"),
+    dict(activations__checkpointing="full", activations__every=2),
+    dict(activations__offload=True),
+    dict(activations__checkpointing="selective", activations__offload=True),
+], ids=["full", "selective", "full-every-2", "offload", "selective+offload"])
+def test_checkpointing_matches_plain_model(sections):
+    torch.manual_seed(0)
+    batch = packed_batch(0)
+    ref_loss, ref_grads = loss_and_grads(build_model(ARGS, seed=0), batch)
+    model = apply_activation_checkpointing(build_model(ARGS, seed=0), config(**sections))
+    loss, grads = loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_ops(model, batch) -> Counter:
+    """Ops run during backward: recomputation shows up as forward ops (matmuls, rsqrt of RMSNorm) here."""
+    loss = model(**batch, reduction="sum")
+    with CountOps() as mode:
+        loss.backward()
+    return mode.calls
+
+
+def test_checkpointing_policies_recompute_what_they_should_and_keep_parameter_names():
+    batch = packed_batch(0)
+    plain = build_model(ARGS, seed=0)
+    ops = {"none": backward_ops(plain, batch)}
+    for policy in ("selective", "full"):
+        model = apply_activation_checkpointing(build_model(ARGS, seed=0), config(activations__checkpointing=policy))
+        ops[policy] = backward_ops(model, batch)
+        assert list(model.state_dict()) == list(plain.state_dict())
+    assert ops["none"]["aten::rsqrt"] == 0
+    assert ops["selective"]["aten::rsqrt"] > 0 and ops["selective"]["aten::mm"] == ops["none"]["aten::mm"]
+    assert ops["full"]["aten::rsqrt"] > 0 and ops["full"]["aten::mm"] > ops["none"]["aten::mm"]
+
+
+def test_offload_moves_block_activations_to_the_offload_hooks():
+    batch = packed_batch(0)
+    plain, offloaded = build_model(ARGS, seed=0), build_model(ARGS, seed=0)
+    apply_activation_checkpointing(offloaded, config(activations__offload=True))
+    # tensors the blocks save go to the (inner) save_on_cpu hooks, so an outer hook sees only the rest
+    assert saved_bytes(offloaded, batch) < saved_bytes(plain, batch) / 4
+
+
+def test_compiled_blocks_match_eager_and_do_not_recompile():
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_model(ARGS, seed=0)
+    compiled = apply_compile(build_model(ARGS, seed=0), config(compile__mode="blocks"))
+    started = time.perf_counter()
+    for step in range(3):  # new tokens every step, same (packed, static) shapes
+        batch = packed_batch(step)
+        ref_loss, ref_grads = loss_and_grads(eager, batch)
+        loss, grads = loss_and_grads(compiled, batch)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # one graph serves all four blocks and all three steps
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    print(f"compile test: {time.perf_counter() - started:.1f}s")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_varying_lengths_compile_at_most_twice():
+    """Padded (unpacked) batches change length every step: dynamic=null compiles the first shape, then once more
+    with a symbolic length that serves all later ones."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_model(ARGS, seed=0)
+    compiled = apply_compile(build_model(ARGS, seed=0), config(compile__mode="blocks"))
+    started = time.perf_counter()
+    for length in (24, 31, 40, 17):
+        tokens = torch.randint(0, ARGS.vocab_size, (2, length + 1), generator=torch.Generator().manual_seed(length))
+        batch = dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
+        ref_loss, _ = loss_and_grads(eager, batch)
+        loss, _ = loss_and_grads(compiled, batch)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    print(f"dynamic compile test: {time.perf_counter() - started:.1f}s")
+
+
+def test_optimizations_apply_in_order_and_log_once(capsys):
+    cfg = config(activations__checkpointing="full", activations__offload=True)
+    model = apply_optimizations(build_model(ARGS, seed=0), cfg)
+    out = capsys.readouterr().out
+    assert out.count("model transform:") == 1 and "full activation checkpointing" in out and "offloaded" in out
+    assert list(model.state_dict()) == list(build_model(ARGS, seed=0).state_dict())
+    apply_optimizations(build_model(ARGS, seed=0), Config())
+    assert capsys.readouterr().out == ""
+
+
+def test_config_accepts_transforms_and_rejects_bad_combinations():
+    base = ["model.preset=debug", "data.tokenizer=tok"]
+    cfg = load_config(None, base + ["compile.mode=blocks", "activations.checkpointing=selective",
+                                    "activations.every=2", "activations.offload=true", "precision.mode=fp8"])
+    assert cfg.compile.mode == "blocks" and cfg.activations.every == 2 and cfg.precision.mode == "fp8"
+    with pytest.raises(ConfigError, match="activations.offload=true needs compile.mode=blocks or none"):
+        load_config(None, base + ["compile.mode=model", "activations.offload=true"])
+    with pytest.raises(ConfigError, match="activations.every=0: must be >= 1"):
+        load_config(None, base + ["activations.every=0"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_fp8_without_gpu_fails_at_start_up():
+    with pytest.raises(ConfigError, match="precision.mode=fp8 needs an NVIDIA GPU with FP8 tensor cores"):
+        require_float8(torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+def gpu_batch(seed: int, *, rows: int = 2, length: int = 256) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, ARGS.vocab_size, (rows, length + 1), generator=g)
+    return {k: v.cuda() for k, v in dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).items()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sections", [
+    dict(activations__checkpointing="selective", compile__mode="blocks"),
+    dict(activations__checkpointing="full", compile__mode="blocks"),
+    dict(activations__offload=True),
+    dict(activations__checkpointing="full", activations__offload=True, compile__mode="blocks"),
+    dict(compile__mode="model"),
+], ids=["selective+compile", "full+compile", "offload", "full+offload+compile", "compile-model"])
+def test_gpu_transforms_match_eager_in_bf16(sections):
+    torch._dynamo.reset()
+    batch = gpu_batch(0)
+    ref_loss, ref_grads = loss_and_grads(build_model(ARGS, dtype=torch.bfloat16, device="cuda", seed=0), batch)
+    model = apply_optimizations(build_model(ARGS, dtype=torch.bfloat16, device="cuda", seed=0), config(**sections))
+    for _ in range(2):
+        loss, grads = loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    for name, grad in ref_grads.items():
+        assert relative_error(grads[name], grad) < 5e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp8_trains_close_to_bf16():
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores")
+    torch._dynamo.reset()
+    batch = gpu_batch(0, length=512)
+    cfg = config(precision__mode="fp8", compile__mode="blocks")
+    ref = build_model(ARGS, dtype=torch.float32, device="cuda", seed=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_loss, ref_grads = loss_and_grads(ref, batch)
+    model = apply_optimizations(build_model(ARGS, dtype=torch.float32, device="cuda", seed=0), cfg)
+    assert type(model.layers[0].attention.wq).__name__ == "Float8Linear"
+    assert type(model.output).__name__ == "Linear"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    for name, grad in ref_grads.items():
+        assert relative_error(grads[name], grad) < 0.15, name
