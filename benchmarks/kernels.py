@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from optrush.bench.provenance import provenance
 from optrush.kernels import fused_linear_cross_entropy

@@ -42,6 +42,8 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile+fused_loss+ac_selective", FUSED + ["activations.checkpointing=selective"]),
     ("fp8+compile+fused_loss", FUSED + ["precision.mode=fp8"]),
     ("compile_model+fused_loss", ["compile.mode=model", "kernels.fused_loss=true"]),
+    ("compile_model+fused_loss+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
+                                               "activations.checkpointing=selective"]),
 ]
 
 

@@ -21,7 +21,7 @@ def test_yaml_then_overrides(tmp_path):
     ("trian.lr=1e-4", "Did you mean 'train'?"),
     ("train.lr=fast", "train.lr='fast': expected a number"),
     ("train.max_steps=2.5", "train.max_steps=2.5: expected an integer"),
-    ("data.packing=bdf", "expected one of none, bfd. Did you mean 'bfd'?"),
+    ("data.packing=bdf", "expected one of none, sorted, bfd. Did you mean 'bfd'?"),
     ("train.deterministic=maybe", "expected true or false"),
     ("optim.betas=[0.9]", "expected a list of 2 values"),
     ("train=3", "train must be a mapping"),

@@ -86,7 +86,7 @@ def test_none_plan_is_consecutive_or_a_seeded_permutation():
         plan_batches([3, 9], strategy="bfd", rows=2, max_length=8, order_seed=None)
 
 
-@pytest.mark.parametrize("strategy", ["bfd", "none"])
+@pytest.mark.parametrize("strategy", ["bfd", "none", "sorted"])
 def test_collated_batches_hold_each_example_exactly_once(strategy):
     max_length = 64
     lengths = lognormal_lengths(200, median=12, sigma=0.7, max_length=max_length, seed=1)
@@ -137,7 +137,7 @@ def assert_same_batches(a, b):
             assert (tx is None and ty is None) or torch.equal(tx, ty), name
 
 
-@pytest.mark.parametrize("strategy", ["bfd", "none"])
+@pytest.mark.parametrize("strategy", ["bfd", "none", "sorted"])
 def test_loader_resume_mid_epoch_yields_the_uninterrupted_sequence(strategy):
     examples = make_examples(lognormal_lengths(60, median=10, sigma=0.6, max_length=32, seed=2))
     kw = dict(strategy=strategy, rows=3, max_length=32, pad_id=PAD, seed=5)
@@ -165,7 +165,7 @@ def test_loader_refuses_a_state_from_other_data():
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("strategy", ["bfd", "none"])
+@pytest.mark.parametrize("strategy", ["bfd", "none", "sorted"])
 def test_rank_shards_are_disjoint_and_complete(strategy):
     examples = make_examples(lognormal_lengths(101, median=9, sigma=0.6, max_length=24, seed=4))
     world = 3
@@ -184,3 +184,28 @@ def test_rank_shards_are_disjoint_and_complete(strategy):
         ref = collate([[examples[i] for i in row] for row in micro], packed=strategy == "bfd", pad_id=PAD,
                       max_length=24)
         assert_same_batches([batch], [ref])
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "sorted"])
+def test_prefetching_loader_yields_the_same_stream_and_resumes_exactly(strategy):
+    import gc
+
+    examples = make_examples(lognormal_lengths(60, median=10, sigma=0.6, max_length=32, seed=2))
+    kw = dict(strategy=strategy, rows=3, max_length=32, pad_id=PAD, seed=5)
+    plain = BatchLoader(examples, **kw)
+    expected = [next(plain) for _ in range(25)]  # crosses epochs
+    ahead = BatchLoader(examples, **kw, prefetch=4)
+    got = [next(ahead) for _ in range(9)]
+    state = ahead.state_dict()
+    assert state["epoch"] * ahead.batches_per_epoch + state["batch_index"] == 9  # taken, not prefetched
+    got += [next(ahead) for _ in range(16)]
+    assert_same_batches(got, expected)
+    resumed = BatchLoader(examples, **kw, prefetch=2)
+    resumed.load_state_dict(state)
+    assert_same_batches([next(resumed) for _ in range(16)], expected[9:])
+    thread = resumed._worker[0]
+    del resumed
+    gc.collect()
+    thread.join(timeout=2)
+    assert not thread.is_alive()  # an abandoned loader stops its thread
+    ahead.close()

@@ -1,6 +1,5 @@
 """The training loop's equivalence classes: accumulation == large batch, resume == uninterrupted, atomic saves."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -8,6 +8,14 @@
     optrush check CONFIG [key=value ...] [--only GROUP ...] [--steps N] [--json PATH]
                                                   equivalence checks of the config's optimizations vs plain
                                                   references (writes <output_dir>/check.json; exit 1 on failure)
+    optrush data clean CONFIG [key=value ...] [--out DIR]
+                                                  apply data.clean.*: cleaned JSONL + report (md, json, PNG)
+    optrush data stats CONFIG [key=value ...]     padding, tokens per batch, batches for every data.packing
+    optrush data inspect CONFIG [key=value ...] [--n 2]
+                                                  examples with trained vs masked tokens marked
+    optrush score CKPT --data FILE [--column text] [--batch-size 16]
+                                                  print the reward of every text of a JSONL file under a reward
+                                                  model (the final/ directory of an objective=reward run)
     optrush demo [--out DIR] [--steps N]          the offline recipe demo: data -> tokenizer -> tiny Llama -> samples
     optrush tokenizer train --corpus FILE --vocab-size N --out DIR
 
@@ -19,6 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from optrush.cli.data import add_commands as add_data_commands
 from optrush.config import ConfigError
 
 
@@ -66,6 +75,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = report.write(args.json or Path(cfg.output_dir) / "check.json")
     print(f"wrote {path}")
     return 0 if report.passed else 1
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from optrush.data.reader import read_records
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.objectives.reward import load_reward_model, score_texts
+
+    records = list(read_records(args.data))
+    for number, record in records:
+        if not isinstance(record.get(args.column), str):
+            raise ConfigError(f"{args.data}:{number}: no string column {args.column!r}; choose it with --column")
+    scores = score_texts(load_reward_model(args.ckpt), load_tokenizer(args.ckpt),
+                         [record[args.column] for _, record in records], batch_size=args.batch_size)
+    for (number, _), score in zip(records, scores):
+        print(json.dumps({"line": number, "score": round(score, 6)}))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -121,6 +148,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="where to write the JSON report (default: <output_dir>/check.json)")
     p.set_defaults(run=cmd_check)
 
+    add_data_commands(commands)
+
+    p = commands.add_parser("score", help="score texts with a reward model (objective=reward run's final/)")
+    p.add_argument("ckpt", help="reward model directory (HF layout plus tokenizer), e.g. runs/rm/final")
+    p.add_argument("--data", required=True, help="JSONL file (or JSON array) of records holding the texts")
+    p.add_argument("--column", default="text", help="column holding each text (default: text)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
+    p.set_defaults(run=cmd_score)
+
     p = commands.add_parser("demo", help="offline end-to-end recipe demo on CPU (about 2 minutes)")
     p.add_argument("--out", default="demo_run", help="output directory (default: demo_run)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
@@ -144,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as err:
         print(f"optrush: config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from optrush.data.reader import DataError  # imported late: it loads torch, which `config show` never needs
+
+        if not isinstance(err, DataError):
+            raise
+        print(f"optrush: data error: {err}", file=sys.stderr)
         return 2
 
 

@@ -174,10 +174,6 @@ def type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-# Switches declared in the schema whose implementation has not landed; each is removed here when it does.
-NOT_BUILT_YET: tuple[str, ...] = ()
-
-
 def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     """Reject values that are individually valid but wrong together, or out of range."""
     problems = []
@@ -187,7 +183,7 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     if cfg.model.preset is not None and cfg.data.tokenizer is None and not synthetic_data:
         problems.append("model.preset builds a fresh model, so data.tokenizer must name a tokenizer directory")
     if cfg.objective == "sft" and cfg.data.format == "text":
-        problems.append("objective=sft trains on completions only: set data.format to prompt_completion or recipe "
+        problems.append("objective=sft trains on completions only: set data.format to prompt_completion, recipe or chat "
                         "(or use objective=causal_lm for raw text)")
     positive = {"train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
@@ -214,16 +210,29 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
         problems.append("activations.offload=true needs compile.mode=blocks or none: its hooks must run outside "
                         "the compiled graph")
     problems += kernel_problems(cfg)
+    problems += clean_problems(cfg)
     problems += objective_problems(cfg)
-    defaults = Config()
-    for key in NOT_BUILT_YET:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value != getattr(getattr(defaults, section), name):
-            problems.append(f"{key}={value!r} is not available yet (see the roadmap in README.md); "
-                            f"leave {key} at its default")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def clean_problems(cfg: Config) -> list[str]:
+    """Out-of-range data.clean bounds."""
+    c, problems = cfg.data.clean, []
+    bounds = {"chars": (c.min_chars, c.max_chars), "items": (c.min_items, c.max_items),
+              "tokens": (c.min_tokens, c.max_tokens)}
+    for name, (low, high) in bounds.items():
+        if low < 0 or high < 0:
+            problems.append(f"data.clean.min_{name}/max_{name} must be >= 0 (0 = no bound), got {low}/{high}")
+        elif high and low > high:
+            problems.append(f"data.clean.min_{name}={low} exceeds data.clean.max_{name}={high}: nothing would pass")
+    if not 0 < c.near_dedup_threshold <= 1:
+        problems.append(f"data.clean.near_dedup_threshold={c.near_dedup_threshold}: must be in (0, 1]")
+    if cfg.data.prefetch < 0 or cfg.data.num_proc < 1:
+        problems.append(f"data.prefetch={cfg.data.prefetch} must be >= 0 and data.num_proc={cfg.data.num_proc} >= 1")
+    if c.near_dedup_ngram < 1 or c.rare_min_count < 0:
+        problems.append("data.clean.near_dedup_ngram must be >= 1 and data.clean.rare_min_count >= 0")
+    return problems
 
 
 def kernel_problems(cfg: Config) -> list[str]:
@@ -253,7 +262,12 @@ def objective_problems(cfg: Config) -> list[str]:
     if cfg.data.format == "preference" and not pairwise:
         problems.append(f"data.format=preference holds pairs, which objective={cfg.objective} cannot use: set "
                         "objective=reward or objective=dpo")
-    if pairwise and cfg.train.verify:
+    if cfg.data.shared_prompt and not pairwise:
+        problems.append("data.shared_prompt=true packs preference pairs: it needs objective=reward or dpo")
+    if cfg.data.shared_prompt and (cfg.model.attention != "sdpa" or cfg.compile.mode != "none"):
+        problems.append("data.shared_prompt=true needs model.attention=sdpa and compile.mode=none (its branch mask "
+                        "is a dense SDPA mask so far)")
+    if cfg.objective in ("reward", "dpo", "grpo") and cfg.train.verify:
         problems.append(f"train.verify=true checks causal_lm/sft runs only; set train.verify=false for "
                         f"objective={cfg.objective}")
     if cfg.objective == "dpo":
@@ -270,11 +284,11 @@ def objective_problems(cfg: Config) -> list[str]:
                             "available yet: use dpo.reference=copy or precomputed")
     if cfg.objective == "grpo":
         g = cfg.grpo
-        if cfg.data.format not in ("prompt_completion", "recipe"):
+        if cfg.data.format not in ("prompt_completion", "recipe", "chat"):
             problems.append("objective=grpo samples completions of the data's prompts: set data.format to "
-                            "prompt_completion or recipe")
-        if cfg.data.packing != "none":
-            problems.append("objective=grpo takes one prompt per row: set data.packing=none")
+                            "prompt_completion, recipe or chat")
+        if cfg.data.packing == "bfd":
+            problems.append("objective=grpo takes one prompt per row: set data.packing=none (or sorted)")
         if g.group_size < 2:
             problems.append(f"grpo.group_size={g.group_size}: must be >= 2 (advantages compare completions "
                             "within a group)")

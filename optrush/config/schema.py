@@ -22,16 +22,69 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DataCleanConfig:
+    """Filters applied to the training records before tokenization (`optrush data clean` runs the same ones and
+    writes a report). Every rule is off at its default; rules run in the order listed here, and every dropped
+    record is counted under the first rule that rejected it."""
+    drop_patterns: list[str] = field(default_factory=list)
+    """Regular expressions (Python `re`); a record whose text matches any of them is dropped."""
+    charset: str | None = None
+    """A regex character class, e.g. `[\\x00-\\x7f]`; a record holding a character outside it is dropped."""
+    nonempty: list[str] = field(default_factory=list)
+    """Columns that must be present and non-blank (non-empty for lists)."""
+    min_chars: int = 0
+    """Fewest characters of text (all string fields and list items); 0 = no minimum."""
+    max_chars: int = 0
+    """Most characters of text; 0 = no maximum."""
+    items_field: str = "ingredients"
+    """The list column that `min_items` / `max_items` count."""
+    min_items: int = 0
+    """Fewest items in `items_field`; 0 = no minimum."""
+    max_items: int = 0
+    """Most items in `items_field`; 0 = no maximum."""
+    min_tokens: int = 0
+    """Fewest tokens of the rendered example (as `data.format` renders it, BOS included); 0 = no minimum."""
+    max_tokens: int = 0
+    """Most tokens of the rendered example; 0 = no maximum (`data.max_length` still applies after cleaning)."""
+    dedup: bool = False
+    """Drop exact duplicates (equal field for field), keeping the first."""
+    near_dedup: bool = False
+    """Drop near-duplicates: MinHash signatures of word n-grams with LSH banding, keeping the first."""
+    near_dedup_threshold: float = 0.8
+    """Estimated Jaccard similarity of word n-gram sets at or above which a record is a near-duplicate."""
+    near_dedup_ngram: int = 3
+    """Words per shingle for near-duplicate detection."""
+    rare_field: str = "NER"
+    """The list column whose items `rare_min_count` counts (for recipes: NER ingredient names)."""
+    rare_min_count: int = 0
+    """Drop records using an item of `rare_field` found in fewer than this many records; 0 = off."""
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     path: str | None = None
-    """Training data: a JSONL file (one record per line)."""
+    """Training data: a JSONL, JSON, Parquet or CSV/TSV file, a folder of text files (one document per file), or a
+    directory written by `datasets`' `save_to_disk` (see `optrush.data.sources`)."""
+    on_error: Literal["error", "skip"] = "error"
+    """A malformed row: `error` stops with the file and line/row; `skip` counts it, reports it and writes it to
+    `rejects_path`."""
+    json_columns: list[str] = field(default_factory=list)
+    """Columns that hold JSON text to decode on read, e.g. `[ingredients, directions, NER]` for RecipeNLG's CSV,
+    whose lists are stored as JSON strings."""
+    rejects_path: str | None = None
+    """data.on_error=skip: JSONL file the bad rows are written to (default: `<data.path>.rejects.jsonl`)."""
     eval_path: str | None = None
     """Held-out data in the same format; when unset, `eval_fraction` of `path` is held out."""
     eval_fraction: float = 0.0
     """Fraction of records held out for evaluation when `eval_path` is unset (0 = no eval)."""
-    format: Literal["text", "prompt_completion", "recipe", "preference"] = "text"
+    format: Literal["text", "prompt_completion", "recipe", "chat", "preference"] = "text"
     """How a record becomes tokens: raw `text` (every token trained), `prompt_completion` or `recipe`
-    (loss on the completion only), `preference` (prompt, chosen and rejected columns; objective=reward or dpo)."""
+    (loss on the completion only), `chat` (a list of system/user/assistant messages; loss on assistant turns
+    only), `preference` (prompt, chosen and rejected columns; objective=reward or dpo)."""
+    messages_column: str = "messages"
+    """data.format=chat: the column holding the list of {"role", "content"} messages."""
+    chat_template: Literal["tokenizer", "chatml", "qwen", "llama3"] = "tokenizer"
+    """data.format=chat: render with the tokenizer's own chat template, or a built-in one (optrush.data.chat)."""
     text_column: str = "text"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
@@ -39,16 +92,29 @@ class DataConfig:
     """data.format=preference: the column holding the preferred completion."""
     rejected_column: str = "rejected"
     """data.format=preference: the column holding the dispreferred completion."""
+    shared_prompt: bool = False
+    """data.format=preference: store each pair's prompt once, both completions attending to it (positions continue
+    from the prompt); the same log-probs and rewards as separate sequences, fewer tokens. Needs model.attention=sdpa."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to `model.path`."""
     max_length: int = 2048
     """Longest sequence in tokens (including BOS/EOS)."""
     too_long: Literal["truncate", "drop", "error"] = "truncate"
     """What to do with a record longer than `max_length`; the count is always reported."""
-    packing: Literal["none", "bfd"] = "bfd"
-    """`none`: pad each micro-batch to its longest sequence. `bfd`: best-fit-decreasing packing of whole
+    packing: Literal["none", "sorted", "bfd"] = "bfd"
+    """`none`: pad each micro-batch to its longest sequence. `sorted`: sort by length, cut into micro-batches,
+    shuffle the micro-batches (each padded to its longest). `bfd`: best-fit-decreasing packing of whole
     documents into rows of `max_length` tokens (document-causal attention, positions restart per document)."""
     shuffle: bool = True
+    prefetch: int = 2
+    """Training micro-batches collated (and pinned, on CUDA) ahead by a background thread; 0 = none."""
+    num_proc: int = 1
+    """Processes that tokenize the data (1 = in this process; the fast tokenizer also uses threads)."""
+    cache_dir: str | None = None
+    """Tokenize once: cache the tokenized examples here, keyed by the data files, the tokenizer and the config
+    fields that shape examples, and reuse them on later runs (`optrush.data.cache`); unset = no cache."""
+    clean: DataCleanConfig = field(default_factory=DataCleanConfig)
+    """Record filters applied before tokenization (see `DataCleanConfig`); all off by default."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,20 +9,25 @@
                          pad_id=tokenizer.pad_token_id, seed=0)
     batch = next(loader)
 
-Modules: recipes (synthetic corpus + text template), reader (JSONL/JSON records), clean (counted filters),
-tokenizer (BPE training, loading), formats (record -> Example), dataset (files -> examples + report), pack
-(batch planning, collation), loader (endless resumable stream), batch (the Batch every consumer sees).
+Modules: recipes (synthetic corpus + text template), reader (JSONL/JSON records), sources (Parquet, CSV, text
+folders, saved HF datasets; data.on_error), clean (counted filters, data.clean), neardup (MinHash + LSH),
+clean_report (`optrush data clean`), tokenizer (BPE training, loading), formats (record -> Example), chat (chat
+templates, assistant-only loss), dataset (files -> examples + report), cache (tokenize once, num_proc), pack
+(batch planning, collation), stats (padding per strategy), loader (endless resumable stream, prefetch), batch
+(the Batch every consumer sees).
 """
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.data.clean import CleanReport, clean_records, recipe_rules
+from optrush.data.clean import CleanReport, clean_records, recipe_rules, rules_from_config
 from optrush.data.dataset import DataReport, build_datasets
 from optrush.data.formats import Example, encode_record
 from optrush.data.loader import BatchLoader
 from optrush.data.pack import collate, plan_batches
 from optrush.data.reader import DataError, read_json, read_jsonl, read_records
+from optrush.data.sources import Rejects, iter_records
+from optrush.data.stats import packing_stats
 from optrush.data.recipes import generate_recipes, recipe_completion, recipe_prompt, write_jsonl
 
 __all__ = ["IGNORE_INDEX", "Batch", "BatchLoader", "CleanReport", "DataError", "DataReport", "Example",
-           "build_datasets", "clean_records", "collate", "encode_record", "generate_recipes", "plan_batches",
-           "read_json", "read_jsonl", "read_records", "recipe_completion", "recipe_prompt", "recipe_rules",
-           "write_jsonl"]
+           "Rejects", "build_datasets", "clean_records", "collate", "encode_record", "generate_recipes",
+           "iter_records", "packing_stats", "plan_batches", "read_json", "read_jsonl", "read_records",
+           "recipe_completion", "recipe_prompt", "recipe_rules", "rules_from_config", "write_jsonl"]

@@ -2,6 +2,7 @@
 
     kept, report = clean_records(records)                      # the default recipe rules
     kept, report = clean_records(records, rules=[NonEmpty(fields=("text",)), ExactDuplicates()])
+    kept, report = clean_records(records, rules=rules_from_config(cfg.data, tokenizer))   # data.clean.*
     print(report.format())
 
 A rule has a `name`, `fit(records)` (a first pass over the records that reached it, for rules that need corpus
@@ -13,10 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from optrush.config.schema import DataConfig
+from optrush.data.reader import DataError
 
 
 class Rule(Protocol):
@@ -108,6 +113,141 @@ class RareVocabulary:
         return None
 
 
+class Pattern:
+    """Drop records whose text (`record_text`) matches any of the regular expressions."""
+    name = "pattern"
+
+    def __init__(self, *, patterns: Sequence[str]):
+        self.patterns = []
+        for pattern in patterns:
+            try:
+                self.patterns.append(re.compile(pattern))
+            except re.error as err:
+                raise DataError(f"data.clean.drop_patterns: {pattern!r} is not a valid regular expression "
+                                f"({err})") from None
+
+    def fit(self, records: Sequence[dict]) -> None:
+        pass
+
+    def reject(self, record: dict) -> str | None:
+        text = record_text(record)
+        for pattern in self.patterns:
+            if match := pattern.search(text):
+                return f"matches {pattern.pattern!r} at {match.group()[:24]!r}"
+        return None
+
+
+class Charset:
+    """Drop records holding a character outside `chars`, a regex character class such as `[\\x00-\\x7f]`."""
+    name = "charset"
+
+    def __init__(self, *, chars: str):
+        try:
+            self.outside = re.compile(f"[^{chars[1:-1]}]" if chars.startswith("[") and chars.endswith("]")
+                                      else f"[^{chars}]")
+        except re.error as err:
+            raise DataError(f"data.clean.charset={chars!r} is not a valid regex character class ({err}); "
+                            "write e.g. [\\x00-\\x7f]") from None
+
+    def fit(self, records: Sequence[dict]) -> None:
+        pass
+
+    def reject(self, record: dict) -> str | None:
+        if match := self.outside.search(record_text(record)):
+            return f"character {match.group()!r} (U+{ord(match.group()):04X}) is outside the charset"
+        return None
+
+
+class Bounds:
+    """Drop records whose measure (characters, list items, tokens) is below `low` or above `high` (0: no bound)."""
+
+    def __init__(self, *, name: str, unit: str, measure, low: int = 0, high: int = 0, prepare=None):
+        self.name, self.unit, self.measure, self.low, self.high, self.prepare = name, unit, measure, low, high, prepare
+
+    def fit(self, records: Sequence[dict]) -> None:
+        if self.prepare is not None:
+            self.prepare(records)
+
+    def reject(self, record: dict) -> str | None:
+        value = self.measure(record)
+        if self.low and value < self.low:
+            return f"{value} {self.unit} < {self.low}"
+        if self.high and value > self.high:
+            return f"{value} {self.unit} > {self.high}"
+        return None
+
+
+class TokenCounter:
+    """Token counts of records as `data.format` renders them (BOS included, as `len(example)` counts), computed in
+    batched tokenizer calls by `prepare` and looked up by record identity."""
+
+    def __init__(self, *, cfg: DataConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.counts: dict[int, int] = {}
+
+    def prepare(self, records: Sequence[dict]) -> None:
+        self.counts = dict(zip(map(id, records), token_lengths(records, cfg=self.cfg, tokenizer=self.tokenizer)))
+
+    def __call__(self, record: dict) -> int:
+        return self.counts[id(record)]
+
+
+def token_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer, chunk: int = 1024) -> list[int]:
+    """Positions each record takes as an Example (BOS + prompt + completion tokens), in record order."""
+    from optrush.data.chat import chat_segments
+    from optrush.data.dataset import chat_examples, tokenize
+    from optrush.data.formats import render
+
+    bos = 0 if tokenizer.bos_token_id is None else 1
+    out: list[int] = []
+    for start in range(0, len(records), chunk):
+        if cfg.format == "chat":
+            segments = [chat_segments(r, cfg=cfg, tokenizer=tokenizer, where=f"record {start + k + 1}")
+                        for k, r in enumerate(records[start:start + chunk])]
+            out += [len(example) for example in chat_examples(segments, tokenizer)]
+            continue
+        texts = [render(r, cfg=cfg, where=f"record {start + k + 1}")
+                 for k, r in enumerate(records[start:start + chunk])]
+        prompts = tokenize([p for p, _ in texts], tokenizer)
+        completions = tokenize([c for _, c in texts], tokenizer)
+        out += [bos + len(p) + len(c) for p, c in zip(prompts, completions)]
+    return out
+
+
+def rules_from_config(cfg: DataConfig, tokenizer=None) -> list[Rule]:
+    """The rules `data.clean` switches on, in the documented order (an empty list when all are off).
+    `tokenizer` is needed only for `min_tokens` / `max_tokens`."""
+    c = cfg.clean
+    rules: list[Rule] = []
+    if c.drop_patterns:
+        rules.append(Pattern(patterns=c.drop_patterns))
+    if c.charset:
+        rules.append(Charset(chars=c.charset))
+    if c.nonempty:
+        rules.append(NonEmpty(fields=c.nonempty))
+    if c.min_chars or c.max_chars:
+        rules.append(Bounds(name="chars", unit="characters", measure=text_length, low=c.min_chars, high=c.max_chars))
+    if c.min_items or c.max_items:
+        items = c.items_field
+        rules.append(Bounds(name="items", unit=f"{items} items", low=c.min_items, high=c.max_items,
+                            measure=lambda record: len(record.get(items) or ())))
+    if c.min_tokens or c.max_tokens:
+        if tokenizer is None:
+            raise ValueError("data.clean.min_tokens/max_tokens need a tokenizer")
+        counter = TokenCounter(cfg=cfg, tokenizer=tokenizer)
+        rules.append(Bounds(name="tokens", unit="tokens", measure=counter, low=c.min_tokens, high=c.max_tokens,
+                            prepare=counter.prepare))
+    if c.dedup:
+        rules.append(ExactDuplicates())
+    if c.near_dedup:
+        from optrush.data.neardup import NearDuplicates
+
+        rules.append(NearDuplicates(threshold=c.near_dedup_threshold, ngram=c.near_dedup_ngram))
+    if c.rare_min_count:
+        rules.append(RareVocabulary(min_count=c.rare_min_count, field=c.rare_field))
+    return rules
+
+
 def recipe_rules() -> list[Rule]:
     """The default rules, for RecipeNLG-style records (they catch every bad kind `generate_recipes` makes)."""
     return [NonEmpty(), ExactDuplicates(), TooLong(), RareVocabulary()]
@@ -171,6 +311,17 @@ def text_length(record: dict) -> int:
         elif isinstance(value, list):
             total += sum(len(item) for item in value if isinstance(item, str))
     return total
+
+
+def record_text(record: dict) -> str:
+    """The text of a record for pattern, charset and near-duplicate rules: its strings and list items, one a line."""
+    parts = []
+    for value in record.values():
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts += [item for item in value if isinstance(item, str)]
+    return "\n".join(parts)
 
 
 def preview(record: dict, width: int = 48) -> str:

@@ -3,14 +3,16 @@
     train, evals, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     print(report.format())
 
-Reads `data.path` (JSONL or a JSON array, see `optrush.data.reader`), turns every record into an `Example`
-(`optrush.data.formats`, tokenized in chunks with the fast tokenizer's batch call), applies `data.too_long` to
-examples longer than `data.max_length` (truncate / drop / error; always counted), then takes the evaluation
-examples from `data.eval_path`, or holds out `data.eval_fraction` of the training examples (chosen by `seed`, so
-the split is the same on every run and every rank). Raises `DataError` when no training example is left.
-
-Each stage is a function over an iterator of records, so a tokenize-once disk cache or a process pool can wrap
-`encode_file` later without changing callers.
+Reads `data.path` (JSONL, JSON, Parquet, CSV, a text folder or a saved HF dataset: `optrush.data.sources`; bad
+rows raise or, with `data.on_error=skip`, go to a rejects file), applies the `data.clean` rules to the training
+records when any is on (`optrush.data.clean`; counted per rule; an error when none is left), turns every record
+into an `Example` (`optrush.data.formats`, or `optrush.data.chat` for `data.format=chat`; tokenized in chunks with
+the fast tokenizer's batch call, over `data.num_proc` processes), applies `data.too_long` to examples longer than
+`data.max_length` (truncate / drop / error; always counted), then takes the evaluation examples from
+`data.eval_path`, or holds out `data.eval_fraction` of the training examples (chosen by `seed`, so the split is
+the same on every run and every rank). Raises `DataError` when no training example is left. With
+`data.cache_dir`, a source's examples and counts are read from the tokenize-once cache when its key matches
+(`optrush.data.cache`).
 """
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from optrush.config.schema import DataConfig
+from optrush.data import cache
+from optrush.data.chat import chat_segments, segments_example
+from optrush.data.clean import CleanReport, clean_records, rules_from_config
 from optrush.data.formats import Example, build_example, render, special_ids
-from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl
+from optrush.data.reader import DataError
+from optrush.data.sources import Rejects, decode_json_columns, iter_records
 
 CHUNK_RECORDS = 1024
 
@@ -38,6 +44,12 @@ class Tally:
     """Reason -> examples dropped: `too_long` (data.too_long=drop), `empty` (no tokens at all),
     `no_trained_tokens` (truncation left only prompt tokens)."""
     truncated: int = 0
+    rejected: int = 0
+    """Malformed rows skipped under data.on_error=skip (written to `rejects_path`)."""
+    rejects_path: str | None = None
+    reject_messages: list[str] = field(default_factory=list)
+    cache: str | None = None
+    """data.cache_dir: `hit` (examples loaded from the cache) or `written`; None without a cache."""
 
 
 @dataclass
@@ -52,6 +64,8 @@ class DataReport:
     """Model positions (input tokens) over all training examples."""
     trained_tokens: int
     """Targets that carry loss over all training examples."""
+    clean: CleanReport | None = None
+    """What the `data.clean` rules dropped from the training records (None when no rule is on)."""
 
     def format(self) -> str:
         evals = f" + {self.eval_examples} eval" if self.eval_examples else ""
@@ -59,7 +73,15 @@ class DataReport:
                  f"{evals} examples"]
         if self.eval is not None:
             lines.append(f"  eval: {self.eval.records} records from {self.eval.path}")
+        if self.clean is not None:
+            lines.append("  cleaning (data.clean):\n" + self.clean.format())
         for tally in (self.train, self.eval):
+            if tally is not None and tally.cache is not None:
+                how = "loaded from" if tally.cache == "hit" else "saved to"
+                lines.append(f"  {tally.path}: tokenized examples {how} the cache (data.cache_dir)")
+            if tally is not None and tally.rejected:
+                lines.append(f"  {tally.path}: skipped {tally.rejected} malformed rows (data.on_error=skip), written "
+                             f"to {tally.rejects_path}; first: {tally.reject_messages[0]}")
             if tally is not None and (tally.dropped or tally.truncated):
                 dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(tally.dropped.items())) or "none"
                 lines.append(f"  {tally.path}: dropped {dropped}; truncated {tally.truncated} "
@@ -71,10 +93,12 @@ class DataReport:
     def as_dict(self) -> dict:
         def tally(t: Tally | None) -> dict | None:
             return None if t is None else {"path": t.path, "records": t.records, "dropped": dict(t.dropped),
-                                           "truncated": t.truncated}
+                                           "truncated": t.truncated, "rejected": t.rejected,
+                                           "rejects_path": t.rejects_path}
 
         return {"train": tally(self.train), "eval": tally(self.eval), "train_examples": self.train_examples,
-                "eval_examples": self.eval_examples, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+                "eval_examples": self.eval_examples, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
+                "clean": None if self.clean is None else self.clean.as_dict()}
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[list[Example], list[Example], DataReport]:
@@ -82,11 +106,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[list[Examp
     if cfg.path is None:
         raise DataError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
     train_tally = Tally(path=str(cfg.path))
-    train = list(encode_file(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=train_tally))
+    train, clean_report = encode_source(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=train_tally,
+                                        rules=rules_from_config(cfg, tokenizer), rejects_path=cfg.rejects_path)
     eval_tally = None
     if cfg.eval_path is not None:
         eval_tally = Tally(path=str(cfg.eval_path))
-        evals = list(encode_file(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=eval_tally))
+        evals, _ = encode_source(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=eval_tally, rules=[],
+                                 rejects_path=cfg.rejects_path and f"{cfg.rejects_path}.eval.jsonl")
     elif cfg.eval_fraction > 0:
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
@@ -98,27 +124,157 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[list[Examp
                         "(or data.too_long=truncate) and data.eval_fraction")
     report = DataReport(train=train_tally, eval=eval_tally, train_examples=len(train), eval_examples=len(evals),
                         max_length=cfg.max_length, too_long=cfg.too_long, tokens=sum(len(e) for e in train),
-                        trained_tokens=sum(e.num_trained for e in train))
+                        trained_tokens=sum(e.num_trained for e in train), clean=clean_report)
     return train, evals, report
+
+
+def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally, rules: list,
+                  rejects_path: str | None) -> tuple[list[Example], CleanReport | None]:
+    """Examples of one data source, after the cleaning `rules` (when any), with data.on_error applied; counts into
+    `tally`. Returns (examples, cleaning report or None)."""
+    key = None
+    if cfg.cache_dir is not None:
+        key = cache.cache_key(path, cfg=cfg, tokenizer=tokenizer)
+        if (hit := cache.load(cfg.cache_dir, key)) is not None:
+            examples, meta = hit
+            for name in ("records", "truncated", "rejected", "rejects_path", "reject_messages"):
+                setattr(tally, name, meta["tally"][name])
+            tally.dropped.update(meta["tally"]["dropped"])
+            tally.cache = "hit"
+            return examples, None if meta["clean"] is None else CleanReport(**meta["clean"])
+    rejects = None
+    if cfg.on_error == "skip":
+        tally.rejects_path = rejects_path or f"{path}.rejects.jsonl"
+        rejects = Rejects(tally.rejects_path)
+    try:
+        numbered = iter_records(path, rejects=rejects)
+        if cfg.json_columns:
+            numbered = decode_json_columns(numbered, cfg.json_columns, rejects)
+        report = None
+        if rules:
+            numbered, report = clean_numbered(numbered, path=path, rules=rules)
+        if cfg.num_proc > 1:
+            examples = encode_parallel(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects)
+        else:
+            examples = list(encode_records(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects))
+    finally:
+        if rejects is not None:
+            rejects.close()
+            tally.rejected, tally.reject_messages = rejects.count, rejects.messages
+    if key is not None:
+        meta = {"tally": {"records": tally.records, "truncated": tally.truncated, "rejected": tally.rejected,
+                          "rejects_path": tally.rejects_path, "reject_messages": tally.reject_messages,
+                          "dropped": dict(tally.dropped)},
+                "clean": None if report is None else report.as_dict()}
+        cache.save(cfg.cache_dir, key, examples, meta)
+        tally.cache = "written"
+    return examples, report
+
+
+class _Collect:
+    """A Rejects stand-in for worker processes: the rows go back to the parent, which writes them."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, object]] = []
+
+    def add(self, where: str, error: str, row: object = None) -> None:
+        self.rows.append((where, error, row))
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: DataConfig, tokenizer, skip: bool) -> None:
+    _WORKER.update(cfg=cfg, tokenizer=tokenizer, skip=skip)
+
+
+def _encode_chunk(chunk: list[tuple[str, dict]]) -> tuple[list[Example], Tally, list]:
+    tally, collect = Tally(path=""), _Collect()
+    examples = list(encode_records(chunk, cfg=_WORKER["cfg"], tokenizer=_WORKER["tokenizer"], tally=tally,
+                                   rejects=collect if _WORKER["skip"] else None))
+    return examples, tally, collect.rows
+
+
+def encode_parallel(numbered, *, cfg: DataConfig, tokenizer, tally: Tally, rejects: Rejects | None) -> list[Example]:
+    """`encode_records` over `cfg.num_proc` processes, chunk by chunk, in order (same examples, same counts)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    numbered = iter(numbered)
+    chunks = iter(lambda: list(islice(numbered, CHUNK_RECORDS)), [])
+    examples: list[Example] = []
+    # fork: workers inherit the loaded tokenizer and modules instead of importing torch again
+    with ProcessPoolExecutor(cfg.num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                             initargs=(cfg, tokenizer, rejects is not None)) as pool:
+        for part, part_tally, bad in pool.map(_encode_chunk, chunks):
+            examples += part
+            tally.records += part_tally.records
+            tally.truncated += part_tally.truncated
+            tally.dropped.update(part_tally.dropped)
+            for row in bad:
+                rejects.add(*row)
+    return examples
+
+
+def clean_numbered(numbered, *, path: str | Path, rules: list) -> tuple[list[tuple[str, dict]], CleanReport]:
+    """(where, record) pairs that pass `rules`, in file order, and the report. Raises DataError, with the per-rule
+    counts, when no record is left."""
+    numbered = list(numbered)
+    kept, report = clean_records([record for _, record in numbered], rules=rules)
+    if not kept:
+        raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the data.clean "
+                        "rules that dropped the most")
+    survivors = {id(record) for record in kept}
+    return [(where, record) for where, record in numbered if id(record) in survivors], report
+
+
+def numbered_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of a data source (`optrush.data.sources.iter_records`)."""
+    return iter_records(path)
 
 
 def encode_file(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally) -> Iterator[Example]:
     """Stream the examples of one data file, counting records, drops and truncations into `tally`."""
-    array = is_json_array(path)
-    numbered = read_json(path) if array else read_jsonl(path)
-    place = "{path} item {number}" if array else "{path}:{number}"
+    yield from encode_records(iter_records(path), cfg=cfg, tokenizer=tokenizer, tally=tally)
+
+
+def encode_records(numbered, *, cfg: DataConfig, tokenizer, tally: Tally,
+                   rejects: Rejects | None = None) -> Iterator[Example]:
+    """Examples of (where, record) pairs, tokenized in chunks; counts into `tally`. With `rejects`, a record that
+    cannot be rendered (missing column, wrong type) is recorded there and skipped instead of raising."""
+    numbered = iter(numbered)
     bos_id, eos_id = special_ids(tokenizer)
     while chunk := list(islice(numbered, CHUNK_RECORDS)):
         tally.records += len(chunk)
-        wheres = [place.format(path=path, number=number) for number, _ in chunk]
-        texts = [render(record, cfg=cfg, where=where) for (_, record), where in zip(chunk, wheres)]
-        prompts = tokenize([prompt for prompt, _ in texts], tokenizer)
-        completions = tokenize([completion for _, completion in texts], tokenizer)
-        for where, prompt_ids, completion_ids in zip(wheres, prompts, completions):
-            example = build_example(prompt_ids, completion_ids, bos_id=bos_id, eos_id=eos_id)
+        wheres, texts = [], []
+        for where, record in chunk:
+            try:
+                texts.append(chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where) if cfg.format == "chat"
+                             else render(record, cfg=cfg, where=where))
+            except DataError as err:
+                if rejects is None:
+                    raise
+                rejects.add(where, str(err), record)
+                continue
+            wheres.append(where)
+        if cfg.format == "chat":
+            examples = chat_examples(texts, tokenizer)
+        else:
+            prompts = tokenize([prompt for prompt, _ in texts], tokenizer)
+            completions = tokenize([completion for _, completion in texts], tokenizer)
+            examples = [build_example(prompt_ids, completion_ids, bos_id=bos_id, eos_id=eos_id)
+                        for prompt_ids, completion_ids in zip(prompts, completions)]
+        for where, example in zip(wheres, examples):
             example = fit_length(example, cfg=cfg, where=where, tally=tally)
             if example is not None:
                 yield example
+
+
+def chat_examples(conversations: list[list[tuple[str, bool]]], tokenizer) -> list[Example]:
+    """Examples of chat segment lists, every segment of the chunk tokenized in one batched call."""
+    ids = iter(tokenize([text for segments in conversations for text, _ in segments], tokenizer))
+    return [segments_example([next(ids) for _ in segments], [trained for _, trained in segments])
+            for segments in conversations]
 
 
 def tokenize(texts: list[str], tokenizer) -> list[list[int]]:

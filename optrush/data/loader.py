@@ -9,6 +9,12 @@ Epoch e is planned by `optrush.data.pack.plan_batches` with order seed `seed + e
 `shuffle=False`), so the whole stream is a function of (examples, settings, seed) and a position in it is just
 (epoch, batch index): resuming re-plans that epoch and skips to the index without collating anything.
 
+Prefetch (`prefetch=k > 0`): a background thread plans and collates (and pins) up to k batches ahead, so the
+next batch is ready while the accelerator runs the current one. It walks the same deterministic stream from the
+loader's position, and the loader's position (hence `state_dict`) only moves when a batch is taken, so prefetching
+changes neither the batches nor the resume point. `load_state_dict` stops the thread and restarts it from the
+loaded position; the thread also stops when the loader is garbage-collected or `close()`d.
+
 Data parallelism: rank r of `world_size` takes micro-batches r, r + world_size, r + 2 * world_size, ... of each
 epoch's plan. The plan's tail of `len(plan) % world_size` micro-batches is skipped on every rank, so all ranks run
 the same number of micro-batches per epoch (a rank with no batch would stall the others' collectives); a
@@ -16,7 +22,11 @@ different seed next epoch puts different examples in that tail.
 """
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 import zlib
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,13 +42,16 @@ MUST_MATCH = ("strategy", "rows", "max_length", "seed", "shuffle", "rank", "worl
 
 class BatchLoader:
     def __init__(self, examples: list[Example], *, strategy: str, rows: int, max_length: int, pad_id: int,
-                 seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                 seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 prefetch: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
         self.examples = examples
         self.strategy, self.rows, self.max_length, self.pad_id = strategy, rows, max_length, pad_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.prefetch = prefetch
+        self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
         self.lengths = [len(example) for example in examples]
         self.epoch, self.batch_index = 0, 0
         self.plan = self.plan_epoch(0)
@@ -62,6 +75,8 @@ class BatchLoader:
         return self
 
     def __next__(self) -> Batch:
+        if self.prefetch > 0:
+            return self._next_prefetched()
         if self.batch_index == len(self.plan):
             self.epoch, self.batch_index = self.epoch + 1, 0
             if self.shuffle:  # unshuffled epochs are all the same plan
@@ -83,14 +98,81 @@ class BatchLoader:
                 raise ValueError(f"the saved data-loader state has {key}={state.get(key)!r} but this run has "
                                  f"{mine[key]!r}: resume with the same data and data/train settings, or start "
                                  "fresh (checkpoint.resume=never)")
+        self.close()
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
         self.plan = self.plan_epoch(self.epoch)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any) and drop what it prepared; the next batch restarts it."""
+        if self._worker is not None:
+            thread, stop, ready = self._worker
+            stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._worker = None
+
+    def _next_prefetched(self) -> Batch:
+        if self._worker is None:
+            stop, ready = threading.Event(), queue.Queue(maxsize=self.prefetch)
+            thread = threading.Thread(target=_produce, daemon=True, name="optrush-prefetch",
+                                      args=(weakref.WeakMethod(self.plan_epoch),
+                                            partial(_collate_rows, self.examples, packed=self.strategy == "bfd",
+                                                    pad_id=self.pad_id, max_length=self.max_length,
+                                                    pin=self.pin_memory), stop, ready,
+                                            self.epoch, self.batch_index, self.plan, self.shuffle))
+            weakref.finalize(self, stop.set)
+            thread.start()
+            self._worker = (thread, stop, ready)
+        epoch, index, plan, batch = self._worker[2].get()
+        if isinstance(batch, BaseException):
+            self._worker = None
+            raise batch
+        self.epoch, self.batch_index, self.plan = epoch, index, plan
+        return batch
+
 
     def settings(self) -> dict:
         lengths = np.asarray(self.lengths, dtype=np.int64)
         return {"strategy": self.strategy, "rows": self.rows, "max_length": self.max_length, "seed": self.seed,
                 "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size,
                 "num_examples": len(self.examples), "lengths_crc32": zlib.crc32(lengths.tobytes())}
+
+
+def _collate_rows(examples: list[Example], rows: list[list[int]], *, packed: bool, pad_id: int, max_length: int,
+                  pin: bool) -> Batch:
+    batch = collate([[examples[i] for i in row] for row in rows], packed=packed, pad_id=pad_id, max_length=max_length)
+    return pinned(batch) if pin else batch
+
+
+def _produce(planner: weakref.WeakMethod, collate_rows, stop: threading.Event, ready: queue.Queue, epoch: int,
+             index: int, plan: list, shuffle: bool) -> None:
+    """The prefetch thread: the stream from (epoch, index) onwards, as (position after, plan, batch) items.
+    It holds the loader only weakly (through `planner`; `collate_rows` is a plain function of the examples) so an
+    abandoned loader can be collected, which stops the thread."""
+    try:
+        while not stop.is_set():
+            if index == len(plan):
+                epoch, index = epoch + 1, 0
+                if shuffle:
+                    plan_epoch = planner()
+                    if plan_epoch is None:
+                        return
+                    plan = plan_epoch(epoch)
+                    del plan_epoch  # a strong reference left in this frame would keep the loader alive
+            rows = plan[index]
+            index += 1
+            item = (epoch, index, plan, collate_rows(rows))
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except Exception as err:  # hand the error to the consumer, which raises it
+        ready.put((epoch, index, plan, err))
 
 
 def pinned(batch: Batch) -> Batch:

@@ -7,6 +7,9 @@ A plan is a list of micro-batches, each a list of rows, each a list of example i
 
 - `none`: one example per row, `rows` consecutive examples per micro-batch (in index order, or in a permutation
   drawn from `order_seed`); `collate` right-pads each micro-batch to its longest row.
+- `sorted`: one example per row, as `none`, but examples are sorted by length (equal lengths in a seeded order)
+  and cut into micro-batches of `rows` neighbours, and the micro-batches are then shuffled (`order_seed`): little
+  padding without packing, while the order of batches stays random.
 - `bfd`: best-fit-decreasing bin packing (Johnson 1973): take examples longest first and put each into the open row
   with the least room that still fits it, else open a new row of `max_length` tokens. Whole examples are packed and
   never split, so no document is cut and no label crosses a document. Rows are then shuffled (`order_seed`) and
@@ -30,7 +33,7 @@ import torch
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.data.formats import Example
 
-STRATEGIES = ("none", "bfd")
+STRATEGIES = ("none", "sorted", "bfd")
 
 
 def plan_batches(lengths: Sequence[int], *, strategy: str, rows: int, max_length: int,
@@ -68,6 +71,13 @@ def _plan(lens: np.ndarray, *, strategy: str, rows: int, max_length: int,
     if strategy == "none":
         order = np.arange(len(lens)) if rng is None else rng.permutation(len(lens))
         packed = [[i] for i in order.tolist()]
+    elif strategy == "sorted":
+        tiebreak = np.arange(len(lens)) if rng is None else rng.permutation(len(lens))
+        ranked = np.lexsort((tiebreak, lens)).tolist()
+        plan = [[[i] for i in ranked[start:start + rows]] for start in range(0, len(ranked), rows)]
+        if rng is not None:
+            plan = [plan[i] for i in rng.permutation(len(plan)).tolist()]
+        return plan
     else:
         tiebreak = np.arange(len(lens)) if rng is None else rng.permutation(len(lens))
         packed = best_fit_decreasing(lens.tolist(), np.lexsort((tiebreak, -lens)).tolist(), capacity=max_length)

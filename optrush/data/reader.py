@@ -6,13 +6,19 @@
 `read_jsonl` streams a JSON-lines file (blank lines are skipped; numbers are 1-based line numbers). `read_json`
 reads a file holding one JSON array of objects (numbers are 1-based item numbers). `read_records` picks between
 them by the file's first non-blank character (`[` means a JSON array), not by its extension, because `.json` files
-written by common tools (e.g. `datasets.Dataset.to_json`) are JSON lines. Every problem raises `DataError`.
+written by common tools (e.g. `datasets.Dataset.to_json`) are JSON lines. Every problem raises `DataError`, unless
+a `rejects` sink is given (`optrush.data.sources.Rejects`, data.on_error=skip): then a bad line or item is recorded
+there and skipped. Parquet, CSV, text folders and saved HF datasets: `optrush.data.sources`.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optrush.data.sources import Rejects
 
 
 class DataError(ValueError):
@@ -25,7 +31,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     return read_json(path) if is_json_array(path) else read_jsonl(path)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[int, dict]]:
     """Stream (line number, record) from a JSON-lines file, one object per line; blank lines are skipped."""
     path = _existing(path)
     with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line number
@@ -34,19 +40,24 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 continue
             try:
                 record = json.loads(line)
+                problem = None
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno}); each line must "
-                                "hold one complete JSON object: fix or delete this line") from None
+                problem = (f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno}); each line must "
+                           "hold one complete JSON object: fix or delete this line (or set data.on_error=skip)")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8") \
-                    from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object ({{\"column\": value, ...}}), got "
-                                f"{_json_type(record)}; each line must hold one object")
+                problem = f"{path}:{line_no}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8"
+            if problem is None and not isinstance(record, dict):
+                problem = (f"{path}:{line_no}: expected a JSON object ({{\"column\": value, ...}}), got "
+                           f"{_json_type(record)}; each line must hold one object")
+            if problem is not None:
+                if rejects is None:
+                    raise DataError(problem)
+                rejects.add(f"{path}:{line_no}", problem, line.decode("utf-8", errors="replace").rstrip("\n"))
+                continue
             yield line_no, record
 
 
-def read_json(path: str | Path) -> Iterator[tuple[int, dict]]:
+def read_json(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[int, dict]]:
     """(item number, record) from a file holding one JSON array of objects (read whole: arrays cannot stream)."""
     path = _existing(path)
     try:
@@ -58,14 +69,18 @@ def read_json(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON array of objects or JSON lines, got {_json_type(items)}")
-    return _objects(path, items)
+    return _objects(path, items, rejects)
 
 
-def _objects(path: Path, items: list) -> Iterator[tuple[int, dict]]:
+def _objects(path: Path, items: list, rejects: Rejects | None) -> Iterator[tuple[int, dict]]:
     for number, item in enumerate(items, 1):
         if not isinstance(item, dict):
-            raise DataError(f"{path}: item {number} of the JSON array is {_json_type(item)}, expected an object "
-                            "({\"column\": value, ...})")
+            problem = (f"{path}: item {number} of the JSON array is {_json_type(item)}, expected an object "
+                       "({\"column\": value, ...})")
+            if rejects is None:
+                raise DataError(problem)
+            rejects.add(f"{path} item {number}", problem, item)
+            continue
         yield number, item
 
 

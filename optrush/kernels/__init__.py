@@ -65,11 +65,16 @@ def kernel_choices(cfg: Config) -> list[str]:
     return chosen
 
 
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def check_attention_device(backend: str, device: torch.device) -> None:
     """Fail at start-up, not at the first backward, where a backend cannot train."""
     if device.type == "cpu":
         why = "FlexAttention has no CPU backward" if backend == "flex" else "varlen_attn has no CPU kernel"
         raise ValueError(f"model.attention={backend} needs a CUDA GPU ({why}); use model.attention=sdpa on CPU")
-    if backend == "varlen" and torch.__version__ < "2.11":
+    if backend == "varlen" and torch_version() < (2, 11):
         raise ValueError(f"model.attention=varlen needs torch >= 2.11 (torch.nn.attention.varlen.varlen_attn with "
                          f"window_size), found {torch.__version__}; upgrade torch or use model.attention=flex")

@@ -12,6 +12,12 @@ forward pass from `document_ids` and every layer reuses it.
 - `varlen`: `torch.nn.attention.varlen.varlen_attn` (FlashAttention's variable-length kernel) on the tokens
   flattened to (B * T, H, D), with one segment per document run. CUDA only, bf16/fp16 only.
 
+Measured on an H100 (torch 2.11, bf16, 32 heads, 8 KV heads, head dim 64, forward + backward, GPU kernel time;
+benchmarks/results/kernels_h100.md): one row of 8,192 tokens holding 4 documents: flex 1.04 ms, varlen 1.31 ms,
+SDPA with the dense mask 7.35 ms (SDPA causal over the whole row, ignoring documents: 2.34 ms); 4 rows of 2,048
+tokens of an SFT length mix (28 documents): varlen 0.91 ms, flex 1.19 ms, dense SDPA 2.05 ms. Building the mask
+takes 0.2-1.1 ms per batch, once per forward pass.
+
 Both follow `layers.attention_mask` exactly: a token sees earlier tokens of its own document; padding (document id
 -1) is a segment of its own, so it never reaches a real token and no row is empty. Documents must be contiguous
 runs within a row, which is what packing produces.

@@ -46,7 +46,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss
 
 
-
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                    reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
     """The plain path with the same signature: full fp32 logits, `layers.linear_cross_entropy` plus the z-loss."""
@@ -81,9 +80,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ rows).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+                grad_weight.add_(grad_logits.t() @ rows)  # promotes in the kernel: no fp32 copy of the product
+        # Keep it in the parameter's dtype (what autograd would hand over anyway): with bf16 weights this halves
+        # what stays allocated through the model's backward pass.
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
@@ -92,8 +92,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
-            # the parameter's own dtype, as autograd expects; fp32 until this point
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -125,7 +124,8 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, 
 
 
 # One fused kernel for the element-wise work over each (chunk x vocab) block instead of about ten passes over it
-# in eager mode (measured 8192 tokens x vocab 128256 on an H100: 42.9 ms eager vs 23.0 ms compiled). Only the chunk
-# is compiled, so any number of rows runs with at most two shapes (full chunks and the last one); a compiled model
-# inlines it. On CPU the eager function runs (Inductor's CPU build costs seconds and buys nothing in tests).
+# in eager mode. Measured at 8192 tokens x vocab 128256, bf16, chunks of 4096, on an H100: 42.9 ms with the chunk
+# eager, 27.4 ms with it compiled, 23.0 ms with the whole loss compiled (naive: 33.6 ms). Only the chunk is
+# compiled, so any number of rows runs with at most two shapes (full chunks and the last one), and a compiled
+# model inlines it. On CPU the eager function runs (Inductor's CPU build costs seconds and buys nothing in tests).
 _chunk_compiled = torch.compile(_chunk, fullgraph=True)

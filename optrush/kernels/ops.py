@@ -15,8 +15,18 @@ custom kernel would block that fusion, and a kernel that dynamo cannot trace bre
 issue #5). Without model compile they still give fused kernels. On a CPU model they run the same code eagerly
 (Inductor's CPU compile costs seconds per shape and buys nothing for tests and debug runs).
 
-Measured on an H100 (benchmarks/kernels.py, results in benchmarks/results/kernels_h100.md): see that table for
-forward+backward time and peak memory of each op, eager reference vs this compiled region.
+Measured on an H100, torch 2.11, bf16, 8,192 tokens of the Llama-3.2-1B shape, forward + backward, GPU kernel
+time (benchmarks/results/kernels_h100.md):
+
+    op        eager reference         compiled region         effective bandwidth of the compiled region
+    RMSNorm   0.910 ms, 0.44 GiB      0.085 ms, 0.10 GiB      2.0 TB/s
+    SwiGLU    0.661 ms, 0.63 GiB      0.398 ms, 0.50 GiB      2.7 TB/s
+    RoPE      0.454 ms, 0.15 GiB      0.082 ms, 0.12 GiB      2.0 TB/s
+
+At 60-80% of the H100's 3.35 TB/s a hand-written kernel could gain at most 1.3-1.7x on ops that are already a
+few percent of a step, so we keep the compiled reference. Called from eager code, a compiled region costs about
+0.5-0.9 ms of CPU time per forward + backward (guards, autograd wrappers), hidden while the GPU works through the
+matmuls queued around it; under compile.mode=blocks the regions are inlined and that overhead disappears.
 """
 from __future__ import annotations
 

@@ -1,15 +1,73 @@
 """Objectives turn (model, batch) into a summed loss; the one training loop normalises and steps.
 
-Each objective has `units(batch)` (what its loss is summed over: trained tokens for language modelling) and
-`__call__(model, batch) -> (loss_sum, metrics)`.
+Each objective has `units(batch)` (what its loss is summed over: trained tokens for language modelling, pairs for
+reward and DPO, completions for GRPO), `__call__(model, batch) -> (loss_sum, metrics)` and `pop_metrics()` (its
+metrics averaged since the last call, for the loop's log).
+
+    objective = build_objective("sft")                                   # language modelling needs nothing else
+    objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tok, examples=train + evals)
+
+Alignment objectives are built from the starting model *before* the loop's optimizations: `reward` puts a scalar
+head on it, `dpo` and `grpo` keep a frozen copy as reference (or, for `dpo.reference=precomputed`, its log-probs
+of `examples`, cached on disk).
 """
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
 from optrush.objectives.causal_lm import CausalLM
-
-OBJECTIVES = {"causal_lm": CausalLM, "sft": CausalLM}
-
-
-def build_objective(name: str) -> CausalLM:
-    return OBJECTIVES[name](name)
+from optrush.objectives.dpo import DPO, REFERENCE_FREE, precompute_reference_logps
+from optrush.objectives.grpo import GRPO
+from optrush.objectives.reward import RewardModel, apply_reward_head
 
 
-__all__ = ["CausalLM", "OBJECTIVES", "build_objective"]
+def frozen_copy(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def build_reward(*, cfg, model, tokenizer, examples) -> RewardModel:
+    apply_reward_head(model)
+    return RewardModel(margin=cfg.reward.margin)
+
+
+def build_dpo(*, cfg, model, tokenizer, examples) -> DPO:
+    if cfg.dpo.loss in REFERENCE_FREE:
+        return DPO(cfg=cfg.dpo)
+    if cfg.dpo.reference == "precomputed":
+        table = precompute_reference_logps(model, list(examples), cache=Path(cfg.output_dir) / "reference_logps.pt",
+                                           pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length,
+                                           rows=cfg.train.micro_batch_size)
+        return DPO(cfg=cfg.dpo, reference_logps=table)
+    return DPO(cfg=cfg.dpo, reference=frozen_copy(model))
+
+
+def build_grpo(*, cfg, model, tokenizer, examples) -> GRPO:
+    reference = frozen_copy(model) if cfg.grpo.kl_beta > 0 else None
+    return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed)
+
+
+OBJECTIVES = {"reward": build_reward, "dpo": build_dpo, "grpo": build_grpo}
+PAIRWISE = ("reward", "dpo")
+"""Objectives trained on preference pairs (optrush.data.preference) rather than examples."""
+
+
+def build_objective(name: str, *, cfg=None, model: nn.Module | None = None, tokenizer=None,
+                    examples: Sequence = ()) -> CausalLM | RewardModel | DPO | GRPO:
+    if name in ("causal_lm", "sft"):
+        return CausalLM(name)
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected causal_lm, sft, {', '.join(OBJECTIVES)}")
+    if cfg is None or model is None:
+        raise ValueError(f"objective={name} is built from the config and the starting model: "
+                         "build_objective(name, cfg=cfg, model=model, tokenizer=tokenizer, examples=...)")
+    return OBJECTIVES[name](cfg=cfg, model=model, tokenizer=tokenizer, examples=examples)
+
+
+__all__ = ["CausalLM", "DPO", "GRPO", "OBJECTIVES", "PAIRWISE", "RewardModel", "apply_reward_head",
+           "build_objective"]

@@ -26,3 +26,7 @@ class CausalLM:
         loss_sum = model(batch.input_ids, position_ids=batch.position_ids, document_ids=batch.document_ids,
                          labels=batch.labels, reduction="sum")
         return loss_sum, {}
+
+    def pop_metrics(self) -> dict[str, float]:
+        """No metrics beyond the loss (the loop logs that)."""
+        return {}

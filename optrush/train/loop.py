@@ -25,7 +25,8 @@ from optrush.data.loader import BatchLoader
 from optrush.data.tokenizer import load_tokenizer
 from optrush.models.io import build_model, load_model, save_model
 from optrush.models.presets import get_preset
-from optrush.objectives import build_objective
+from optrush.data.preference import PairLoader, build_preference_datasets
+from optrush.objectives import PAIRWISE, build_objective
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
 from optrush.train.checkpoint import CheckpointManager, TrainState, restore
@@ -54,16 +55,19 @@ def train(cfg: Config) -> dict:
         torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
-    train_examples, eval_examples, data_report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    read_data = build_preference_datasets if cfg.objective in PAIRWISE else build_datasets
+    train_examples, eval_examples, data_report = read_data(cfg.data, tokenizer, seed=cfg.train.seed)
     print(data_report.format(), flush=True)
 
     model = build(cfg, vocab_size=len(tokenizer), device=device)
+    # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
+    objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
+                                examples=train_examples + eval_examples)
     model = apply_optimizations(model, cfg)
-    objective = build_objective(cfg.objective)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type)
     scheduler = build_scheduler(optimizer, cfg.train)
     loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch)
 
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
@@ -100,7 +104,7 @@ def train(cfg: Config) -> dict:
                     "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
-                    "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units})
+                    "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units, **objective.pop_metrics()})
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step}; lower train.lr or use "
                                          "precision.mode=fp32 to find the cause")
@@ -185,10 +189,15 @@ def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Mod
     return build_model(args, dtype=dtype, device=device, seed=cfg.train.seed)
 
 
-def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False) -> BatchLoader:
+def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False,
+                prefetch: int = 0) -> BatchLoader:
+    if cfg.objective in PAIRWISE:
+        return PairLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
+                          max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
+                          shared_prompt=cfg.data.shared_prompt)
     return BatchLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
                        max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
-                       pin_memory=pin_memory)
+                       pin_memory=pin_memory, prefetch=prefetch)
 
 
 def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
@@ -234,4 +243,6 @@ def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocas
         total += loss_sum.item()
     model.train()
     loss = total / max(units, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    # objective metrics not yet logged for training are folded into this evaluation's (rare: logging.every > 1)
+    extra = {f"eval_{name}": value for name, value in objective.pop_metrics().items()}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **extra}

@@ -1,0 +1,106 @@
+"""`optrush data clean|stats|inspect`: look at and clean a config's training data before training on it.
+
+    optrush data clean CONFIG [key=value ...] [--out DIR]   cleaned JSONL + report.md/json + token_lengths.png
+    optrush data stats CONFIG [key=value ...]               padding and batches for every packing strategy
+    optrush data inspect CONFIG [key=value ...] [--n 2]     examples with trained vs masked tokens marked
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from optrush.config import Config
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from optrush.cli.main import config_and_overrides
+    from optrush.config import load_config
+
+    return load_config(*config_and_overrides(args))
+
+
+def _tokenizer(cfg: Config):
+    from optrush.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+
+
+def cmd_data_clean(args: argparse.Namespace) -> int:
+    from optrush.data.clean_report import clean_dataset
+
+    cfg = _load(args)
+    out = args.out or str(Path(cfg.output_dir) / "data_clean")
+    paths = clean_dataset(cfg.data, tokenizer=_tokenizer(cfg), out_dir=out)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from optrush.data.dataset import build_datasets
+    from optrush.data.stats import format_stats, packing_stats
+
+    cfg = _load(args)
+    train, _, report = build_datasets(cfg.data, _tokenizer(cfg), seed=cfg.train.seed)
+    print(report.format())
+    print(f"packing at data.max_length={cfg.data.max_length}, train.micro_batch_size={cfg.train.micro_batch_size} "
+          f"(configured: data.packing={cfg.data.packing}):")
+    print(format_stats(packing_stats([len(e) for e in train], rows=cfg.train.micro_batch_size,
+                                     max_length=cfg.data.max_length, seed=cfg.train.seed)))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from optrush.data.dataset import build_datasets
+
+    cfg = _load(args)
+    tokenizer = _tokenizer(cfg)
+    train, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    console = Console(highlight=False)
+    console.print("[bold green]green: trained targets[/]   [dim]grey: masked (no loss)[/]   "
+                  "[reverse] reverse [/]: special tokens")
+    for index, example in enumerate(train[:args.n]):
+        console.rule(f"example {index} ({len(example)} positions, {example.num_trained} trained)")
+        console.print(styled_example(example, tokenizer))
+    return 0
+
+
+def styled_example(example, tokenizer):
+    """The example's tokens as rich Text: token k+1 is trained when labels[k] is not ignored (labels are shifted),
+    the first token is never a target."""
+    from rich.text import Text
+
+    from optrush.data.batch import IGNORE_INDEX
+
+    sequence = example.input_ids + [example.labels[-1] if example.labels[-1] != IGNORE_INDEX else None]
+    trained = [False] + [label != IGNORE_INDEX for label in example.labels]
+    special = set(tokenizer.all_special_ids)
+    text = Text()
+    for token, is_trained in zip(sequence, trained):
+        if token is None:
+            continue
+        piece = tokenizer.decode([token])
+        style = "bold green" if is_trained else "dim"
+        text.append(piece, style=style + (" reverse" if token in special else ""))
+    return text
+
+
+def add_commands(commands) -> None:
+    data = commands.add_parser("data", help="clean, measure and inspect a config's training data")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    p = sub.add_parser("clean", help="apply data.clean.* and write the cleaned data and a report")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default=None, help="output directory (default: <output_dir>/data_clean)")
+    p.set_defaults(run=cmd_data_clean)
+    p = sub.add_parser("stats", help="padding fraction, tokens per batch, batches for every packing strategy")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(run=cmd_data_stats)
+    p = sub.add_parser("inspect", help="show examples with trained and masked tokens marked")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--n", type=int, default=2, help="examples to show (default: 2)")
+    p.set_defaults(run=cmd_data_inspect)

@@ -1,0 +1,178 @@
+"""Records from any supported data source, streamed in bounded memory, each with a place that names file and row.
+
+    for where, record in iter_records("train.parquet"):      # where = "train.parquet row 17"
+        ...
+    rejects = Rejects("bad.jsonl")                            # data.on_error=skip: bad rows go here, counted
+    for where, record in iter_records("train.jsonl", rejects=rejects): ...
+
+Sources, chosen by what the path is:
+
+- a `.jsonl` / `.json` file: JSON lines, or one JSON array (`optrush.data.reader`); places are `file:line`.
+- a `.parquet` file: read one row group batch at a time (pyarrow); places are `file row n` (1-based).
+- a `.csv` / `.tsv` file: streamed in blocks (pyarrow.csv, header row first); places are `file row n` (1-based,
+  the header not counted). A row with the wrong number of fields is a bad row (`file line n`).
+- a directory written by `datasets.Dataset.save_to_disk` (it holds `state.json`): its Arrow files are streamed with
+  pyarrow, so the `datasets` package is not needed; places are `dir row n`.
+- any other directory: plain text, one document per file (`{"text": contents, "file": relative path}`), files in
+  sorted order, hidden files skipped; places are the file names.
+
+Without `rejects`, a bad row raises `DataError` naming the file and line or row. With it, the row is recorded
+(count, a few messages for the report, every row in the rejects JSONL file) and reading goes on.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl
+
+BATCH_ROWS = 1024
+
+
+class Rejects:
+    """Bad rows skipped under `data.on_error=skip`: counted, the first few messages kept, all written to `path`."""
+
+    def __init__(self, path: str | Path, *, keep: int = 3):
+        self.path, self.keep = Path(path), keep
+        self.count = 0
+        self.messages: list[str] = []
+        self._file = None
+
+    def add(self, where: str, error: str, row: object = None) -> None:
+        self.count += 1
+        if len(self.messages) < self.keep:
+            self.messages.append(error)
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write(json.dumps({"where": where, "error": error, "row": row}, ensure_ascii=False, default=str)
+                         + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def iter_records(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of the source at `path` (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir())) or "none"
+            raise DataError(f"{path} is a saved DatasetDict: point data.path at one split directory inside it "
+                            f"(splits: {splits})")
+        return read_saved_dataset(path) if (path / "state.json").is_file() else read_text_folder(path, rejects)
+    if not path.is_file():
+        raise DataError(f"data not found: {path} (give a JSONL, JSON, Parquet or CSV file, a folder of text files, "
+                        "or a directory written by datasets' save_to_disk)")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(path)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(path, rejects, delimiter="\t" if suffix == ".tsv" else ",")
+    if is_json_array(path):
+        return ((f"{path} item {n}", record) for n, record in read_json(path, rejects=rejects))
+    return ((f"{path}:{n}", record) for n, record in read_jsonl(path, rejects=rejects))
+
+
+def decode_json_columns(numbered, columns, rejects: Rejects | None = None) -> Iterator[tuple[str, dict]]:
+    """Decode the `columns` of each record that hold JSON text (data.json_columns); a bad value is a bad row."""
+    for where, record in numbered:
+        try:
+            for column in columns:
+                if isinstance(record.get(column), str):
+                    record[column] = json.loads(record[column])
+        except json.JSONDecodeError as err:
+            message = (f"{where}: column {column!r} is not valid JSON ({err.msg}, column {err.colno}); fix the value "
+                       "or remove the column from data.json_columns")
+            if rejects is None:
+                raise DataError(message) from None
+            rejects.add(where, message, record)
+            continue
+        yield where, record
+
+
+def read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    yield from _numbered_batches(path, parquet.iter_batches(batch_size=BATCH_ROWS))
+
+
+def read_csv(path: Path, rejects: Rejects | None, *, delimiter: str = ",") -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    bad: list[tuple[str, str]] = []
+
+    def on_invalid(row) -> str:
+        line = f"{path} line {row.number}" if row.number is not None else str(path)
+        bad.append((line, f"{line}: {row.actual_columns} fields, the header has {row.expected_columns}; fix the "
+                          f"row (quote fields holding '{delimiter}') or set data.on_error=skip"))
+        if rejects is not None:
+            rejects.add(line, bad[-1][1], row.text)
+        return "skip"
+
+    try:
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
+                               parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+                               convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+        number = 0
+        for batch in reader:
+            if bad and rejects is None:
+                raise DataError(bad[0][1])
+            for record in batch.to_pylist():
+                number += 1
+                yield f"{path} row {number}", record
+        if bad and rejects is None:
+            raise DataError(bad[0][1])
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{path}: not readable as CSV ({err})") from None
+
+
+def read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
+    """A `datasets.Dataset.save_to_disk` directory: Arrow IPC stream files listed in state.json."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    files = [path / entry["filename"] for entry in state.get("_data_files", [])]
+    if not files:
+        raise DataError(f"{path}/state.json lists no data files; re-save the dataset with save_to_disk")
+    number = 0
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                for record in batch.to_pylist():
+                    number += 1
+                    yield f"{path} row {number}", record
+
+
+def read_text_folder(path: Path, rejects: Rejects | None) -> Iterator[tuple[str, dict]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                          for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{path} holds no files: a text folder needs one document per file")
+    for file in files:
+        where = str(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            message = f"{file}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it or remove it"
+            if rejects is None:
+                raise DataError(message) from None
+            rejects.add(where, message)
+            continue
+        yield where, {"text": text, "file": str(file.relative_to(path))}
+
+
+def _numbered_batches(path: Path, batches) -> Iterator[tuple[str, dict]]:
+    number = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            number += 1
+            yield f"{path} row {number}", record

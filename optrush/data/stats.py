@@ -1,0 +1,43 @@
+"""What each packing strategy makes of a dataset: padding fraction, tokens per micro-batch, micro-batch count.
+
+    rows = packing_stats([len(e) for e in examples], rows=8, max_length=2048, seed=0)
+    # [{"strategy": "none", "batches": ..., "padding": 0.41, "positions_per_batch": ..., ...}, ...]
+
+Used by `optrush data stats` and `benchmarks/data_pipeline.py`. The numbers come from the same planner the loader
+uses (`optrush.data.pack.plan_batches`), for one epoch, so they are what training will see.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from optrush.data.pack import STRATEGIES, plan_batches
+
+
+def packing_stats(lengths: Sequence[int], *, rows: int, max_length: int, seed: int,
+                  strategies: Sequence[str] = STRATEGIES) -> list[dict]:
+    """One dict per strategy: batches, positions (padded slots) and real tokens per micro-batch, padding fraction."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    out = []
+    for strategy in strategies:
+        plan = plan_batches(lens, strategy=strategy, rows=rows, max_length=max_length, order_seed=seed)
+        positions = 0
+        for micro in plan:
+            if strategy == "bfd":  # packed rows are always padded to max_length
+                positions += len(micro) * max_length
+            else:
+                positions += len(micro) * max(int(lens[row[0]]) for row in micro)
+        tokens = int(lens.sum())
+        out.append({"strategy": strategy, "batches": len(plan), "tokens": tokens, "positions": positions,
+                    "padding": 1 - tokens / max(positions, 1), "tokens_per_batch": tokens / max(len(plan), 1),
+                    "positions_per_batch": positions / max(len(plan), 1)})
+    return out
+
+
+def format_stats(stats: list[dict]) -> str:
+    lines = [f"  {'strategy':<8}  {'batches':>9}  {'tokens/batch':>12}  {'slots/batch':>11}  {'padding':>8}"]
+    for s in stats:
+        lines.append(f"  {s['strategy']:<8}  {s['batches']:>9,}  {s['tokens_per_batch']:>12,.0f}  "
+                     f"{s['positions_per_batch']:>11,.0f}  {s['padding']:>8.2%}")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The DPO family on packed preference pairs (`objective=dpo`, `dpo.loss=...`).
+
+    objective = DPO(cfg=cfg.dpo, reference=frozen_copy)           # or reference_logps=precomputed (N, 2)
+    loss_sum, metrics = objective(model, pairs)                   # pairs: optrush.data.preference.PairBatch
+
+Every loss reads the summed completion log-probs of chosen (c) and rejected (r) under the policy and, for the
+reference-based losses, under the reference (c0, r0); with h = (c - c0) - (r - r0), beta = dpo.beta and
+eps = dpo.label_smoothing:
+
+- `sigmoid` (DPO, https://arxiv.org/abs/2305.18290; label smoothing as in cDPO):
+  -(1 - eps) log s(beta h) - eps log s(-beta h)
+- `ipo` (https://arxiv.org/abs/2310.12036): (h - 1 / (2 beta))^2, with length-averaged log-probs as in TRL
+- `hinge` (SLiC, https://arxiv.org/abs/2305.10425): max(0, 1 - beta h)
+- `robust` (https://arxiv.org/abs/2403.00409): ((1 - eps)(-log s(beta h)) + eps log s(-beta h)) / (1 - 2 eps)
+- `simpo` (https://arxiv.org/abs/2405.14734, no reference): with average log-probs a_c, a_r and
+  z = beta (a_c - a_r) - gamma: -(1 - eps) log s(z) - eps log s(-z)
+- `orpo` (https://arxiv.org/abs/2403.07691, no reference): the chosen completion's mean token NLL minus
+  beta log s(log odds(a_c) - log odds(a_r)), with log odds(a) = a - log(1 - exp(a)). TRL averages the NLL over
+  all chosen tokens of the batch; here it is per pair, like every other loss of the family.
+
+The loss is summed over pairs; the loop divides by the step's pair count. The reference is a frozen copy of the
+starting model, or its log-probs computed once by `precompute_reference_logps` and cached on disk.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optrush.config.schema import DPOConfig
+from optrush.data.batch import IGNORE_INDEX
+from optrush.data.preference import PairBatch, PairLoader, PreferencePair
+from optrush.models.layers import AttentionBackend, sdpa_attention
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) fp32 log-prob of each target token; 0 where the label is IGNORE_INDEX."""
+    trained = labels != IGNORE_INDEX
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * trained
+
+
+def shared_prompt_mask(segments: torch.Tensor, *, seq_len: int, sliding_window: int | None = None,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask for shared-prompt rows; `segments` (B, T, 2) holds (pair id, branch id) per
+    position (`PairBatch.branch_ids`). A query sees earlier keys of its own pair that are on the shared prompt
+    (branch 0) or on its own branch, so the rejected branch never sees the chosen one laid out before it."""
+    if sliding_window is not None:
+        raise ValueError("shared-prompt packing does not support sliding-window models; set data.shared_prompt=false")
+    pair, branch = segments[..., 0], segments[..., 1]
+    idx = torch.arange(seq_len, device=segments.device)
+    causal = (idx[:, None] >= idx[None, :])[None]
+    same_pair = pair[:, :, None] == pair[:, None, :]
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return (causal & same_pair & visible)[:, None]
+
+
+SHARED_PROMPT_SDPA = AttentionBackend(name="sdpa_shared_prompt", build_mask=shared_prompt_mask,
+                                      attend=sdpa_attention)
+"""SDPA with the shared-prompt mask; swapped in for one forward pass by `pair_forward`. A FlexAttention version
+is the same predicate as a mask_mod (not built yet: it needs the kernels' flex backend)."""
+
+
+def pair_forward(model: nn.Module, pairs: PairBatch) -> torch.Tensor:
+    """The model's output (logits, or rewards with a reward head) for every position of a pair micro-batch."""
+    b = pairs.batch
+    if pairs.branch_ids is None:
+        return model(b.input_ids, position_ids=b.position_ids, document_ids=b.document_ids)
+    backend = model.attention_backend
+    model.set_attention_backend(SHARED_PROMPT_SDPA)
+    try:
+        segments = torch.stack([b.document_ids.long(), pairs.branch_ids], dim=-1)
+        return model(b.input_ids, position_ids=b.position_ids, document_ids=segments)
+    finally:
+        model.set_attention_backend(backend)
+
+
+def sequence_logps(model: nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs (2P,), completion token counts (2P,)) of the micro-batch's sequences."""
+    b = pairs.batch
+    logits = pair_forward(model, pairs)
+    per_token = token_logps(logits, b.labels).flatten()
+    sequence = pairs.sequence_ids.clamp(min=0).flatten()  # padding adds 0 (its label is ignored)
+    n = 2 * pairs.num_pairs
+    logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
+    counts = per_token.new_zeros(n).index_add(0, sequence, (b.labels != IGNORE_INDEX).flatten().float())
+    return logps, counts
+
+
+def preference_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+                      rejected_tokens: torch.Tensor, ref_chosen: torch.Tensor | None,
+                      ref_rejected: torch.Tensor | None, beta: float, label_smoothing: float = 0.0,
+                      gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards), all (P,), from summed log-probs (see module doc)."""
+    eps = label_smoothing
+    if loss in REFERENCE_FREE:
+        avg_c, avg_r = chosen / chosen_tokens, rejected / rejected_tokens
+        if loss == "simpo":
+            z = beta * (avg_c - avg_r) - gamma
+            losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        else:
+            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+            losses = -avg_c - beta * F.logsigmoid(log_odds)
+        return losses, beta * avg_c.detach(), beta * avg_r.detach()
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if loss == "ipo":
+        h = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        h = chosen_ratio - rejected_ratio
+        if loss == "sigmoid":
+            losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        elif loss == "hinge":
+            losses = torch.relu(1 - beta * h)
+        elif loss == "robust":
+            losses = ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        else:
+            raise ValueError(f"unknown dpo.loss {loss!r}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+class DPO:
+    """`(model, pairs) -> (summed preference loss, metrics)`; one unit per pair."""
+
+    def __init__(self, *, cfg: DPOConfig, reference: nn.Module | None = None,
+                 reference_logps: torch.Tensor | None = None):
+        needs_reference = cfg.loss not in REFERENCE_FREE
+        if needs_reference and (reference is None) == (reference_logps is None):
+            raise ValueError(f"dpo.loss={cfg.loss} needs exactly one of a reference model or reference log-probs")
+        self.cfg, self.reference, self.reference_logps = cfg, reference, reference_logps
+        self.totals: Counter = Counter()
+
+    def units(self, pairs: PairBatch) -> int:
+        return pairs.num_pairs
+
+    def reference_of(self, pairs: PairBatch) -> torch.Tensor | None:
+        """(2P,) reference log-probs of the micro-batch's sequences, or None for reference-free losses."""
+        if self.cfg.loss in REFERENCE_FREE:
+            return None
+        if self.reference_logps is not None:
+            return self.reference_logps[pairs.pair_index.cpu()].flatten().to(pairs.input_ids.device)
+        with torch.no_grad():
+            return sequence_logps(self.reference, pairs)[0]
+
+    def __call__(self, model: nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, counts = sequence_logps(model, pairs)
+        ref = self.reference_of(pairs)
+        losses, chosen_rewards, rejected_rewards = preference_losses(
+            self.cfg.loss, chosen=logps[0::2], rejected=logps[1::2], chosen_tokens=counts[0::2],
+            rejected_tokens=counts[1::2], ref_chosen=None if ref is None else ref[0::2],
+            ref_rejected=None if ref is None else ref[1::2], beta=self.cfg.beta,
+            label_smoothing=self.cfg.label_smoothing, gamma=self.cfg.simpo_gamma)
+        margin = chosen_rewards - rejected_rewards
+        step = {"pairs": pairs.num_pairs, "correct": float((margin > 0).sum()), "margin": float(margin.sum()),
+                "chosen_reward": float(chosen_rewards.sum()), "rejected_reward": float(rejected_rewards.sum())}
+        self.totals.update(step)
+        return losses.sum(), {k: v / pairs.num_pairs for k, v in step.items() if k != "pairs"}
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Mean implicit rewards, margin and ranking accuracy over the pairs since the last call."""
+        totals, self.totals = self.totals, Counter()
+        pairs = totals.pop("pairs", 0)
+        if not pairs:
+            return {}
+        names = {"correct": "accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
+                 "rejected_reward": "rejected_reward"}
+        return {names[k]: v / pairs for k, v in totals.items()}
+
+
+def pairs_fingerprint(pairs: list[PreferencePair]) -> int:
+    crc = 0
+    for pair in pairs:
+        for example in (pair.chosen, pair.rejected):
+            crc = zlib.crc32(repr((example.input_ids, example.labels)).encode(), crc)
+    return crc
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *, cache: str | Path, pad_id: int,
+                               max_length: int, rows: int) -> torch.Tensor:
+    """(N, 2) CPU fp32 summed log-probs of every pair's chosen and rejected completion under `model`, indexed by
+    `PreferencePair.index`. Read from `cache` when it was written for the same pairs and the same weights,
+    else computed (packed, in index order) and written there."""
+    cache = Path(cache)
+    weights = sum(float(p.double().sum()) for p in model.parameters())
+    fingerprint = f"pairs={pairs_fingerprint(pairs)} weights={weights!r}"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["fingerprint"] == fingerprint:
+            return saved["logps"]
+    table = torch.zeros(max(p.index for p in pairs) + 1, 2)
+    loader = PairLoader(pairs, strategy="bfd", rows=rows, max_length=max_length, pad_id=pad_id, seed=0,
+                        shuffle=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for _ in range(loader.batches_per_epoch):
+        batch = next(loader).to(device)
+        logps, _ = sequence_logps(model, batch)
+        table[batch.pair_index.cpu()] = logps.view(-1, 2).float().cpu()
+    model.train(was_training)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": fingerprint, "logps": table}, cache)
+    return table

@@ -1,0 +1,92 @@
+"""Cleaning from config (data.clean.*): each rule drops what it should and counts it, near-duplicates are found,
+training applies the rules, an emptied dataset is an error with the per-rule counts, and `optrush data clean`
+writes the cleaned data and a report."""
+import json
+
+import pytest
+
+from optrush.config.schema import DataCleanConfig, DataConfig
+from optrush.data.clean import clean_records, rules_from_config
+from optrush.data.dataset import build_datasets
+from optrush.data.neardup import NearDuplicates
+from optrush.data.reader import DataError
+from optrush.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def recipe(title, ingredients, steps=("Mix everything well.",), ner=None):
+    return {"title": title, "ingredients": list(ingredients), "directions": list(steps),
+            "NER": list(ner if ner is not None else ingredients)}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_each_rule_counts_what_it_drops(tok):
+    records = [recipe("Soup", ["salt", "water"]),
+               recipe("Soup", ["salt", "water"]),                       # exact duplicate
+               recipe("Stew", ["salt"]),                                 # too few items
+               recipe("Cake", ["salt", "water", "murbla"]),             # murbla: rare
+               recipe("Caf\u00e9 Soup", ["salt", "water"]),             # outside ascii
+               recipe("Spam SPAM", ["salt", "water"]),                  # pattern
+               recipe("Long", ["salt", "water"], steps=["Stir " * 200])]  # too many tokens and characters
+    clean = DataCleanConfig(drop_patterns=["SPAM"], charset=r"[\x00-\x7f]", min_items=2, max_tokens=200,
+                            dedup=True, rare_field="NER", rare_min_count=2)
+    cfg = DataConfig(format="recipe", clean=clean)
+    kept, report = clean_records(records, rules=rules_from_config(cfg, tok))
+    assert [r["title"] for r in kept] == ["Soup"]
+    assert report.dropped == {"pattern": 1, "charset": 1, "items": 1, "tokens": 1, "duplicate": 1,
+                              "rare_vocabulary": 1}
+    assert report.total == 7 and report.kept == 1 and "murbla" in report.examples["rare_vocabulary"][0]
+    assert rules_from_config(DataConfig()) == []  # everything off by default
+
+
+def test_near_duplicates_are_found_and_the_first_is_kept():
+    base = ("preheat the oven then mix the flour sugar butter and eggs in a large bowl until smooth and pour the "
+            "batter into a greased pan and bake until golden then let it cool on a rack before you slice and serve "
+            "it with cream")
+    records = [{"text": base}, {"text": "a completely different text about grilling fish over charcoal fire"},
+               {"text": base.replace("large", "big")}, {"text": base + " for twenty minutes"}]
+    kept, report = clean_records(records, rules=[NearDuplicates(threshold=0.7, ngram=3)])
+    assert kept == records[:2] and report.dropped == {"near_duplicate": 2}
+    assert "similar to" in report.examples["near_duplicate"][0]
+
+
+def test_training_applies_the_rules_and_an_emptied_dataset_is_an_error(tmp_path, tok):
+    rows = [recipe("Soup", ["salt", "water"]), recipe("Soup", ["salt", "water"]), recipe("Stew", ["salt", "oil"])]
+    path = write(tmp_path / "r.jsonl", rows)
+    cfg = DataConfig(path=str(path), format="recipe", clean=DataCleanConfig(dedup=True))
+    train, _, report = build_datasets(cfg, tok, seed=0)
+    assert len(train) == 2 and report.clean.dropped == {"duplicate": 1}
+    assert "duplicate" in report.format() and report.as_dict()["clean"]["kept"] == 2
+    cfg = DataConfig(path=str(path), format="recipe", clean=DataCleanConfig(dedup=True, min_items=3))
+    with pytest.raises(DataError, match=r"dropped every record(.|\n)*items +3"):
+        build_datasets(cfg, tok, seed=0)
+
+
+def test_data_clean_command_writes_data_and_report(recipe_corpus, tokenizer_dir, tmp_path, capsys):
+    from optrush.cli.main import main
+
+    path, records = recipe_corpus
+    out = tmp_path / "clean"
+    overrides = [f"data.path={path}", f"data.tokenizer={tokenizer_dir}", "model.preset=debug", "data.format=recipe",
+                 "data.clean.min_items=4", "data.clean.near_dedup=true"]
+    assert main(["data", "clean", *overrides, "--out", str(out)]) == 0
+    summary = json.loads((out / "report.json").read_text())
+    kept = [json.loads(line) for line in (out / "recipes.clean.jsonl").read_text().splitlines()]
+    assert summary["total"] == len(records) and summary["kept"] == len(kept) < len(records)
+    assert summary["dropped"]["items"] > 0 and all(len(r["ingredients"]) >= 4 for r in kept)
+    assert summary["tokens_before"]["count"] == len(records) and summary["tokens_after"]["count"] == len(kept)
+    assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "| `items` |" in md and "token_lengths.png" in md
+    capsys.readouterr()
+    assert main(["data", "clean", *overrides, "data.clean.min_items=99", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "data error: data.clean dropped every record" in err and "items" in err

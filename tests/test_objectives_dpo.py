@@ -1,0 +1,136 @@
+"""The DPO family: every loss equals an independent hand computation, packed log-probs equal unpacked ones, the
+reference (frozen copy or cached precomputed log-probs) behaves, and `optrush train objective=dpo` runs."""
+import json
+import math
+
+import pytest
+import torch
+
+from optrush.config.schema import DataConfig, DPOConfig
+from optrush.data.preference import PairLoader, build_preference_datasets, recipe_preference_pairs
+from optrush.data.recipes import write_jsonl
+from optrush.data.tokenizer import load_tokenizer
+from optrush.models.io import build_model
+from optrush.models.presets import get_preset
+from optrush.objectives.dpo import DPO, precompute_reference_logps, preference_losses, sequence_logps
+
+# two pairs: summed completion log-probs under policy and reference, and completion token counts
+C, R, C0, R0 = [-4.0, -9.0], [-6.0, -7.5], [-5.0, -8.0], [-5.5, -8.5]
+NC, NR = [4.0, 6.0], [5.0, 3.0]
+BETA, EPS, GAMMA = 0.3, 0.1, 0.4
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def hand(loss, i):
+    h = (C[i] - C0[i]) - (R[i] - R0[i])
+    if loss == "sigmoid":
+        return -(1 - EPS) * log_sigmoid(BETA * h) - EPS * log_sigmoid(-BETA * h)
+    if loss == "robust":
+        return ((1 - EPS) * -log_sigmoid(BETA * h) + EPS * log_sigmoid(-BETA * h)) / (1 - 2 * EPS)
+    if loss == "hinge":
+        return max(0.0, 1 - BETA * h)
+    if loss == "ipo":
+        h_avg = (C[i] - C0[i]) / NC[i] - (R[i] - R0[i]) / NR[i]
+        return (h_avg - 1 / (2 * BETA)) ** 2
+    ac, ar = C[i] / NC[i], R[i] / NR[i]
+    if loss == "simpo":
+        z = BETA * (ac - ar) - GAMMA
+        return -(1 - EPS) * log_sigmoid(z) - EPS * log_sigmoid(-z)
+    odds = (ac - math.log(1 - math.exp(ac))) - (ar - math.log(1 - math.exp(ar)))
+    return -ac - BETA * log_sigmoid(odds)  # orpo: mean chosen NLL minus beta log sigmoid(log odds ratio)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"])
+def test_losses_equal_hand_computation(loss):
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    smoothing = EPS if loss in ("sigmoid", "robust", "simpo") else 0.0
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        loss, chosen=t(C), rejected=t(R), chosen_tokens=t(NC), rejected_tokens=t(NR), ref_chosen=t(C0),
+        ref_rejected=t(R0), beta=BETA, label_smoothing=smoothing, gamma=GAMMA)
+    assert losses.tolist() == pytest.approx([hand(loss, 0), hand(loss, 1)], rel=1e-12, abs=1e-12)
+    if loss not in ("simpo", "orpo"):
+        assert chosen_rewards.tolist() == pytest.approx([BETA * (C[i] - C0[i]) for i in range(2)])
+
+
+@pytest.fixture(scope="module")
+def pairs(recipe_corpus, tokenizer_dir, tmp_path_factory):
+    records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
+               for r in recipe_corpus[1][:40]]
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    write_jsonl(recipe_preference_pairs(records, seed=0), path)
+    tok = load_tokenizer(tokenizer_dir)
+    train, _, _ = build_preference_datasets(DataConfig(path=str(path), max_length=512, format="preference"), tok,
+                                            seed=0)
+    return path, tok, train
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_packed_and_shared_prompt_log_probs_equal_unpacked(pairs, shared_prompt):
+    _, tok, train = pairs
+    torch.manual_seed(0)
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)
+    packed = next(PairLoader(train[:6], strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=0,
+                             shared_prompt=shared_prompt))
+    assert packed.batch.input_ids.shape[0] < packed.num_pairs  # several pairs share a row
+    logps, counts = sequence_logps(model, packed)
+    by_index = {pair.index: pair for pair in train}
+    with torch.no_grad():
+        for p, index in enumerate(packed.pair_index.tolist()):
+            for side, example in enumerate((by_index[index].chosen, by_index[index].rejected)):
+                logits = model(torch.tensor([example.input_ids]))[0].log_softmax(-1)
+                labels = torch.tensor(example.labels)
+                trained = labels >= 0
+                expected = logits[trained.nonzero().flatten(), labels[trained]].sum()
+                assert float(logps[2 * p + side]) == pytest.approx(float(expected), abs=1e-4)
+                assert float(counts[2 * p + side]) == example.num_trained
+
+
+def test_shared_prompt_rewards_equal_separate_sequences(pairs):
+    from optrush.objectives.reward import apply_reward_head, sequence_rewards
+
+    _, tok, train = pairs
+    model = apply_reward_head(build_model(get_preset("debug", vocab_size=len(tok)), seed=0))
+    kwargs = dict(strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=0, shuffle=False)
+    separate, shared = next(PairLoader(train[:6], **kwargs)), next(PairLoader(train[:6], shared_prompt=True, **kwargs))
+    assert shared.input_ids.numel() - shared.num_padding < separate.input_ids.numel() - separate.num_padding
+    with torch.no_grad():
+        by_pair = dict(zip(separate.pair_index.tolist(), sequence_rewards(model, separate).view(-1, 2)))
+        for index, rewards in zip(shared.pair_index.tolist(), sequence_rewards(model, shared).view(-1, 2)):
+            assert torch.allclose(rewards, by_pair[index], atol=1e-5)
+
+
+def test_reference_copy_and_precomputed_agree_and_cache(pairs, tmp_path):
+    _, tok, train = pairs
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)
+    reference = build_model(get_preset("debug", vocab_size=len(tok)), seed=0).requires_grad_(False)
+    cache = tmp_path / "ref.pt"
+    table = precompute_reference_logps(model, train, cache=cache, pad_id=tok.pad_token_id, max_length=512, rows=4)
+    assert cache.is_file() and table.shape == (len(train), 2)
+    again = precompute_reference_logps(model, train, cache=cache, pad_id=tok.pad_token_id, max_length=512, rows=4)
+    assert torch.equal(again, table)
+    batch = next(PairLoader(train, strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=1))
+    with_copy = DPO(cfg=DPOConfig(), reference=reference)
+    with_table = DPO(cfg=DPOConfig(), reference_logps=table)
+    assert torch.allclose(with_copy.reference_of(batch), with_table.reference_of(batch), atol=1e-4)
+    loss_sum, metrics = with_copy(model, batch)  # policy == reference: every pair's loss is log 2
+    assert float(loss_sum.detach()) / batch.num_pairs == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("extra", [["dpo.loss=sigmoid", "dpo.reference=precomputed", "dpo.label_smoothing=0.1"],
+                                   ["dpo.loss=simpo"], ["dpo.loss=ipo", "data.shared_prompt=true"]])
+def test_dpo_trains_end_to_end_through_the_cli(pairs, debug_overrides, tmp_path, extra):
+    from optrush.cli.main import main
+
+    path, _, _ = pairs
+    assert main(["train", *debug_overrides, f"data.path={path}", "objective=dpo", "data.format=preference",
+                 "data.max_length=256", "train.max_steps=3", "train.lr=1e-3", *extra]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and all(math.isfinite(loss) for loss in summary["losses"])
+    if "dpo.loss=sigmoid" in extra:
+        # the first step's policy is the reference, so the smoothed loss starts exactly at log 2
+        assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+        assert (tmp_path / "run" / "reference_logps.pt").is_file()

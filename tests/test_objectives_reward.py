@@ -1,0 +1,122 @@
+"""Reward models on packed preference pairs: encoding, collation, ranking learned, `optrush train` + `optrush score`,
+and the config checks of the alignment objectives."""
+import json
+
+import pytest
+import torch
+
+from optrush.config import ConfigError, load_config
+from optrush.data.batch import IGNORE_INDEX
+from optrush.data.formats import Example
+from optrush.data.preference import (PairLoader, PreferencePair, build_preference_datasets, collate_pairs,
+                                     encode_sequence, recipe_preference_pairs)
+from optrush.data.recipes import write_jsonl
+from optrush.data.tokenizer import load_tokenizer
+from optrush.models.io import build_model
+from optrush.models.presets import get_preset
+from optrush.objectives.reward import RewardModel, apply_reward_head
+
+
+def short(records, n):
+    """Recipes cut to 3 ingredients and 3 steps, so a pair fits 512 tokens of the test tokenizer."""
+    return [{**r, "ingredients": r["ingredients"][:3], "directions": r["directions"][:3]} for r in records[:n]]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(recipe_corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    write_jsonl(recipe_preference_pairs(short(recipe_corpus[1], 200), seed=0), path)
+    return path
+
+
+def test_encode_sequence_keeps_eos_as_input_and_masks_the_prompt():
+    example = encode_sequence([5, 6], [7, 8], bos_id=1, eos_id=2)
+    assert example.input_ids == [1, 5, 6, 7, 8, 2]
+    assert example.labels == [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2, IGNORE_INDEX]
+
+
+def test_collate_pairs_marks_sequences_documents_and_last_tokens():
+    def ex(ids):
+        return Example(input_ids=ids, labels=ids[1:] + [IGNORE_INDEX])
+
+    a = PreferencePair(chosen=ex([1, 2, 3]), rejected=ex([1, 4]), index=7)
+    b = PreferencePair(chosen=ex([1, 5]), rejected=ex([1, 6, 6, 9]), index=3)
+    pairs = collate_pairs([[a, b]], packed=True, pad_id=0, max_length=12)
+    assert pairs.sequence_ids[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, -1]
+    assert pairs.batch.document_ids[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, -1]
+    assert pairs.batch.position_ids[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1, 2, 3, 0]
+    assert pairs.last_positions.tolist() == [2, 4, 6, 10] and pairs.pair_index.tolist() == [7, 3]
+    assert pairs.num_pairs == 2 and pairs.num_padding == 1
+    unpacked = collate_pairs([[a], [b]], packed=False, pad_id=0, max_length=12)
+    assert unpacked.input_ids.shape == (2, 6) and unpacked.last_positions.tolist() == [2, 4, 7, 11]
+
+
+def test_reward_model_learns_to_rank_synthetic_preferences(pairs_file, tokenizer_dir):
+    from optrush.config.schema import DataConfig
+
+    tok = load_tokenizer(tokenizer_dir)
+    train, evals, report = build_preference_datasets(DataConfig(path=str(pairs_file), max_length=512,
+                                                                eval_fraction=0.2, format="preference"), tok, seed=0)
+    assert report.train_pairs == len(train) == 160 and len(evals) == 40
+    torch.manual_seed(0)
+    model = apply_reward_head(build_model(get_preset("debug", vocab_size=len(tok)), seed=0))
+    objective = RewardModel(margin=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def held_out_accuracy():
+        loader = PairLoader(evals, strategy="bfd", rows=8, max_length=512, pad_id=tok.pad_token_id, seed=0,
+                            shuffle=False)
+        objective.pop_metrics()
+        with torch.no_grad():
+            for _ in range(loader.batches_per_epoch):
+                objective(model, next(loader))
+        return objective.pop_metrics()["accuracy"]
+
+    before = held_out_accuracy()
+    loader = PairLoader(train, strategy="bfd", rows=4, max_length=512, pad_id=tok.pad_token_id, seed=0)
+    for _ in range(8):
+        pairs = next(loader)
+        loss_sum, _ = objective(model, pairs)
+        (loss_sum / objective.units(pairs)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = held_out_accuracy()
+    assert after > 0.9 and after > before, (before, after)
+
+
+def test_reward_training_runs_end_to_end_and_scores_texts(pairs_file, debug_overrides, tmp_path, capsys):
+    from optrush.cli.main import main
+    from optrush.train import train
+
+    cfg = load_config(None, [*debug_overrides, f"data.path={pairs_file}", "objective=reward",
+                             "data.format=preference", "data.max_length=512", "train.max_steps=3",
+                             "train.lr=3e-3", "data.eval_fraction=0.1", "reward.margin=0.1"])
+    summary = train(cfg)
+    assert summary["steps"] == 3 and "eval_accuracy" in summary
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("accuracy" in m for m in metrics)
+
+    texts = tmp_path / "texts.jsonl"
+    write_jsonl([{"text": "Recipe: Toast\nIngredients:\n- 1 slice bread\nDirections:\n1. Toast it."},
+                 {"text": "Recipe: Toast\nIngredients:\nDirections:\n1. it. Toast"}], texts)
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "run" / "final"), "--data", str(texts)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["line"] for line in lines] == [1, 2] and all(isinstance(line["score"], float) for line in lines)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=dpo", "data.format=recipe"], "data.format=preference"),
+    (["objective=sft", "data.format=preference"], "objective=reward or objective=dpo"),
+    (["objective=dpo", "data.format=preference", "dpo.reference=lora_disabled"], "lora_disabled"),
+    (["objective=dpo", "data.format=preference", "dpo.loss=hinge", "dpo.label_smoothing=0.1"], "label_smoothing"),
+    (["objective=dpo", "data.format=preference", "dpo.beta=0"], "dpo.beta"),
+    (["objective=sft", "data.format=recipe", "data.shared_prompt=true"], "data.shared_prompt"),
+    (["objective=grpo", "data.format=recipe", "data.packing=bfd"], "one prompt per row"),
+    (["objective=grpo", "data.format=recipe", "data.packing=none", "grpo.group_size=1"], "grpo.group_size"),
+    (["objective=grpo", "data.format=recipe", "data.packing=none", "grpo.rewards=[nocolon]"], "grpo.rewards"),
+])
+def test_incompatible_alignment_settings_are_config_errors(overrides, message):
+    base = ["model.preset=debug", "data.tokenizer=tok", "data.path=x.jsonl"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, *overrides])
