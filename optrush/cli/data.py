@@ -9,14 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from optrush.cli.args import add_config_arguments, config_from_args
 from optrush.config import Config
-
-
-def _load(args: argparse.Namespace) -> Config:
-    from optrush.cli.main import config_and_overrides
-    from optrush.config import load_config
-
-    return load_config(*config_and_overrides(args))
 
 
 def _tokenizer(cfg: Config):
@@ -28,7 +22,7 @@ def _tokenizer(cfg: Config):
 def cmd_data_clean(args: argparse.Namespace) -> int:
     from optrush.data.clean_report import clean_dataset
 
-    cfg = _load(args)
+    cfg = config_from_args(args)
     out = args.out or str(Path(cfg.output_dir) / "data_clean")
     paths = clean_dataset(cfg.data, tokenizer=_tokenizer(cfg), out_dir=out)
     print(paths["markdown"].read_text())
@@ -40,7 +34,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from optrush.data.dataset import build_datasets
     from optrush.data.stats import format_stats, packing_stats
 
-    cfg = _load(args)
+    cfg = config_from_args(args)
     train, _, report = build_datasets(cfg.data, _tokenizer(cfg), seed=cfg.train.seed)
     print(report.format())
     print(f"packing at data.max_length={cfg.data.max_length}, train.micro_batch_size={cfg.train.micro_batch_size} "
@@ -55,7 +49,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     from optrush.data.dataset import build_datasets
 
-    cfg = _load(args)
+    cfg = config_from_args(args)
     tokenizer = _tokenizer(cfg)
     train, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     console = Console(highlight=False)
@@ -91,16 +85,13 @@ def add_commands(commands) -> None:
     data = commands.add_parser("data", help="clean, measure and inspect a config's training data")
     sub = data.add_subparsers(dest="data_command", required=True)
     p = sub.add_parser("clean", help="apply data.clean.* and write the cleaned data and a report")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
+    add_config_arguments(p)
     p.add_argument("--out", default=None, help="output directory (default: <output_dir>/data_clean)")
     p.set_defaults(run=cmd_data_clean)
     p = sub.add_parser("stats", help="padding fraction, tokens per batch, batches for every packing strategy")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
+    add_config_arguments(p)
     p.set_defaults(run=cmd_data_stats)
     p = sub.add_parser("inspect", help="show examples with trained and masked tokens marked")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
+    add_config_arguments(p)
     p.add_argument("--n", type=int, default=2, help="examples to show (default: 2)")
     p.set_defaults(run=cmd_data_inspect)

@@ -27,37 +27,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from optrush.cli.args import add_config_arguments, config_from_args
 from optrush.cli.data import add_commands as add_data_commands
 from optrush.config import ConfigError
 
 
-def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """The CONFIG argument is optional: `optrush train model.preset=debug ...` starts from the defaults."""
-    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        return None, [args.config, *args.overrides]
-    return args.config, args.overrides
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from optrush.config import load_config
     from optrush.train import train
 
-    train(load_config(*config_and_overrides(args)))
+    train(config_from_args(args))
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from optrush.config import load_config, to_yaml
+    from optrush.config import to_yaml
 
-    print(to_yaml(load_config(*config_and_overrides(args))), end="")
+    print(to_yaml(config_from_args(args)), end="")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from optrush.bench.run import bench, markdown_table, write_report
-    from optrush.config import load_config
 
-    cfg = load_config(args.config, args.overrides, synthetic_data=args.synthetic)
+    cfg = config_from_args(args, synthetic_data=args.synthetic)
     result = bench(cfg, synthetic=args.synthetic, warmup=args.warmup, steps=args.steps, name=Path(args.config).stem)
     json_path, md_path = write_report([result], cfg.output_dir)
     print(markdown_table([result]))
@@ -67,9 +59,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from optrush.check import run_checks
-    from optrush.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     report = run_checks(cfg, only=args.only, steps=args.steps)
     report.print()
     path = report.write(args.json or Path(cfg.output_dir) / "check.json")
@@ -117,30 +108,24 @@ def parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = root.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a model from a YAML config plus key=value overrides")
-    p.add_argument("config", nargs="?", help="YAML config file (optional; see optrush/recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.packing=none")
+    p = add_config_arguments(commands.add_parser("train", help="train from a YAML config plus key=value overrides"))
     p.set_defaults(run=cmd_train)
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="config_command",
                                                                                    required=True)
-    p = config.add_parser("show", help="print the resolved config (defaults + file + overrides)")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
+    p = add_config_arguments(config.add_parser("show", help="print the resolved config (defaults, file, overrides)"))
     p.set_defaults(run=cmd_config_show)
 
-    p = commands.add_parser("bench", help="time training steps of a config: tokens/s, MFU, peak memory, loss")
-    p.add_argument("config", help="YAML config file (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.preset=llama3.2-1b compile.mode=blocks")
+    p = add_config_arguments(commands.add_parser(
+        "bench", help="time training steps of a config: tokens/s, MFU, peak memory, loss"))
     p.add_argument("--synthetic", action="store_true",
                    help="random full rows of data.max_length tokens instead of the config's data (no data needed)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     p.set_defaults(run=cmd_bench)
 
-    p = commands.add_parser("check", help="check that the config's optimizations match plain references")
-    p.add_argument("config", help="YAML config file (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kernels.fused_loss=true")
+    p = add_config_arguments(commands.add_parser(
+        "check", help="check that the config's optimizations match plain references"))
     p.add_argument("--only", nargs="+", default=None, metavar="GROUP",
                    help="run only these groups: data truncation numerics packing accumulation kernels precision "
                         "peft resume multi_gpu")

@@ -183,8 +183,8 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     if cfg.model.preset is not None and cfg.data.tokenizer is None and not synthetic_data:
         problems.append("model.preset builds a fresh model, so data.tokenizer must name a tokenizer directory")
     if cfg.objective == "sft" and cfg.data.format == "text":
-        problems.append("objective=sft trains on completions only: set data.format to prompt_completion, recipe or chat "
-                        "(or use objective=causal_lm for raw text)")
+        problems.append("objective=sft trains on completions only: set data.format to prompt_completion, recipe "
+                        "or chat (or use objective=causal_lm for raw text)")
     positive = {"train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
                 "logging.every": cfg.logging.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,

@@ -115,6 +115,7 @@ def train(cfg: Config) -> dict:
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state)
 
+        loader.close()  # stops its prefetch thread
         if eval_examples and eval_step != state.step:  # always end with an evaluation of the final weights
             final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast)
             metrics.log(state.step, final_eval)
