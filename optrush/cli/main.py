@@ -16,6 +16,16 @@
     optrush score CKPT --data FILE [--column text] [--batch-size 16]
                                                   print the reward of every text of a JSONL file under a reward
                                                   model (the final/ directory of an objective=reward run)
+    optrush generate CKPT --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T] [--top-k K]
+                     [--top-p P] [--min-p M] [--repetition-penalty R] [--stop S]
+                                                  stream continuations (KV-cache decoding)
+    optrush chat CKPT [sampling options]          chat through the chat template, one stdin line a turn
+    optrush average CKPT CKPT ... --out DIR       arithmetic mean of the weights of checkpoints
+    optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
+                                                  perplexity on held-out data, recipe metrics, markdown report
+    optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
+                                                  a LoRA run's checkpoint (or final/) as a merged HF model or
+                                                  a PEFT adapter
     optrush demo [--out DIR] [--steps N]          the offline recipe demo: data -> tokenizer -> tiny Llama -> samples
     optrush tokenizer train --corpus FILE --vocab-size N --out DIR
 
@@ -29,6 +39,7 @@ from pathlib import Path
 
 from optrush.cli.args import add_config_arguments, config_from_args
 from optrush.cli.data import add_commands as add_data_commands
+from optrush.cli.generate import add_commands as add_generate_commands
 from optrush.config import ConfigError
 
 
@@ -83,6 +94,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                          [record[args.column] for _, record in records], batch_size=args.batch_size)
     for (number, _), score in zip(records, scores):
         print(json.dumps({"line": number, "score": round(score, 6)}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from optrush.peft.export import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, out=args.out, merge=args.merge, base=args.base)
+    print(f"wrote {'the merged model' if args.merge else 'the PEFT adapter'} to {out}")
     return 0
 
 
@@ -141,6 +160,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--column", default="text", help="column holding each text (default: text)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
     p.set_defaults(run=cmd_score)
+
+    add_generate_commands(commands)
+
+    p = commands.add_parser("export", help="export a LoRA checkpoint as a merged HF model or a PEFT adapter")
+    p.add_argument("ckpt", help="a LoRA run's checkpoint (runs/x/checkpoints/step_...), its final/ directory, or "
+                                "a PEFT adapter directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merge", action="store_true", help="fold the adapters into the base: a plain HF model")
+    what.add_argument("--adapter", action="store_true", help="the adapter alone, in PEFT format")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--base", default=None,
+                   help="base model directory (default: base_model_name_or_path of the adapter_config.json)")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("demo", help="offline end-to-end recipe demo on CPU (about 2 minutes)")
     p.add_argument("--out", default="demo_run", help="output directory (default: demo_run)")

@@ -212,6 +212,7 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     problems += kernel_problems(cfg)
     problems += clean_problems(cfg)
     problems += objective_problems(cfg)
+    problems += peft_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -252,6 +253,34 @@ def kernel_problems(cfg: Config) -> list[str]:
     return problems
 
 
+PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def peft_problems(cfg: Config) -> list[str]:
+    """LoRA/DoRA settings out of range, and combinations that cannot work."""
+    p, problems = cfg.peft, []
+    if p.method == "none":
+        return problems
+    if p.r < 1:
+        problems.append(f"peft.r={p.r}: must be >= 1")
+    if p.alpha <= 0:
+        problems.append(f"peft.alpha={p.alpha}: must be > 0")
+    if not 0 <= p.dropout < 1:
+        problems.append(f"peft.dropout={p.dropout}: must be in [0, 1)")
+    if p.lora_plus_ratio <= 0:
+        problems.append(f"peft.lora_plus_ratio={p.lora_plus_ratio}: must be > 0 (1 = plain LoRA)")
+    targets = [p.target_modules] if isinstance(p.target_modules, str) else p.target_modules
+    if p.target_modules != "all-linear":
+        bad = [t for t in targets if t not in PEFT_TARGETS]
+        if bad or not targets:
+            problems.append(f"peft.target_modules={p.target_modules!r}: use all-linear or a non-empty list of "
+                            f"{', '.join(PEFT_TARGETS)}")
+    if cfg.precision.mode == "fp8":
+        problems.append("peft.method=lora/dora with precision.mode=fp8 is not supported yet: the float8 transform "
+                        "would replace the adapted linears; use bf16_mixed")
+    return problems
+
+
 def objective_problems(cfg: Config) -> list[str]:
     """Alignment objectives (reward, dpo, grpo) and the data and settings they need."""
     problems = []
@@ -280,8 +309,8 @@ def objective_problems(cfg: Config) -> list[str]:
             problems.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, robust or simpo, not {d.loss}; "
                             "set dpo.label_smoothing=0")
         if d.reference == "lora_disabled":
-            problems.append("dpo.reference=lora_disabled needs LoRA adapters (peft, issue #6), which are not "
-                            "available yet: use dpo.reference=copy or precomputed")
+            problems.append("dpo.reference=lora_disabled (the base model with adapters switched off) is not "
+                            "implemented yet: use dpo.reference=copy or precomputed")
     if cfg.objective == "grpo":
         g = cfg.grpo
         if cfg.data.format not in ("prompt_completion", "recipe", "chat"):

@@ -201,8 +201,25 @@ class ActivationsConfig:
 
 @dataclass(kw_only=True, slots=True)
 class PeftConfig:
-    method: Literal["none"] = "none"
-    """Parameter-efficient fine-tuning method (`none` trains every weight)."""
+    method: Literal["none", "lora", "dora"] = "none"
+    """Parameter-efficient fine-tuning: `none` trains every weight; `lora` trains low-rank adapters on
+    `target_modules` (everything else frozen); `dora` adds DoRA's per-output magnitude vector (optrush.peft.lora)."""
+    r: int = 16
+    """LoRA rank (columns of B, rows of A)."""
+    alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1); 0 costs nothing (no copy of the input)."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` (every attention and MLP projection) or a list of HF module names: q_proj, k_proj, v_proj,
+    o_proj, gate_proj, up_proj, down_proj."""
+    rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) (arXiv:2312.03732)."""
+    lora_plus_ratio: float = 1.0
+    """LoRA+ (arXiv:2402.12354): the B matrices learn at `train.lr` times this ratio (1 = plain LoRA; the
+    paper suggests 16)."""
+    save: Literal["merged", "adapter", "both"] = "both"
+    """What `<output_dir>/final` holds: the `merged` HF model, the PEFT `adapter` (in `final/adapter`), or both."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,5 +1,6 @@
-"""Text generation by sampling from a causal LM, one token at a time (no KV cache yet: every step re-runs the
-whole sequence, fine for smoke tests and demos of a trained model, slow for long outputs).
+"""Text generation by sampling from a causal LM, one token at a time, with no KV cache: every step re-runs the
+whole sequence. The reference for any model with the forward signature (fine for smoke tests and demos); the fast
+batched path for optrush models is optrush.generate.decode.
 
     text = generate_text(model, tokenizer, "Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95)
     ids = generate(model, [1, 450, 2], max_new_tokens=20, temperature=0)   # greedy, new tokens only

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from optrush.models import layers
+from optrush.models.kv_cache import KVCache, LayerKVCache, cached_attention
 from optrush.models.layers import FeedForward, RMSNorm
 
 
@@ -79,7 +80,8 @@ class Attention(nn.Module):
         self.rotary = layers.apply_rotary
         self.attend = layers.sdpa_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerKVCache | None = None, cache_position: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -87,7 +89,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, cos, sin)
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None:
+            out = self.attend(q, k, v, mask=mask)
+        else:
+            # Decoding attends over the whole static cache with the cache's dense mask, whatever the backend.
+            k, v = cache.update(cache_position, k, v)
+            out = cached_attention(q, k, v, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -101,8 +109,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LayerKVCache | None = None, cache_position: torch.Tensor | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_position)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -160,22 +169,31 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", cache: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) in the weights' dtype when `labels` is None, else the loss of
         `self.loss_fn` ("sum" or "mean" over labelled tokens). position_ids default to 0..T-1 in every row;
-        document_ids (B, T) restrict attention to each packed document (padding: -1)."""
+        document_ids (B, T) restrict attention to each packed document (padding: -1).
+        Decoding (optrush.generate): `cache` stores keys and values at slots `cache_position` (T,), and the
+        queries attend to every earlier valid slot of the cache (see optrush.models.kv_cache)."""
         B, T = input_ids.shape
         if T > self.rope_cos.shape[0]:
             raise ValueError(f"a sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}: "
                              "shorten the data (data.max_length) or raise the model's max_seq_len")
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(T, device=input_ids.device) if cache is None else cache_position
+            position_ids = positions.expand(B, T)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = self.attention_backend.build_mask(document_ids, seq_len=T, sliding_window=self.args.sliding_window,
-                                                 device=input_ids.device)
         h = self.tok_embeddings(input_ids)
-        for block in self.layers:
-            h = block(h, cos, sin, mask)
+        if cache is None:
+            mask = self.attention_backend.build_mask(document_ids, seq_len=T,
+                                                     sliding_window=self.args.sliding_window, device=input_ids.device)
+            for block in self.layers:
+                h = block(h, cos, sin, mask)
+        else:
+            mask = cache.mask(cache_position, sliding_window=self.args.sliding_window)
+            for block, layer_cache in zip(self.layers, cache.layers):
+                h = block(h, cos, sin, mask, layer_cache, cache_position)
         h = self.norm(h)
         if labels is None:
             return self.output(h)

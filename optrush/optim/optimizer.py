@@ -29,11 +29,19 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float, device_type: str,
+                    lora_plus_ratio: float = 1.0) -> torch.optim.Optimizer:
     """AdamW for `model`'s trainable parameters; `device_type` ("cuda"/"cpu") picks the kernel when
-    `cfg.fused` is None: the single fused kernel on CUDA, the multi-tensor (foreach) one on CPU."""
+    `cfg.fused` is None: the single fused kernel on CUDA, the multi-tensor (foreach) one on CPU. A model with
+    LoRA adapters gets `optrush.peft.lora_param_groups` instead: the B matrices at `lr * lora_plus_ratio` (LoRA+)."""
+    from optrush.peft.lora import has_lora, lora_param_groups
+
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r} is not a known optimizer; use optim.name=adamw")
     fused = device_type == "cuda" if cfg.fused is None else cfg.fused
-    return torch.optim.AdamW(param_groups(model, weight_decay=cfg.weight_decay), lr=lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused, foreach=not fused)
+    if has_lora(model):
+        groups = lora_param_groups(model, weight_decay=cfg.weight_decay, lora_plus_ratio=lora_plus_ratio)
+        groups = [{**g, "lr": lr * g.pop("lr_scale")} for g in groups]
+    else:
+        groups = param_groups(model, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=not fused)

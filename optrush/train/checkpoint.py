@@ -5,6 +5,9 @@ transformers and `optrush.load_model`) and `trainer_state.pt` (optimizer, schedu
 position, step). A checkpoint is first written to a hidden temporary directory and renamed into place, so a directory
 named `step_*` is always complete: a process killed mid-write leaves only a temporary directory, which the next
 start deletes, and the previous checkpoint stays usable.
+
+With LoRA adapters (peft.method lora/dora) a checkpoint holds `adapter/` (PEFT format, every trainable tensor
+exactly) instead of `model/`: the frozen base is rebuilt from the config on resume, so it is never rewritten.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 
 from optrush.models.io import save_model
+from optrush.peft.export import load_adapter_weights, save_adapter
+from optrush.peft.lora import has_lora
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.pt"
@@ -50,9 +55,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int):
+    def __init__(self, directory: str | Path, *, keep_last: int, base_model_path: str | None = None):
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.base_model_path = base_model_path
+        """Written into a LoRA checkpoint's adapter_config.json (`optrush export` finds the base there)."""
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -79,7 +86,10 @@ class CheckpointManager:
         final = self.directory / f"step_{state.step:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.directory))
         try:
-            save_model(model, tmp / "model")
+            if has_lora(model):
+                save_adapter(model, tmp / "adapter", base_model_path=self.base_model_path)
+            else:
+                save_model(model, tmp / "model")
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "loader": loader.state_dict(), "rng": rng_state(), "train": vars(state).copy()}
             with open(tmp / STATE_FILE, "wb") as f:
@@ -113,7 +123,10 @@ def restore(path: Path, *, model, optimizer, scheduler, loader) -> TrainState:
     """Load model weights and every training state from checkpoint `path` into live objects."""
     from optrush.models.io import load_state_into
 
-    load_state_into(model, path / "model")
+    if (path / "adapter").is_dir():
+        load_adapter_weights(model, path / "adapter")
+    else:
+        load_state_into(model, path / "model")
     saved = load_trainer_state(path)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -28,6 +28,7 @@ from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
 from optrush.objectives import PAIRWISE, build_objective
 from optrush.optim.optimizer import build_optimizer
+from optrush.peft import has_lora, save_adapter, save_merged
 from optrush.optim.schedule import build_scheduler
 from optrush.train.checkpoint import CheckpointManager, TrainState, restore
 from optrush.train.float8 import require_float8
@@ -64,12 +65,14 @@ def train(cfg: Config) -> dict:
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
                                 examples=train_examples + eval_examples)
     model = apply_optimizations(model, cfg)
-    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
+                                lora_plus_ratio=cfg.peft.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, cfg.train)
     loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
                          pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch)
 
-    checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                    base_model_path=cfg.model.path)
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
 
     autocast = precision_context(cfg, device)
@@ -121,7 +124,7 @@ def train(cfg: Config) -> dict:
             metrics.log(state.step, final_eval)
         if cfg.checkpoint.save_final:
             final_dir = output_dir / "final"
-            save_model(model, final_dir)
+            save_final(model, final_dir, cfg)
             tokenizer.save_pretrained(final_dir)
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
@@ -130,6 +133,18 @@ def train(cfg: Config) -> dict:
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
+
+
+def save_final(model, final_dir: Path, cfg: Config) -> None:
+    """The trained model in HF format; with adapters, per peft.save the merged model and/or the PEFT adapter
+    (in `final/adapter`)."""
+    if not has_lora(model):
+        save_model(model, final_dir)
+        return
+    if cfg.peft.save in ("merged", "both"):
+        save_merged(model, final_dir)
+    if cfg.peft.save in ("adapter", "both"):
+        save_adapter(model, final_dir / "adapter", base_model_path=cfg.model.path)
 
 
 def accumulate_gradients(model, objective, micro_batches, *, device, autocast) -> tuple[float, int]:

@@ -6,8 +6,9 @@ peft -> quantize (float8 training linears) -> kernels -> activation checkpointin
 The order is forced: kernels and float8 replace modules that checkpointing must then wrap; checkpointing must be
 inside the compiled graph so the compiler plans the recomputation; sharding wraps the final blocks (as in
 torchtitan's `parallelize_llama`). Each transform is an `apply_x(model, cfg) -> model` that changes modules in
-place, keeping parameter names. Each one that the config switches on is logged once. PEFT, weight quantization
-and sharding have no implementation yet (the config accepts only `none` for them).
+place, keeping the parameter names of the weights it does not add. Each one that the config switches on is
+logged once. PEFT wraps the targeted linears in LoRA adapters and freezes the rest (optrush.peft.lora); weight
+quantization and sharding have no implementation yet (the config accepts only `none` for them).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from optrush.config import Config
 from optrush.kernels import apply_kernels, kernel_choices
 from optrush.parallel.checkpointing import apply_activation_checkpointing
 from optrush.parallel.compile import apply_compile
+from optrush.peft.lora import apply_lora
 from optrush.train.float8 import apply_float8
 
 Transform = Callable[[nn.Module, Config], nn.Module]
@@ -36,6 +38,12 @@ def enabled_transforms(cfg: Config) -> list[tuple[str, Transform]]:
     """(description, apply function) for each transform `cfg` switches on, in application order."""
     ac = cfg.activations
     steps = []
+    p = cfg.peft
+    if p.method != "none":
+        scale = f"alpha/sqrt(r)={p.alpha / p.r ** 0.5:g}" if p.rslora else f"alpha/r={p.alpha / p.r:g}"
+        plus = f", LoRA+ B lr x{p.lora_plus_ratio:g}" if p.lora_plus_ratio != 1 else ""
+        steps.append((f"peft: {p.method} r={p.r} {scale} dropout={p.dropout:g} on {p.target_modules}{plus}",
+                      apply_lora))
     if cfg.precision.mode == "fp8":
         steps.append(("float8 training linears in the transformer blocks (torchao, tensorwise scaling)",
                       apply_float8))

@@ -1,0 +1,160 @@
+"""`optrush generate|chat|average`: use a trained checkpoint.
+
+    optrush generate CKPT --prompt "Recipe: Lemon Pasta" [--prompts-file F] [--max-new-tokens 200]
+                     [--temperature 0.7 --top-k 40 --top-p 0.9 --min-p 0.05 --repetition-penalty 1.1]
+                     [--stop S ...] [--seed 0] [--device cuda]     stream continuations to stdout
+    optrush chat CKPT [sampling options]                           a chat on stdin/stdout (chat template)
+    optrush average CKPT CKPT ... --out DIR                        arithmetic mean of the weights
+    optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
+                                                                   perplexity + recipe metrics, markdown report
+
+CKPT is an HF-format directory holding the tokenizer too (a run's final/ or step_N/ directory).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.models.io import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.ckpt, device=device), load_tokenizer(args.ckpt)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    import torch
+
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"optrush: prompts file not found: {path}")
+        # One prompt a line; a literal \n inside a line stands for a newline (recipe prompts span lines).
+        prompts += [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("optrush: no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from optrush.generate.decode import generate_texts
+
+    model, tokenizer = _load(args)
+    prompts = _prompts(args)
+    for number, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"--- prompt {number + 1}/{len(prompts)}")
+        sys.stdout.write(prompt)
+        # one prompt at a time so that the text streams in order; library users batch with generate_texts
+        generate_texts(model, tokenizer, [prompt], stop=args.stop or (),
+                       on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                       **_sampling_kwargs(args))
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from optrush.data.tokenizer import IM_END
+    from optrush.generate.decode import generate_batch
+
+    model, tokenizer = _load(args)
+    vocab = tokenizer.get_vocab()
+    eos = [tokenizer.eos_token_id] + ([vocab[IM_END]] if IM_END in vocab else [])
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        new_ids = generate_batch(model, [ids], eos_id=eos, pad_id=tokenizer.pad_token_id or 0,
+                                 **_sampling_kwargs(args))[0]
+        reply = tokenizer.decode([t for t in new_ids if t not in eos], skip_special_tokens=True)
+        print(f"assistant> {reply}", flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from optrush.models.average import average_checkpoints
+
+    average_checkpoints(args.ckpts, out=args.out)
+    print(f"averaged {len(args.ckpts)} checkpoints -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from optrush.generate.evaluate import evaluate, report_markdown
+
+    report = evaluate(args.ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
+                      samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      device=args.device)
+    markdown = report_markdown(report)
+    print(markdown)
+    if args.out:
+        Path(args.out).write_text(markdown)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="HF-format checkpoint directory with its tokenizer, e.g. runs/x/final")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("generate", help="stream continuations of prompts from a checkpoint")
+    _add_sampling_arguments(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a text file of prompts, one a line (\\n = newline)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); the output ends before it")
+    p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("chat", help="chat with a checkpoint through its chat template (stdin lines)")
+    _add_sampling_arguments(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(run=cmd_chat)
+
+    p = commands.add_parser("eval", help="perplexity on held-out data and recipe metrics of generated samples")
+    p.add_argument("ckpt", help="HF-format checkpoint directory with its tokenizer")
+    p.add_argument("--data", required=True, help="held-out JSONL file")
+    p.add_argument("--format", default="recipe", help="data.format of the file (default: recipe)")
+    p.add_argument("--max-length", type=int, default=2048, help="longer examples are truncated (default: 2048)")
+    p.add_argument("--samples", type=int, default=4, help="prompts of the file to generate from (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None, help="write the markdown report here (and a .json beside it)")
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("average", help="average the weights of checkpoints of one run")
+    p.add_argument("ckpts", nargs="+", help="checkpoint directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(run=cmd_average)

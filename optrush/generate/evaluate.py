@@ -1,0 +1,129 @@
+"""`optrush eval`: how good is a checkpoint? Perplexity on held-out data, and recipe metrics on generated samples.
+
+    report = evaluate("runs/x/final", data="heldout.jsonl", data_format="recipe", samples=4)
+    print(report_markdown(report))
+    optrush eval runs/x/final --data heldout.jsonl [--format recipe] [--samples 4] [--out report.md]
+
+Perplexity is exp(mean cross-entropy) over the trained tokens of the examples that `optrush.data.dataset`
+builds from the file (the same rendering, masking and length handling as training). Samples continue the first
+`samples` prompts of the file (greedy unless a temperature is given) and are scored by `recipe_metrics`:
+whether the text parses as a recipe (an Ingredients: list and a Directions: list, both non-empty), which fraction
+of the listed ingredients the directions mention, and the repetition rate (repeated word 4-grams).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from optrush.data.batch import IGNORE_INDEX
+from optrush.data.formats import Example
+
+UNITS = {"cup", "cups", "tablespoon", "tablespoons", "teaspoon", "teaspoons", "pound", "pounds", "ounce", "ounces",
+         "g", "kg", "ml", "l", "pinch", "cloves", "clove", "can", "cans", "slices", "slice", "large", "small",
+         "medium", "lb", "lbs", "oz", "tbsp", "tsp", "package", "packages", "stick", "sticks"}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, examples: list[Example], *, batch_size: int = 8) -> dict:
+    """{"loss", "perplexity", "tokens"} over the trained tokens of `examples` (right-padded batches)."""
+    device = model.tok_embeddings.weight.device
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            for row, example in enumerate(chunk):
+                ids[row, :len(example)] = torch.tensor(example.input_ids)
+                labels[row, :len(example)] = torch.tensor(example.labels)
+            total += float(model(ids.to(device), labels=labels.to(device), reduction="sum"))
+            tokens += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    loss = total / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "tokens": tokens}
+
+
+def _section(text: str, name: str, until: str | None) -> list[str]:
+    match = re.search(rf"{name}:\s*\n(.*)", text, flags=re.S)
+    if match is None:
+        return []
+    body = match.group(1)
+    if until is not None:
+        body = body.split(f"{until}:")[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def ingredient_name(line: str) -> str:
+    """'- 1/4 cup butter' -> 'butter': the line without its dash, quantities and units."""
+    words = line.lstrip("-* ").lower().split()
+    while words and (re.fullmatch(r"[\d/.,½¼¾-]+", words[0]) or words[0] in UNITS):
+        words.pop(0)
+    return " ".join(words)
+
+
+def recipe_metrics(text: str) -> dict:
+    """{"parses", "ingredients", "ingredient_use", "repetition"} of one generated recipe text."""
+    ingredients = [ingredient_name(line) for line in _section(text, "Ingredients", "Directions")]
+    ingredients = [name for name in ingredients if name]
+    directions = " ".join(_section(text, "Directions", None)).lower()
+    used = [name for name in ingredients if name in directions or name.split()[-1] in directions]
+    words = text.lower().split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return {"parses": bool(ingredients) and bool(directions), "ingredients": len(ingredients),
+            "ingredient_use": len(used) / len(ingredients) if ingredients else 0.0,
+            "repetition": 1 - len(set(grams)) / len(grams) if grams else 0.0}
+
+
+def evaluate(ckpt: str | Path, *, data: str | Path, data_format: str = "recipe", max_length: int = 2048,
+             samples: int = 4, max_new_tokens: int = 256, temperature: float = 0.0,
+             device: str | None = None) -> dict:
+    """Perplexity of checkpoint `ckpt` on `data` plus `samples` generated continuations and their metrics."""
+    from optrush.config import load_config
+    from optrush.data.dataset import build_datasets, numbered_records
+    from optrush.data.formats import render
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.generate.decode import generate_texts
+    from optrush.models.io import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(ckpt, device=device), load_tokenizer(ckpt)
+    cfg = load_config(None, [f"model.path={ckpt}", f"data.path={data}", f"data.tokenizer={ckpt}",
+                             f"data.format={data_format}", f"data.max_length={max_length}",
+                             "data.too_long=truncate"]).data
+    examples, _, _ = build_datasets(cfg, tokenizer, seed=0)
+    report = {"checkpoint": str(ckpt), "data": str(data), "examples": len(examples), **perplexity(model, examples)}
+    prompts = []
+    for where, record in numbered_records(data):
+        if len(prompts) == samples:
+            break
+        prompts.append(render(record, cfg=cfg, where=where)[0])
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature) \
+        if prompts else []
+    report["samples"] = [{"prompt": p, "text": t, **recipe_metrics(t)} for p, t in zip(prompts, texts)]
+    for key in ("parses", "ingredient_use", "repetition"):
+        values = [float(s[key]) for s in report["samples"]]
+        report[f"mean_{key}"] = sum(values) / len(values) if values else float("nan")
+    return report
+
+
+def report_markdown(report: dict, *, with_samples: bool = True) -> str:
+    lines = [f"# Evaluation of {report['checkpoint']}", "", f"Data: {report['data']} ({report['examples']} examples, "
+             f"{report['tokens']} trained tokens)", "", "| metric | value |", "| --- | ---: |",
+             f"| loss | {report['loss']:.4f} |", f"| perplexity | {report['perplexity']:.3f} |",
+             f"| samples parsing as recipes | {report['mean_parses']:.2f} |",
+             f"| ingredients used in the directions | {report['mean_ingredient_use']:.2f} |",
+             f"| repeated word 4-grams | {report['mean_repetition']:.2f} |"]
+    if with_samples:
+        for number, sample in enumerate(report["samples"], 1):
+            lines += ["", f"## Sample {number} (parses: {sample['parses']}, ingredient use "
+                      f"{sample['ingredient_use']:.2f}, repetition {sample['repetition']:.2f})", "", "```",
+                      sample["prompt"] + sample["text"], "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""Write a LoRA-adapted model as a PEFT adapter or as a merged Hugging Face model, and read adapters back.
+
+    save_adapter(model, "out/adapter", base_model_path="Llama-3.2-1B")   # adapter_config.json + adapter_model.safetensors
+    export_checkpoint("runs/x/checkpoints/step_00000100", out="merged", merge=True)   # `optrush export`
+    save_merged(model, "out/merged")                                     # plain HF model, adapters folded in
+    load_adapter(model, "out/adapter")                                   # apply_lora from the config + its weights
+
+The adapter uses PEFT's layout, so `peft.PeftModel.from_pretrained(transformers_model, "out/adapter")` gives the
+same logits as our adapted model: keys `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight` and, for
+DoRA, `.lora_magnitude_vector`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from optrush.config import ConfigError
+from optrush.config.schema import PeftConfig
+from optrush.models.hf import to_hf_key
+from optrush.models.io import save_model
+from optrush.peft.lora import OURS_TO_HF, apply_lora, lora_layers
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# our LoRALinear tensor name -> PEFT's suffix
+_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters of `model` under PEFT's key names."""
+    params = {}
+    for name, layer in lora_layers(model).items():
+        hf_module = to_hf_key(f"{name}.weight").removesuffix(".weight")
+        for ours, suffix in _SUFFIX.items():
+            if getattr(layer, ours) is not None:
+                params[f"{PREFIX}{hf_module}.{suffix}"] = getattr(layer, ours)
+    return params
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `model` under PEFT's key names, on the CPU."""
+    return {key: param.detach().cpu().contiguous() for key, param in adapter_params(model).items()}
+
+
+def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> dict:
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to export (apply_lora first, or set peft.method)")
+    first = layers[0]
+    targets = sorted({OURS_TO_HF[name.rpartition(".")[2]] for name in lora_layers(model)})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+            "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p,
+            "target_modules": targets, "use_rslora": first.rslora, "use_dora": first.lora_magnitude is not None,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+            "inference_mode": True}
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | None = None) -> Path:
+    """Write `model`'s adapters to directory `path` in PEFT format; returns `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model, base_model_path=base_model_path)
+    save_file(adapter_state(model), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def save_merged(model: nn.Module, path: str | Path) -> Path:
+    """Write `model` with its adapters folded into the base weights, as a plain HF model; `model` is unchanged."""
+    layers = lora_layers(model)
+    originals = {}
+    for name, layer in layers.items():
+        originals[name] = layer
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+        linear.bias = layer.bias
+        _set(model, name, linear)
+    try:
+        save_model(model, path)
+    finally:
+        for name, layer in originals.items():
+            _set(model, name, layer)
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the LoRA described by PEFT adapter directory `path` to `model` and load its weights."""
+    path = Path(path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: {path} is not a PEFT adapter directory")
+    c = json.loads(config_file.read_text())
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
+    targets = c["target_modules"]
+    peft = PeftConfig(method="dora" if c.get("use_dora") else "lora", r=c["r"], alpha=c["lora_alpha"],
+                      dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")),
+                      target_modules="all-linear" if targets == "all-linear" else list(targets))
+    apply_lora(model, peft)
+    return load_adapter_weights(model, path)
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy the adapter tensors of PEFT directory `path` into `model`'s existing adapters, in place (exactly:
+    resuming from a checkpoint uses this)."""
+    path = Path(path)
+    targets = adapter_params(model)
+    saved = load_file(str(path / ADAPTER_WEIGHTS))
+    missing, unexpected = set(targets) - set(saved), set(saved) - set(targets)
+    if missing or unexpected:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} does not match this model's adapters (missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}): check peft.* and the model")
+    with torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(saved[key])
+    return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: str | Path | None = None) -> Path:
+    """`optrush export`: the adapter of `ckpt` (a LoRA checkpoint or final/ directory holding `adapter/`, or an
+    adapter directory) written to `out` as a merged HF model (`merge=True`, tokenizer copied when found) or as a
+    PEFT adapter. The base model is `base`, else the adapter config's `base_model_name_or_path`."""
+    from optrush.models.io import load_model
+
+    ckpt, out = Path(ckpt), Path(out)
+    adapter = ckpt / "adapter" if (ckpt / "adapter" / ADAPTER_CONFIG).is_file() else ckpt
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{ckpt}: no {ADAPTER_CONFIG} here or in {ckpt / 'adapter'}; give a checkpoint or final/ "
+                          "directory of a run trained with peft.method=lora or dora")
+    base = base or json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if base is None:
+        raise ConfigError(f"{adapter / ADAPTER_CONFIG} names no base model (the run started from model.preset): "
+                          "pass --base with the base model directory")
+    if not merge:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(adapter / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+        (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2)
+                                          + "\n")
+        return out
+    model = load_adapter(load_model(base), adapter)
+    save_merged(model, out)
+    source = next((d for d in (ckpt, Path(base)) if (d / "tokenizer.json").is_file()), None)
+    for name in TOKENIZER_FILES if source else ():
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    return out
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)

@@ -1,0 +1,71 @@
+"""`optrush generate` streams the same text as the library call; `optrush chat` answers piped stdin lines."""
+import io
+import shutil
+
+import pytest
+
+from optrush.cli.main import main
+from optrush.data.tokenizer import load_tokenizer
+from optrush.generate.decode import generate_texts
+from optrush.models import build_model, save_model
+from optrush.models.llama import ModelArgs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tokenizer_dir, tmp_path_factory):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(ModelArgs(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                  max_seq_len=256), seed=0)
+    path = tmp_path_factory.mktemp("ckpt") / "final"
+    save_model(model, path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, path / f.name)
+    return path, model, tokenizer
+
+
+def test_generate_streams_the_library_output(ckpt, tmp_path, capsys):
+    path, model, tokenizer = ckpt
+    expected = generate_texts(model, tokenizer, ["Recipe: Soup\n"], max_new_tokens=12, temperature=0)[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Recipe: Soup\\n\n\nRecipe: Pie\\n\n")
+    assert main(["generate", str(path), "--prompts-file", str(prompts), "--max-new-tokens", "12",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 1/2\nRecipe: Soup\n" + expected + "\n--- prompt 2/2\nRecipe: Pie\n" in out
+    assert main(["generate", str(path), "--prompt", "Recipe: Soup\n", "--max-new-tokens", "6", "--temperature",
+                 "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2",
+                 "--seed", "0", "--stop", "\n\n", "--device", "cpu"]) == 0
+
+
+def test_chat_answers_each_stdin_line(ckpt, monkeypatch, capsys):
+    path, _, _ = ckpt
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nhow do I make soup?\n"))
+    assert main(["chat", str(path), "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu",
+                 "--system", "You are a cook."]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 2
+
+
+def test_eval_report(ckpt, recipe_corpus, tmp_path, capsys):
+    path, model, tokenizer = ckpt
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(recipe_corpus[0].read_text().splitlines(keepends=True)[:6]))
+    out = tmp_path / "report.md"
+    assert main(["eval", str(path), "--data", str(data), "--samples", "2", "--max-new-tokens", "8", "--max-length",
+                 "128", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| perplexity |" in text and "## Sample 2" in text
+    import json
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["examples"] == 6 and 1 < report["perplexity"] < 10 * len(tokenizer)
+
+
+def test_recipe_metrics():
+    from optrush.generate.evaluate import ingredient_name, recipe_metrics
+
+    assert ingredient_name("- 1/4 cup butter") == "butter"
+    good = recipe_metrics("Ingredients:\n- 2 eggs\n- 1 cup sugar\n- 1 teaspoon salt\nDirections:\n"
+                          "1. Beat the eggs.\n2. Stir in the sugar.")
+    assert good["parses"] and good["ingredients"] == 3 and abs(good["ingredient_use"] - 2 / 3) < 1e-9
+    assert good["repetition"] == 0.0
+    bad = recipe_metrics("stir the pot stir the pot stir the pot stir the pot")
+    assert not bad["parses"] and bad["repetition"] > 0.5

@@ -1,0 +1,186 @@
+"""LoRA/DoRA/rsLoRA/LoRA+ (optrush.peft): zero-init is a no-op, only adapters train, merge == unmerged, the PEFT
+and merged exports load in peft/transformers with equal logits, and a LoRA training run resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from optrush.config import ConfigError, load_config
+from optrush.config.schema import OptimConfig, PeftConfig
+from optrush.models.io import build_model, save_model
+from optrush.models.presets import get_preset
+from optrush.optim.optimizer import build_optimizer
+from optrush.peft import LoRALinear, apply_lora, merge_lora, save_adapter, save_merged, unmerge_lora
+from optrush.peft.export import ADAPTER_CONFIG, export_checkpoint, load_adapter
+
+VOCAB, T = 128, 12
+
+
+def tiny_model(seed: int = 0, **overrides):
+    model = build_model(get_preset("debug", vocab_size=VOCAB, **overrides), seed=seed)
+    with torch.no_grad():  # weights large enough that every term shows in the logits
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def ids(seed: int = 1):
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapters(model, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.2)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_zero_init_b_leaves_outputs_unchanged():
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = logits(model, ids())
+    apply_lora(model, PeftConfig(method="lora", r=4, alpha=8))
+    assert isinstance(model.layers[0].attention.wq, LoRALinear)
+    assert isinstance(model.layers[1].feed_forward.w2, LoRALinear) and not isinstance(model.output, LoRALinear)
+    torch.testing.assert_close(logits(model, ids()), before, rtol=0, atol=0)
+
+
+def test_only_adapter_params_require_and_get_grads():
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(), PeftConfig(method="dora", r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B", "lora_magnitude") for n in trainable)
+    assert all(".wq." in n or ".wv." in n for n in trainable)
+    x = ids()
+    model(x, labels=x).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_equals_unmerged_forward(method):
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(), PeftConfig(method=method, r=4, alpha=8, rslora=True))
+    randomize_adapters(model)
+    x = ids()
+    unmerged = logits(model, x)
+    original = model.layers[0].attention.wq.weight.clone()
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, x), unmerged, rtol=1e-5, atol=1e-5)
+    unmerge_lora(model)
+    assert torch.equal(model.layers[0].attention.wq.weight, original)
+    torch.testing.assert_close(logits(model, x), unmerged, rtol=0, atol=0)
+
+
+def test_rslora_scaling_and_dropout_identity_at_zero():
+    base = torch.nn.Linear(8, 6)
+    assert LoRALinear(base, r=4, alpha=8).scaling == 2.0
+    assert LoRALinear(base, r=4, alpha=8, rslora=True).scaling == 4.0
+    assert isinstance(LoRALinear(base, r=4, alpha=8).dropout, torch.nn.Identity)
+
+
+def test_dora_forward_equals_its_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    layer = LoRALinear(base, r=2, alpha=4, dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(torch.rand(6) + 0.5)
+    x = torch.randn(3, 8)
+    w = base.weight + 2.0 * layer.lora_B @ layer.lora_A
+    expected = x @ (layer.lora_magnitude[:, None] * w / w.norm(dim=1, keepdim=True)).T + base.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.merged_weight(), layer.lora_magnitude[:, None] * w / w.norm(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_round_trip_and_merged_export(method, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tiny_model(qkv_bias=method == "dora", model_type="qwen2" if method == "dora" else "llama")
+    save_model(model, tmp_path / "base")
+    apply_lora(model, PeftConfig(method=method, r=4, alpha=8, rslora=method == "dora",
+                                 target_modules="all-linear"))
+    randomize_adapters(model)
+    x = ids()
+    ours = logits(model, x)
+    save_adapter(model, tmp_path / "adapter", base_model_path=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["use_dora"] == (method == "dora")
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="sdpa")
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=x).logits, ours, rtol=1e-5, atol=1e-5)
+
+    save_merged(model, tmp_path / "merged")
+    assert any(isinstance(m, LoRALinear) for m in model.modules())  # the live model keeps its adapters
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours, rtol=1e-5, atol=1e-5)
+
+    # our own reader gives the same model back, and `optrush export` merges the same way
+    from optrush.models.io import load_model
+    torch.testing.assert_close(logits(load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter"), x), ours,
+                               rtol=1e-5, atol=1e-5)
+    from optrush.cli.main import main
+    assert main(["export", str(tmp_path / "adapter"), "--merge", "--out", str(tmp_path / "exported")]) == 0
+    torch.testing.assert_close(logits(load_model(tmp_path / "exported"), x), ours, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "adapter"), "--adapter", "--out", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_lora_plus_param_groups():
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(), PeftConfig(method="dora", r=4, alpha=8))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1), lr=1e-3, device_type="cpu", lora_plus_ratio=16.0)
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    lrs = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            lrs.setdefault(by_name[id(p)].rsplit(".", 1)[1], set()).add((group["lr"], group["weight_decay"]))
+    assert lrs == {"lora_A": {(1e-3, 0.1)}, "lora_B": {(16e-3, 0.1)}, "lora_magnitude": {(1e-3, 0.0)}}
+
+
+def test_config_validation(debug_overrides):
+    with pytest.raises(ConfigError, match="peft.target_modules"):
+        load_config(None, debug_overrides + ["peft.method=lora", "peft.target_modules=[q_proj, qq_proj]"])
+    with pytest.raises(ConfigError, match="peft.r=0"):
+        load_config(None, debug_overrides + ["peft.method=lora", "peft.r=0"])
+    cfg = load_config(None, debug_overrides + ["peft.method=lora", "peft.target_modules=[q_proj, v_proj]"])
+    assert cfg.peft.target_modules == ["q_proj", "v_proj"]
+
+
+def test_lora_training_resumes_exactly_and_saves_final(debug_overrides, tmp_path, capsys):
+    from optrush.train import train
+
+    base = [o for o in debug_overrides if not o.startswith(("output_dir", "checkpoint.resume", "train.max_steps"))]
+    base += ["peft.method=lora", "peft.r=4", "peft.lora_plus_ratio=4", "peft.dropout=0.1", "checkpoint.every=2",
+             "train.deterministic=true", "train.schedule=constant"]  # max_steps differs between the calls
+    straight = train(load_config(None, base + [f"output_dir={tmp_path / 'a'}", "train.max_steps=6",
+                                               "checkpoint.resume=never"]))
+    first = train(load_config(None, base + [f"output_dir={tmp_path / 'b'}", "train.max_steps=4",
+                                            "checkpoint.resume=auto"]))
+    assert len(first["losses"]) == 4
+    assert (tmp_path / "b" / "checkpoints" / "step_00000004" / "adapter" / ADAPTER_CONFIG).is_file()
+    capsys.readouterr()
+    resumed = train(load_config(None, base + [f"output_dir={tmp_path / 'b'}", "train.max_steps=6",
+                                              "checkpoint.resume=auto"]))
+    assert "step_00000004 at step 4" in capsys.readouterr().out
+    assert resumed["losses"] == straight["losses"]
+    assert straight["losses"][-1] < straight["losses"][0]
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "a" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="--base"):  # a preset run has no base model on disk
+        export_checkpoint(tmp_path / "a" / "final", out=tmp_path / "x", merge=True)
