@@ -186,3 +186,21 @@ def test_labels_with_ignore_index_reach_the_kernel_comparison():
     batch = Batch(input_ids=torch.zeros(2, 8, dtype=torch.long), labels=torch.ones(2, 8, dtype=torch.long),
                   position_ids=torch.arange(8).expand(2, 8))
     assert (with_ignored_labels(batch).labels == IGNORE_INDEX).any()
+
+
+def test_lora_zero_init_check_passes_and_catches_a_nonzero_adapter(debug_overrides, monkeypatch):
+    from optrush.peft import lora
+
+    cfg = load_config(None, debug_overrides + ["peft.method=lora", "peft.r=4"])
+    row = next(r for r in run_checks(cfg, only=["peft"]).rows if r.name.startswith("peft: zero-init"))
+    assert row.passed is True and row.measured == 0.0
+
+    real_init = lora.LoRALinear.__init__
+
+    def nonzero_b(self, *args, **kwargs):  # the planted fault: B no longer starts at zero
+        real_init(self, *args, **kwargs)
+        torch.nn.init.normal_(self.lora_B, std=0.1)
+
+    monkeypatch.setattr(lora.LoRALinear, "__init__", nonzero_b)
+    row = next(r for r in run_checks(cfg, only=["peft"]).rows if r.name.startswith("peft: zero-init"))
+    assert row.passed is False and row.switch_to_turn_off == "peft.method=none"

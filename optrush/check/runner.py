@@ -15,20 +15,38 @@ import torch
 
 from optrush.check.data import check_data, check_truncation
 from optrush.check.equivalence import check_accumulation, check_kernels, check_packing, check_precision
-from optrush.check.harness import CheckContext, prepare
+from optrush.check.harness import CheckContext, loader_for, model_for, plain_config, prepare
 from optrush.check.numerics import check_numerics
 from optrush.check.report import CheckReport, CheckResult, not_applicable
 from optrush.check.resume import check_resume
-from optrush.config import Config, ConfigError
+from optrush.config import Config, ConfigError, PeftConfig
 
 DEFAULT_STEPS = 6
 """Optimizer steps of the training checks (precision drift; resume trains half, saves, then the other half)."""
 
 
 def check_peft(ctx: CheckContext) -> list[CheckResult]:
-    why = f"peft.method={ctx.cfg.peft.method}: optrush has no LoRA/QLoRA yet, so there is no adapter to check"
-    return [not_applicable("peft: zero-init adapter leaves outputs unchanged", why),
-            not_applicable("peft: quantized base dequantizes within bound", why)]
+    """A freshly applied adapter (B = 0) must leave the model's output exactly as it was."""
+    quantized = not_applicable("peft: quantized base dequantizes within bound",
+                               "optrush has no quantized (QLoRA) base weights yet")
+    name = "peft: zero-init adapter leaves outputs unchanged"
+    if ctx.cfg.peft.method == "none":
+        return [not_applicable(name, "peft.method=none: no adapter to check"), quantized]
+    base_cfg = plain_config(ctx.cfg)
+    base_cfg.peft = PeftConfig()
+    batch = next(iter(loader_for(ctx, base_cfg))).to(ctx.device)
+
+    @torch.no_grad()
+    def logits(cfg: Config) -> torch.Tensor:  # one model alive at a time
+        model = model_for(ctx, cfg)
+        return model(batch.input_ids, position_ids=batch.position_ids, document_ids=batch.document_ids).float()
+
+    reference = logits(base_cfg)
+    adapted = logits(plain_config(ctx.cfg))
+    measured = float((adapted - reference).norm() / reference.norm())
+    return [CheckResult(name=name, passed=measured <= ctx.tolerance.loss, measured=measured,
+                        tolerance=ctx.tolerance.loss, switch_to_turn_off="peft.method=none",
+                        detail="relative L2 difference of the logits on the first batch"), quantized]
 
 
 def check_multi_gpu(ctx: CheckContext) -> list[CheckResult]:
