@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from optrush.generate.decode import check_fits, eos_set
 from optrush.models.kv_cache import KVCache
 
 
@@ -27,10 +28,8 @@ def beam_search(model: nn.Module, prompt: Sequence[int], *, num_beams: int, max_
     device = model.tok_embeddings.weight.device
     P = len(prompt)
     max_len = P + max_new_tokens
-    if max_len > model.args.max_seq_len:
-        raise ValueError(f"the prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_seq_len={model.args.max_seq_len}")
-    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    check_fits(model, prompt_len=P, max_new_tokens=max_new_tokens)
+    eos = eos_set(eos_id)
     cache = KVCache.for_model(model, batch_size=num_beams, max_len=max_len)
     slots = torch.arange(max_len, device=device)
     ids = torch.as_tensor(prompt, dtype=torch.long, device=device).expand(num_beams, P)

@@ -107,10 +107,8 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     ids, pads = left_pad(prompts, pad_id=pad_id, device=device)
     B, P = ids.shape
     max_len = P + max_new_tokens
-    if max_len > model.args.max_seq_len:
-        raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
-                         f"model's max_seq_len={model.args.max_seq_len}: shorten the prompt or ask for fewer tokens")
-    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    check_fits(model, prompt_len=P, max_new_tokens=max_new_tokens)
+    eos = eos_set(eos_id)
     cache = KVCache.for_model(model, batch_size=B, max_len=max_len)
     slots = torch.arange(max_len, device=device)
     cache.valid.copy_(slots[None, :] >= pads[:, None])
@@ -202,3 +200,14 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop:
 def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
     """The length of the longest tail of `text` that is a proper prefix of a stop string."""
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def check_fits(model: nn.Module, *, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"the longest prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's max_seq_len={model.args.max_seq_len}: shorten the prompt or ask for fewer "
+                         "tokens")
+
+
+def eos_set(eos_id: int | Sequence[int] | None) -> set[int]:
+    return set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
