@@ -18,7 +18,7 @@ from optrush.config import load_config
 from optrush.data.clean import clean_records
 from optrush.data.recipes import generate_recipes, recipe_completion, recipe_prompt, write_jsonl
 from optrush.data.tokenizer import train_tokenizer
-from optrush.generate.sample import generate_text
+from optrush.generate.decode import generate_texts
 from optrush.models.io import load_model
 from optrush.train import train
 
@@ -61,10 +61,9 @@ def run_demo(*, out_dir: str | Path = "demo_run", steps: int | None = None, reco
     final_dir = Path(cfg.output_dir) / "final"
     model = load_model(final_dir)
     print("[4/4] two sampled recipes from the fine-tuned model:", flush=True)
-    generator = torch.Generator().manual_seed(0)
-    for prompt in SAMPLE_TITLES:
-        text = generate_text(model, tokenizer, prompt, max_new_tokens=160, temperature=0.7, top_k=40,
-                             generator=generator)
+    texts = generate_texts(model, tokenizer, list(SAMPLE_TITLES), max_new_tokens=160, temperature=0.7, top_k=40,
+                           generator=torch.Generator().manual_seed(0))
+    for prompt, text in zip(SAMPLE_TITLES, texts):
         print("-" * 60 + f"\n{prompt}{text}", flush=True)
     check_transformers_loads(final_dir)
     print(f"demo finished in {time.perf_counter() - started:.0f}s: loss {summary['losses'][0]:.2f} -> "
