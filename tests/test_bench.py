@@ -1,9 +1,13 @@
-"""`optrush bench` on CPU: the debug preset on synthetic tokens runs the real training step and writes its report."""
+"""`optrush bench` on CPU: the debug preset on synthetic tokens runs the real training step and writes its report;
+`--ladder` runs rungs and an HF peer in their own processes and reports skipped and failed rungs as such."""
 import json
 import math
 
 import pytest
 
+from optrush.bench.ladder import (DEFAULT_LADDER, Ladder, Rung, add_loss_deltas, best_over_peers, load_ladder,
+                                  median_run, override, plan_ladder)
+from optrush.bench.peers import PadCollator, peer_rows, peer_skip_reason
 from optrush.bench.run import bench, markdown_table
 from optrush.cli.main import main
 from optrush.config import ConfigError, load_config
@@ -36,6 +40,17 @@ def test_bench_is_repeatable_and_respects_precision():
         bench(load_config(None, overrides + ["precision.mode=fp8"], synthetic_data=True), synthetic=True)
 
 
+def test_bench_passes_the_lora_plus_ratio_to_the_optimizer(monkeypatch):
+    import optrush.bench.run as run
+
+    seen = []
+    real = run.build_optimizer
+    monkeypatch.setattr(run, "build_optimizer", lambda *a, **kw: seen.append(kw["lora_plus_ratio"]) or real(*a, **kw))
+    cfg = load_config(None, TINY + ["peft.method=lora", "peft.lora_plus_ratio=8"], synthetic_data=True)
+    bench(cfg, synthetic=True, warmup=1, steps=1)
+    assert seen == [8.0]
+
+
 def test_bench_on_real_packed_data_counts_padding(debug_overrides):
     cfg = load_config(None, debug_overrides + ["data.packing=bfd", "compile.mode=none"])
     result = bench(cfg, synthetic=False, warmup=1, steps=2)
@@ -44,5 +59,148 @@ def test_bench_on_real_packed_data_counts_padding(debug_overrides):
 
 
 def test_markdown_table_reports_failures():
-    table = markdown_table([{"name": "huge", "error": "CUDA out of memory"}])
+    table = markdown_table([{"name": "huge", "status": "failed", "reason": "CUDA out of memory"}])
     assert "| huge | failed: CUDA out of memory |" in table
+
+
+# ------------------------------------------------------------------------------------------------------ ladder
+
+TINY = ["model.preset=debug", "train.device=cpu", "train.micro_batch_size=2", "data.max_length=32"]
+LADDER_YAML = """\
+reference: baseline
+rungs:
+  - name: baseline
+    set: {precision.mode: fp32, compile.mode: none}
+  - name: +flex attention
+    set: {model.attention: flex}
+  - name: +fsdp
+    set: {parallel.strategy: fsdp}
+    min_gpus: 2
+  - name: planted failure
+    set: {model.preset: null, model.path: /nonexistent/model}
+"""
+
+
+@pytest.mark.slow
+def test_ladder_with_hf_peer_end_to_end(tmp_path, capsys):
+    """Two rung processes and the HF Trainer peer on the same saved debug model (each process imports torch: the
+    cost of this test): a skipped rung (flex on CPU), a GPU-count skip, a planted failure, the loss delta and the
+    ratio over the best peer, JSON/markdown/PNG."""
+    ladder = tmp_path / "ladder.yaml"
+    ladder.write_text(LADDER_YAML)
+    out = tmp_path / "out"
+    code = main(["bench", *TINY, "--synthetic", "--warmup", "1", "--steps", "1", "--ladder", str(ladder),
+                 "--out", str(out), "--peers", "hf_default,trl_sft_packed"])
+    assert code == 0
+    record = json.loads((out / "ladder.json").read_text())
+    rungs = {r["name"]: r for r in record["rungs"]}
+    assert [r["status"] for r in record["rungs"]] == ["ok", "skipped", "skipped", "failed"]
+    assert "model.attention=flex needs a CUDA GPU" in rungs["+flex attention"]["reason"]
+    assert rungs["+fsdp"]["reason"] == "needs 2 GPUs, 0 visible"
+    failure = rungs["planted failure"]
+    assert "/nonexistent/model" in failure["reason"] and "loss_delta" not in failure
+    # the skipped rungs are not carried on; the failed one carries everything that ran
+    assert failure["overrides"] == ["precision.mode=fp32", "compile.mode=none", "model.preset=null",
+                                    "model.path=/nonexistent/model"]
+    base = rungs["baseline"]
+    assert base["config"]["model"]["path"] == str(out / "model") and base["config"]["model"]["preset"] is None
+    assert base["peak_mem_kind"] == "cpu_peak_rss" and base["peak_mem_gib"] > 0 and len(base["losses"]) == 2
+    assert base["loss_delta"] == 0 and base["tokens_per_s"] > 0
+
+    hf, trl = record["peers"]
+    assert hf["status"] == "ok" and hf["stack"] == "HF Trainer" and len(hf["losses"]) == 2
+    assert hf["tokens_per_s"] > 0 and hf["padding_fraction"] == 0  # the rungs' synthetic rows: full, unpadded
+    assert abs(hf["losses"][0] - base["losses"][0]) < 0.05  # same saved weights, same rows in the same order
+    assert trl["status"] == ("ok" if peer_skip_reason("trl_sft_packed") is None else "skipped")
+    assert record["best_rung"] == "baseline" and record["best_peer"] == "hf_default"
+    assert record["ratio_over_best_peer"] == pytest.approx(base["real_tokens_per_s"] / hf["real_tokens_per_s"])
+
+    markdown = (out / "ladder.md").read_text()
+    assert "| optrush | +flex attention | skipped: " in markdown and "| optrush | planted failure | failed: " in markdown
+    assert f"**best optrush rung: baseline**, {record['ratio_over_best_peer']:.2f}x" in markdown
+    assert "peak GiB (cpu_peak_rss)" in markdown and "torch " in markdown
+    for chart in ("tokens", "memory", "loss"):
+        assert (out / f"ladder_{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "model").exists()  # the shared model is an intermediate
+    assert "planted failure: failed" in capsys.readouterr().out
+
+
+def test_plan_carries_rungs_that_apply_and_skips_the_rest():
+    ladder = Ladder(reference="a", rungs=(
+        Rung("a", ("precision.mode=fp32",)), Rung("pack", ("data.packing=bfd",)),
+        Rung("again", ("precision.mode=fp32",)), Rung("missing", ("optim.nosuchkey=1",)),
+        Rung("ac", ("activations.checkpointing=full",))))
+    plan = plan_ladder(None, TINY, ladder, synthetic=True, gpus=0)
+    skipped = {p.rung.name: p.skipped for p in plan}
+    assert skipped["a"] is None and skipped["ac"] is None
+    assert skipped["pack"].startswith("synthetic data")
+    assert skipped["again"].startswith("same resolved config")
+    assert "unknown config key 'optim.nosuchkey'" in skipped["missing"]
+    assert plan[-1].overrides == ["precision.mode=fp32", "activations.checkpointing=full"]
+    on_data = plan_ladder(None, TINY, ladder, synthetic=False, gpus=0)  # no data.tokenizer: every rung rejected
+    assert all(p.skipped for p in on_data) and "data.tokenizer must name a tokenizer" in on_data[0].skipped
+
+
+def test_default_ladder_on_cpu_skips_gpu_only_rungs():
+    plan = {p.rung.name: p.skipped for p in plan_ladder(None, TINY, DEFAULT_LADDER, synthetic=True, gpus=0)}
+    assert list(plan) == [r.name for r in DEFAULT_LADDER.rungs] and len(plan) == 12
+    assert plan["baseline"] is None and plan["+bf16"] is None and plan["+torch.compile"] is None
+    assert "model.attention=varlen needs a CUDA GPU" in plan["+efficient attention"]
+    assert plan["+FSDP2"] == "needs 2 GPUs, 0 visible"
+
+
+def test_load_ladder_from_yaml_and_its_errors(tmp_path):
+    path = tmp_path / "l.yaml"
+    path.write_text("rungs:\n  - name: a\n    set: {train.lr: 1e-4, kernels.fused_loss: true, data.tokenizer: 'yes'}\n"
+                    "  - name: b\n    min_gpus: 2\n")
+    ladder = load_ladder(path)
+    assert ladder.reference == "a" and ladder.rungs[1] == Rung("b", (), min_gpus=2)
+    assert ladder.rungs[0].overrides == ("train.lr=1e-4", "kernels.fused_loss=true", 'data.tokenizer="yes"')
+    cfg = load_config(None, TINY + list(ladder.rungs[0].overrides), synthetic_data=True)
+    assert cfg.train.lr == 1e-4 and cfg.kernels.fused_loss is True and cfg.data.tokenizer == "yes"
+    assert load_ladder("default") is DEFAULT_LADDER
+    for text, message in (("rungs: []", "non-empty 'rungs:'"), ("rungs:\n  - name: a\n    sett: {}", "unknown key"),
+                          ("rungs:\n  - name: a\n  - name: a", "unique"),
+                          ("reference: z\nrungs:\n  - name: a", "reference 'z' is not a rung name")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_ladder(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_ladder(tmp_path / "missing.yaml")
+    assert override("model.path", "/a b") == "model.path=/a b" and override("x", None) == "x=null"
+
+
+def test_loss_deltas_and_ratio_over_best_peer():
+    rungs = [{"name": "base", "status": "ok", "loss": 2.0, "real_tokens_per_s": 100.0},
+             {"name": "fast", "status": "ok", "loss": 2.5, "real_tokens_per_s": 300.0},
+             {"name": "oom", "status": "failed", "reason": "OutOfMemoryError"}]
+    peers = [{"name": "hf", "status": "ok", "real_tokens_per_s": 150.0},
+             {"name": "trl", "status": "skipped", "reason": "not installed: trl"}]
+    add_loss_deltas(rungs, reference="base")
+    assert [r.get("loss_delta") for r in rungs] == [0.0, 0.5, None]
+    assert best_over_peers(rungs, peers) == {"best_rung": "fast", "best_peer": "hf", "ratio_over_best_peer": 2.0}
+    assert best_over_peers(rungs, peers[1:])["ratio_over_best_peer"] is None
+    add_loss_deltas(rungs, reference="oom")  # the reference did not run: no deltas rather than wrong ones
+    assert rungs[1]["loss_delta"] is None
+
+
+def test_repeats_report_the_median_run_or_the_failure():
+    runs = [{"status": "ok", "tokens_per_s": v, "run": i} for i, v in enumerate((30.0, 10.0, 20.0))]
+    chosen = median_run(runs)
+    assert chosen["run"] == 2 and chosen["tokens_per_s_runs"] == [30.0, 10.0, 20.0]
+    assert chosen["tokens_per_s_stdev"] == pytest.approx(10.0)
+    assert median_run([runs[0], {"status": "failed", "reason": "OOM"}])["status"] == "failed"
+
+
+def test_peer_rows_unshift_labels_and_pad(debug_overrides):
+    cfg = load_config(None, debug_overrides)
+    rows = peer_rows(cfg, synthetic=False, vocab_size=512, n_steps=1)
+    row = rows[0]
+    assert len(row["input_ids"]) == len(row["labels"]) and row["labels"][0] == -100
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert trained and all(label in (-100, token) for token, label in zip(row["input_ids"], row["labels"]))
+    assert len(trained) > 0 and any(label == -100 for label in row["labels"][1:])  # the prompt is masked (sft)
+    batch = PadCollator(pad_id=7)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

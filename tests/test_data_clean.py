@@ -10,6 +10,7 @@ from optrush.data.clean import clean_records, rules_from_config
 from optrush.data.dataset import build_datasets
 from optrush.data.neardup import NearDuplicates
 from optrush.data.reader import DataError
+from optrush.data.sources import iter_records
 from optrush.data.tokenizer import load_tokenizer
 
 
@@ -90,3 +91,28 @@ def test_data_clean_command_writes_data_and_report(recipe_corpus, tokenizer_dir,
     assert main(["data", "clean", *overrides, "data.clean.min_items=99", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "data error: data.clean dropped every record" in err and "items" in err
+
+
+def test_training_streams_cleaning_in_one_pass_per_fitted_rule(tmp_path, tok, monkeypatch):
+    """dedup, near_dedup and rare vocabulary each re-read the file once (no record list held), later rules see only
+    what earlier ones kept (zork is in two records, one a duplicate: once deduplicated, it is rare), bad rows are
+    rejected once, and the examples equal those of the in-memory cleaner's survivors."""
+    import optrush.data.dataset as dataset
+
+    rows = [recipe("Soup", ["salt", "zork"]), recipe("Soup", ["salt", "zork"]), recipe("Stew", ["salt", "oil"]),
+            recipe("Pie", ["salt", "oil"], steps=["Bake it."]), recipe("Tea", ["oil", "water"]),
+            recipe("Jam", ["water", "salt"])]
+    path = write(tmp_path / "r.jsonl", rows)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    opened = []
+    monkeypatch.setattr(dataset, "iter_records", lambda p, rejects=None: opened.append(p) or iter_records(p, rejects=rejects))
+    clean = DataCleanConfig(dedup=True, near_dedup=True, rare_field="NER", rare_min_count=2)
+    cfg = DataConfig(path=str(path), format="recipe", clean=clean, on_error="skip")
+    train, _, report = build_datasets(cfg, tok, seed=0)
+    assert len(opened) == 4 and report.train.rejected == 1
+    assert report.clean.dropped == {"duplicate": 1, "near_duplicate": 0, "rare_vocabulary": 1}
+    kept, expected = clean_records(rows, rules=rules_from_config(cfg))
+    assert [r["title"] for r in kept] == ["Stew", "Pie", "Tea", "Jam"] and report.clean == expected
+    plain, _, _ = build_datasets(DataConfig(path=str(write(tmp_path / "k.jsonl", kept)), format="recipe"), tok, seed=0)
+    assert train == plain

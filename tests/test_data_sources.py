@@ -90,3 +90,54 @@ def test_on_error_skip_counts_reports_and_writes_rejects(tmp_path, tok):
     csv.write_text("prompt,completion\na,b\nc,d,e\nf,g\n")
     rejects = Rejects(tmp_path / "csv_rejects.jsonl")
     assert [r["prompt"] for _, r in iter_records(csv, rejects=rejects)] == ["a", "f"] and rejects.count == 1
+
+
+def test_hub_dataset_names_parse_and_bad_ones_name_the_key():
+    from optrush.data.sources import parse_hub_path
+
+    assert parse_hub_path("train.jsonl") is None
+    hub = parse_hub_path("hf://datasets/mbien/recipe_nlg")
+    assert (hub.name, hub.config, hub.split, hub.revision) == ("mbien/recipe_nlg", None, "train", None)
+    hub = parse_hub_path("hf://datasets/o/n?config=en&split=test&revision=v1")
+    assert (hub.name, hub.config, hub.split, hub.revision) == ("o/n", "en", "test", "v1")
+    for bad in ("hf://datasets/just-a-name", "hf://datasets/o/n/extra", "hf://datasets/o/n?colour=red",
+                "hf://datasets/o/n?split="):
+        with pytest.raises(DataError, match=r"data.path=.*hf://datasets/OWNER/NAME"):
+            parse_hub_path(bad)
+
+
+def test_hub_dataset_errors_without_package_or_network(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match=r"data.path='hf://datasets/o/n'.*pip install 'datasets"):
+        iter_records("hf://datasets/o/n")
+
+    def offline(name, config, *, split, revision):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError, match=r"(?s)data.path='hf://datasets/o/n'.*Couldn't reach.*save_to_disk"):
+        iter_records("hf://datasets/o/n")
+
+
+def test_hub_dataset_rows_train_like_a_local_file(monkeypatch, tok, tmp_path):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, *, split, revision):
+        calls.append((name, config, split, revision))
+        return list(ROWS)  # a datasets.Dataset iterates as dicts, like this list
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hub, local = "hf://datasets/o/soups?split=validation", tmp_path / "d.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert [w for w, _ in iter_records(hub)][0] == f"{hub} row 1"
+    kw = dict(format="prompt_completion", cache_dir=str(tmp_path / "cache"))
+    train, _, report = build_datasets(DataConfig(path=hub, **kw), tok, seed=0)
+    assert train == build_datasets(DataConfig(path=str(local), **kw), tok, seed=0)[0] and report.train.records == 5
+    assert calls[0] == ("o/soups", None, "validation", None) and report.train.cache == "written"
+    assert build_datasets(DataConfig(path=hub, **kw), tok, seed=0)[2].train.cache == "hit"

@@ -3,7 +3,8 @@ equals transformers' generate, sampling filters (top-k, min-p, repetition penalt
 import pytest
 import torch
 
-from optrush.generate.decode import Sampling, cut_at_stop, generate_batch, generate_texts, next_tokens
+from optrush.generate.decode import cut_at_stop, generate_batch, generate_texts
+from optrush.generate.sample import Sampling, next_tokens
 from optrush.models import build_model
 from optrush.models.kv_cache import KVCache
 from optrush.models.llama import ModelArgs

@@ -34,7 +34,16 @@ def test_generate_streams_the_library_output(ckpt, tmp_path, capsys):
     assert "--- prompt 1/2\nRecipe: Soup\n" + expected + "\n--- prompt 2/2\nRecipe: Pie\n" in out
     assert main(["generate", str(path), "--prompt", "Recipe: Soup\n", "--max-new-tokens", "6", "--temperature",
                  "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2",
-                 "--seed", "0", "--stop", "\n\n", "--device", "cpu"]) == 0
+                 "--seed", "0", "--stop", "\n\n", "--device", "cpu", "--token-healing"]) == 0
+    capsys.readouterr()
+    from optrush.generate.contrastive import contrastive_search
+
+    expected = tokenizer.decode(contrastive_search(model, tokenizer.encode("Recipe: Pie\n"), penalty_alpha=0.5, top_k=3,
+                                                   max_new_tokens=6, eos_id=tokenizer.eos_token_id),
+                                skip_special_tokens=True)
+    assert main(["generate", str(path), "--prompt", "Recipe: Pie\n", "--max-new-tokens", "6", "--penalty-alpha",
+                 "0.5", "--top-k", "3", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "Recipe: Pie\n" + expected + "\n"
 
 
 def test_chat_answers_each_stdin_line(ckpt, monkeypatch, capsys):
@@ -69,3 +78,53 @@ def test_recipe_metrics():
     assert good["repetition"] == 0.0
     bad = recipe_metrics("stir the pot stir the pot stir the pot stir the pot")
     assert not bad["parses"] and bad["repetition"] > 0.5
+
+
+def test_adapter_on_base_generates_what_the_merged_export_does(ckpt, tmp_path, capsys):
+    import torch
+
+    from optrush.config.schema import PeftConfig
+    from optrush.models import load_model
+    from optrush.peft import apply_lora, save_adapter, save_merged
+
+    path, _, tokenizer = ckpt
+    adapted = apply_lora(load_model(path), PeftConfig(method="dora", r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)  # a trained-looking adapter: the output must change
+    adapter = save_adapter(adapted, tmp_path / "final" / "adapter", base_model_path=str(path))
+    merged = save_merged(adapted, tmp_path / "merged")
+    tokenizer.save_pretrained(merged)
+
+    def generate(*where):
+        assert main(["generate", *where, "--prompt", "Recipe: Soup\n", "--max-new-tokens", "10", "--temperature",
+                     "0", "--device", "cpu"]) == 0
+        return capsys.readouterr().out
+
+    expected = generate(str(merged))
+    assert expected != generate(str(path))
+    assert generate("--adapter", str(adapter)) == expected  # base from adapter_config.json
+    assert generate(str(path), "--adapter", str(adapter)) == expected
+    assert generate(str(tmp_path / "final"), "--base", str(path)) == expected  # final/ holding only adapter/
+
+
+def test_sample_during_training(ckpt, debug_overrides):
+    import json
+
+    from optrush.config import ConfigError, load_config
+    from optrush.generate.evaluate import sample_during_training
+
+    _, model, tokenizer = ckpt
+    prompts = ["Recipe: Soup\n", "Recipe: Lemon Pie\n"]
+    cfg = load_config(None, [*debug_overrides, "train.sample_every=2", "train.sample_max_new_tokens=8",
+                             f"train.sample_prompts={json.dumps(prompts)}"])
+    assert cfg.train.sample_prompts == prompts
+    model.train()
+    assert sample_during_training(model, tokenizer, cfg, step=3) == {}
+    logged = sample_during_training(model, tokenizer, cfg, step=4)
+    expected = generate_texts(model, tokenizer, prompts, max_new_tokens=8, temperature=0)
+    assert [logged["sample_0"], logged["sample_1"]] == expected and model.training
+    assert {"sample_repetition", "sample_parses", "sample_ingredient_use"} <= set(logged)
+    with pytest.raises(ConfigError, match="train.sample_prompts"):
+        load_config(None, [*debug_overrides, "train.sample_every=2"])

@@ -114,14 +114,48 @@ def test_reference_copy_and_precomputed_agree_and_cache(pairs, tmp_path):
     batch = next(PairLoader(train, strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=1))
     with_copy = DPO(cfg=DPOConfig(), reference=reference)
     with_table = DPO(cfg=DPOConfig(), reference_logps=table)
-    assert torch.allclose(with_copy.reference_of(batch), with_table.reference_of(batch), atol=1e-4)
+    assert torch.allclose(with_copy.reference_of(model, batch), with_table.reference_of(model, batch), atol=1e-4)
     loss_sum, metrics = with_copy(model, batch)  # policy == reference: every pair's loss is log 2
     assert float(loss_sum.detach()) / batch.num_pairs == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_disabled_reference_equals_the_frozen_copy(pairs, method):
+    from optrush.config.schema import PeftConfig
+    from optrush.objectives import frozen_copy
+    from optrush.peft.lora import apply_lora
+
+    _, tok, train = pairs
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)
+    with_copy = DPO(cfg=DPOConfig(reference="copy"), reference=frozen_copy(model))
+    model = apply_lora(model, PeftConfig(method=method, r=4, alpha=8))
+    disabled = DPO(cfg=DPOConfig(reference="lora_disabled"))
+    batch = next(PairLoader(train, strategy="bfd", rows=1, max_length=512, pad_id=tok.pad_token_id, seed=1))
+    # zero-initialised B: policy, copy and adapters-off reference all agree before training
+    torch.testing.assert_close(disabled.reference_of(model, batch), with_copy.reference_of(model, batch))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss_sum, _ = disabled(model, batch)
+    loss_sum.backward()
+    optimizer.step()
+    policy = sequence_logps(model, batch)[0].detach()
+    reference = disabled.reference_of(model, batch)
+    assert not torch.allclose(policy, reference, atol=1e-3)  # the step moved the policy away from the reference
+    torch.testing.assert_close(reference, with_copy.reference_of(model, batch))  # which is still the copy
+    torch.testing.assert_close(disabled(model, batch)[0], with_copy(model, batch)[0])
+    assert torch.allclose(sequence_logps(model, batch)[0], policy)  # adapters are back on after the block
+
+
+def test_lora_disabled_needs_lora(debug_overrides):
+    from optrush.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="dpo.reference=lora_disabled"):
+        load_config(None, [*debug_overrides, "objective=dpo", "data.format=preference", "dpo.reference=lora_disabled"])
+
+
 @pytest.mark.parametrize("extra", [["dpo.loss=sigmoid", "dpo.reference=precomputed", "dpo.label_smoothing=0.1"],
-                                   ["dpo.loss=simpo"], ["dpo.loss=ipo", "data.shared_prompt=true"]])
+                                   ["dpo.loss=simpo"], ["dpo.loss=ipo", "data.shared_prompt=true"],
+                                   ["dpo.reference=lora_disabled", "peft.method=lora", "peft.r=4"]])
 def test_dpo_trains_end_to_end_through_the_cli(pairs, debug_overrides, tmp_path, extra):
     from optrush.cli.main import main
 
@@ -130,7 +164,7 @@ def test_dpo_trains_end_to_end_through_the_cli(pairs, debug_overrides, tmp_path,
                  "data.max_length=256", "train.max_steps=3", "train.lr=1e-3", *extra]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and all(math.isfinite(loss) for loss in summary["losses"])
-    if "dpo.loss=sigmoid" in extra:
-        # the first step's policy is the reference, so the smoothed loss starts exactly at log 2
+    if "dpo.loss=ipo" not in extra and "dpo.loss=simpo" not in extra:
+        # the first step's policy is the reference, so the (smoothed) sigmoid loss starts exactly at log 2
         assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
-        assert (tmp_path / "run" / "reference_logps.pt").is_file()
+        assert (tmp_path / "run" / "reference_logps.pt").is_file() == ("dpo.reference=precomputed" in extra)

@@ -1,6 +1,9 @@
-"""GRPO: rewards and advantages, mean reward rises on a toy task, and `optrush train objective=grpo` runs on CPU."""
+"""GRPO: rewards and advantages, mean reward rises on a toy task, several updates per generation make the clip bind,
+a resumed objective continues exactly, and `optrush train objective=grpo` runs on CPU."""
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +59,65 @@ def test_grpo_raises_the_mean_reward_on_a_toy_task(tokenizer_dir):
     assert objective.pop_metrics()["kl"] > 0
 
 
+@pytest.fixture
+def toy(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    examples = [build_example(tok.encode(f"Recipe: {title}\n", add_special_tokens=False), [10],
+                              bos_id=tok.bos_token_id, eos_id=tok.eos_token_id) for title in ("Bread", "Soup", "Pie")]
+    batches = [collate([[e] for e in pair], packed=False, pad_id=tok.pad_token_id, max_length=64)
+               for pair in (examples[:2], examples[1:])]
+    return tok, batches
+
+
+def grpo_run(tok, batches, *, steps, model=None, optimizer=None, objective=None):
+    """`steps` optimizer steps of two micro-batches each over `batches`; returns the state and the losses."""
+    if model is None:
+        model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        objective = GRPO(cfg=GRPOConfig(group_size=4, max_new_tokens=5, kl_beta=0.0, updates_per_generation=2),
+                         tokenizer=tok, reference=None, seed=0, micro_batches=2, rewards=[vowel_share])
+    losses = []
+    for _ in range(steps):
+        units = sum(objective.units(b) for b in batches)
+        for batch in batches:
+            loss_sum, _ = objective(model, batch)
+            (loss_sum / units).backward()
+            losses.append(float(loss_sum.detach()))
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, objective, losses
+
+
+def test_second_update_reuses_the_rollouts_and_the_clip_binds(toy):
+    tok, batches = toy
+    model, optimizer, objective, _ = grpo_run(tok, batches, steps=1)
+    first = [r.batch.input_ids.clone() for r in objective.rollouts]
+    generator = objective.generator.get_state()
+    assert objective.pop_metrics()["clip_fraction"] == 0.0  # sampling policy == trained policy: ratio exactly 1
+    grpo_run(tok, batches, steps=1, model=model, optimizer=optimizer, objective=objective)
+    assert all(torch.equal(a, r.batch.input_ids) for a, r in zip(first, objective.rollouts))
+    assert torch.equal(objective.generator.get_state(), generator)  # nothing sampled on the second update
+    assert objective.pop_metrics()["clip_fraction"] > 0  # the step moved the ratio past 1 +- clip_eps somewhere
+    grpo_run(tok, batches, steps=1, model=model, optimizer=optimizer, objective=objective)
+    assert not torch.equal(objective.generator.get_state(), generator)  # the third step generates anew
+
+
+def test_resume_mid_generation_equals_uninterrupted(toy, tmp_path):
+    tok, batches = toy
+    uninterrupted, _, _, straight = grpo_run(tok, batches, steps=4)
+    model, optimizer, objective, losses = grpo_run(tok, batches, steps=3)  # stops between the 2 updates of a rollout
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "objective": objective.state_dict()}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)
+    model, optimizer, objective, _ = grpo_run(tok, batches, steps=0)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    objective.load_state_dict(saved["objective"])
+    resumed, _, _, rest = grpo_run(tok, batches, steps=1, model=model, optimizer=optimizer, objective=objective)
+    assert losses + rest == straight
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
+
+
 def test_grpo_trains_end_to_end_on_cpu(debug_overrides):
     from optrush.train import train
 
@@ -63,3 +125,19 @@ def test_grpo_trains_end_to_end_on_cpu(debug_overrides):
                              "grpo.max_new_tokens=4", "train.max_steps=2", "train.lr=1e-3"])
     summary = train(cfg)
     assert summary["steps"] == 2 and all(math.isfinite(loss) for loss in summary["losses"])
+
+
+def test_grpo_with_lora_disabled_reference_and_reused_rollouts_trains(debug_overrides):
+    from optrush.train import train
+
+    cfg = load_config(None, [*debug_overrides, "objective=grpo", "data.packing=none", "grpo.group_size=2",
+                             "grpo.max_new_tokens=4", "train.max_steps=2", "train.lr=1e-2", "peft.method=lora",
+                             "peft.r=4", "grpo.reference=lora_disabled", "grpo.updates_per_generation=2",
+                             "train.grad_accum=2", "train.micro_batch_size=1",
+                             "grpo.rewards=[test_objectives_grpo:vowel_share]"])
+    summary = train(cfg)
+    assert summary["steps"] == 2 and all(math.isfinite(loss) for loss in summary["losses"])
+    logged = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert logged[1]["grad_norm"] > 0 and logged[1]["clip_fraction"] >= 0
+    with pytest.raises(Exception, match="grpo.reference=lora_disabled"):
+        load_config(None, [*debug_overrides, "objective=grpo", "data.packing=none", "grpo.reference=lora_disabled"])

@@ -184,3 +184,49 @@ def test_lora_training_resumes_exactly_and_saves_final(debug_overrides, tmp_path
     assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="--base"):  # a preset run has no base model on disk
         export_checkpoint(tmp_path / "a" / "final", out=tmp_path / "x", merge=True)
+
+
+def test_prompt_tuning_peft_round_trip_and_loss_alignment(tmp_path):
+    """Our soft prompt == peft's PROMPT_TUNING on the transformers model (same logits on the text positions); the
+    loss with labels equals the cross-entropy of the returned logits; only the prompt trains."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from optrush.peft.prompt import add_prompt
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    save_model(model, tmp_path / "base")
+    add_prompt(model, num_virtual_tokens=3, init="vocab", seed=0)
+    with torch.no_grad():
+        model.tok_embeddings.prompt.add_(torch.randn(3, model.args.dim) * 0.1)
+    x = ids()
+    ours = logits(model, x)
+    assert ours.shape == (2, T, VOCAB)
+    save_adapter(model, tmp_path / "adapter", base_model_path=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["peft_type"] == "PROMPT_TUNING"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="sdpa")
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=x).logits[:, 3:], ours, rtol=1e-5, atol=1e-5)
+    from optrush.models.io import load_model
+    torch.testing.assert_close(logits(load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter"), x), ours,
+                               rtol=0, atol=0)
+
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100
+    loss = model(x, labels=labels)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ours.flatten(0, 1), labels.flatten()))
+    loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {"tok_embeddings.prompt"}
+    with pytest.raises(ValueError, match="no merged form"):
+        save_merged(model, tmp_path / "merged")
+
+
+def test_prompt_tuning_config_validation(debug_overrides):
+    with pytest.raises(ConfigError, match="data.packing=bfd"):
+        load_config(None, debug_overrides + ["peft.method=prompt_tuning", "peft.save=adapter", "data.packing=bfd"])
+    with pytest.raises(ConfigError, match="peft.save=adapter"):
+        load_config(None, debug_overrides + ["peft.method=prompt_tuning", "data.packing=sorted"])
+    cfg = load_config(None, debug_overrides + ["peft.method=prompt_tuning", "peft.save=adapter", "data.packing=none",
+                                               "peft.num_virtual_tokens=4"])
+    assert cfg.peft.num_virtual_tokens == 4

@@ -1,10 +1,11 @@
-"""Token sampling: greedy, eos stopping, top-k/top-p, seeded reproducibility, eval-mode handling."""
+"""The shared sampler (`next_tokens`) and the no-cache reference decoder: greedy, eos stopping, top-k/top-p,
+seeded reproducibility, eval-mode handling, and the KV-cache decoder drawing the very same tokens."""
 import pytest
 import torch
 from torch import nn
 
 from optrush.generate import generate, generate_text
-from optrush.generate.sample import sample_next
+from optrush.generate.sample import Sampling, next_tokens
 
 VOCAB = 13
 
@@ -72,11 +73,14 @@ def test_seeded_sampling_is_reproducible(model):
 def test_top_k_and_top_p_cut_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample_next(logits, temperature=1.0, generator=gen, **kw)) for _ in range(200)}
-    assert draws(top_k=2, top_p=None) == {0, 1}
-    assert draws(top_k=None, top_p=0.7) == {0, 1}  # 0.5 < 0.7, so token 1 is needed too; 0.8 >= 0.7 stops
-    assert draws(top_k=None, top_p=0.5) == {0}
-    assert draws(top_k=None, top_p=None) == {0, 1, 2, 3}
+    seen = torch.zeros(1, 4, dtype=torch.bool)
+    draws = lambda **kw: {int(next_tokens(logits, seen, Sampling(**kw), gen)) for _ in range(200)}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, so token 1 is needed too; 0.8 >= 0.7 stops
+    assert draws(top_p=0.5) == {0}
+    assert draws() == {0, 1, 2, 3}
+    allowed = torch.tensor([[False, True, False, True]])
+    assert {int(next_tokens(logits, seen, Sampling(), gen, allowed=allowed)) for _ in range(100)} == {1, 3}
 
 
 def test_bad_arguments(model):
@@ -101,3 +105,15 @@ class CharTokenizer:
 
 def test_generate_text():
     assert generate_text(Counter(), CharTokenizer(), "ij", max_new_tokens=10, temperature=0) == "kl"  # l+1 wraps to eos
+
+
+def test_cached_decoder_draws_the_same_tokens_as_the_reference():
+    from optrush.generate.decode import generate_batch
+    from optrush.models import build_model
+    from optrush.models.llama import ModelArgs
+
+    model = build_model(ModelArgs(vocab_size=48, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                  max_seq_len=64), seed=0)
+    kw = dict(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.95, min_p=0.02, repetition_penalty=1.2)
+    reference = generate(model, [3, 9, 4], generator=torch.Generator().manual_seed(5), **kw)
+    assert generate_batch(model, [[3, 9, 4]], generator=torch.Generator().manual_seed(5), **kw) == [reference]

@@ -14,7 +14,8 @@ model's vocabulary, every position trained and no padding, drawn from `train.see
 MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / peak FLOP/s of the device for the matmul precision (bf16
 peak for bf16 modes, twice that for fp8, TF32 for fp32), the formula of `../shared/gpu/baseline-hf.py` (issue #5).
 Peak memory is what PyTorch allocated on the GPU (weights, gradients, optimizer states and activations) since the
-model was built; on CPU it is the process's peak resident memory.
+model was built; on CPU it is the process's peak resident memory (`peak_mem_kind` says which).
+`optrush bench --ladder` (optrush.bench.ladder) runs many configs, each through this function in its own process.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from optrush.models.presets import get_preset
 from optrush.objectives import build_objective
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
+from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distributed, teardown
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
                                 resolve_device, seed_everything)
@@ -39,10 +41,22 @@ from optrush.train.optimizations import apply_optimizations
 
 
 def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name: str = "bench") -> dict:
-    """Run `warmup` + `steps` optimizer steps of `cfg` and return the measurements (JSON-serialisable)."""
+    """Run `warmup` + `steps` optimizer steps of `cfg` and return the measurements (JSON-serialisable). Under
+    torchrun with a parallel.strategy every rank calls it; tokens/s and losses are over all ranks, peak memory
+    is this rank's."""
     if warmup < 1 or steps < 1:
         raise ValueError(f"bench needs warmup >= 1 (the first step compiles) and steps >= 1; got {warmup}, {steps}")
-    device = resolve_device(cfg.train.device)
+    owns_group = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
+    parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
+    try:
+        return measure(cfg, parallel, synthetic=synthetic, warmup=warmup, steps=steps, name=name)
+    finally:
+        if owns_group:
+            teardown()
+
+
+def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int, steps: int, name: str) -> dict:
+    device = parallel.device
     if cfg.precision.mode == "fp8":
         require_float8(device)
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
@@ -55,13 +69,14 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
     if synthetic:
         vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
         model = build(cfg, vocab_size=vocab_size, device=device)
-        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps)
+        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=parallel.rank)
     else:
-        batches, vocab_size = data_batches(cfg, n_steps=n_steps)
+        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=parallel.rank, world_size=parallel.world_size)
         model = build(cfg, vocab_size=vocab_size, device=device)
     model = apply_optimizations(model, cfg)
     objective = build_objective(cfg.objective)
-    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
+                                lora_plus_ratio=cfg.peft.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = precision_context(cfg, device)
     if device.type == "cuda":
@@ -85,16 +100,18 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
 
     timed = batches[warmup:]
     timed_s = sum(seconds[warmup:])
-    tokens = sum(b.input_ids.numel() for step in timed for b in step)
-    real_tokens = tokens - sum(b.num_padding for step in timed for b in step)
+    tokens, padding = all_reduce_sum([sum(b.input_ids.numel() for step in timed for b in step),
+                                      sum(b.num_padding for step in timed for b in step)], device=device)
+    real_tokens = tokens - padding
     flops_per_token = model.flops_per_token(cfg.data.max_length)
     peak_flops = matmul_peak_flops(device, cfg.precision.mode)
     return {
         "name": name,
         "tokens_per_s": tokens / timed_s,
         "real_tokens_per_s": real_tokens / timed_s,
-        "mfu": mfu(tokens / timed_s, flops_per_token, peak_flops),
+        "mfu": mfu(tokens / timed_s / parallel.world_size, flops_per_token, peak_flops),  # per device
         "peak_mem_gib": peak_memory_gib(device),
+        "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "cpu_peak_rss",
         "time_to_first_step_s": seconds[0],
         "step_s": timed_s / steps,
         "setup_s": setup_s,
@@ -107,6 +124,7 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
         "rows": cfg.train.micro_batch_size,
         "seq_len": cfg.data.max_length,
         "grad_accum": cfg.train.grad_accum,
+        "world_size": parallel.world_size,
         "params": model.num_params(),
         "flops_per_token": flops_per_token,
         "peak_flops": peak_flops,
@@ -125,10 +143,11 @@ def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
     return device_peak_flops(device, torch.float32 if mode == "fp32" else torch.bfloat16)
 
 
-def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int) -> list[list[Batch]]:
-    """`n_steps` x `grad_accum` micro-batches of full random rows (`micro_batch_size` x `data.max_length`)."""
+def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int, rank: int = 0) -> list[list[Batch]]:
+    """`n_steps` x `grad_accum` micro-batches of full random rows (`micro_batch_size` x `data.max_length`);
+    each data-parallel rank draws its own."""
     rows, length = cfg.train.micro_batch_size, cfg.data.max_length
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * rank)
     positions = torch.arange(length).expand(rows, length)
     steps = []
     for _ in range(n_steps):
@@ -140,14 +159,16 @@ def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int) -> list[lis
     return steps
 
 
-def data_batches(cfg: Config, *, n_steps: int) -> tuple[list[list[Batch]], int]:
-    """The first `n_steps` steps' micro-batches of the configured data, and the tokenizer's vocabulary size."""
+def data_batches(cfg: Config, *, n_steps: int, rank: int = 0, world_size: int = 1) -> tuple[list[list[Batch]], int]:
+    """This rank's first `n_steps` steps' micro-batches of the configured data, and the tokenizer's vocabulary
+    size."""
     from optrush.data.dataset import build_datasets
     from optrush.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
     examples, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle)
+    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle, rank=rank,
+                         world_size=world_size)
     return [[next(loader) for _ in range(cfg.train.grad_accum)] for _ in range(n_steps)], len(tokenizer)
 
 
@@ -165,12 +186,13 @@ COLUMNS = (  # (header, result key, format)
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per result; a failed run (an `error` key) shows its error instead of numbers."""
+    """One row per result; one that did not run (`status` skipped or failed) shows why instead of numbers."""
     lines = ["| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for result in results:
-        if "error" in result:
-            lines.append(f"| {result['name']} | failed: {result['error'][:120]} |" + " |" * (len(COLUMNS) - 2))
+        if result.get("status", "ok") != "ok":
+            lines.append(f"| {result['name']} | {result['status']}: {result['reason'][:120]} |"
+                         + " |" * (len(COLUMNS) - 2))
             continue
         cells = [("n/a" if result.get(key) is None else fmt(result[key])) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,7 +201,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def report_markdown(results: list[dict], *, title: str = "optrush bench") -> str:
     """A markdown report: the table, then where and how it was measured."""
-    first = next((r for r in results if "error" not in r), None)
+    first = next((r for r in results if r.get("status", "ok") == "ok"), None)
     lines = [f"# {title}", "", markdown_table(results), ""]
     if first is not None:
         p = first["provenance"]

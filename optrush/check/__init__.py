@@ -20,7 +20,9 @@ this order; `--only` picks some):
 | kernels      | each switched-on attention backend / fused kernel / checkpointing / compile   | equivalence.py|
 |              | vs the plain model (and all of them together), ignored labels present        |               |
 | precision    | loss over `--steps` optimizer steps vs the same run in fp32                   | equivalence.py|
-| peft         | a zero-init adapter leaves the logits unchanged (quantized base: n/a, no QLoRA)| runner.py     |
+| peft         | a zero-init adapter leaves the logits unchanged; a quantized base (QLoRA)     | runner.py     |
+|              | dequantizes within its format's bound everywhere, and its forward equals the  |               |
+|              | LoRA forward over the dequantized weights                                     |               |
 | resume       | k steps + checkpoint + restore into fresh objects + k steps vs 2k straight:   | resume.py     |
 |              | batch order, losses, weights                                                  |               |
 | multi_gpu    | n/a until optrush has a multi-GPU strategy                                    | runner.py     |

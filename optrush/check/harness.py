@@ -161,7 +161,8 @@ class Run:
         self.ctx, self.cfg = ctx, cfg
         self.model = model_for(ctx, cfg)
         self.objective = build_objective(cfg.objective)
-        self.optimizer = build_optimizer(self.model, cfg.optim, lr=cfg.train.lr, device_type=ctx.device.type)
+        self.optimizer = build_optimizer(self.model, cfg.optim, lr=cfg.train.lr, device_type=ctx.device.type,
+                                         lora_plus_ratio=cfg.peft.lora_plus_ratio)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.loader = loader_for(ctx, cfg)
         self.autocast = loop.precision_context(cfg, ctx.device)

@@ -8,10 +8,12 @@ A group that raises becomes one failed row carrying the error (a crash is never 
 """
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 from optrush.check.data import check_data, check_truncation
 from optrush.check.equivalence import check_accumulation, check_kernels, check_packing, check_precision
@@ -20,20 +22,23 @@ from optrush.check.numerics import check_numerics
 from optrush.check.report import CheckReport, CheckResult, not_applicable
 from optrush.check.resume import check_resume
 from optrush.config import Config, ConfigError, PeftConfig
+from optrush.peft.lora import LoRALinear
+from optrush.peft.quant import error_bound, quantize_weight
+from optrush.train import loop
 
 DEFAULT_STEPS = 6
 """Optimizer steps of the training checks (precision drift; resume trains half, saves, then the other half)."""
 
 
 def check_peft(ctx: CheckContext) -> list[CheckResult]:
-    """A freshly applied adapter (B = 0) must leave the model's output exactly as it was."""
-    quantized = not_applicable("peft: quantized base dequantizes within bound",
-                               "optrush has no quantized (QLoRA) base weights yet")
+    """A freshly applied adapter (B = 0) must leave the model's output exactly as it was; a quantized base must
+    dequantize within its format's bound and compute what the dequantized weights compute."""
+    quantized = check_quantized(ctx)
     name = "peft: zero-init adapter leaves outputs unchanged"
-    if ctx.cfg.peft.method == "none":
-        return [not_applicable(name, "peft.method=none: no adapter to check"), quantized]
+    if ctx.cfg.peft.method not in ("lora", "dora"):
+        return [not_applicable(name, f"peft.method={ctx.cfg.peft.method}: no LoRA adapter to check"), *quantized]
     base_cfg = plain_config(ctx.cfg)
-    base_cfg.peft = PeftConfig()
+    base_cfg.peft = PeftConfig(quantize=ctx.cfg.peft.quantize)  # the same (quantized) base, without adapters
     batch = next(iter(loader_for(ctx, base_cfg))).to(ctx.device)
 
     @torch.no_grad()
@@ -46,7 +51,53 @@ def check_peft(ctx: CheckContext) -> list[CheckResult]:
     measured = float((adapted - reference).norm() / reference.norm())
     return [CheckResult(name=name, passed=measured <= ctx.tolerance.loss, measured=measured,
                         tolerance=ctx.tolerance.loss, switch_to_turn_off="peft.method=none",
-                        detail="relative L2 difference of the logits on the first batch"), quantized]
+                        detail="relative L2 difference of the logits on the first batch"), *quantized]
+
+
+def check_quantized(ctx: CheckContext) -> list[CheckResult]:
+    """QLoRA vs its reference, one model alive at a time: (1) the unquantized LoRA model, each block weight replaced
+    by quantize -> dequantize of itself, whose error must stay within `quant.error_bound` everywhere; its logits
+    (2) must match the user's quantized model (same seed, same adapters, B made non-zero so they count)."""
+    bound_name = "peft: quantized base dequantizes within bound"
+    forward_name = "peft: QLoRA forward == dequantized-base LoRA forward"
+    method = ctx.cfg.peft.quantize
+    if method == "none":
+        return [not_applicable(n, "peft.quantize=none: the base is not quantized") for n in (bound_name, forward_name)]
+    cfg = plain_config(ctx.cfg)
+    batch = next(iter(loader_for(ctx, cfg))).to(ctx.device)
+    autocast = loop.precision_context(cfg, ctx.device)
+
+    @torch.no_grad()
+    def logits(model) -> torch.Tensor:
+        for name, param in model.named_parameters():  # non-zero B, the same in both models
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        with autocast:
+            return model(batch.input_ids, position_ids=batch.position_ids, document_ids=batch.document_ids).float()
+
+    dense_cfg = copy.deepcopy(cfg)
+    dense_cfg.peft.quantize = "none"
+    dense = model_for(ctx, dense_cfg)
+    worst = 0.0
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if name.startswith("layers.") and isinstance(module, (nn.Linear, LoRALinear)):
+                weight = module.weight
+                dequantized = quantize_weight(weight, method=method).dequantize()
+                error = (dequantized - weight).abs() / error_bound(weight, method=method)
+                worst = max(worst, float(error.max()))
+                weight.copy_(dequantized)
+                if isinstance(module, LoRALinear) and module.lora_magnitude is not None:
+                    module.lora_magnitude.copy_(module.row_norm(dequantized))  # DoRA starts from the base
+    reference = logits(dense)
+    del dense
+    measured = float((logits(model_for(ctx, cfg)) - reference).norm() / reference.norm())
+    return [CheckResult(name=bound_name, passed=worst <= 1.0, measured=worst, tolerance=1.0,
+                        switch_to_turn_off="peft.quantize=none",
+                        detail=f"largest |w - dequantized w| / the {method} format's bound at that weight"),
+            CheckResult(name=forward_name, passed=measured <= ctx.tolerance.loss, measured=measured,
+                        tolerance=ctx.tolerance.loss, switch_to_turn_off="peft.quantize=none",
+                        detail="relative L2 difference of the logits on the first batch")]
 
 
 def check_multi_gpu(ctx: CheckContext) -> list[CheckResult]:

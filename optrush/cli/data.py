@@ -32,6 +32,7 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from optrush.data.dataset import build_datasets
+    from optrush.data.examples import lengths_of
     from optrush.data.stats import format_stats, packing_stats
 
     cfg = config_from_args(args)
@@ -39,7 +40,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     print(report.format())
     print(f"packing at data.max_length={cfg.data.max_length}, train.micro_batch_size={cfg.train.micro_batch_size} "
           f"(configured: data.packing={cfg.data.packing}):")
-    print(format_stats(packing_stats([len(e) for e in train], rows=cfg.train.micro_batch_size,
+    print(format_stats(packing_stats(lengths_of(train), rows=cfg.train.micro_batch_size,
                                      max_length=cfg.data.max_length, seed=cfg.train.seed)))
     return 0
 

@@ -3,12 +3,15 @@
     optrush generate CKPT --prompt "Recipe: Lemon Pasta" [--prompts-file F] [--max-new-tokens 200]
                      [--temperature 0.7 --top-k 40 --top-p 0.9 --min-p 0.05 --repetition-penalty 1.1]
                      [--stop S ...] [--seed 0] [--device cuda]     stream continuations to stdout
+                     [--token-healing] | [--penalty-alpha 0.6 --top-k 4]   healing; contrastive search
     optrush chat CKPT [sampling options]                           a chat on stdin/stdout (chat template)
     optrush average CKPT CKPT ... --out DIR                        arithmetic mean of the weights
     optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
                                                                    perplexity + recipe metrics, markdown report
 
-CKPT is an HF-format directory holding the tokenizer too (a run's final/ or step_N/ directory).
+CKPT is an HF-format directory holding the tokenizer too (a run's final/ or step_N/ directory). Every command
+but average also takes `--adapter DIR [--base BASE]`: a LoRA/DoRA adapter in PEFT format loaded on top of a base
+model (optrush.generate.load); CKPT may then be left out, or be the adapter directory itself.
 """
 from __future__ import annotations
 
@@ -20,11 +23,10 @@ from pathlib import Path
 def _load(args: argparse.Namespace):
     import torch
 
-    from optrush.data.tokenizer import load_tokenizer
-    from optrush.models.io import load_model
+    from optrush.generate.load import load_for_generation
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(args.ckpt, device=device), load_tokenizer(args.ckpt)
+    return load_for_generation(args.ckpt, adapter=args.adapter, base=args.base, device=device)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -49,18 +51,28 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from optrush.generate.decode import generate_texts
+    from optrush.generate.contrastive import contrastive_search
+    from optrush.generate.decode import cut_at_stop, generate_texts
 
+    if args.penalty_alpha is not None and (args.top_k is None or args.token_healing):
+        raise SystemExit("optrush: --penalty-alpha (contrastive search) needs --top-k K and does not combine with "
+                         "--token-healing")
     model, tokenizer = _load(args)
     prompts = _prompts(args)
     for number, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- prompt {number + 1}/{len(prompts)}")
         sys.stdout.write(prompt)
-        # one prompt at a time so that the text streams in order; library users batch with generate_texts
-        generate_texts(model, tokenizer, [prompt], stop=args.stop or (),
-                       on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                       **_sampling_kwargs(args))
+        if args.penalty_alpha is not None:
+            new_ids = contrastive_search(model, tokenizer.encode(prompt), penalty_alpha=args.penalty_alpha,
+                                         top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                         eos_id=tokenizer.eos_token_id)
+            sys.stdout.write(cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), args.stop or ()))
+        else:
+            # one prompt at a time so that the text streams in order; library users batch with generate_texts
+            generate_texts(model, tokenizer, [prompt], stop=args.stop or (), token_healing=args.token_healing,
+                           on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                           **_sampling_kwargs(args))
         sys.stdout.write("\n")
     return 0
 
@@ -107,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate(args.ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
                       samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      device=args.device)
+                      device=args.device, adapter=args.adapter, base=args.base)
     markdown = report_markdown(report)
     print(markdown)
     if args.out:
@@ -117,8 +129,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", nargs="?", default=None,
+                   help="HF-format checkpoint directory with its tokenizer, e.g. runs/x/final (or a PEFT adapter "
+                        "directory); may be left out with --adapter")
+    p.add_argument("--adapter", default=None, help="a LoRA/DoRA adapter directory (PEFT format) to load on top of "
+                                                   "the base model")
+    p.add_argument("--base", default=None, help="the adapter's base model directory (default: CKPT, else the "
+                                                "adapter config's base_model_name_or_path)")
+
+
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="HF-format checkpoint directory with its tokenizer, e.g. runs/x/final")
+    _add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=int, default=None)
@@ -135,6 +157,10 @@ def add_commands(commands) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file of prompts, one a line (\\n = newline)")
     p.add_argument("--stop", action="append", help="stop string (repeatable); the output ends before it")
+    p.add_argument("--penalty-alpha", type=float, default=None,
+                   help="contrastive search with this degeneration penalty in [0, 1] among --top-k candidates")
+    p.add_argument("--token-healing", action="store_true",
+                   help="back off the prompt's last token and make the first new token extend its text")
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("chat", help="chat with a checkpoint through its chat template (stdin lines)")
@@ -143,7 +169,7 @@ def add_commands(commands) -> None:
     p.set_defaults(run=cmd_chat)
 
     p = commands.add_parser("eval", help="perplexity on held-out data and recipe metrics of generated samples")
-    p.add_argument("ckpt", help="HF-format checkpoint directory with its tokenizer")
+    _add_model_arguments(p)
     p.add_argument("--data", required=True, help="held-out JSONL file")
     p.add_argument("--format", default="recipe", help="data.format of the file (default: recipe)")
     p.add_argument("--max-length", type=int, default=2048, help="longer examples are truncated (default: 2048)")

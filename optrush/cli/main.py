@@ -1,10 +1,14 @@
 """The `optrush` command line: the whole surface on one screen.
 
-    optrush train CONFIG [key=value ...]          train (every key of the config can be overridden)
+    optrush train CONFIG [key=value ...] [--nproc N]
+                                                  train (every key of the config can be overridden); --nproc:
+                                                  N processes through torchrun (parallel.strategy ddp/fsdp/hsdp)
     optrush config show CONFIG [key=value ...]    print the resolved config
     optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
+                     [--ladder default|FILE] [--peers [NAMES]] [--out DIR] [--repeats R]
                                                   time training steps: tokens/s, MFU, peak memory, loss
-                                                  (writes <output_dir>/bench.json and bench.md)
+                                                  (writes <output_dir>/bench.json and bench.md); --ladder: each
+                                                  rung, and each peer stack, in its own process (ladder.json/md/png)
     optrush check CONFIG [key=value ...] [--only GROUP ...] [--steps N] [--json PATH]
                                                   equivalence checks of the config's optimizations vs plain
                                                   references (writes <output_dir>/check.json; exit 1 on failure)
@@ -26,6 +30,9 @@
     optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
                                                   a LoRA run's checkpoint (or final/) as a merged HF model or
                                                   a PEFT adapter
+    optrush plan --model M --gpus 1xH100 --seq N [--objective sft] [--peft lora] [--micro-batch N] [--out FILE]
+                 [--measure]                      the fastest configurations that fit (predicted memory and
+                                                  tokens/s), the best as a ready config file
     optrush demo [--out DIR] [--steps N]          the offline recipe demo: data -> tokenizer -> tiny Llama -> samples
     optrush tokenizer train --corpus FILE --vocab-size N --out DIR
 
@@ -37,16 +44,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from optrush.cli.args import add_config_arguments, config_from_args
+from optrush.cli.args import add_config_arguments, config_and_overrides, config_from_args
+from optrush.cli.bench import add_commands as add_bench_commands
 from optrush.cli.data import add_commands as add_data_commands
 from optrush.cli.generate import add_commands as add_generate_commands
+from optrush.cli.plan import add_commands as add_plan_commands
 from optrush.config import ConfigError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from optrush.parallel.launch import launched_by_torchrun, relaunch_with_torchrun
+
+    cfg = config_from_args(args)  # a bad config fails here, before any process is started
+    if args.nproc is not None and not launched_by_torchrun():
+        config, overrides = config_and_overrides(args)
+        return relaunch_with_torchrun(["train", *([config] if config else []), *overrides], nproc=args.nproc,
+                                      cfg=cfg.parallel)
     from optrush.train import train
 
-    train(config_from_args(args))
+    train(cfg)
     return 0
 
 
@@ -54,17 +70,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from optrush.config import to_yaml
 
     print(to_yaml(config_from_args(args)), end="")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from optrush.bench.run import bench, markdown_table, write_report
-
-    cfg = config_from_args(args, synthetic_data=args.synthetic)
-    result = bench(cfg, synthetic=args.synthetic, warmup=args.warmup, steps=args.steps, name=Path(args.config).stem)
-    json_path, md_path = write_report([result], cfg.output_dir)
-    print(markdown_table([result]))
-    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -128,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     p = add_config_arguments(commands.add_parser("train", help="train from a YAML config plus key=value overrides"))
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run N processes on this machine (one per GPU) through torchrun; needs parallel.strategy")
     p.set_defaults(run=cmd_train)
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="config_command",
@@ -135,13 +142,7 @@ def parser() -> argparse.ArgumentParser:
     p = add_config_arguments(config.add_parser("show", help="print the resolved config (defaults, file, overrides)"))
     p.set_defaults(run=cmd_config_show)
 
-    p = add_config_arguments(commands.add_parser(
-        "bench", help="time training steps of a config: tokens/s, MFU, peak memory, loss"))
-    p.add_argument("--synthetic", action="store_true",
-                   help="random full rows of data.max_length tokens instead of the config's data (no data needed)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
-    p.set_defaults(run=cmd_bench)
+    add_bench_commands(commands)
 
     p = add_config_arguments(commands.add_parser(
         "check", help="check that the config's optimizations match plain references"))
@@ -162,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_score)
 
     add_generate_commands(commands)
+    add_plan_commands(commands)
 
     p = commands.add_parser("export", help="export a LoRA checkpoint as a merged HF model or a PEFT adapter")
     p.add_argument("ckpt", help="a LoRA run's checkpoint (runs/x/checkpoints/step_...), its final/ directory, or "

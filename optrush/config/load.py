@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from optrush.config.schema import Config
+from optrush.config.schema import Config, OptimConfig
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,10 @@ def coerce(value: Any, kind: Any, *, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values ({type_name(kind)})")
         return tuple(coerce(v, a, key=key) for v, a in zip(value, args))
+    if kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r}: expected a mapping, e.g. {{rope_type: yarn, factor: 4.0}}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -196,6 +200,11 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     problems += [f"{key}={value}: must be >= 0" for key, value in non_negative.items() if value < 0]
     if cfg.train.lr <= 0:
         problems.append(f"train.lr={cfg.train.lr}: must be > 0")
+    if cfg.train.sample_every < 0 or cfg.train.sample_max_new_tokens < 1:
+        problems.append("train.sample_every must be >= 0 and train.sample_max_new_tokens >= 1")
+    if cfg.train.sample_every > 0 and (not cfg.train.sample_prompts or cfg.objective == "reward"):
+        problems.append("train.sample_every > 0 generates from train.sample_prompts: give at least one prompt, e.g. "
+                        "train.sample_prompts=['Recipe: Soup'], with a language-model objective (not reward)")
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction={cfg.data.eval_fraction}: must be in [0, 1)")
     if cfg.data.eval_path is not None and cfg.data.eval_fraction > 0:
@@ -210,9 +219,12 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
         problems.append("activations.offload=true needs compile.mode=blocks or none: its hooks must run outside "
                         "the compiled graph")
     problems += kernel_problems(cfg)
+    problems += long_context_problems(cfg)
     problems += clean_problems(cfg)
     problems += objective_problems(cfg)
     problems += peft_problems(cfg)
+    problems += optim_problems(cfg)
+    problems += parallel_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -253,12 +265,146 @@ def kernel_problems(cfg: Config) -> list[str]:
     return problems
 
 
+# RoPE scaling types of optrush.models.layers.rope_inv_freq and the keys each one needs (transformers' names)
+ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+                 "yarn": ("factor", "original_max_position_embeddings"),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def long_context_problems(cfg: Config) -> list[str]:
+    """RoPE overrides, MLP chunking and context parallelism out of range or impossible together."""
+    problems = []
+    if cfg.model.rope_scaling is not None:
+        scaling = cfg.model.rope_scaling
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type not in ROPE_REQUIRED:
+            problems.append(f"model.rope_scaling.rope_type={rope_type!r}: expected one of {', '.join(ROPE_REQUIRED)}")
+        elif missing := [k for k in ROPE_REQUIRED[rope_type] if k not in scaling]:
+            problems.append(f"model.rope_scaling (rope_type {rope_type}) needs {', '.join(missing)}")
+    non_negative = {"model.max_seq_len": cfg.model.max_seq_len,
+                    "activations.mlp_chunk_tokens": cfg.activations.mlp_chunk_tokens}
+    problems += [f"{key}={value}: must be >= 0 (0 = off/default)" for key, value in non_negative.items() if value < 0]
+    cp = cfg.context
+    if cp.degree < 1:
+        problems.append(f"context.degree={cp.degree}: must be >= 1 (1 = no context parallelism)")
+    elif cp.degree > 1 and (cfg.data.packing == "bfd" or cfg.model.attention != "sdpa"):
+        problems.append("context.degree > 1 runs causal ring attention over whole rows: set data.packing to none "
+                        "or sorted and model.attention=sdpa (packed document masks are not split across ranks)")
+    if cp.degree > 1 and cfg.objective not in ("causal_lm", "sft"):
+        problems.append(f"context.degree > 1 shards token-level losses: objective={cfg.objective} needs whole "
+                        "sequences on each rank; use causal_lm or sft, or context.degree=1")
+    return problems
+
+
+def parallel_problems(cfg: Config) -> list[str]:
+    """Data-parallel settings that cannot work together. The world size is only known at launch, so
+    optrush.parallel.distributed checks the process-group environment and that `replicate` divides it."""
+    p, problems = cfg.parallel, []
+    if p.strategy == "hsdp" and p.replicate < 2:
+        problems.append(f"parallel.strategy=hsdp needs parallel.replicate >= 2 replica groups (got {p.replicate}); "
+                        "with one group use parallel.strategy=fsdp")
+    if p.strategy != "hsdp" and p.replicate != 1:
+        problems.append(f"parallel.replicate={p.replicate} applies to parallel.strategy=hsdp only; set it to 1")
+    if p.cpu_offload and p.strategy not in ("fsdp", "hsdp"):
+        problems.append("parallel.cpu_offload=true offloads FSDP2 shards: it needs parallel.strategy=fsdp or hsdp")
+    if p.cpu_offload and cfg.train.device == "cpu":
+        problems.append("parallel.cpu_offload=true moves shards between GPU and host: it needs train.device=cuda "
+                        "or auto")
+    if p.strategy == "ddp" and p.reduce_dtype == "bf16" and cfg.train.device == "cpu":
+        problems.append("parallel.reduce_dtype=bf16 under ddp is torch's bf16 all-reduce hook, which needs NCCL "
+                        "(CUDA): use parallel.reduce_dtype=fp32 on CPU, or parallel.strategy=fsdp")
+    if p.strategy in ("fsdp", "hsdp") and cfg.objective == "grpo":
+        problems.append(f"objective=grpo samples a different number of tokens on each rank, and every forward of a "
+                        f"parallel.strategy={p.strategy} model is a collective (all-gather), so ranks would hang: "
+                        "use parallel.strategy=ddp")
+    if p.strategy != "none" and cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
+        problems.append("dpo.reference=precomputed caches the reference log-probs in one file that every rank would "
+                        "write at once (not supported yet): use dpo.reference=copy with a parallel.strategy")
+    if p.strategy in ("fsdp", "hsdp") and cfg.train.sample_every:
+        problems.append("train.sample_every decodes with a KV cache, untested on sharded models (every forward of a "
+                        f"parallel.strategy={p.strategy} model is a collective): set train.sample_every=0 and sample "
+                        "from final/ with `optrush generate`")
+    if p.strategy != "none" and cfg.train.verify:
+        problems.append("train.verify=true runs its checks in one process: run `optrush check CONFIG "
+                        "parallel.strategy=none` before the distributed run and set train.verify=false")
+    return problems
+
+
+def optimizer_problems(o: OptimConfig) -> list[str]:
+    """optim.* values out of range or wrong together (also checked by optrush.optim.build_optimizer)."""
+    problems = []
+    if not all(0 <= b < 1 for b in o.betas) or not 0 <= o.momentum < 1:
+        problems.append(f"optim.betas={list(o.betas)} and optim.momentum={o.momentum}: each must be in [0, 1)")
+    if o.ns_steps < 1:
+        problems.append(f"optim.ns_steps={o.ns_steps}: must be >= 1")
+    if o.fused and o.name != "adamw":
+        problems.append(f"optim.fused=true selects torch's fused AdamW kernel: it applies to optim.name=adamw only, "
+                        f"not {o.name}; set optim.fused=null")
+    if o.fused and o.bf16_update != "plain":
+        problems.append(f"optim.fused=true rounds bf16 weights to nearest: set optim.fused=null to use "
+                        f"optim.bf16_update={o.bf16_update}")
+    if o.name in ("adamw8bit", "adamw4bit", "adafactor") and o.state_dtype is not None:
+        problems.append(f"optim.state_dtype applies to adamw, lion, muon and schedule_free_adamw; {o.name} keeps "
+                        "its own compact state: set optim.state_dtype=null")
+    if o.name in ("adamw8bit", "adamw4bit") and o.bf16_update == "kahan":
+        problems.append(f"optim.bf16_update=kahan is not available with {o.name} (torchao's kernel offers "
+                        "stochastic rounding): use optim.bf16_update=stochastic")
+    if o.name == "adafactor" and o.bf16_update != "plain":
+        problems.append("optim.bf16_update applies to adamw, adamw8bit/4bit, lion, muon and schedule_free_adamw, "
+                        "not adafactor: set optim.bf16_update=plain")
+    return problems
+
+
+def optim_problems(cfg: Config) -> list[str]:
+    """Optimizer settings that clash with the precision, device, schedule or EMA settings."""
+    o, problems = cfg.optim, optimizer_problems(cfg.optim)
+    if o.bf16_update != "plain" and cfg.precision.mode != "bf16_pure":
+        problems.append(f"optim.bf16_update={o.bf16_update} rounds updates into bf16 weights: it needs "
+                        f"precision.mode=bf16_pure (got {cfg.precision.mode}); or set optim.bf16_update=plain")
+    weights = "bf16" if cfg.precision.mode == "bf16_pure" else "fp32"
+    if o.fused and o.name == "adamw" and o.state_dtype not in (None, weights):
+        problems.append(f"optim.fused=true keeps AdamW's moments in the weights' dtype ({weights}): set "
+                        f"optim.fused=null to use optim.state_dtype={o.state_dtype}")
+    if o.offload and cfg.train.device == "cpu":
+        problems.append("optim.offload=true moves optimizer state from the GPU to the CPU: it needs a CUDA device "
+                        "(train.device=cpu); set optim.offload=false")
+    if o.offload and cfg.parallel.strategy != "none":
+        problems.append(f"optim.offload=true is single-GPU (torchao CPUOffloadOptimizer), not for parallel.strategy="
+                        f"{cfg.parallel.strategy}; use parallel.strategy=fsdp with parallel.cpu_offload=true instead")
+    if cfg.parallel.strategy in ("fsdp", "hsdp") and (o.name == "muon" or o.bf16_update == "stochastic"):
+        what = ("optim.name=muon (Newton-Schulz needs each whole matrix)" if o.name == "muon" else
+                "optim.bf16_update=stochastic (written for plain tensors, not sharded DTensors)")
+        problems.append(f"{what} is not supported with parallel.strategy={cfg.parallel.strategy} yet: FSDP shards "
+                        "the weights; use parallel.strategy=ddp or none")
+    if o.offload and o.name == "schedule_free_adamw":
+        problems.append("optim.offload=true cannot switch schedule_free_adamw between its train and eval weights; "
+                        "use another optimizer or optim.offload=false")
+    if o.name == "schedule_free_adamw" and cfg.train.schedule != "constant":
+        problems.append(f"optim.name=schedule_free_adamw replaces the decay schedule: set train.schedule=constant "
+                        f"(train.warmup_steps still applies; got train.schedule={cfg.train.schedule})")
+    if not 0 <= cfg.train.ema_decay < 1:
+        problems.append(f"train.ema_decay={cfg.train.ema_decay}: must be in [0, 1) (0 = no EMA; e.g. 0.999)")
+    if cfg.train.ema_decay and o.name == "schedule_free_adamw":
+        problems.append("train.ema_decay with optim.name=schedule_free_adamw: schedule-free already evaluates an "
+                        "average of its iterates; set train.ema_decay=0")
+    return problems
+
+
 PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def peft_problems(cfg: Config) -> list[str]:
     """LoRA/DoRA settings out of range, and combinations that cannot work."""
     p, problems = cfg.peft, []
+    if p.quantize != "none" and p.method not in ("lora", "dora"):
+        problems.append(f"peft.quantize={p.quantize} quantizes a frozen base under LoRA adapters (QLoRA): set "
+                        f"peft.method=lora or dora (got {p.method}), or peft.quantize=none")
+    if p.quantize != "none" and cfg.parallel.strategy != "none":
+        problems.append(f"peft.quantize={p.quantize} with parallel.strategy={cfg.parallel.strategy} is not supported "
+                        "yet (quantized weights are buffers that data parallelism would replicate or broadcast): "
+                        "use parallel.strategy=none")
+    if p.method == "prompt_tuning":
+        return problems + prompt_tuning_problems(cfg)
     if p.method == "none":
         return problems
     if p.r < 1:
@@ -270,7 +416,11 @@ def peft_problems(cfg: Config) -> list[str]:
     if p.lora_plus_ratio <= 0:
         problems.append(f"peft.lora_plus_ratio={p.lora_plus_ratio}: must be > 0 (1 = plain LoRA)")
     targets = [p.target_modules] if isinstance(p.target_modules, str) else p.target_modules
-    if p.target_modules != "all-linear":
+    if "lm_head" in targets:
+        problems.append("peft.target_modules: lm_head cannot be adapted: the training loss (model.loss_fn, fused "
+                        "or not) reads output.weight directly, so an adapter on the head would be bypassed; remove "
+                        "lm_head (all-linear covers every projection of the blocks)")
+    elif p.target_modules != "all-linear":
         bad = [t for t in targets if t not in PEFT_TARGETS]
         if bad or not targets:
             problems.append(f"peft.target_modules={p.target_modules!r}: use all-linear or a non-empty list of "
@@ -278,6 +428,22 @@ def peft_problems(cfg: Config) -> list[str]:
     if cfg.precision.mode == "fp8":
         problems.append("peft.method=lora/dora with precision.mode=fp8 is not supported yet: the float8 transform "
                         "would replace the adapted linears; use bf16_mixed")
+    return problems
+
+
+def prompt_tuning_problems(cfg: Config) -> list[str]:
+    """Prompt tuning prepends one soft prompt to every row, so a row must hold a single document."""
+    problems = []
+    if cfg.peft.num_virtual_tokens < 1:
+        problems.append(f"peft.num_virtual_tokens={cfg.peft.num_virtual_tokens}: must be >= 1")
+    if cfg.data.packing == "bfd":
+        problems.append("peft.method=prompt_tuning prepends the soft prompt to each row, and data.packing=bfd packs "
+                        "several documents into one row: set data.packing=none or sorted")
+    if cfg.peft.save != "adapter":
+        problems.append(f"peft.method=prompt_tuning cannot be merged into the weights (peft.save={cfg.peft.save}): "
+                        "set peft.save=adapter")
+    if cfg.objective not in ("causal_lm", "sft"):
+        problems.append(f"peft.method=prompt_tuning trains causal_lm or sft objectives, not {cfg.objective}")
     return problems
 
 
@@ -308,9 +474,9 @@ def objective_problems(cfg: Config) -> list[str]:
         if d.label_smoothing > 0 and d.loss not in ("sigmoid", "robust", "simpo"):
             problems.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, robust or simpo, not {d.loss}; "
                             "set dpo.label_smoothing=0")
-        if d.reference == "lora_disabled":
-            problems.append("dpo.reference=lora_disabled (the base model with adapters switched off) is not "
-                            "implemented yet: use dpo.reference=copy or precomputed")
+        if d.reference == "lora_disabled" and cfg.peft.method not in ("lora", "dora"):
+            problems.append(f"dpo.reference=lora_disabled is the model with its adapters switched off: it needs "
+                            f"peft.method=lora or dora (got {cfg.peft.method}); or use dpo.reference=copy")
     if cfg.objective == "grpo":
         g = cfg.grpo
         if cfg.data.format not in ("prompt_completion", "recipe", "chat"):
@@ -324,6 +490,11 @@ def objective_problems(cfg: Config) -> list[str]:
         if g.max_new_tokens < 1 or g.temperature <= 0 or g.clip_eps <= 0 or g.kl_beta < 0:
             problems.append("grpo.max_new_tokens must be >= 1, grpo.temperature and grpo.clip_eps > 0, "
                             "grpo.kl_beta >= 0")
+        if g.updates_per_generation < 1:
+            problems.append(f"grpo.updates_per_generation={g.updates_per_generation}: must be >= 1")
+        if g.reference == "lora_disabled" and cfg.peft.method not in ("lora", "dora"):
+            problems.append(f"grpo.reference=lora_disabled is the model with its adapters switched off: it needs "
+                            f"peft.method=lora or dora (got {cfg.peft.method}); or use grpo.reference=copy")
         if not g.rewards or any(":" not in name for name in g.rewards):
             problems.append(f"grpo.rewards={g.rewards!r}: give one or more 'module:function' import strings, "
                             "e.g. [optrush.objectives.grpo:recipe_format_reward]")

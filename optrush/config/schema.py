@@ -19,6 +19,13 @@ class ModelConfig:
     attention: Literal["sdpa", "flex", "varlen"] = "sdpa"
     """Attention backend. `sdpa`: PyTorch SDPA (packed batches get a dense document-causal mask); `flex`:
     FlexAttention with a document-causal block mask; `varlen`: variable-length attention over packed documents."""
+    rope_scaling: dict | None = None
+    """Override the checkpoint's RoPE scaling to extend its context (transformers' definitions), e.g.
+    `{rope_type: yarn, factor: 4.0, original_max_position_embeddings: 8192}`; rope_type is one of linear (PI),
+    dynamic (NTK, evaluated at `max_seq_len`), yarn, llama3 (+ low_freq_factor, high_freq_factor). null = keep."""
+    max_seq_len: int = 0
+    """Rows of the RoPE tables = the longest trainable sequence (saved as max_position_embeddings); 0 = the
+    checkpoint's or preset's. Raise it with `rope_scaling` to fine-tune beyond the original context."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,26 +149,56 @@ class TrainConfig:
     """Run the eval loop every N steps (0 = only at the end, when eval data exists)."""
     eval_batches: int = 20
     """Micro-batches per evaluation."""
+    sample_every: int = 0
+    """Every N steps, greedily continue `train.sample_prompts` and log the texts (`sample_0`, ...) and their
+    repetition rate (recipe data: also recipe metrics) to the metrics (optrush.generate.evaluate); 0 = off."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts for `train.sample_every`."""
+    sample_max_new_tokens: int = 64
+    """Longest sample of `train.sample_every`, in tokens."""
     verify: bool = False
     """Run the fast subset of `optrush check` (data sanity, numerics, packed == unpacked, accumulation == one
     large batch) on this config before the first step, and stop if any check fails (`optrush.check`)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay (e.g. 0.999) and evaluate and
+    save it instead of the raw weights (optrush.optim.ema); 0 = off."""
 
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw8bit", "adamw4bit", "adafactor", "lion", "muon", "schedule_free_adamw"] = "adamw"
+    """`adamw`; `adamw8bit` / `adamw4bit` (torchao, moments quantised blockwise); `adafactor` (factored second
+    moments; its lr is relative to each weight's RMS); `lion` (sign updates, one buffer; use a 3-10x smaller
+    lr); `muon` (orthogonalised momentum for the hidden matrices, AdamW for the rest); `schedule_free_adamw`
+    (no decay schedule: needs train.schedule=constant). See README "Optimizers"."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas (momentum, second moment); Lion's (interpolation, momentum) betas; schedule-free's beta1 is
+    the interpolation between its average and its iterate."""
     eps: float = 1e-8
     weight_decay: float = 0.0
     """Decoupled weight decay; applied to matrices only (not norms, biases)."""
     fused: bool | None = None
     """Fused AdamW kernel; `null` = on for CUDA, off for CPU."""
+    momentum: float = 0.95
+    """muon: momentum of the Nesterov gradient buffer that is orthogonalised."""
+    ns_steps: int = 5
+    """muon: Newton-Schulz iterations per orthogonalisation."""
+    state_dtype: Literal["fp32", "bf16"] | None = None
+    """Dtype of the optimizer's moment buffers (adamw, lion, muon, schedule_free_adamw); `null` = the weights'
+    dtype (bf16 under precision.mode=bf16_pure). bf16 halves the state memory."""
+    bf16_update: Literal["plain", "kahan", "stochastic"] = "plain"
+    """precision.mode=bf16_pure: how an update is written into the bf16 weights: `plain` rounds to nearest (updates
+    under half a bf16 ulp are lost), `kahan` carries the rounding residue to the next step (2 more bytes per
+    weight), `stochastic` rounds up or down at random, unbiased (adamw8bit/adamw4bit: stochastic only)."""
+    offload: bool = False
+    """Keep optimizer state and the optimizer step on the CPU (torchao CPUOffloadOptimizer; CUDA only)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class PrecisionConfig:
     mode: Literal["fp32", "bf16_mixed", "bf16_pure", "fp8"] = "fp32"
-    """`fp32`; `bf16_mixed`: fp32 weights and optimizer, bf16 autocast compute; `bf16_pure`: bf16 weights;
+    """`fp32`; `bf16_mixed`: fp32 weights and optimizer, bf16 autocast compute; `bf16_pure`: bf16 weights (and
+    optimizer state unless optim.state_dtype=fp32; optim.bf16_update picks plain/kahan/stochastic writes);
     `fp8`: `bf16_mixed` with the block matmuls in float8 (torchao float8 training; needs torchao and a GPU of
     compute capability 8.9+, e.g. H100)."""
     tf32: bool = True
@@ -196,14 +233,29 @@ class ActivationsConfig:
     every: int = 1
     """Checkpoint every k-th block only (1 = all blocks)."""
     offload: bool = False
-    """Keep saved activations in pinned CPU memory during the forward pass."""
+    """Keep what each block saves for backward (its inputs, with `checkpointing: full`) in pinned CPU memory,
+    copied on a side CUDA stream during the forward pass and prefetched one block ahead in backward."""
+    mlp_chunk_tokens: int = 0
+    """Run each MLP over chunks of this many tokens, each chunk checkpointed, so its (tokens x ffn_dim)
+    intermediates never exist for the whole sequence; 0 = off. For very long sequences (e.g. 8192)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ContextConfig:
+    degree: int = 1
+    """Context parallelism: ranks that split each sequence and run ring attention (optrush.parallel.context);
+    1 = off. data.max_length must divide by it (by 2 x degree for the zigzag layout)."""
+    layout: Literal["zigzag", "contiguous"] = "zigzag"
+    """How the sequence is cut: `zigzag` gives rank r chunks r and 2 x degree - 1 - r (equal causal work on
+    every rank); `contiguous` gives rank r the r-th slice (the last rank does the most work)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class PeftConfig:
-    method: Literal["none", "lora", "dora"] = "none"
+    method: Literal["none", "lora", "dora", "prompt_tuning"] = "none"
     """Parameter-efficient fine-tuning: `none` trains every weight; `lora` trains low-rank adapters on
-    `target_modules` (everything else frozen); `dora` adds DoRA's per-output magnitude vector (optrush.peft.lora)."""
+    `target_modules` (everything else frozen); `dora` adds DoRA's per-output magnitude vector (optrush.peft.lora);
+    `prompt_tuning` trains only `num_virtual_tokens` embeddings prepended to every sequence (optrush.peft.prompt)."""
     r: int = 16
     """LoRA rank (columns of B, rows of A)."""
     alpha: float = 32.0
@@ -220,12 +272,37 @@ class PeftConfig:
     paper suggests 16)."""
     save: Literal["merged", "adapter", "both"] = "both"
     """What `<output_dir>/final` holds: the `merged` HF model, the PEFT `adapter` (in `final/adapter`), or both."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Store the frozen base weights of the blocks' linear layers quantized (QLoRA; needs method lora or dora):
+    `nf4` 4-bit NormalFloat with double-quantized scales (4.127 bits/weight), `int8` per-row absmax; dequantized
+    per matmul, computed in the training dtype. Embeddings and the output head stay unquantized
+    (optrush.peft.quant)."""
+    num_virtual_tokens: int = 20
+    """Prompt tuning: learned embeddings prepended to every sequence."""
+    prompt_init: Literal["vocab", "random"] = "vocab"
+    """Prompt tuning: start the virtual tokens from the embeddings of randomly drawn vocabulary tokens (`vocab`,
+    PEFT's SAMPLE_VOCAB) or from normal noise with the embedding table's standard deviation (`random`)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    strategy: Literal["none"] = "none"
-    """Multi-device strategy (`none`: one device)."""
+    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    """Data parallelism over the processes torchrun launches (`optrush train ... --nproc N`): `none` (one
+    device), `ddp` (replicated model, all-reduced gradients), `fsdp` (FSDP2: weights, gradients and optimizer
+    state sharded per transformer block), `hsdp` (FSDP2 within groups of `world / replicate` ranks, replicated
+    across `replicate` groups). See optrush/parallel/fsdp.py."""
+    reshard_after_forward: bool = True
+    """fsdp/hsdp: free each block's gathered weights after its forward and gather them again for backward
+    (ZeRO-3, least memory); false keeps them until backward (ZeRO-2-like: one all-gather fewer per block)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype gradients are reduced in across ranks. The gathered weights' dtype follows precision.mode
+    (bf16 under bf16_mixed/fp8, otherwise the parameters' own)."""
+    replicate: int = 1
+    """hsdp: number of replica groups (e.g. nodes); the shard degree is world size / replicate. Must be > 1 for
+    hsdp and 1 otherwise."""
+    cpu_offload: bool = False
+    """fsdp/hsdp: keep sharded weights, gradients and the optimizer step in CPU memory (FSDP2 CPUOffloadPolicy);
+    needs CUDA."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -267,8 +344,8 @@ class DPOConfig:
     """Assumed probability that a preference label is flipped (sigmoid, robust, simpo); in [0, 0.5)."""
     reference: Literal["copy", "precomputed", "lora_disabled"] = "copy"
     """`copy`: a frozen copy of the starting model; `precomputed`: its log-probs computed once before training
-    and cached in `<output_dir>/reference_logps.pt` (no second model in memory); `lora_disabled`: the base model
-    with its adapters switched off (needs LoRA, issue #6: not available yet)."""
+    and cached in `<output_dir>/reference_logps.pt` (no second model in memory); `lora_disabled`: the trained model
+    with its adapters switched off, i.e. the starting model, at no extra memory (needs peft.method=lora or dora)."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin gamma (in units of beta-scaled average log-prob)."""
 
@@ -288,6 +365,12 @@ class GRPOConfig:
     """Longest sampled completion in tokens."""
     temperature: float = 1.0
     """Sampling temperature (> 0)."""
+    updates_per_generation: int = 1
+    """Optimizer steps trained on each generated batch (TRL's `num_iterations`): > 1 reuses the rollouts with the
+    sampling policy's log-probs stored, so the ratio moves off 1 and the clip binds."""
+    reference: Literal["copy", "lora_disabled"] = "copy"
+    """KL reference: `copy` (a frozen copy of the starting model) or `lora_disabled` (the trained model with its
+    adapters switched off: no second model in memory; needs peft.method=lora or dora)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -307,6 +390,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -10,15 +10,17 @@
     batch = next(loader)
 
 Modules: recipes (synthetic corpus + text template), reader (JSONL/JSON records), sources (Parquet, CSV, text
-folders, saved HF datasets; data.on_error), clean (counted filters, data.clean), neardup (MinHash + LSH),
-clean_report (`optrush data clean`), tokenizer (BPE training, loading), formats (record -> Example), chat (chat
-templates, assistant-only loss), dataset (files -> examples + report), cache (tokenize once, num_proc), pack
+folders, saved and hub HF datasets; data.on_error), clean (counted filters streamed in bounded memory,
+data.clean), neardup (MinHash + LSH), clean_report (`optrush data clean`), tokenizer (BPE training, loading),
+formats (record -> Example), examples (Example and the flat int32 Examples store), chat (chat templates,
+assistant-only loss), dataset (files -> examples + report), cache (tokenize once, num_proc), pack
 (batch planning, collation), stats (padding per strategy), loader (endless resumable stream, prefetch), batch
 (the Batch every consumer sees).
 """
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.data.clean import CleanReport, clean_records, recipe_rules, rules_from_config
 from optrush.data.dataset import DataReport, build_datasets
+from optrush.data.examples import Examples
 from optrush.data.formats import Example, encode_record
 from optrush.data.loader import BatchLoader
 from optrush.data.pack import collate, plan_batches
@@ -27,7 +29,7 @@ from optrush.data.sources import Rejects, iter_records
 from optrush.data.stats import packing_stats
 from optrush.data.recipes import generate_recipes, recipe_completion, recipe_prompt, write_jsonl
 
-__all__ = ["IGNORE_INDEX", "Batch", "BatchLoader", "CleanReport", "DataError", "DataReport", "Example",
+__all__ = ["IGNORE_INDEX", "Batch", "BatchLoader", "CleanReport", "DataError", "DataReport", "Example", "Examples",
            "Rejects", "build_datasets", "clean_records", "collate", "encode_record", "generate_recipes",
            "iter_records", "packing_stats", "plan_batches", "read_json", "read_jsonl", "read_records",
            "recipe_completion", "recipe_prompt", "recipe_rules", "rules_from_config", "write_jsonl"]

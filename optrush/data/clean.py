@@ -1,48 +1,83 @@
 """Record cleaning: composable rules that count what they drop and keep a few dropped examples to show.
 
-    kept, report = clean_records(records)                      # the default recipe rules
+    kept, report = clean_records(records)                      # the default recipe rules, records in memory
     kept, report = clean_records(records, rules=[NonEmpty(fields=("text",)), ExactDuplicates()])
-    kept, report = clean_records(records, rules=rules_from_config(cfg.data, tokenizer))   # data.clean.*
-    print(report.format())
+    cleaner = Cleaner(rules_from_config(cfg.data, tokenizer))   # data.clean.*, streamed from a file
+    cleaner.fit(lambda: (record for _, record in iter_records(path)))
+    for where, record in cleaner.filter(iter_records(path), record=itemgetter(1)): ...
+    print(cleaner.report().format())
 
-A rule has a `name`, `fit(records)` (a first pass over the records that reached it, for rules that need corpus
-statistics such as ingredient frequencies) and `reject(record) -> reason | None`. Rules run as stages in the
-given order: each sees only the records the previous ones kept, and each dropped record is counted under the first
-rule that rejected it. Nothing is dropped without being counted.
+A rule has a `name`, `reject(index, record) -> reason | None` (`index`: the record's position in the stream, the
+same on every pass) and, when it needs corpus statistics (`needs_fit`: ingredient frequencies, duplicate hashes,
+MinHash signatures), `fit(pairs)`: one pass over the (index, record) pairs that reach it. Rules run as stages in
+the given order: each sees only the records the previous ones kept, and each dropped record is counted under the
+first rule that rejected it. Nothing is dropped without being counted.
+
+Memory stays bounded however large the corpus: `Cleaner` makes one pass over a re-readable stream for each rule
+that needs fitting (it sees the survivors of the rules before it) and keeps only compact per-record state (a
+16-byte hash per record for exact duplicates, a MinHash signature for near duplicates, a token count, counts per
+vocabulary item), then filters in a last pass that streams records on to tokenization.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from itertools import islice
+from typing import Protocol, TypeVar
+
+import numpy as np
 
 from optrush.config.schema import DataConfig
 from optrush.data.reader import DataError
 
+Item = TypeVar("Item")
+
 
 class Rule(Protocol):
     name: str
+    needs_fit: bool
 
-    def fit(self, records: Sequence[dict]) -> None: ...
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None: ...
 
-    def reject(self, record: dict) -> str | None: ...
+    def reject(self, index: int, record: dict) -> str | None: ...
 
 
-class NonEmpty:
+class RecordRule:
+    """Base of the rules that judge each record on its own (no corpus statistics, no fit pass)."""
+    needs_fit = False
+
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
+        pass
+
+
+class IndexSet:
+    """A set of stream positions as a bool array (one byte per position up to the largest member)."""
+
+    def __init__(self, indices: np.ndarray):
+        indices = np.asarray(indices, dtype=np.int64)
+        self.bits = np.zeros(int(indices.max()) + 1 if len(indices) else 0, dtype=bool)
+        self.bits[indices] = True
+
+    def __contains__(self, index: int) -> bool:
+        return index < len(self.bits) and bool(self.bits[index])
+
+    def __len__(self) -> int:
+        return int(self.bits.sum())
+
+
+class NonEmpty(RecordRule):
     """Drop records where a field is missing, blank, or an empty list."""
     name = "empty"
 
     def __init__(self, *, fields: Sequence[str] = ("title", "ingredients", "directions")):
         self.fields = tuple(fields)
 
-    def fit(self, records: Sequence[dict]) -> None:
-        pass
-
-    def reject(self, record: dict) -> str | None:
+    def reject(self, index: int, record: dict) -> str | None:
         for name in self.fields:
             value = record.get(name)
             if value is None:
@@ -53,25 +88,32 @@ class NonEmpty:
 
 
 class ExactDuplicates:
-    """Keep the first of records that are equal field for field (16-byte digests keep memory small)."""
+    """Keep the first of records that are equal field for field. The fit pass keeps a 16-byte digest per record
+    (numpy, not Python objects) and sorts them once; later copies are then looked up by stream position."""
     name = "duplicate"
+    needs_fit = True
 
     def __init__(self):
-        self.seen: set[bytes] = set()
+        self.duplicates = IndexSet(np.zeros(0, dtype=np.int64))
 
-    def fit(self, records: Sequence[dict]) -> None:
-        self.seen = set()
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
+        indices = array("q")
+        digests = bytearray()
+        for index, record in records:
+            indices.append(index)
+            digests += hashlib.blake2b(json.dumps(record, sort_keys=True, ensure_ascii=False).encode(),
+                                       digest_size=16).digest()
+        keys = np.frombuffer(bytes(digests), dtype="V16")
+        order = np.argsort(keys, kind="stable")  # stable: the first of equal digests is the earliest record
+        ranked = keys[order]
+        later = order[1:][ranked[1:] == ranked[:-1]]
+        self.duplicates = IndexSet(np.frombuffer(indices, dtype=np.int64)[later])
 
-    def reject(self, record: dict) -> str | None:
-        digest = hashlib.blake2b(json.dumps(record, sort_keys=True, ensure_ascii=False).encode(),
-                                 digest_size=16).digest()
-        if digest in self.seen:
-            return "same as an earlier record"
-        self.seen.add(digest)
-        return None
+    def reject(self, index: int, record: dict) -> str | None:
+        return "same as an earlier record" if index in self.duplicates else None
 
 
-class TooLong:
+class TooLong(RecordRule):
     """Drop records with more than `max_chars` characters of text or more than `max_steps` items in
     `steps_field` (for recipes: direction steps)."""
     name = "too_long"
@@ -79,10 +121,7 @@ class TooLong:
     def __init__(self, *, max_chars: int = 12_000, max_steps: int = 100, steps_field: str = "directions"):
         self.max_chars, self.max_steps, self.steps_field = max_chars, max_steps, steps_field
 
-    def fit(self, records: Sequence[dict]) -> None:
-        pass
-
-    def reject(self, record: dict) -> str | None:
+    def reject(self, index: int, record: dict) -> str | None:
         steps = record.get(self.steps_field)
         if isinstance(steps, list) and len(steps) > self.max_steps:
             return f"{len(steps)} {self.steps_field} > {self.max_steps}"
@@ -96,24 +135,25 @@ class RareVocabulary:
     """Drop records that use an item of `field` (for recipes: the NER ingredient names) found in fewer than
     `min_count` records of the corpus: typos, made-up or one-off items a model cannot learn."""
     name = "rare_vocabulary"
+    needs_fit = True
 
     def __init__(self, *, min_count: int = 2, field: str = "NER"):
         self.min_count, self.field = min_count, field
         self.counts: Counter[str] = Counter()
 
-    def fit(self, records: Sequence[dict]) -> None:
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
         self.counts = Counter()
-        for record in records:
+        for _, record in records:
             self.counts.update(set(record.get(self.field) or ()))
 
-    def reject(self, record: dict) -> str | None:
+    def reject(self, index: int, record: dict) -> str | None:
         for item in record.get(self.field) or ():
             if self.counts[item] < self.min_count:
                 return f"{item!r} is in {self.counts[item]} record(s) < {self.min_count}"
         return None
 
 
-class Pattern:
+class Pattern(RecordRule):
     """Drop records whose text (`record_text`) matches any of the regular expressions."""
     name = "pattern"
 
@@ -126,10 +166,7 @@ class Pattern:
                 raise DataError(f"data.clean.drop_patterns: {pattern!r} is not a valid regular expression "
                                 f"({err})") from None
 
-    def fit(self, records: Sequence[dict]) -> None:
-        pass
-
-    def reject(self, record: dict) -> str | None:
+    def reject(self, index: int, record: dict) -> str | None:
         text = record_text(record)
         for pattern in self.patterns:
             if match := pattern.search(text):
@@ -137,7 +174,7 @@ class Pattern:
         return None
 
 
-class Charset:
+class Charset(RecordRule):
     """Drop records holding a character outside `chars`, a regex character class such as `[\\x00-\\x7f]`."""
     name = "charset"
 
@@ -149,27 +186,22 @@ class Charset:
             raise DataError(f"data.clean.charset={chars!r} is not a valid regex character class ({err}); "
                             "write e.g. [\\x00-\\x7f]") from None
 
-    def fit(self, records: Sequence[dict]) -> None:
-        pass
-
-    def reject(self, record: dict) -> str | None:
+    def reject(self, index: int, record: dict) -> str | None:
         if match := self.outside.search(record_text(record)):
             return f"character {match.group()!r} (U+{ord(match.group()):04X}) is outside the charset"
         return None
 
 
-class Bounds:
-    """Drop records whose measure (characters, list items, tokens) is below `low` or above `high` (0: no bound)."""
+class Bounds(RecordRule):
+    """Drop records whose measure (characters, list items) is below `low` or above `high` (0: no bound)."""
 
-    def __init__(self, *, name: str, unit: str, measure, low: int = 0, high: int = 0, prepare=None):
-        self.name, self.unit, self.measure, self.low, self.high, self.prepare = name, unit, measure, low, high, prepare
+    def __init__(self, *, name: str, unit: str, measure: Callable[[dict], int], low: int = 0, high: int = 0):
+        self.name, self.unit, self.measure, self.low, self.high = name, unit, measure, low, high
 
-    def fit(self, records: Sequence[dict]) -> None:
-        if self.prepare is not None:
-            self.prepare(records)
+    def reject(self, index: int, record: dict) -> str | None:
+        return self.check(self.measure(record))
 
-    def reject(self, record: dict) -> str | None:
-        value = self.measure(record)
+    def check(self, value: int) -> str | None:
         if self.low and value < self.low:
             return f"{value} {self.unit} < {self.low}"
         if self.high and value > self.high:
@@ -177,19 +209,27 @@ class Bounds:
         return None
 
 
-class TokenCounter:
-    """Token counts of records as `data.format` renders them (BOS included, as `len(example)` counts), computed in
-    batched tokenizer calls by `prepare` and looked up by record identity."""
+class TokenBounds(Bounds):
+    """Bounds on the token count of records as `data.format` renders them (BOS included, as `len(example)`
+    counts). The fit pass counts them in batched tokenizer calls and keeps one int32 per record."""
+    needs_fit = True
 
-    def __init__(self, *, cfg: DataConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.counts: dict[int, int] = {}
+    def __init__(self, *, cfg: DataConfig, tokenizer, low: int = 0, high: int = 0, chunk: int = 1024):
+        super().__init__(name="tokens", unit="tokens", measure=len, low=low, high=high)
+        self.cfg, self.tokenizer, self.chunk = cfg, tokenizer, chunk
+        self.counts = np.zeros(0, dtype=np.int32)
 
-    def prepare(self, records: Sequence[dict]) -> None:
-        self.counts = dict(zip(map(id, records), token_lengths(records, cfg=self.cfg, tokenizer=self.tokenizer)))
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
+        records = iter(records)
+        indices, lengths = array("q"), array("q")
+        while batch := list(islice(records, self.chunk)):
+            indices.extend(index for index, _ in batch)
+            lengths.extend(token_lengths([record for _, record in batch], cfg=self.cfg, tokenizer=self.tokenizer))
+        self.counts = np.full(max(indices, default=-1) + 1, -1, dtype=np.int32)
+        self.counts[np.frombuffer(indices, dtype=np.int64)] = np.frombuffer(lengths, dtype=np.int64)
 
-    def __call__(self, record: dict) -> int:
-        return self.counts[id(record)]
+    def reject(self, index: int, record: dict) -> str | None:
+        return self.check(int(self.counts[index]))
 
 
 def token_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer, chunk: int = 1024) -> list[int]:
@@ -234,9 +274,7 @@ def rules_from_config(cfg: DataConfig, tokenizer=None) -> list[Rule]:
     if c.min_tokens or c.max_tokens:
         if tokenizer is None:
             raise ValueError("data.clean.min_tokens/max_tokens need a tokenizer")
-        counter = TokenCounter(cfg=cfg, tokenizer=tokenizer)
-        rules.append(Bounds(name="tokens", unit="tokens", measure=counter, low=c.min_tokens, high=c.max_tokens,
-                            prepare=counter.prepare))
+        rules.append(TokenBounds(cfg=cfg, tokenizer=tokenizer, low=c.min_tokens, high=c.max_tokens))
     if c.dedup:
         rules.append(ExactDuplicates())
     if c.near_dedup:
@@ -277,29 +315,59 @@ class CleanReport:
                 "examples": {k: list(v) for k, v in self.examples.items()}}
 
 
+class Cleaner:
+    """Rules as stages over a re-readable stream of records, in bounded memory (see the module docstring).
+
+    `fit(open_records)` makes one pass per rule that needs fitting (`open_records()` must yield the same records
+    in the same order every time); `filter(items)` then yields the items whose record passes every rule, counting
+    the rest per rule; `report()` is complete once that stream is exhausted."""
+
+    def __init__(self, rules: Sequence[Rule], *, keep_examples: int = 3):
+        self.rules, self.keep_examples = list(rules), keep_examples
+        self.total = self.kept = 0
+        self.dropped = {rule.name: 0 for rule in self.rules}
+        self.examples: dict[str, list[str]] = {rule.name: [] for rule in self.rules}
+
+    def fit(self, open_records: Callable[[], Iterable[dict]]) -> None:
+        for k, rule in enumerate(self.rules):
+            if rule.needs_fit:
+                rule.fit(self._survivors(open_records(), self.rules[:k]))
+
+    @staticmethod
+    def _survivors(records: Iterable[dict], rules: Sequence[Rule]) -> Iterator[tuple[int, dict]]:
+        for index, record in enumerate(records):
+            if all(rule.reject(index, record) is None for rule in rules):
+                yield index, record
+
+    def filter(self, items: Iterable[Item], *, record: Callable[[Item], dict] = lambda item: item) -> Iterator[Item]:
+        for index, item in enumerate(items):
+            self.total += 1
+            values = record(item)
+            for rule in self.rules:
+                reason = rule.reject(index, values)
+                if reason is not None:
+                    self.dropped[rule.name] += 1
+                    shown = self.examples[rule.name]
+                    if len(shown) < self.keep_examples:
+                        shown.append(f"{preview(values)}: {reason}")
+                    break
+            else:
+                self.kept += 1
+                yield item
+
+    def report(self) -> CleanReport:
+        return CleanReport(total=self.total, kept=self.kept, dropped=dict(self.dropped),
+                           examples={name: list(shown) for name, shown in self.examples.items()})
+
+
 def clean_records(records: Sequence[dict], *, rules: Sequence[Rule] | None = None,
                   keep_examples: int = 3) -> tuple[list[dict], CleanReport]:
-    """Apply `rules` (default: `recipe_rules()`) as stages; returns (kept records in input order, report)."""
-    rules = recipe_rules() if rules is None else list(rules)
-    kept = list(records)
-    dropped: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    for rule in rules:
-        rule.fit(kept)
-        survivors = []
-        shown = examples.setdefault(rule.name, [])
-        count = 0
-        for record in kept:
-            reason = rule.reject(record)
-            if reason is None:
-                survivors.append(record)
-                continue
-            count += 1
-            if len(shown) < keep_examples:
-                shown.append(f"{preview(record)}: {reason}")
-        dropped[rule.name] = dropped.get(rule.name, 0) + count
-        kept = survivors
-    return kept, CleanReport(total=len(records), kept=len(kept), dropped=dropped, examples=examples)
+    """Apply `rules` (default: `recipe_rules()`) as stages to records in memory; returns (kept records in input
+    order, report)."""
+    cleaner = Cleaner(recipe_rules() if rules is None else rules, keep_examples=keep_examples)
+    cleaner.fit(lambda: records)
+    kept = list(cleaner.filter(records))
+    return kept, cleaner.report()
 
 
 def text_length(record: dict) -> int:

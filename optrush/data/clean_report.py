@@ -10,12 +10,15 @@ same rules (`optrush.data.dataset.build_datasets`), so what the report shows is 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
 from optrush.config.schema import DataConfig
-from optrush.data.clean import CleanReport, clean_records, rules_from_config, token_lengths
+from optrush.data.clean import Cleaner, CleanReport, rules_from_config, token_lengths
 from optrush.data.dataset import numbered_records
 from optrush.data.reader import DataError
 from optrush.data.sources import decode_json_columns
@@ -24,33 +27,43 @@ from optrush.data.recipes import write_jsonl
 
 def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examples: int = 3) -> dict[str, Path]:
     """Clean `cfg.path` with `cfg.clean` and write {"data", "markdown", "json", "histogram"} under `out_dir`.
-    Raises DataError (after writing the report) when the rules leave no record."""
+    Raises DataError (after writing the report) when the rules leave no record. Records are streamed (one pass
+    for the token lengths, one per rule that needs fitting, one that writes the kept records): memory holds a
+    token count per record, not the records."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the data file to clean, e.g. data.path=train.jsonl")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = [record for _, record in decode_json_columns(numbered_records(cfg.path), cfg.json_columns)]
-    before = token_lengths(records, cfg=cfg, tokenizer=tokenizer)
-    length_of = dict(zip(map(id, records), before))
+
+    def records() -> Iterator[dict]:
+        return (record for _, record in decode_json_columns(numbered_records(cfg.path), cfg.json_columns))
+
+    stream = records()
+    before = np.asarray([n for chunk in iter(lambda: list(islice(stream, 4096)), [])
+                         for n in token_lengths(chunk, cfg=cfg, tokenizer=tokenizer)], dtype=np.int64)
     rules = rules_from_config(cfg, tokenizer)
-    kept, report = clean_records(records, rules=rules, keep_examples=keep_examples)
-    after = [length_of[id(record)] for record in kept]
+    cleaner = Cleaner(rules, keep_examples=keep_examples)
+    cleaner.fit(records)
+    kept_at: list[int] = []
     paths = {"data": out / f"{Path(cfg.path).stem}.clean.jsonl", "markdown": out / "report.md",
              "json": out / "report.json", "histogram": out / "token_lengths.png"}
-    write_jsonl(kept, paths["data"])
+    kept = cleaner.filter(enumerate(records()), record=itemgetter(1))
+    write_jsonl((kept_at.append(index) or record for index, record in kept), paths["data"])
+    report = cleaner.report()
+    after = before[np.asarray(kept_at, dtype=np.int64)]
     summary = {"source": str(cfg.path), "rules": [rule.name for rule in rules], **report.as_dict(),
                "tokens_before": length_stats(before), "tokens_after": length_stats(after)}
     paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     paths["markdown"].write_text(markdown(summary, report, histogram=paths["histogram"].name))
     plot_histograms(before, after, paths["histogram"])
-    if not kept:
+    if not report.kept:
         raise DataError(f"data.clean dropped every record of {cfg.path}:\n{report.format()}\nloosen the data.clean "
                         f"rules that dropped the most (report: {paths['markdown']})")
     return paths
 
 
-def length_stats(lengths: list[int]) -> dict:
-    if not lengths:
+def length_stats(lengths: np.ndarray) -> dict:
+    if not len(lengths):
         return {"count": 0}
     a = np.asarray(lengths)
     return {"count": len(a), "mean": round(float(a.mean()), 1), "p50": int(np.percentile(a, 50)),
@@ -80,14 +93,14 @@ def markdown(summary: dict, report: CleanReport, *, histogram: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_histograms(before: list[int], after: list[int], path: Path) -> None:
+def plot_histograms(before: np.ndarray, after: np.ndarray, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    top = max(before, default=1)
+    top = int(before.max()) if len(before) else 1
     bins = np.linspace(0, top, 60)
     ax.hist(before, bins=bins, alpha=0.5, label=f"before ({len(before):,})")
     ax.hist(after, bins=bins, alpha=0.5, label=f"after ({len(after):,})")

@@ -3,23 +3,29 @@
     train, evals, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     print(report.format())
 
-Reads `data.path` (JSONL, JSON, Parquet, CSV, a text folder or a saved HF dataset: `optrush.data.sources`; bad
-rows raise or, with `data.on_error=skip`, go to a rejects file), applies the `data.clean` rules to the training
-records when any is on (`optrush.data.clean`; counted per rule; an error when none is left), turns every record
-into an `Example` (`optrush.data.formats`, or `optrush.data.chat` for `data.format=chat`; tokenized in chunks with
-the fast tokenizer's batch call, over `data.num_proc` processes), applies `data.too_long` to examples longer than
-`data.max_length` (truncate / drop / error; always counted), then takes the evaluation examples from
-`data.eval_path`, or holds out `data.eval_fraction` of the training examples (chosen by `seed`, so the split is
-the same on every run and every rank). Raises `DataError` when no training example is left. With
+Reads `data.path` (JSONL, JSON, Parquet, CSV, a text folder, a saved HF dataset or a hub dataset:
+`optrush.data.sources`; bad rows raise or, with `data.on_error=skip`, go to a rejects file), applies the
+`data.clean` rules to the training records when any is on (`optrush.data.clean`; counted per rule; an error when
+none is left), turns every record into an `Example` (`optrush.data.formats`, or `optrush.data.chat` for
+`data.format=chat`; tokenized in chunks with the fast tokenizer's batch call, over `data.num_proc` processes),
+applies `data.too_long` to examples longer than `data.max_length` (truncate / drop / error; always counted), then
+takes the evaluation examples from `data.eval_path`, or holds out `data.eval_fraction` of the training examples
+(chosen by `seed`, so the split is the same on every run and every rank). Raises `DataError` when no training example is left. With
 `data.cache_dir`, a source's examples and counts are read from the tokenize-once cache when its key matches
 (`optrush.data.cache`).
+
+Memory is bounded by the tokens, not the records: records are streamed (the cleaning rules that need corpus
+statistics re-read the source, one pass each), and examples are stored as flat int32 arrays, about 8 bytes per
+token (`optrush.data.examples.Examples`, which `build_datasets` returns for train and eval).
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +33,15 @@ import numpy as np
 from optrush.config.schema import DataConfig
 from optrush.data import cache
 from optrush.data.chat import chat_segments, segments_example
-from optrush.data.clean import CleanReport, clean_records, rules_from_config
-from optrush.data.formats import Example, build_example, render, special_ids
+from optrush.data.clean import Cleaner, CleanReport, rules_from_config
+from optrush.data.examples import Example, Examples
+from optrush.data.formats import build_example, render, special_ids
 from optrush.data.reader import DataError
-from optrush.data.sources import Rejects, decode_json_columns, iter_records
+from optrush.data.sources import Rejects, decode_json_columns, iter_records, parse_hub_path
 
 CHUNK_RECORDS = 1024
+IN_FLIGHT_PER_PROCESS = 2
+"""data.num_proc: chunks submitted ahead per worker process (bounds the records held in flight)."""
 
 
 @dataclass
@@ -101,7 +110,7 @@ class DataReport:
                 "clean": None if self.clean is None else self.clean.as_dict()}
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[list[Example], list[Example], DataReport]:
+def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, Examples, DataReport]:
     """(train examples, eval examples, report); see the module docstring."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
@@ -116,22 +125,24 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[list[Examp
     elif cfg.eval_fraction > 0:
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
-        evals = []
+        evals = Examples.from_examples([])
     if not train:
         dropped = ", ".join(f"{reason} {count}" for reason, count in train_tally.dropped.items()) or "none"
         raise DataError(f"no training examples left from {cfg.path}: read {train_tally.records} records, dropped "
                         f"{dropped}, held out {len(evals)} for eval; check the file, data.format, data.max_length "
                         "(or data.too_long=truncate) and data.eval_fraction")
     report = DataReport(train=train_tally, eval=eval_tally, train_examples=len(train), eval_examples=len(evals),
-                        max_length=cfg.max_length, too_long=cfg.too_long, tokens=sum(len(e) for e in train),
-                        trained_tokens=sum(e.num_trained for e in train), clean=clean_report)
+                        max_length=cfg.max_length, too_long=cfg.too_long, tokens=train.num_tokens,
+                        trained_tokens=train.num_trained, clean=clean_report)
     return train, evals, report
 
 
 def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally, rules: list,
-                  rejects_path: str | None) -> tuple[list[Example], CleanReport | None]:
+                  rejects_path: str | None) -> tuple[Examples, CleanReport | None]:
     """Examples of one data source, after the cleaning `rules` (when any), with data.on_error applied; counts into
-    `tally`. Returns (examples, cleaning report or None)."""
+    `tally`. Returns (examples, cleaning report or None). Records are streamed: cleaning rules that need corpus
+    statistics read the source once more each (`optrush.data.clean.Cleaner`), and tokenized examples go straight
+    into flat arrays (`optrush.data.examples.Examples`)."""
     key = None
     if cfg.cache_dir is not None:
         key = cache.cache_key(path, cfg=cfg, tokenizer=tokenizer)
@@ -144,19 +155,29 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
             return examples, None if meta["clean"] is None else CleanReport(**meta["clean"])
     rejects = None
     if cfg.on_error == "skip":
-        tally.rejects_path = rejects_path or f"{path}.rejects.jsonl"
+        hub = parse_hub_path(path)
+        tally.rejects_path = rejects_path or (hub.rejects_name if hub else f"{path}.rejects.jsonl")
         rejects = Rejects(tally.rejects_path)
     try:
-        numbered = iter_records(path, rejects=rejects)
-        if cfg.json_columns:
-            numbered = decode_json_columns(numbered, cfg.json_columns, rejects)
-        report = None
+        numbered = read_source(path, cfg=cfg, rejects=rejects)
+        cleaner = None
         if rules:
-            numbered, report = clean_numbered(numbered, path=path, rules=rules)
+            cleaner = Cleaner(rules)
+            # fit passes: bad rows are recorded once, by the final pass, so these passes ignore them
+            ignore = _Ignore() if rejects is not None else None
+            cleaner.fit(lambda: map(itemgetter(1), read_source(path, cfg=cfg, rejects=ignore)))
+            numbered = cleaner.filter(numbered, record=itemgetter(1))
         if cfg.num_proc > 1:
             examples = encode_parallel(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects)
         else:
-            examples = list(encode_records(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects))
+            examples = Examples.from_examples(encode_records(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally,
+                                                             rejects=rejects))
+        report = None
+        if cleaner is not None:
+            report = cleaner.report()
+            if not report.kept:
+                raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the "
+                                "data.clean rules that dropped the most")
     finally:
         if rejects is not None:
             rejects.close()
@@ -169,6 +190,19 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
         cache.save(cfg.cache_dir, key, examples, meta)
         tally.cache = "written"
     return examples, report
+
+
+def read_source(path: str | Path, *, cfg: DataConfig, rejects) -> Iterator[tuple[str, dict]]:
+    """(where, record) pairs of a data source with data.json_columns decoded; bad rows go to `rejects`."""
+    numbered = iter_records(path, rejects=rejects)
+    return decode_json_columns(numbered, cfg.json_columns, rejects) if cfg.json_columns else numbered
+
+
+class _Ignore:
+    """A Rejects stand-in that drops what it is given (the cleaning fit passes re-read rows already recorded)."""
+
+    def add(self, where: str, error: str, row: object = None) -> None:
+        pass
 
 
 class _Collect:
@@ -188,44 +222,47 @@ def _init_worker(cfg: DataConfig, tokenizer, skip: bool) -> None:
     _WORKER.update(cfg=cfg, tokenizer=tokenizer, skip=skip)
 
 
-def _encode_chunk(chunk: list[tuple[str, dict]]) -> tuple[list[Example], Tally, list]:
+def _encode_chunk(chunk: list[tuple[str, dict]]) -> tuple[Examples, Tally, list]:
     tally, collect = Tally(path=""), _Collect()
-    examples = list(encode_records(chunk, cfg=_WORKER["cfg"], tokenizer=_WORKER["tokenizer"], tally=tally,
-                                   rejects=collect if _WORKER["skip"] else None))
+    examples = Examples.from_examples(encode_records(chunk, cfg=_WORKER["cfg"], tokenizer=_WORKER["tokenizer"],
+                                                     tally=tally, rejects=collect if _WORKER["skip"] else None))
     return examples, tally, collect.rows
 
 
-def encode_parallel(numbered, *, cfg: DataConfig, tokenizer, tally: Tally, rejects: Rejects | None) -> list[Example]:
-    """`encode_records` over `cfg.num_proc` processes, chunk by chunk, in order (same examples, same counts)."""
+def encode_parallel(numbered, *, cfg: DataConfig, tokenizer, tally: Tally, rejects: Rejects | None) -> Examples:
+    """`encode_records` over `cfg.num_proc` processes, chunk by chunk, in order (same examples, same counts).
+    At most IN_FLIGHT_PER_PROCESS chunks per process are submitted ahead (`bounded_map`), so the records read but
+    not yet tokenized stay bounded; workers send back flat arrays (cheap to pickle), joined once at the end."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     numbered = iter(numbered)
     chunks = iter(lambda: list(islice(numbered, CHUNK_RECORDS)), [])
-    examples: list[Example] = []
+    parts: list[Examples] = []
     # fork: workers inherit the loaded tokenizer and modules instead of importing torch again
     with ProcessPoolExecutor(cfg.num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
                              initargs=(cfg, tokenizer, rejects is not None)) as pool:
-        for part, part_tally, bad in pool.map(_encode_chunk, chunks):
-            examples += part
+        for part, part_tally, bad in bounded_map(pool, _encode_chunk, chunks,
+                                                 ahead=IN_FLIGHT_PER_PROCESS * cfg.num_proc):
+            parts.append(part)
             tally.records += part_tally.records
             tally.truncated += part_tally.truncated
             tally.dropped.update(part_tally.dropped)
             for row in bad:
                 rejects.add(*row)
-    return examples
+    return Examples.concat(parts)
 
 
-def clean_numbered(numbered, *, path: str | Path, rules: list) -> tuple[list[tuple[str, dict]], CleanReport]:
-    """(where, record) pairs that pass `rules`, in file order, and the report. Raises DataError, with the per-rule
-    counts, when no record is left."""
-    numbered = list(numbered)
-    kept, report = clean_records([record for _, record in numbered], rules=rules)
-    if not kept:
-        raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the data.clean "
-                        "rules that dropped the most")
-    survivors = {id(record) for record in kept}
-    return [(where, record) for where, record in numbered if id(record) in survivors], report
+def bounded_map(pool: Executor, fn, items, *, ahead: int) -> Iterator:
+    """`pool.map(fn, items)` in order, but with at most `ahead` calls submitted and not yet yielded
+    (`Executor.map` submits every item at once: the whole corpus would sit in the queue)."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def numbered_records(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -286,7 +323,7 @@ def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
 
 def fit_length(example: Example, *, cfg: DataConfig, where: str, tally: Tally) -> Example | None:
     """Apply `data.too_long` (and drop examples with no tokens); None means dropped, counted in `tally`."""
-    if not example.input_ids:
+    if not len(example):
         tally.dropped["empty"] += 1
         return None
     if len(example) <= cfg.max_length:
@@ -297,7 +334,7 @@ def fit_length(example: Example, *, cfg: DataConfig, where: str, tally: Tally) -
     if cfg.too_long == "drop":
         tally.dropped["too_long"] += 1
         return None
-    cut = Example(input_ids=example.input_ids[:cfg.max_length], labels=example.labels[:cfg.max_length])
+    cut = Example(example.input_array[:cfg.max_length], example.label_array[:cfg.max_length])
     if cut.num_trained == 0:
         tally.dropped["no_trained_tokens"] += 1
         return None
@@ -305,12 +342,15 @@ def fit_length(example: Example, *, cfg: DataConfig, where: str, tally: Tally) -
     return cut
 
 
-def split_off(examples: list[Example], *, fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(kept, held out): round(fraction * n) examples (at least one) chosen by `seed`; both keep file order."""
+def split_off(examples, *, fraction: float, seed: int):
+    """(kept, held out): round(fraction * n) examples (at least one) chosen by `seed`; both keep file order.
+    An `Examples` store splits into two stores; any other sequence (e.g. preference pairs) into two lists."""
     n_eval = max(1, round(fraction * len(examples)))
     if n_eval >= len(examples):
         raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; use a "
                         "smaller fraction or more data")
     held = np.zeros(len(examples), dtype=bool)
     held[np.random.default_rng(seed).permutation(len(examples))[:n_eval]] = True
+    if isinstance(examples, Examples):
+        return examples.select(~held), examples.select(held)
     return ([e for e, h in zip(examples, held.tolist()) if not h], [e for e, h in zip(examples, held.tolist()) if h])

@@ -18,28 +18,13 @@ positions it takes (BOS included, EOS only as the last target); that is what `da
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from optrush.config.schema import DataConfig
 from optrush.data.batch import IGNORE_INDEX
+from optrush.data.examples import Example
 from optrush.data.reader import DataError
 from optrush.data.recipes import recipe_completion, recipe_prompt
 
 RECIPE_COLUMNS = {"title": str, "ingredients": list, "directions": list}
-
-
-@dataclass(slots=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    """Targets aligned with `input_ids` (already shifted); IGNORE_INDEX where nothing is trained."""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
 def encode_record(record: dict, *, cfg: DataConfig, tokenizer, where: str) -> Example:

@@ -18,7 +18,14 @@ loaded position; the thread also stops when the loader is garbage-collected or `
 Data parallelism: rank r of `world_size` takes micro-batches r, r + world_size, r + 2 * world_size, ... of each
 epoch's plan. The plan's tail of `len(plan) % world_size` micro-batches is skipped on every rank, so all ranks run
 the same number of micro-batches per epoch (a rank with no batch would stall the others' collectives); a
-different seed next epoch puts different examples in that tail.
+different seed next epoch puts different examples in that tail. With `grad_accum` g, optimizer step k of the run
+therefore trains exactly micro-batches [k*g*W, (k+1)*g*W) of the epoch's plan, spread over the W ranks: the same
+global batch as one process with grad_accum g*W, and every rank gets whole planned micro-batches (with `bfd`, full
+rows of `max_length` tokens), so the ranks' token budgets stay balanced.
+
+The saved position is valid at any world size: loading a state saved by W ranks (at per-rank index i) into a loader
+of W' ranks continues at per-rank index i*W/W' (the global count of micro-batches taken is what matters, and it
+must divide by W'; keep the global batch, e.g. grad_accum*W, the same when resuming on a different world size).
 """
 from __future__ import annotations
 
@@ -32,12 +39,12 @@ import numpy as np
 import torch
 
 from optrush.data.batch import Batch
-from optrush.data.formats import Example
+from optrush.data.examples import Example, lengths_of
 from optrush.data.pack import collate, plan_batches
 
 # settings that must match between the saving and the resuming loader for the stream to continue exactly
-MUST_MATCH = ("strategy", "rows", "max_length", "seed", "shuffle", "rank", "world_size", "num_examples",
-              "lengths_crc32")
+# (not rank and world_size: a position converts between world sizes, see load_state_dict)
+MUST_MATCH = ("strategy", "rows", "max_length", "seed", "shuffle", "num_examples", "lengths_crc32")
 
 
 class BatchLoader:
@@ -52,7 +59,7 @@ class BatchLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = prefetch
         self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
-        self.lengths = [len(example) for example in examples]
+        self.lengths = lengths_of(examples)
         self.epoch, self.batch_index = 0, 0
         self.plan = self.plan_epoch(0)
         if not self.plan:
@@ -98,9 +105,16 @@ class BatchLoader:
                 raise ValueError(f"the saved data-loader state has {key}={state.get(key)!r} but this run has "
                                  f"{mine[key]!r}: resume with the same data and data/train settings, or start "
                                  "fresh (checkpoint.resume=never)")
+        taken = int(state["batch_index"]) * int(state["world_size"])  # micro-batches of the epoch all ranks took
+        if taken % self.world_size:
+            raise ValueError(f"the saved data-loader state is {taken} micro-batches into epoch {state['epoch']} "
+                             f"(saved by {state['world_size']} ranks), which {self.world_size} ranks cannot split "
+                             "evenly: resume on a world size dividing it, with the same global batch")
         self.close()
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+        self.epoch = int(state["epoch"])
         self.plan = self.plan_epoch(self.epoch)
+        # past this world size's usable part of the epoch: the rest is its skipped tail, so the epoch is done
+        self.batch_index = min(taken // self.world_size, len(self.plan))
 
     def close(self) -> None:
         """Stop the prefetch thread (if any) and drop what it prepared; the next batch restarts it."""

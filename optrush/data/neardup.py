@@ -14,15 +14,21 @@ Everything is computed in bulk: words are hashed once through a cache (CRC32), n
 numpy, and signatures are built for chunks of records with `np.minimum.reduceat`. Duplicates are found by sorting
 each band's keys, and a record is dropped when it matches the *first* record of its bucket in some band (the
 first is always kept), so the result does not depend on anything but the record order.
+
+Memory: the fit pass streams records and keeps only their signatures (`num_perm` uint32: 256 bytes a record at
+the default 64, 0.5 GB for 2M records) and a word-hash cache that is cleared past `WORD_CACHE` words.
 """
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
+from itertools import islice
 
 import numpy as np
 
 CHUNK = 4096
+WORD_CACHE = 1 << 20
 MASK32 = np.uint64(0xFFFFFFFF)
 
 
@@ -30,6 +36,7 @@ class NearDuplicates:
     """Cleaning rule: drop a record whose word n-gram set is about as similar as `threshold` (estimated
     Jaccard) to an earlier record's."""
     name = "near_duplicate"
+    needs_fit = True
 
     def __init__(self, *, threshold: float = 0.8, ngram: int = 3, num_perm: int = 64, seed: int = 0,
                  text=None):
@@ -42,20 +49,32 @@ class NearDuplicates:
         self.mult = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self.add = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
         self.text = text
-        self.rejected: dict[int, str] = {}
+        self.similar: dict[int, tuple[int, float]] = {}
+        """Stream position of a near duplicate -> (position of the earlier record, estimated similarity)."""
 
-    def fit(self, records: Sequence[dict]) -> None:
-        from optrush.data.clean import preview, record_text
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
+        """One streamed pass: signatures of CHUNK records at a time (num_perm uint32 each), then the LSH search."""
+        from optrush.data.clean import record_text
 
-        texts = [(self.text or record_text)(record) for record in records]
-        signatures = self.signatures(texts)
-        self.rejected = {}
+        records = iter(records)
+        indices = array("q")
+        parts: list[np.ndarray] = []
+        cache: dict[str, int] = {}
+        while chunk := list(islice(records, CHUNK)):
+            indices.extend(index for index, _ in chunk)
+            parts.append(self._chunk([(self.text or record_text)(record) for _, record in chunk], cache))
+            if len(cache) > WORD_CACHE:
+                cache.clear()
+        signatures = np.concatenate(parts) if parts else np.zeros((0, self.num_perm), dtype=np.uint32)
+        self.similar = {}
         for j, i in near_pairs(signatures, bands=self.bands, rows=self.rows, threshold=self.threshold).items():
-            similarity = float(np.mean(signatures[i] == signatures[j]))
-            self.rejected[id(records[j])] = f"~{similarity:.2f} similar to {preview(records[i])}"
+            self.similar[indices[j]] = (indices[i], float(np.mean(signatures[i] == signatures[j])))
 
-    def reject(self, record: dict) -> str | None:
-        return self.rejected.get(id(record))
+    def reject(self, index: int, record: dict) -> str | None:
+        if index not in self.similar:
+            return None
+        earlier, similarity = self.similar[index]
+        return f"~{similarity:.2f} similar to record {earlier + 1} of the input"
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), num_perm) uint32 MinHash signatures."""

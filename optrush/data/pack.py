@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.data.formats import Example
+from optrush.data.examples import Example
 
 STRATEGIES = ("none", "sorted", "bfd")
 
@@ -119,7 +119,8 @@ def best_fit_decreasing(lengths: list[int], order: list[int], *, capacity: int) 
 
 def collate(examples: list[list[Example]], *, packed: bool, pad_id: int, max_length: int) -> Batch:
     """Rows of examples -> a `Batch` of CPU tensors. Unpacked: one example per row, right-padded to the longest
-    row. Packed: several per row, every row padded to `max_length`, with per-document positions and ids."""
+    row. Packed: several per row, every row padded to `max_length`, with per-document positions and ids.
+    Filled with numpy slice copies from the examples' int32 arrays (no per-token Python work)."""
     lengths = [sum(len(example) for example in row) for row in examples]
     if max(lengths) > max_length:
         raise ValueError(f"a row holds {max(lengths)} tokens > max_length={max_length}")
@@ -129,17 +130,24 @@ def collate(examples: list[list[Example]], *, packed: bool, pad_id: int, max_len
         width = max(lengths)
     else:
         width = max_length
-    input_ids, labels, positions, documents = [], [], [], []
-    for row, used in zip(examples, lengths):
-        pad = width - used
-        input_ids.append([token for example in row for token in example.input_ids] + [pad_id] * pad)
-        labels.append([label for example in row for label in example.labels] + [IGNORE_INDEX] * pad)
-        if packed:
-            positions.append([p for example in row for p in range(len(example))] + [0] * pad)
-            documents.append([d for d, example in enumerate(row) for _ in range(len(example))] + [-1] * pad)
+    shape = (len(examples), width)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(shape, dtype=np.int64)
+    documents = np.full(shape, -1, dtype=np.int32)
+    steps = np.arange(width, dtype=np.int64)
+    for r, row in enumerate(examples):
+        start = 0
+        for d, example in enumerate(row):
+            end = start + len(example)
+            input_ids[r, start:end] = example.input_array
+            labels[r, start:end] = example.label_array
+            positions[r, start:end] = steps[:end - start]
+            documents[r, start:end] = d
+            start = end
     if not packed:
-        return Batch(input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
+        return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
                      position_ids=torch.arange(width).expand(len(examples), width).clone(),
                      attention_lengths=torch.tensor(lengths))
-    return Batch(input_ids=torch.tensor(input_ids), labels=torch.tensor(labels), position_ids=torch.tensor(positions),
-                 document_ids=torch.tensor(documents, dtype=torch.int32))
+    return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
+                 position_ids=torch.from_numpy(positions), document_ids=torch.from_numpy(documents))

@@ -10,7 +10,8 @@ cake, ...) picks its core ingredients, ~150 ingredients are drawn with Zipf-like
 (pour a liquid, dice a solid), titles come from templates ("Easy Garlic Chicken Soup"), and every listed ingredient
 is used by some step. Counts of ingredients and steps are lognormal, so a few records are long.
 
-A small, fixed fraction of records is deliberately bad (see `BAD_RECORD_RATES`), for the cleaning stage to catch:
+A small fraction of records is deliberately bad (`BAD_RECORD_RATES`; `bad_rates=RECIPENLG_BAD_RATES` for a corpus
+that loses more than half to cleaning, like the issue #4 reference job), for the cleaning stage to catch:
 `empty` (the title or the directions are empty), `duplicate` (an exact copy of one of the last 1000 good records),
 `too_long` (200-600 steps) and `rare` (one made-up ingredient, e.g. "murblaquin powder", in no other record).
 Everything is drawn from one `random.Random(seed)`, so the same (n, seed) always gives the same records (the
@@ -37,6 +38,9 @@ from statistics import NormalDist
 
 BAD_RECORD_RATES = {"empty": 0.004, "duplicate": 0.008, "too_long": 0.001, "rare": 0.003}
 """Probability that a record is deliberately bad, per kind (mutually exclusive)."""
+RECIPENLG_BAD_RATES = {"empty": 0.02, "duplicate": 0.15, "too_long": 0.002, "rare": 0.38}
+"""A corpus as dirty as the issue #4 reference job, where cleaning keeps less than half of RecipeNLG's ~2M records:
+55% bad, mostly records with a one-off ingredient (the rare-ingredient rule) and exact copies."""
 
 # (name, unit kind, dish kind, title word or "" when the ingredient never names a dish), most common first:
 # the position sets the Zipf weight 1/(rank+2).
@@ -246,15 +250,18 @@ VOCAB = _Vocabulary()
 DISH_NAMES = tuple(DISHES)
 
 
-def generate_recipes(n: int, *, seed: int = 0) -> Iterator[dict]:
-    """`n` records, streamed; deterministic in (n, seed). About 1 in 60 records is deliberately bad (see the module
-    docstring and BAD_RECORD_RATES)."""
+def generate_recipes(n: int, *, seed: int = 0, bad_rates: dict[str, float] = BAD_RECORD_RATES) -> Iterator[dict]:
+    """`n` records, streamed; deterministic in (n, seed, bad_rates). With the default BAD_RECORD_RATES about 1 in 60
+    records is deliberately bad (see the module docstring); RECIPENLG_BAD_RATES makes more than half bad."""
+    if set(bad_rates) != set(BAD_RECORD_RATES) or sum(bad_rates.values()) > 1:
+        raise ValueError(f"bad_rates={bad_rates}: give a probability for each of {sorted(BAD_RECORD_RATES)}, "
+                         "summing to at most 1")
     rng = random.Random(seed)
     recent: deque[dict] = deque(maxlen=1000)  # good records a `duplicate` may copy: bounded memory
-    cut_empty = BAD_RECORD_RATES["empty"]
-    cut_duplicate = cut_empty + BAD_RECORD_RATES["duplicate"]
-    cut_long = cut_duplicate + BAD_RECORD_RATES["too_long"]
-    cut_rare = cut_long + BAD_RECORD_RATES["rare"]
+    cut_empty = bad_rates["empty"]
+    cut_duplicate = cut_empty + bad_rates["duplicate"]
+    cut_long = cut_duplicate + bad_rates["too_long"]
+    cut_rare = cut_long + bad_rates["rare"]
     rare_count = 0
     for _ in range(n):
         u = rng.random()

@@ -15,6 +15,12 @@ Sources, chosen by what the path is:
   pyarrow, so the `datasets` package is not needed; places are `dir row n`.
 - any other directory: plain text, one document per file (`{"text": contents, "file": relative path}`), files in
   sorted order, hidden files skipped; places are the file names.
+- `hf://datasets/OWNER/NAME`, optionally followed by `?config=CONFIG&split=SPLIT&revision=REV` (any of them, split
+  `train` by default): a
+  dataset on the Hugging Face hub, read with `datasets.load_dataset` (downloaded once into the HF cache, then
+  memory-mapped). It needs the optional `datasets` package and network access, or a copy already in the HF cache
+  with HF_DATASETS_OFFLINE=1; otherwise the error names data.path and says how to get a local copy. Places are
+  `hf://datasets/OWNER/NAME row n`.
 
 Without `rejects`, a bad row raises `DataError` naming the file and line or row. With it, the row is recorded
 (count, a few messages for the report, every row in the rejects JSONL file) and reading goes on.
@@ -23,11 +29,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl
 
 BATCH_ROWS = 1024
+HUB_PREFIX = "hf://datasets/"
+HUB_OPTIONS = ("config", "split", "revision")
 
 
 class Rejects:
@@ -57,6 +66,8 @@ class Rejects:
 
 def iter_records(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[str, dict]]:
     """(where, record) for every record of the source at `path` (see the module docstring)."""
+    if (hub := parse_hub_path(path)) is not None:
+        return read_hub_dataset(hub)
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
@@ -75,6 +86,68 @@ def iter_records(path: str | Path, *, rejects: Rejects | None = None) -> Iterato
     if is_json_array(path):
         return ((f"{path} item {n}", record) for n, record in read_json(path, rejects=rejects))
     return ((f"{path}:{n}", record) for n, record in read_jsonl(path, rejects=rejects))
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset on the Hugging Face hub, as `data.path` names it."""
+    path: str
+    """The data.path text, e.g. `hf://datasets/mbien/recipe_nlg?split=train`."""
+    name: str
+    """OWNER/NAME, what `datasets.load_dataset` takes."""
+    config: str | None
+    split: str
+    revision: str | None = None
+    """A branch, tag or commit; None: the latest."""
+
+    @property
+    def rejects_name(self) -> str:
+        """A local file name for this dataset's rejected rows (data.on_error=skip)."""
+        return f"{self.name.replace('/', '--')}.rejects.jsonl"
+
+
+def parse_hub_path(path: str | Path) -> HubDataset | None:
+    """The hub dataset `path` names (`hf://datasets/OWNER/NAME[?config=C&split=S&revision=R]`), or None for a local
+    path. A malformed hub name raises DataError."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    usage = (f"a hub dataset is written {HUB_PREFIX}OWNER/NAME, optionally followed by "
+             "?config=CONFIG&split=SPLIT&revision=REV "
+             f"(e.g. {HUB_PREFIX}mbien/recipe_nlg?split=train)")
+    name, _, query = text[len(HUB_PREFIX):].partition("?")
+    parts = name.strip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"data.path={text!r}: {usage}")
+    options: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, equals, value = item.partition("=")
+        if key not in HUB_OPTIONS or not equals or not value or key in options:
+            raise DataError(f"data.path={text!r}: bad option {item!r} (options: {', '.join(HUB_OPTIONS)}, each once "
+                            f"with a value); {usage}")
+        options[key] = value
+    return HubDataset(path=text, name="/".join(parts), config=options.get("config"),
+                      split=options.get("split", "train"), revision=options.get("revision"))
+
+
+def read_hub_dataset(hub: HubDataset) -> Iterator[tuple[str, dict]]:
+    """Load `hub` with `datasets.load_dataset` now (errors surface here, not at the first record) and stream its
+    rows."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.path={hub.path!r} names a Hugging Face hub dataset, which needs the optional "
+                        "`datasets` package: pip install 'datasets>=2.19' (or set data.path to a local copy of "
+                        "the data)") from None
+    try:
+        dataset = datasets.load_dataset(hub.name, hub.config, split=hub.split, revision=hub.revision)
+    except (ConnectionError, OSError, ValueError) as err:  # offline, unknown dataset, config or split
+        raise DataError(f"data.path={hub.path!r}: could not load hub dataset {hub.name!r} (config={hub.config}, "
+                        f"split={hub.split}): {type(err).__name__}: {err}. Check the name, config and split; "
+                        "without network access, save a copy where there is network (datasets.load_dataset(...)"
+                        ".save_to_disk(DIR) or .to_json(FILE.jsonl)) and set data.path to that directory or file, "
+                        "or set HF_DATASETS_OFFLINE=1 to use a copy already in the Hugging Face cache") from None
+    return ((f"{hub.path} row {number}", record) for number, record in enumerate(dataset, 1))
 
 
 def decode_json_columns(numbered, columns, rejects: Rejects | None = None) -> Iterator[tuple[str, dict]]:

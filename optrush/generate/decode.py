@@ -11,67 +11,19 @@ batch: every row's position ids start at 0 at its first real token, and padding 
 token per row with the same shapes, so the step can be compiled (`step_fn=torch.compile(model)`). Finished rows keep
 running (the batch shape is static) and their outputs are dropped; decoding ends when every row has finished.
 
-Logits processing follows transformers' order: repetition penalty (https://arxiv.org/abs/1909.05858: positive
-logits of already-seen tokens divided by it, negative ones multiplied), then temperature, top-k, top-p, min-p
-(https://arxiv.org/abs/2407.01082: drop tokens less likely than min_p times the most likely one). Drawing uses a
-seeded CPU generator when given, as in optrush.generate.sample.
+The next token is chosen by `optrush.generate.sample.next_tokens` (repetition penalty, temperature, top-k, top-p,
+min-p, in transformers' order; a seeded CPU generator reproduces the draws on any device).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from optrush.generate.healing import heal_prompts
+from optrush.generate.sample import Sampling, next_tokens
 from optrush.models.kv_cache import KVCache
-
-
-@dataclass(kw_only=True, slots=True)
-class Sampling:
-    temperature: float = 1.0
-    """0 = greedy (argmax after the repetition penalty)."""
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    """1.0 = off; >1 discourages tokens that already occur in the prompt or the output."""
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: use 0 (greedy) or a positive value")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k}: use a positive number of tokens, or None for no cut")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: use a probability in (0, 1], or None for no cut")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p={self.min_p}: use a value in [0, 1], or None for no cut")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: use a positive value (1.0 = off)")
-
-
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `logits` (B, V); `seen` (B, V) bool marks the tokens the repetition penalty hits."""
-    logits = logits.float()
-    if sampling.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.cpu() / sampling.temperature
-    if sampling.top_k is not None:
-        kth_largest = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p is not None:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once the more likely tokens before it already hold top_p of the mass; the first is kept.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(mass_before >= sampling.top_p, 0))
-    if sampling.min_p is not None:
-        probs = probs.masked_fill(probs < sampling.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(seen.device)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int,
@@ -93,10 +45,12 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
                    should_stop: Callable[[int, list[int]], bool] | None = None,
                    on_token: Callable[[int, int], None] | None = None,
                    generator: torch.Generator | None = None,
-                   step_fn: Callable[..., torch.Tensor] | None = None) -> list[list[int]]:
+                   step_fn: Callable[..., torch.Tensor] | None = None,
+                   first_allowed: torch.Tensor | None = None) -> list[list[int]]:
     """The new token ids of every prompt (EOS included when reached). `should_stop(row, new_ids)` ends a row
     early (stop strings); `on_token(row, token)` streams each token as soon as it is chosen; `step_fn` replaces
-    `model` for the one-token steps (e.g. `torch.compile(model)`). The model is in eval mode meanwhile."""
+    `model` for the one-token steps (e.g. `torch.compile(model)`); `first_allowed` (B, V) bool restricts each
+    row's first new token (token healing, optrush.generate.healing). The model is in eval mode meanwhile."""
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)
     if max_new_tokens < 1:
@@ -125,7 +79,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         outputs: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new_tokens):
-            token = next_tokens(logits, seen, sampling, generator)
+            token = next_tokens(logits, seen, sampling, generator, allowed=first_allowed if step == 0 else None)
             # One device-to-host copy per step; a finished row's token is still fed back (static shapes), unused.
             for row, tok in enumerate(token.tolist()):
                 if done[row]:
@@ -165,14 +119,26 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop: Sequence[str] = (),
-                   on_text: Callable[[int, str], None] | None = None, **kwargs) -> list[str]:
+                   on_text: Callable[[int, str], None] | None = None, token_healing: bool = False,
+                   **kwargs) -> list[str]:
     """The decoded continuation of every prompt (special tokens skipped, cut before a stop string).
-    `on_text(row, piece)` streams the text as it grows; `kwargs` go to generate_batch, with `eos_id` defaulting
-    to the tokenizer's EOS token and `pad_id` to its pad token."""
+    `on_text(row, piece)` streams the text as it grows; `token_healing` backs off each prompt's last token and
+    makes the first new token extend its text (optrush.generate.healing); `kwargs` go to generate_batch, with
+    `eos_id` defaulting to the tokenizer's EOS token and `pad_id` to its pad token."""
     kwargs.setdefault("eos_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    # the text of each prompt that the output re-generates (token healing) and is not shown twice
+    removed = [""] * len(prompts)
+    if token_healing:
+        prompt_ids, removed, kwargs["first_allowed"] = heal_prompts(
+            tokenizer, prompt_ids, vocab_size=model.args.vocab_size, device=model.tok_embeddings.weight.device)
     streamed = [""] * len(prompts)
     rows: list[list[int]] = [[] for _ in prompts]
+
+    def decode(row: int, ids: list[int]) -> str:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        return cut_at_stop(text[len(removed[row]):] if text.startswith(removed[row]) else "", stop)
 
     def emit(row: int, text: str) -> None:
         if text.startswith(streamed[row]) and len(text) > len(streamed[row]):
@@ -182,16 +148,15 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop:
 
     def on_token(row: int, token: int) -> None:
         rows[row].append(token)
-        text = cut_at_stop(tokenizer.decode(rows[row], skip_special_tokens=True), stop)
+        text = decode(row, rows[row])
         # Stream only text that is final: an incomplete UTF-8 sequence decodes to U+FFFD until its last byte
         # comes, and a tail that may begin a stop string waits until it is known not to.
         if not text.endswith("\ufffd"):
             emit(row, text[:len(text) - _stop_prefix_length(text, stop)])
 
-    new_ids = generate_batch(model, [tokenizer.encode(p) for p in prompts],
-                             should_stop=stop_string_checker(tokenizer, stop) if stop else None,
+    new_ids = generate_batch(model, prompt_ids, should_stop=stop_string_checker(tokenizer, stop) if stop else None,
                              on_token=on_token, **kwargs)
-    texts = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop) for ids in new_ids]
+    texts = [decode(row, ids) for row, ids in enumerate(new_ids)]
     for row, text in enumerate(texts):
         emit(row, text)
     return texts

@@ -9,6 +9,9 @@ builds from the file (the same rendering, masking and length handling as trainin
 `samples` prompts of the file (greedy unless a temperature is given) and are scored by `recipe_metrics`:
 whether the text parses as a recipe (an Ingredients: list and a Directions: list, both non-empty), which fraction
 of the listed ingredients the directions mention, and the repetition rate (repeated word 4-grams).
+
+During training, `sample_during_training(model, tokenizer, cfg, step)` (train.sample_every) returns greedy samples
+of `train.sample_prompts` and the same metrics, for the loop's metrics log.
 """
 from __future__ import annotations
 
@@ -82,24 +85,26 @@ def recipe_metrics(text: str) -> dict:
             "repetition": 1 - len(set(grams)) / len(grams) if grams else 0.0}
 
 
-def evaluate(ckpt: str | Path, *, data: str | Path, data_format: str = "recipe", max_length: int = 2048,
-             samples: int = 4, max_new_tokens: int = 256, temperature: float = 0.0,
-             device: str | None = None) -> dict:
-    """Perplexity of checkpoint `ckpt` on `data` plus `samples` generated continuations and their metrics."""
+def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "recipe", max_length: int = 2048,
+             samples: int = 4, max_new_tokens: int = 256, temperature: float = 0.0, device: str | None = None,
+             adapter: str | Path | None = None, base: str | Path | None = None) -> dict:
+    """Perplexity of checkpoint `ckpt` (or of `base` + `adapter`, see optrush.generate.load) on `data` plus
+    `samples` generated continuations and their metrics."""
     from optrush.config import load_config
     from optrush.data.dataset import build_datasets, numbered_records
     from optrush.data.formats import render
-    from optrush.data.tokenizer import load_tokenizer
     from optrush.generate.decode import generate_texts
-    from optrush.models.io import load_model
+    from optrush.generate.load import load_for_generation, resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(ckpt, device=device), load_tokenizer(ckpt)
-    cfg = load_config(None, [f"model.path={ckpt}", f"data.path={data}", f"data.tokenizer={ckpt}",
+    model, tokenizer = load_for_generation(ckpt, adapter=adapter, base=base, device=device)
+    model_dir, adapter_dir, tokenizer_dir = resolve(ckpt, adapter=adapter, base=base)
+    cfg = load_config(None, [f"model.path={model_dir}", f"data.path={data}", f"data.tokenizer={tokenizer_dir}",
                              f"data.format={data_format}", f"data.max_length={max_length}",
                              "data.too_long=truncate"]).data
     examples, _, _ = build_datasets(cfg, tokenizer, seed=0)
-    report = {"checkpoint": str(ckpt), "data": str(data), "examples": len(examples), **perplexity(model, examples)}
+    name = str(model_dir) if adapter_dir is None else f"{model_dir} + adapter {adapter_dir}"
+    report = {"checkpoint": name, "data": str(data), "examples": len(examples), **perplexity(model, examples)}
     prompts = []
     for where, record in numbered_records(data):
         if len(prompts) == samples:
@@ -112,6 +117,26 @@ def evaluate(ckpt: str | Path, *, data: str | Path, data_format: str = "recipe",
         values = [float(s[key]) for s in report["samples"]]
         report[f"mean_{key}"] = sum(values) / len(values) if values else float("nan")
     return report
+
+
+def sample_during_training(model: nn.Module, tokenizer, cfg, step: int) -> dict:
+    """At a step that `cfg.train.sample_every` divides, greedy continuations of `cfg.train.sample_prompts` as
+    metrics: `sample_<i>` (the texts), `sample_repetition` and, for recipe data, `sample_parses` and
+    `sample_ingredient_use` (means over the prompts); {} at other steps. Greedy decoding draws no random numbers,
+    so sampling leaves a run's RNG streams (and its exact resume) untouched; the model's mode is restored."""
+    from optrush.generate.decode import generate_texts
+
+    t = cfg.train
+    if not t.sample_every or step % t.sample_every:
+        return {}
+    texts = generate_texts(model, tokenizer, t.sample_prompts, max_new_tokens=t.sample_max_new_tokens,
+                           temperature=0)
+    scores = [recipe_metrics(text) for text in texts]
+    metrics: dict = {f"sample_{i}": text for i, text in enumerate(texts)}
+    keys = ("repetition", "parses", "ingredient_use") if cfg.data.format == "recipe" else ("repetition",)
+    for key in keys:
+        metrics[f"sample_{key}"] = sum(float(s[key]) for s in scores) / len(scores)
+    return metrics
 
 
 def report_markdown(report: dict, *, with_samples: bool = True) -> str:

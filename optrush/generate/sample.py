@@ -1,57 +1,97 @@
-"""Text generation by sampling from a causal LM, one token at a time, with no KV cache: every step re-runs the
-whole sequence. The reference for any model with the forward signature (fine for smoke tests and demos); the fast
-batched path for optrush models is optrush.generate.decode.
+"""Choosing the next token: the one logits processor and sampler of every decoder in optrush (the KV-cache batched
+decoder `optrush.generate.decode`, GRPO's rollouts, and the no-cache reference `generate` below).
 
-    text = generate_text(model, tokenizer, "Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95)
-    ids = generate(model, [1, 450, 2], max_new_tokens=20, temperature=0)   # greedy, new tokens only
+    sampling = Sampling(temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+    token = next_tokens(logits, seen, sampling, generator)        # logits (B, V), seen (B, V) bool -> (B,)
+    ids = generate(model, [1, 450, 2], max_new_tokens=20, temperature=0)   # no cache: any model(input_ids) -> logits
 
-`model(input_ids)` must return logits (B, T, V). temperature 0 is greedy decoding; otherwise logits are divided
-by the temperature, cut to the `top_k` most likely tokens and/or the smallest set whose probability reaches
-`top_p` (nucleus sampling, https://arxiv.org/abs/1904.09751), and a token is drawn. Drawing happens on the CPU
-(one V-sized copy per token, negligible next to the forward), so a seeded CPU `torch.Generator` reproduces the
-same tokens whichever device the model is on.
+Processing follows transformers' order: repetition penalty (https://arxiv.org/abs/1909.05858: positive logits of
+already-seen tokens divided by it, negative ones multiplied), then temperature, top-k, top-p (nucleus sampling,
+https://arxiv.org/abs/1904.09751: the smallest set of most likely tokens whose probability reaches top_p), min-p
+(https://arxiv.org/abs/2407.01082: drop tokens less likely than min_p times the most likely one). temperature 0 is
+greedy decoding (argmax after the penalty). Drawing happens on the CPU (one V-sized copy per step, negligible next
+to the forward), so a seeded CPU `torch.Generator` reproduces the same tokens whichever device the model is on.
+
+`generate` re-runs the whole sequence at every step: slow, but it works for any model with the forward signature
+`model(input_ids) -> logits (B, T, V)`, and it is the reference the cached decoder is tested against.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One next token per row of `logits` (B, V) -> (B,) int64 on the CPU."""
-    if temperature == 0:
-        return logits.argmax(dim=-1).cpu()
-    logits = logits.float().cpu() / temperature
-    if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+@dataclass(kw_only=True, slots=True)
+class Sampling:
+    temperature: float = 1.0
+    """0 = greedy (argmax after the repetition penalty)."""
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    """1.0 = off; >1 discourages tokens that already occur in the prompt or the output."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: use 0 (greedy) or a positive value")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: use a positive number of tokens, or None for no cut")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: use a probability in (0, 1], or None for no cut")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p}: use a value in [0, 1], or None for no cut")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: use a positive value (1.0 = off)")
+
+
+def penalise_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """fp32 logits with the repetition penalty applied to the `seen` (B, V) tokens."""
+    logits = logits.float()
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+                *, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of `logits` (B, V), on `seen`'s device. `seen` (B, V) bool marks the tokens the
+    repetition penalty hits; `allowed` (B, V) bool, when given, restricts the choice to its True tokens (token
+    healing constrains the first new token this way)."""
+    logits = penalise_repetition(logits, seen, sampling.repetition_penalty)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.cpu() / sampling.temperature
+    if sampling.top_k is not None:
+        kth_largest = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None:
+    if sampling.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the more likely tokens before it already hold top_p of the mass; the first is kept.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(mass_before >= sampling.top_p, 0))
+    if sampling.min_p is not None:
+        probs = probs.masked_fill(probs < sampling.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(seen.device)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor | Sequence[int], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0,
              eos_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """Up to `max_new_tokens` new token ids continuing `input_ids` ((1, T) tensor or a list); stops after the
-    first token in `eos_id` (which is included in the result). The model is in eval mode meanwhile."""
+    """Up to `max_new_tokens` new token ids continuing `input_ids` ((1, T) tensor or a list), without a cache;
+    stops after the first token in `eos_id` (which is included in the result). The model is in eval mode
+    meanwhile."""
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: use 0 (greedy) or a positive value")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k}: use a positive number of tokens, or None for no cut")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: use a probability in (0, 1], or None for no cut")
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
@@ -65,11 +105,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor | Sequence[int], *, max_n
         new_tokens: list[int] = []
         for _ in range(max_new_tokens):
             logits = model(ids)[:, -1, :]
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+            token = next_tokens(logits, seen, sampling, generator)
             new_tokens.append(int(token[0]))
             if new_tokens[-1] in stop:
                 break
-            ids = torch.cat([ids, token.to(device).view(1, 1)], dim=1)
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
         return new_tokens
     finally:
         model.train(was_training)

@@ -56,9 +56,11 @@ def build_model(args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: 
     return model
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> nn.Module:
-    """The model in HF checkpoint directory `path`; dtype defaults to the checkpoint's, device to CPU."""
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               quantize: str = "none") -> nn.Module:
+    """The model in HF checkpoint directory `path`; dtype defaults to the checkpoint's, device to CPU.
+    `quantize` (nf4, int8; peft.quantize) stores each block linear quantized the moment its weight arrives, so
+    loading needs memory for the quantized model plus one weight matrix (optrush.peft.quant)."""
     path = Path(path)
     cfg = read_config(path)
     dtype = dtype or checkpoint_dtype(cfg, path)
@@ -71,6 +73,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
         raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
     with torch.device("meta"):
         model = Transformer(args)
+    if quantize != "none":
+        from optrush.peft.quant import QuantizedLinear, is_quantizable, quantize_weight  # optrush.peft imports io
     for name, tensor in _checked_tensors(path, model):
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -78,6 +82,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None,
         # copy=True: get_tensor returns a view of the file's memory map, and weights that alias the file would
         # crash the process (SIGBUS) if anything later rewrote that file in place
         weight = tensor.to(device=device, dtype=dtype, copy=True)
+        if quantize != "none" and leaf == "weight" and is_quantizable(module_name, module):
+            parent, _, child = module_name.rpartition(".")
+            # the full-precision matrix dies here; the bias (if any) is set on the new layer when it arrives
+            layer = QuantizedLinear(quantize_weight(weight, method=quantize), module.bias)
+            setattr(model.get_submodule(parent), child, layer)
+            continue
         setattr(module, leaf, nn.Parameter(weight, requires_grad=old.requires_grad))
     model.tie_weights()
     model.init_rope(device)

@@ -24,7 +24,7 @@ from torch import nn
 
 from optrush.data.batch import IGNORE_INDEX
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 class RMSNorm(nn.Module):
@@ -79,9 +79,22 @@ def rope_inv_freq(*, head_dim: int, theta: float, scaling: dict | None,
     if rope_type == "yarn":
         return _yarn_inv_freq(base, head_dim=head_dim, theta=theta, scaling=scaling, max_seq_len=max_seq_len)
     if rope_type == "dynamic":
-        raise ValueError("rope_type 'dynamic' (dynamic NTK) recomputes frequencies from the running sequence length "
-                         "at inference; optrush trains with fixed tables. Use 'linear' or 'yarn' scaling instead.")
+        if "original_max_position_embeddings" not in scaling:
+            raise ValueError("rope_type 'dynamic' (NTK) needs original_max_position_embeddings, the pretraining "
+                             "length the factor extends (transformers reads it from max_position_embeddings)")
+        theta = ntk_theta(theta, head_dim=head_dim, factor=scaling["factor"], seq_len=max_seq_len,
+                          original=scaling["original_max_position_embeddings"])
+        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), 1.0
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def ntk_theta(theta: float, *, head_dim: int, factor: float, seq_len: int, original: int) -> float:
+    """NTK-aware base for `seq_len` tokens (transformers' dynamic NTK at that length): plain RoPE with this theta.
+
+    transformers recomputes it from the running length at inference; training uses fixed tables, so optrush
+    evaluates it once at the table length, which is static NTK scaling (https://redd.it/14mrgpr)."""
+    seq_len = max(seq_len, original)
+    return theta * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

@@ -14,6 +14,7 @@ non-persistent fp32 buffers, so they are never saved and must be rebuilt after m
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -152,6 +153,19 @@ class Transformer(nn.Module):
         inv_freq, scale = layers.rope_inv_freq(head_dim=a.head_dim, theta=a.rope_theta, scaling=a.rope_scaling,
                                                max_seq_len=a.max_seq_len)
         self.rope_cos, self.rope_sin = layers.rope_tables(inv_freq, scale, seq_len=a.max_seq_len, device=device)
+
+    def set_rope(self, *, scaling: dict | None, max_seq_len: int) -> None:
+        """Extend the context: new RoPE scaling (an HF rope_scaling dict, None = plain) and table length, saved
+        with the model. Dynamic NTK becomes plain RoPE with the NTK base for `max_seq_len` (`layers.ntk_theta`),
+        so the saved config gives transformers the very same tables."""
+        scaling, theta = dict(scaling) if scaling else None, self.args.rope_theta
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "dynamic":
+            theta = layers.ntk_theta(theta, head_dim=self.args.head_dim, factor=scaling["factor"],
+                                     seq_len=max_seq_len, original=scaling["original_max_position_embeddings"])
+            scaling = None
+        # a new ModelArgs: the old one may be shared (a preset, another model built from the same args)
+        self.args = dataclasses.replace(self.args, rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len)
+        self.init_rope()
 
     @torch.no_grad()
     def init_weights(self, *, std: float = 0.02) -> None:

@@ -1,15 +1,17 @@
 """Objectives turn (model, batch) into a summed loss; the one training loop normalises and steps.
 
 Each objective has `units(batch)` (what its loss is summed over: trained tokens for language modelling, pairs for
-reward and DPO, completions for GRPO), `__call__(model, batch) -> (loss_sum, metrics)` and `pop_metrics()` (its
-metrics averaged since the last call, for the loop's log).
+reward and DPO, completions for GRPO), `__call__(model, batch) -> (loss_sum, metrics)`, `pop_metrics()` (its
+metrics averaged since the last call, for the loop's log) and `state_dict()`/`load_state_dict(state)` (what a
+checkpoint must keep for an exact resume: GRPO's rollouts and sampling generator; empty for the others).
 
     objective = build_objective("sft")                                   # language modelling needs nothing else
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tok, examples=train + evals)
 
 Alignment objectives are built from the starting model *before* the loop's optimizations: `reward` puts a scalar
 head on it, `dpo` and `grpo` keep a frozen copy as reference (or, for `dpo.reference=precomputed`, its log-probs
-of `examples`, cached on disk).
+of `examples`, cached on disk; for `dpo.reference=lora_disabled`, nothing: the reference is the trained model
+with its adapters switched off).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def build_reward(*, cfg, model, tokenizer, examples) -> RewardModel:
 
 
 def build_dpo(*, cfg, model, tokenizer, examples) -> DPO:
-    if cfg.dpo.loss in REFERENCE_FREE:
+    if cfg.dpo.loss in REFERENCE_FREE or cfg.dpo.reference == "lora_disabled":
         return DPO(cfg=cfg.dpo)
     if cfg.dpo.reference == "precomputed":
         table = precompute_reference_logps(model, list(examples), cache=Path(cfg.output_dir) / "reference_logps.pt",
@@ -48,8 +50,9 @@ def build_dpo(*, cfg, model, tokenizer, examples) -> DPO:
 
 
 def build_grpo(*, cfg, model, tokenizer, examples) -> GRPO:
-    reference = frozen_copy(model) if cfg.grpo.kl_beta > 0 else None
-    return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed)
+    reference = frozen_copy(model) if cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "copy" else None
+    return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed,
+                micro_batches=cfg.train.grad_accum)
 
 
 OBJECTIVES = {"reward": build_reward, "dpo": build_dpo, "grpo": build_grpo}

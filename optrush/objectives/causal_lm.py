@@ -30,3 +30,10 @@ class CausalLM:
     def pop_metrics(self) -> dict[str, float]:
         """No metrics beyond the loss (the loop logs that)."""
         return {}
+
+    def state_dict(self) -> dict:
+        """Nothing to keep across a resume (see optrush.objectives)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

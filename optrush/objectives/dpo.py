@@ -19,7 +19,9 @@ eps = dpo.label_smoothing:
   all chosen tokens of the batch; here it is per pair, like every other loss of the family.
 
 The loss is summed over pairs; the loop divides by the step's pair count. The reference is a frozen copy of the
-starting model, or its log-probs computed once by `precompute_reference_logps` and cached on disk.
+starting model, its log-probs computed once by `precompute_reference_logps` and cached on disk, or (LoRA/DoRA
+runs, `dpo.reference=lora_disabled`) the policy itself with its adapters switched off: the base weights are the
+starting model, so this is the copy reference without a second model in memory.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from optrush.config.schema import DPOConfig
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.preference import PairBatch, PairLoader, PreferencePair
 from optrush.models.layers import AttentionBackend, sdpa_attention
+from optrush.peft.lora import adapters_disabled
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -126,31 +129,38 @@ def preference_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor
 
 
 class DPO:
-    """`(model, pairs) -> (summed preference loss, metrics)`; one unit per pair."""
+    """`(model, pairs) -> (summed preference loss, metrics)`; one unit per pair. The reference is a frozen
+    `reference` model, a `reference_logps` table, or (`cfg.reference == "lora_disabled"`, neither given) the
+    policy with its adapters disabled."""
 
     def __init__(self, *, cfg: DPOConfig, reference: nn.Module | None = None,
                  reference_logps: torch.Tensor | None = None):
-        needs_reference = cfg.loss not in REFERENCE_FREE
-        if needs_reference and (reference is None) == (reference_logps is None):
-            raise ValueError(f"dpo.loss={cfg.loss} needs exactly one of a reference model or reference log-probs")
+        given = (reference is not None) + (reference_logps is not None)
+        needed = 0 if cfg.loss in REFERENCE_FREE or cfg.reference == "lora_disabled" else 1
+        if given != needed:
+            raise ValueError(f"dpo.loss={cfg.loss}, dpo.reference={cfg.reference} needs "
+                             f"{'no' if needed == 0 else 'exactly one'} reference model or reference log-probs")
         self.cfg, self.reference, self.reference_logps = cfg, reference, reference_logps
         self.totals: Counter = Counter()
 
     def units(self, pairs: PairBatch) -> int:
         return pairs.num_pairs
 
-    def reference_of(self, pairs: PairBatch) -> torch.Tensor | None:
+    def reference_of(self, model: nn.Module, pairs: PairBatch) -> torch.Tensor | None:
         """(2P,) reference log-probs of the micro-batch's sequences, or None for reference-free losses."""
         if self.cfg.loss in REFERENCE_FREE:
             return None
         if self.reference_logps is not None:
             return self.reference_logps[pairs.pair_index.cpu()].flatten().to(pairs.input_ids.device)
         with torch.no_grad():
-            return sequence_logps(self.reference, pairs)[0]
+            if self.reference is not None:
+                return sequence_logps(self.reference, pairs)[0]
+            with adapters_disabled(model):
+                return sequence_logps(model, pairs)[0]
 
     def __call__(self, model: nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         logps, counts = sequence_logps(model, pairs)
-        ref = self.reference_of(pairs)
+        ref = self.reference_of(model, pairs)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             self.cfg.loss, chosen=logps[0::2], rejected=logps[1::2], chosen_tokens=counts[0::2],
             rejected_tokens=counts[1::2], ref_chosen=None if ref is None else ref[0::2],
@@ -171,6 +181,13 @@ class DPO:
         names = {"correct": "accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
                  "rejected_reward": "rejected_reward"}
         return {names[k]: v / pairs for k, v in totals.items()}
+
+    def state_dict(self) -> dict:
+        """Nothing to keep across a resume (see optrush.objectives)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def pairs_fingerprint(pairs: list[PreferencePair]) -> int:

@@ -1,18 +1,28 @@
 """GRPO: group-relative policy optimisation on sampled completions (`objective=grpo`).
 
-    objective = GRPO(cfg=cfg.grpo, tokenizer=tok, reference=frozen_copy, seed=0)
+    objective = GRPO(cfg=cfg.grpo, tokenizer=tok, reference=frozen_copy, seed=0, micro_batches=1)
     loss_sum, metrics = objective(model, batch)     # batch: prompt rows of an unpacked `Batch` (data.packing=none)
 
-For every prompt of the micro-batch, `group_size` completions are sampled from the current model
-(`optrush.generate.sample.sample_next`, the k copies of a prompt decoded together), scored by the configured
+For every prompt of the micro-batch, `group_size` completions are sampled from the current model with the KV-cache
+batched decoder (`optrush.generate.decode.generate_batch`, all prompts x k in one batch), scored by the configured
 reward functions (summed), and each completion gets the advantage A = (r - mean_group) / (std_group + 1e-4)
 (DeepSeekMath, https://arxiv.org/abs/2402.03300). The loss of a completion is the mean over its tokens of
 
     -min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A) + kl_beta (exp(q) - q - 1),   q = log p_ref - log p,
 
-with rho = p / p_old (the k3 KL estimator of http://joschu.net/blog/kl-approx.html). Sampling and the update
-use the same weights (one update per generation), so rho is 1 in value and the clip never binds; it is kept
-so the gradient is exactly PPO's, ready for several updates per generation. One unit per completion.
+with rho = p / p_old (the k3 KL estimator of http://joschu.net/blog/kl-approx.html). One unit per completion.
+
+Several updates per generation (`grpo.updates_per_generation` = u, TRL's `num_iterations`): the one training loop
+calls the objective once per micro-batch, so the objective keeps the rollouts of the last generation (one per
+micro-batch slot of an optimizer step, `micro_batches` = train.grad_accum) and serves them again for the next u - 1
+optimizer steps, with the sampling policy's log-probs p_old stored at generation; from the second update on rho
+moves off 1 and the clip binds. The prompts the loop hands in during those reused steps are not sampled from (an
+epoch of prompts then takes u times as many steps of which 1/u generate). The rollouts, the call count and the
+sampling generator are `state_dict()`, so a resumed run continues exactly. In evaluation (the model in eval mode)
+completions are sampled fresh from a generator seeded with `seed`, leaving the training state untouched.
+
+The reference is a frozen copy of the starting model, or (`grpo.reference=lora_disabled`, LoRA/DoRA runs) the
+trained model with its adapters switched off; its log-probs are computed once per rollout.
 
 A reward function is `fn(prompts: list[str], completions: list[str]) -> list[float]`, named in config as
 `module:function`; `recipe_format_reward` scores the recipe template (optrush.data.recipes).
@@ -23,14 +33,16 @@ import importlib
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.generate.sample import sample_next
+from optrush.generate.decode import generate_batch
 from optrush.objectives.dpo import token_logps
+from optrush.peft.lora import adapters_disabled
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -68,88 +80,160 @@ def prompts_of(batch: Batch) -> list[list[int]]:
     return prompts
 
 
-@torch.no_grad()
-def sample_group(model: nn.Module, prompt: list[int], *, k: int, max_new_tokens: int, temperature: float,
-                 eos_id: int, generator: torch.Generator) -> list[list[int]]:
-    """k completions of one prompt (each ends at its first EOS, included, or after max_new_tokens)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt] * k, device=device)
-    was_training = model.training
-    model.eval()
-    new = torch.empty(k, 0, dtype=torch.long)
-    for _ in range(max_new_tokens):
-        token = sample_next(model(ids)[:, -1, :], temperature=temperature, top_k=None, top_p=None,
-                            generator=generator)
-        new = torch.cat([new, token.view(k, 1)], dim=1)
-        if (new == eos_id).any(dim=1).all():
-            break
-        ids = torch.cat([ids, token.to(device).view(k, 1)], dim=1)
-    model.train(was_training)
-    completions = []
-    for row in new.tolist():
-        completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
-    return completions
-
-
 def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """(G*k,) rewards -> advantages normalised within each consecutive group of k."""
     groups = rewards.view(-1, k)
     return ((groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + 1e-4)).flatten()
 
 
+@dataclass(kw_only=True)
+class Rollout:
+    """One micro-batch of sampled completions, kept to be trained on `updates_per_generation` times."""
+    batch: Batch
+    """Right-padded prompt + completion rows, targets on the completion tokens."""
+    advantages: torch.Tensor
+    """(N,) one per completion."""
+    rewards: torch.Tensor
+    """(N,) summed rewards, for the metrics."""
+    reference: torch.Tensor | None
+    """(N, T) reference token log-probs (None when kl_beta = 0)."""
+    old_logps: torch.Tensor | None = None
+    """(N, T) token log-probs under the sampling policy, set by the first update."""
+
+    def state_dict(self) -> dict:
+        b = self.batch
+        return {"input_ids": b.input_ids.cpu(), "labels": b.labels.cpu(), "advantages": self.advantages.cpu(),
+                "rewards": self.rewards, "reference": None if self.reference is None else self.reference.cpu(),
+                "old_logps": None if self.old_logps is None else self.old_logps.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Rollout:
+        ids, labels = state["input_ids"], state["labels"]
+        lengths = (labels != IGNORE_INDEX).cumsum(dim=1).argmax(dim=1) + 1  # through the last completion token
+        batch = Batch(input_ids=ids, labels=labels, position_ids=torch.arange(ids.shape[1]).expand_as(ids),
+                      attention_lengths=lengths)
+        return cls(batch=batch, advantages=state["advantages"], rewards=state["rewards"],
+                   reference=state["reference"], old_logps=state["old_logps"])
+
+    def to(self, device: torch.device) -> Rollout:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Rollout(batch=self.batch.to(device), advantages=move(self.advantages), rewards=self.rewards,
+                       reference=move(self.reference), old_logps=move(self.old_logps))
+
+
 class GRPO:
     def __init__(self, *, cfg: GRPOConfig, tokenizer, reference: nn.Module | None, seed: int = 0,
-                 rewards: list[RewardFn] | None = None):
+                 micro_batches: int = 1, rewards: list[RewardFn] | None = None):
+        if cfg.kl_beta > 0 and (reference is None) != (cfg.reference == "lora_disabled"):
+            raise ValueError(f"grpo.kl_beta={cfg.kl_beta} with grpo.reference={cfg.reference}: give a reference "
+                             "model for `copy` and none for `lora_disabled`")
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
         self.rewards = rewards if rewards is not None else [import_reward(name) for name in cfg.rewards]
+        self.seed, self.micro_batches = seed, micro_batches
         self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0
+        """Training calls so far: call c trains micro-batch slot c % micro_batches of update
+        (c // micro_batches) % updates_per_generation of its generation."""
+        self.rollouts: list[Rollout | None] = [None] * micro_batches
         self.totals: Counter = Counter()
 
     def units(self, batch: Batch) -> int:
         return batch.input_ids.shape[0] * self.cfg.group_size
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if not model.training:  # evaluation: fresh samples, the training rollouts and generator untouched
+            rollout = self.rollout(model, batch, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            slot = self.calls % self.micro_batches
+            if (self.calls // self.micro_batches) % self.cfg.updates_per_generation == 0:
+                self.rollouts[slot] = self.rollout(model, batch, generator=self.generator)
+            # (a no-op but after a resume, which restores the rollouts on the CPU)
+            self.rollouts[slot] = rollout = self.rollouts[slot].to(batch.input_ids.device)
+            self.calls += 1
+        loss_sum, step = self.policy_loss(model, rollout)
+        self.totals.update(step)
+        n = step["completions"]
+        # a reused rollout may hold another count of completions than the batch the loop counted units for
+        return loss_sum * (self.units(batch) / n), {"reward": step["reward"] / n, "kl": step["kl"] / n,
+                                                    "clip_fraction": step["clipped"] / step["completion_tokens"]}
+
+    @torch.no_grad()
+    def rollout(self, model: nn.Module, batch: Batch, *, generator: torch.Generator) -> Rollout:
+        """Sample `group_size` completions of every prompt of `batch`, score them, and take the reference's
+        log-probs."""
         k, tok = self.cfg.group_size, self.tokenizer
         prompts = prompts_of(batch)
-        completions = [c for p in prompts for c in sample_group(
-            model, p, k=k, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            eos_id=tok.eos_token_id, generator=self.generator)]
+        completions = generate_batch(model, [p for p in prompts for _ in range(k)],
+                                     max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
         prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts for _ in range(k)]
         completion_texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
         rewards = torch.zeros(len(completions))
         for fn in self.rewards:
             rewards += torch.tensor(fn(prompt_texts, completion_texts), dtype=torch.float32)
-        advantages = group_advantages(rewards, k).to(batch.input_ids.device)
-
-        rollouts = completions_batch(prompts, completions, k=k, pad_id=tok.pad_token_id, device=batch.input_ids.device)
-        logps = token_logps(model(rollouts.input_ids), rollouts.labels)
-        trained = (rollouts.labels != IGNORE_INDEX).float()
-        ratio = torch.exp(logps - logps.detach())
-        clipped = ratio.clamp(1 - self.cfg.clip_eps, 1 + self.cfg.clip_eps)
-        per_token = -torch.minimum(ratio * advantages[:, None], clipped * advantages[:, None])
-        kl = torch.zeros_like(per_token)
+        device = batch.input_ids.device
+        rows = completions_batch(prompts, completions, k=k, pad_id=tok.pad_token_id, device=device)
+        reference = None
         if self.cfg.kl_beta > 0:
-            with torch.no_grad():
-                ref = token_logps(self.reference(rollouts.input_ids), rollouts.labels)
-            q = ref - logps
+            if self.reference is not None:
+                reference = token_logps(self.reference(rows.input_ids), rows.labels)
+            else:
+                with adapters_disabled(model):
+                    reference = token_logps(model(rows.input_ids), rows.labels)
+        return Rollout(batch=rows, advantages=group_advantages(rewards, k).to(device), rewards=rewards,
+                       reference=reference)
+
+    def policy_loss(self, model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """(summed per-completion loss, metric sums) of one update on `rollout`; the first update stores the
+        sampling policy's log-probs in it."""
+        rows = rollout.batch
+        logps = token_logps(model(rows.input_ids), rows.labels)
+        if rollout.old_logps is None:
+            rollout.old_logps = logps.detach()
+        trained = (rows.labels != IGNORE_INDEX).float()
+        advantages = rollout.advantages[:, None]
+        ratio = torch.exp(logps - rollout.old_logps)
+        clipped = ratio.clamp(1 - self.cfg.clip_eps, 1 + self.cfg.clip_eps)
+        per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+        kl = torch.zeros_like(per_token)
+        if rollout.reference is not None:
+            q = rollout.reference - logps
             kl = torch.exp(q) - q - 1
             per_token = per_token + self.cfg.kl_beta * kl
         lengths = trained.sum(dim=1)
         loss_sum = ((per_token * trained).sum(dim=1) / lengths).sum()
-        step = {"completions": len(completions), "reward": float(rewards.sum()),
-                "kl": float(((kl.detach() * trained).sum(dim=1) / lengths).sum()),
-                "completion_tokens": float(lengths.sum())}
-        self.totals.update(step)
-        return loss_sum, {"reward": step["reward"] / len(completions), "kl": step["kl"] / len(completions)}
+        # the clip binds where it changes the objective: the clipped term is the smaller one
+        binds = (clipped * advantages < ratio * advantages) & (trained > 0)
+        return loss_sum, {"completions": len(lengths), "reward": float(rollout.rewards.sum()),
+                          "kl": float(((kl.detach() * trained).sum(dim=1) / lengths).sum()),
+                          "completion_tokens": float(lengths.sum()), "clipped": float(binds.sum())}
 
     def pop_metrics(self) -> dict[str, float]:
-        """Mean reward, KL to the reference and completion length since the last call."""
+        """Mean reward, KL to the reference, completion length and the share of tokens whose ratio the clip
+        bound, since the last call."""
         totals, self.totals = self.totals, Counter()
         n = totals.pop("completions", 0)
         if not n:
             return {}
         return {"reward": totals["reward"] / n, "kl": totals["kl"] / n,
-                "completion_tokens": totals["completion_tokens"] / n}
+                "completion_tokens": totals["completion_tokens"] / n,
+                "clip_fraction": totals["clipped"] / totals["completion_tokens"]}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for an exact resume: the call count, the sampling generator and the
+        rollouts still to be reused."""
+        return {"calls": self.calls, "generator": self.generator.get_state(),
+                "rollouts": [None if r is None else r.state_dict() for r in self.rollouts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["rollouts"]) != self.micro_batches:
+            raise ValueError(f"the checkpoint's GRPO state has {len(state['rollouts'])} micro-batch slots, this run "
+                             f"train.grad_accum={self.micro_batches}: resume with the same train.grad_accum")
+        self.calls = state["calls"]
+        self.generator.set_state(state["generator"])
+        self.rollouts = [None if r is None else Rollout.from_state_dict(r) for r in state["rollouts"]]
 
 
 def completions_batch(prompts: list[list[int]], completions: list[list[int]], *, k: int, pad_id: int,

@@ -69,6 +69,13 @@ class RewardModel:
             return {}
         return {"accuracy": totals["correct"] / totals["pairs"], "reward_gap": totals["gap"] / totals["pairs"]}
 
+    def state_dict(self) -> dict:
+        """Nothing to keep across a resume (see optrush.objectives)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def load_reward_model(path: str | Path, *, device: torch.device | str = "cpu") -> Transformer:
     """A reward model saved by an `objective=reward` run (HF layout whose lm_head is (1, dim)), in fp32."""

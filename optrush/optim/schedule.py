@@ -50,7 +50,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose `get_last_lr()` is plain floats: torchao's low-bit optimizers keep each group's lr as a
+    tensor (so the scheduler fills it in place), and metrics take Python numbers."""
+
+    def get_last_lr(self) -> list[float]:
+        return [float(lr) for lr in super().get_last_lr()]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Schedule:
     """A LambdaLR applying `lr_at` to every parameter group's lr (the group's lr at build time is the peak)."""
     lr_at(0, cfg)  # rejects an unknown schedule name now, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, cfg=cfg))
+    return Schedule(optimizer, partial(lr_at, cfg=cfg))

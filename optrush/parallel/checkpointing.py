@@ -1,29 +1,42 @@
-"""Activation checkpointing and CPU offload of saved activations, per transformer block.
+"""Activation checkpointing, asynchronous CPU offload of saved activations, and the chunked MLP, per block.
 
-    model = apply_activation_checkpointing(model, cfg)   # cfg.activations: checkpointing, every, offload
+    model = apply_activation_checkpointing(model, cfg)   # cfg.activations: checkpointing, every, offload,
+                                                         #                  mlp_chunk_tokens
 
 Policies (`activations.checkpointing`):
 - `full`: a block keeps only its inputs; backward reruns the whole block (about one extra forward: ~+33% compute).
 - `selective`: a block keeps the outputs of its matmuls and attention and recomputes only the cheap pointwise ops
   (norms, RoPE, SiLU, residual adds), which cost little time but hold most of the activation bytes in eager mode.
 - `every: k` checkpoints blocks 0, k, 2k, ... only, trading memory back for speed.
-`activations.offload` moves the tensors each block saves for backward to (pinned) CPU memory during the forward
-pass and back during backward (`torch.autograd.graph.save_on_cpu`); with checkpointing that is the block inputs,
-so memory no longer grows with depth on the GPU. It costs PCIe traffic on the critical path.
 
-Both are applied to the blocks in place (the block's `forward` becomes a checkpointed call; offload is a pair of
+`activations.offload` sends what each block saves for backward to pinned CPU memory (`BlockOffloader`): with
+`full` checkpointing that is the block's inputs, so GPU activation memory no longer grows with depth - the
+long-context setting. The device-to-host copy runs on a side CUDA stream while the block computes; in backward,
+when block i's saved tensors are first needed, block i-1's are already being copied back on the side stream
+(prefetch), so the recomputation of block i-1 rarely waits for PCIe. Events order the streams. On CPU the same
+code runs with plain copies (no streams), which is what the CPU tests check bit for bit. Parameters and buffers
+that a block saves (the weights of its matmuls without checkpointing) are never copied: only activations are.
+
+`activations.mlp_chunk_tokens` runs each SwiGLU MLP over chunks of that many tokens, each chunk checkpointed
+(`chunk_feed_forward`): its (tokens x ffn_dim) intermediates never exist for the whole sequence at once, in the
+forward pass nor in backward, at the price of recomputing the MLP's matmuls chunk by chunk. At 400k tokens of the
+Llama-3.1-8B shape one (tokens x 14336) bf16 intermediate is 11 GiB; three of them live at once without chunking.
+
+All are applied to the blocks in place (the block's `forward` becomes a checkpointed call; offload is a pair of
 forward hooks), so parameter names, `state_dict` keys and optimizer state are exactly those of the plain model.
 Checkpointing runs inside a compiled block (torch.compile sees the recompute tags and plans the recomputation),
 while the offload hooks stay outside it: `optrush.parallel.compile` compiles each block's `forward`, never its
 hooks, and whole-model compile is refused together with offload.
 
 Measured on the Llama-3.2-1B shape, B=4 x S=2048, compiled blocks + fused loss, H100
-(benchmarks/results/train_speed_h100.md): `selective` -3.0 GiB for 1% of speed, `full` -8.7 GiB for 14%, offload
-on top of `full` a further -0.5 GiB for 37% (the copies are synchronous): offload pays only at long context.
+(benchmarks/results/train_speed_h100.md): `selective` -3.0 GiB for 1% of speed, `full` -8.7 GiB for 14%, and the
+earlier synchronous offload on top of `full` a further -0.5 GiB for 37%: offload pays only at long context
+(benchmarks/long_context.py measures the asynchronous one).
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -42,16 +55,17 @@ SAVED_OPS = frozenset({
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: Config) -> nn.Module:
-    """Checkpoint and/or offload the blocks in `model.layers` as `cfg.activations` says; returns the model."""
+    """Chunk, checkpoint and/or offload the blocks in `model.layers` as `cfg.activations` says; returns the model."""
     ac = cfg.activations
+    if ac.mlp_chunk_tokens:
+        for block in model.layers:
+            chunk_feed_forward(block.feed_forward, chunk_tokens=ac.mlp_chunk_tokens)
     if ac.checkpointing != "none":
         for index, block in enumerate(model.layers):
             if index % ac.every == 0:
                 checkpoint_block(block, selective=ac.checkpointing == "selective")
     if ac.offload:
-        pin_memory = next(model.parameters()).device.type == "cuda"
-        for block in model.layers:
-            offload_block(block, pin_memory=pin_memory)
+        BlockOffloader(next(model.parameters()).device).attach(model.layers)
     return model
 
 
@@ -80,17 +94,172 @@ def selective_contexts():
     return create_selective_checkpoint_contexts(save_costly_ops)
 
 
-def offload_block(block: nn.Module, *, pin_memory: bool) -> None:
-    """Send what `block` saves for backward to CPU: a `save_on_cpu` context entered in a forward pre-hook and
-    left in a forward hook that also runs when the forward raises."""
-    contexts: list[torch.autograd.graph.save_on_cpu] = []
+# ------------------------------------------------------------------------------------------------- chunked MLP
 
-    def enter(module, args):
-        contexts.append(torch.autograd.graph.save_on_cpu(pin_memory=pin_memory))
-        contexts[-1].__enter__()
+def chunk_feed_forward(feed_forward: nn.Module, *, chunk_tokens: int) -> None:
+    """Run `feed_forward` (any module mapping (..., dim) -> (..., dim) token by token, LoRA-wrapped or not) over
+    chunks of `chunk_tokens` tokens, each chunk a non-reentrant checkpoint that saves only its slice of the input."""
+    if chunk_tokens < 1:
+        raise ValueError(f"activations.mlp_chunk_tokens={chunk_tokens}: must be >= 1 (0 turns chunking off)")
+    forward = feed_forward.forward
 
-    def leave(module, args, output):
-        contexts.pop().__exit__(None, None, None)
+    @functools.wraps(forward)
+    def chunked_forward(x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        if tokens.shape[0] <= chunk_tokens:
+            return forward(x)
+        if torch.is_grad_enabled():
+            outputs = [checkpoint(forward, chunk, use_reentrant=False, preserve_rng_state=False)
+                       for chunk in tokens.split(chunk_tokens)]
+        else:  # nothing is saved for backward, so plain chunks bound the memory without recomputation
+            outputs = [forward(chunk) for chunk in tokens.split(chunk_tokens)]
+        return torch.cat(outputs).view(*x.shape[:-1], -1)
 
-    block.register_forward_pre_hook(enter)
-    block.register_forward_hook(leave, always_call=True)
+    feed_forward.forward = chunked_forward
+
+
+# --------------------------------------------------------------------------------------------------- offload
+
+class _Offloaded:
+    """One saved tensor in CPU memory (flat pieces), the event that marks its copy done, and its prefetched
+    device copy."""
+    __slots__ = ("pieces", "shape", "dtype", "copied", "prefetched", "arrived", "__weakref__")
+
+    def __init__(self, pieces: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype,
+                 copied: torch.cuda.Event | None):
+        self.pieces, self.shape, self.dtype, self.copied = pieces, shape, dtype, copied
+        self.prefetched: torch.Tensor | None = None
+        self.arrived: torch.cuda.Event | None = None
+
+
+def split_sizes(numel: int, *, floor: int = 1 << 20) -> list[int]:
+    """`numel` as a sum of powers of two, largest first, with everything below `floor` lumped into one piece.
+
+    PyTorch's caching pinned-memory allocator rounds every allocation up to a power of two, so a 3.3 GB block input
+    (400k tokens x 4096 x bf16) would pin 4 GiB; pinned in power-of-two pieces, nothing is wasted but the last
+    piece's rounding (< 2 x floor elements)."""
+    pieces = [1 << bit for bit in range(numel.bit_length() - 1, -1, -1) if numel >> bit & 1 and 1 << bit >= floor]
+    rest = numel - sum(pieces)
+    return pieces + ([rest] if rest else [])
+
+
+class BlockOffloader:
+    """Saved-tensor hooks that keep each block's saved activations in (pinned) CPU memory, copied asynchronously.
+
+        BlockOffloader(device).attach(model.layers)
+
+    Forward of block i: every activation it saves is copied to CPU on the side stream (after the compute stream
+    produced it) and the GPU tensor is released to the allocator once that copy finishes (`record_stream`). A
+    tensor that several blocks save (the RoPE cos/sin tables gathered once per forward) is copied once.
+    Backward: the first time block i unpacks a tensor, all of block i-1's tensors start their copy back on the side
+    stream; block i's own wait on their events (or are copied now if no prefetch ran: the first block of backward).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # per block index: the records of forwards whose backward has not reached that block yet (weak, so a
+        # graph that is dropped without backward frees them)
+        self.pending: dict[int, list[weakref.ref]] = {}
+        # id(tensor) -> (the tensor, its version, its record), all weak: a tensor saved again is not copied again
+        self.shared: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+
+    def attach(self, blocks: nn.ModuleList) -> None:
+        for index, block in enumerate(blocks):
+            self.attach_block(block, index)
+
+    def attach_block(self, block: nn.Module, index: int) -> None:
+        """Hooks: a saved-tensors context entered in a forward pre-hook and left in a forward hook that also
+        runs when the forward raises."""
+        contexts: list[torch.autograd.graph.saved_tensors_hooks] = []
+
+        def enter(module, args):
+            # weights and buffers (QLoRA's quantized codes) stay where they are: only activations move
+            params = frozenset(t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers()))
+            contexts.append(torch.autograd.graph.saved_tensors_hooks(
+                functools.partial(self.pack, index=index, params=params),
+                functools.partial(self.unpack, index=index)))
+            contexts[-1].__enter__()
+
+        def leave(module, args, output):
+            contexts.pop().__exit__(None, None, None)
+
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(leave, always_call=True)
+
+    def pack(self, tensor: torch.Tensor, *, index: int, params: frozenset[int]):
+        if tensor.device != self.device or tensor.untyped_storage().data_ptr() in params:
+            return tensor  # a weight or buffer (or a CPU tensor on a GPU model): nothing to gain
+        known = self.shared.get(id(tensor))
+        if known is not None and known[0]() is tensor and known[1] == tensor._version \
+                and (record := known[2]()) is not None:
+            return record
+        flat = tensor.detach().reshape(-1)
+        pieces = [torch.empty(n, dtype=tensor.dtype, pin_memory=self.stream is not None)
+                  for n in split_sizes(flat.numel())]
+        copied = None
+        if self.stream is None:
+            copy_pieces(flat, pieces)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                copy_pieces(flat, pieces)
+                copied = self.stream.record_event()
+            # the caching allocator must not hand this memory to the compute stream before the copy has read it
+            tensor.record_stream(self.stream)
+        record = _Offloaded(pieces, tensor.shape, tensor.dtype, copied)
+        self.pending.setdefault(index, []).append(weakref.ref(record))
+        self.shared = {key: entry for key, entry in self.shared.items() if entry[0]() is not None}
+        self.shared[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(record))
+        return record
+
+    def unpack(self, record, *, index: int) -> torch.Tensor:
+        if isinstance(record, torch.Tensor):
+            return record
+        self.claim(index)  # this block's records are consumed now, so nothing prefetches them later
+        self.prefetch(index - 1)
+        if record.prefetched is None:
+            return self.fetch_now(record)
+        tensor, record.prefetched = record.prefetched, None  # a second unpack (retain_graph) copies again
+        if record.arrived is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(record.arrived)
+            tensor.record_stream(current)  # allocated on the side stream, used and freed on the compute stream
+        return tensor
+
+    def claim(self, index: int) -> list[_Offloaded]:
+        return [record for ref in self.pending.pop(index, []) if (record := ref()) is not None]
+
+    def prefetch(self, index: int) -> None:
+        """Start copying block `index`'s saved tensors back to the device (side stream on CUDA)."""
+        for record in self.claim(index):
+            if self.stream is None:
+                record.prefetched = self.to_device(record)
+                continue
+            self.stream.wait_event(record.copied)
+            with torch.cuda.stream(self.stream):
+                record.prefetched = self.to_device(record)
+                record.arrived = self.stream.record_event()
+
+    def fetch_now(self, record: _Offloaded) -> torch.Tensor:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(record.copied)
+        return self.to_device(record)
+
+    def to_device(self, record: _Offloaded) -> torch.Tensor:
+        """A device copy of `record`, enqueued on the current stream (non-blocking from pinned memory)."""
+        flat = torch.empty(sum(p.numel() for p in record.pieces), dtype=record.dtype, device=self.device)
+        copy_pieces(flat, record.pieces, to_pieces=False)
+        return flat.view(record.shape)
+
+
+def copy_pieces(flat: torch.Tensor, pieces: list[torch.Tensor], *, to_pieces: bool = True) -> None:
+    """Copy the 1-D `flat` into consecutive `pieces`, or back (`to_pieces=False`), without blocking the host."""
+    start = 0
+    for piece in pieces:
+        part = flat[start:start + piece.numel()]
+        if to_pieces:
+            piece.copy_(part, non_blocking=True)
+        else:
+            part.copy_(piece, non_blocking=True)
+        start += piece.numel()

@@ -7,7 +7,9 @@
 
 The adapter uses PEFT's layout, so `peft.PeftModel.from_pretrained(transformers_model, "out/adapter")` gives the
 same logits as our adapted model: keys `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight` and, for
-DoRA, `.lora_magnitude_vector`.
+DoRA, `.lora_magnitude_vector`; a prompt-tuned model (optrush.peft.prompt) writes a PROMPT_TUNING config and
+`prompt_embeddings`. Over a quantized base (QLoRA) the adapter is the same; the merged export dequantizes every
+block weight to its original dtype (the one it was loaded in) and folds the adapters into that.
 """
 from __future__ import annotations
 
@@ -23,17 +25,30 @@ from optrush.config import ConfigError
 from optrush.config.schema import PeftConfig
 from optrush.models.hf import to_hf_key
 from optrush.models.io import save_model
-from optrush.peft.lora import OURS_TO_HF, apply_lora, lora_layers
+from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers
+from optrush.peft.prompt import add_prompt, prompt_embedding
+from optrush.peft.quant import QuantizedLinear, QuantizedWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # our LoRALinear tensor name -> PEFT's suffix
 _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+PROMPT_KEY = "prompt_embeddings"
+QUANTIZATION_FILE = "base_quantization.json"
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """The model trains adapters (LoRA/DoRA or a soft prompt) over a frozen base: checkpoints and the final save
+    write those in PEFT format instead of the whole model."""
+    return has_lora(model) or prompt_embedding(model) is not None
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter parameters of `model` under PEFT's key names."""
+    prompt = prompt_embedding(model)
+    if prompt is not None:
+        return {PROMPT_KEY: prompt.prompt}
     params = {}
     for name, layer in lora_layers(model).items():
         hf_module = to_hf_key(f"{name}.weight").removesuffix(".weight")
@@ -49,6 +64,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> dict:
+    prompt = prompt_embedding(model)
+    if prompt is not None:
+        args = model.args
+        return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+                "num_virtual_tokens": prompt.num_virtual_tokens, "token_dim": args.dim,
+                "num_transformer_submodules": 1, "num_attention_heads": args.n_heads, "num_layers": args.n_layers,
+                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+                "inference_mode": True}
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no LoRA adapters to export (apply_lora first, or set peft.method)")
@@ -62,24 +85,33 @@ def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> d
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | None = None) -> Path:
-    """Write `model`'s adapters to directory `path` in PEFT format; returns `path`."""
+    """Write `model`'s adapters to directory `path` in PEFT format; returns `path`. Adapters trained over a
+    quantized base also get `base_quantization.json`, so `optrush export --merge` merges them into the same
+    dequantized base they were trained with (PEFT ignores the file)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model_path=base_model_path)
     save_file(adapter_state(model), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    method = next((m.method for m in model.modules() if isinstance(m, QuantizedWeight)), None)
+    if method is not None:
+        (path / QUANTIZATION_FILE).write_text(json.dumps({"quantize": method}) + "\n")
     return path
 
 
 def save_merged(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` with its adapters folded into the base weights, as a plain HF model; `model` is unchanged."""
-    layers = lora_layers(model)
-    originals = {}
-    for name, layer in layers.items():
-        originals[name] = layer
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device="meta")
-        linear.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+    """Write `model` with its adapters folded into the base weights (a quantized base dequantized first), as a
+    plain HF model; `model` is unchanged (its layers are swapped back after the save)."""
+    if prompt_embedding(model) is not None:
+        raise ValueError("a prompt-tuned model has no merged form (the soft prompt is an input, not a weight): save "
+                         "the adapter (save_adapter, peft.save=adapter) and load it with the base model")
+    adapted = lora_layers(model)
+    originals = {name: layer for name, layer in model.named_modules()
+                 if name in adapted or isinstance(layer, QuantizedLinear)}
+    for name, layer in originals.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        weight = layer.merged_weight() if name in adapted else layer.weight.dequantize()
+        linear.weight = nn.Parameter(weight, requires_grad=False)
         linear.bias = layer.bias
         _set(model, name, linear)
     try:
@@ -91,14 +123,17 @@ def save_merged(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the LoRA described by PEFT adapter directory `path` to `model` and load its weights."""
+    """Apply the LoRA or soft prompt described by PEFT adapter directory `path` to `model`, load its weights."""
     path = Path(path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: {path} is not a PEFT adapter directory")
     c = json.loads(config_file.read_text())
+    if c.get("peft_type") == "PROMPT_TUNING":
+        add_prompt(model, num_virtual_tokens=c["num_virtual_tokens"], init="random")
+        return load_adapter_weights(model, path)
     if c.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
+        raise ValueError(f"{config_file}: peft_type {c.get('peft_type')!r} is not supported (LORA or PROMPT_TUNING)")
     targets = c["target_modules"]
     peft = PeftConfig(method="dora" if c.get("use_dora") else "lora", r=c["r"], alpha=c["lora_alpha"],
                       dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")),
@@ -129,7 +164,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: str | Path | None = None) -> Path:
     """`optrush export`: the adapter of `ckpt` (a LoRA checkpoint or final/ directory holding `adapter/`, or an
     adapter directory) written to `out` as a merged HF model (`merge=True`, tokenizer copied when found) or as a
-    PEFT adapter. The base model is `base`, else the adapter config's `base_model_name_or_path`."""
+    PEFT adapter. The base model is `base`, else the adapter config's `base_model_name_or_path`; a QLoRA adapter's
+    base is quantized as in training and dequantized for the merge."""
     from optrush.models.io import load_model
 
     ckpt, out = Path(ckpt), Path(out)
@@ -144,11 +180,15 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
     if not merge:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(adapter / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+        if (adapter / QUANTIZATION_FILE).is_file():
+            shutil.copy2(adapter / QUANTIZATION_FILE, out / QUANTIZATION_FILE)
         config = json.loads((adapter / ADAPTER_CONFIG).read_text())
         (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2)
                                           + "\n")
         return out
-    model = load_adapter(load_model(base), adapter)
+    quantization = adapter / QUANTIZATION_FILE
+    quantize = json.loads(quantization.read_text())["quantize"] if quantization.is_file() else "none"
+    model = load_adapter(load_model(base, quantize=quantize), adapter)
     save_merged(model, out)
     source = next((d for d in (ckpt, Path(base)) if (d / "tokenizer.json").is_file()), None)
     for name in TOKENIZER_FILES if source else ():

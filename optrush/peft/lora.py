@@ -3,6 +3,7 @@
     model = apply_lora(model, cfg)            # cfg.peft: method lora|dora, r, alpha, dropout, target_modules, ...
     optimizer groups = lora_param_groups(model, lr=..., weight_decay=..., lora_plus_ratio=16.0)
     merge_lora(model); unmerge_lora(model)    # fold the adapters into the base weights and back
+    with adapters_disabled(model): ...        # the base model alone (a DPO/GRPO reference at no extra memory)
 
 Each targeted `nn.Linear` becomes a `LoRALinear` holding the same `weight`/`bias` (frozen) plus `lora_A` (r x in,
 Kaiming-uniform as in PEFT) and `lora_B` (out x r, zeros), so the model computes exactly what it did before
@@ -15,27 +16,32 @@ Names follow PEFT's semantics so `optrush.peft.export` can write adapters `peft.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from optrush.config.schema import PeftConfig
+from optrush.peft.quant import QuantizedLinear, QuantizedWeight, linear
 
 # HF module names (what PEFT's target_modules use) -> the attribute names of our blocks
 HF_TO_OURS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
               "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 OURS_TO_HF = {ours: hf for hf, ours in HF_TO_OURS.items()}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""`all-linear` as PEFT defines it: every linear layer of the blocks, not the output head. The head cannot be
-adapted yet: the training loss reads `output.weight` directly (and it may be tied to the embedding)."""
+"""`all-linear` as PEFT defines it: every linear layer of the blocks, not the output head. `lm_head` is refused
+(optrush.config.load): the training loss reads `output.weight` directly, fused or not, so an adapter there would
+be bypassed (and the head may be tied to the embedding)."""
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (and, for DoRA, a magnitude vector)."""
+    """A frozen linear layer plus a trainable low-rank update (and, for DoRA, a magnitude vector). The frozen
+    `weight` is a parameter, or a `QuantizedWeight` (QLoRA, optrush.peft.quant) dequantized per matmul."""
 
-    def __init__(self, base: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 dora: bool = False):
+    def __init__(self, base: nn.Linear | QuantizedLinear, *, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -45,30 +51,37 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.rslora, self.dropout_p = r, alpha, rslora, dropout
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
         # p=0 must not cost a copy of the input: Identity returns x itself
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_magnitude = nn.Parameter(self._row_norm(self.weight.detach())) if dora else None
+        self.lora_magnitude = nn.Parameter(self.row_norm(self.base_weight().detach())) if dora else None
         self.merged = False
+        self.enabled = True
+        """False: the layer computes its base linear alone (`adapters_disabled`)."""
 
     @staticmethod
-    def _row_norm(weight: torch.Tensor) -> torch.Tensor:
+    def row_norm(weight: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(weight.float(), dim=1).to(weight.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight in full precision (dequantized, as a temporary, when it is quantized)."""
+        return self.weight.dequantize() if isinstance(self.weight, QuantizedWeight) else self.weight
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
+        if self.merged or not self.enabled:
+            return linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
         if self.lora_magnitude is None:
-            return F.linear(x, self.weight, self.bias) + update
-        norm = self._row_norm(self.weight + self.delta_weight()).detach()
-        out = (self.lora_magnitude / norm) * (F.linear(x, self.weight) + update)
+            return linear(x, self.weight, self.bias) + update
+        with torch.no_grad():  # detached (DoRA section 4.3), so the dequantized weight is not kept for backward
+            norm = self.row_norm(self.base_weight() + self.delta_weight())
+        out = (self.lora_magnitude / norm) * (linear(x, self.weight) + update)
         return out if self.bias is None else out + self.bias
 
     @torch.no_grad()
@@ -76,15 +89,19 @@ class LoRALinear(nn.Module):
         """The single weight that computes what this layer computes (without dropout)."""
         if self.merged:
             return self.weight.clone()
-        weight = self.weight + self.delta_weight()
+        weight = self.base_weight() + self.delta_weight()
         if self.lora_magnitude is not None:
-            weight = weight * (self.lora_magnitude / self._row_norm(weight)).unsqueeze(1)
+            weight = weight * (self.lora_magnitude / self.row_norm(weight)).unsqueeze(1)
         return weight
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
+        if isinstance(self.weight, QuantizedWeight):
+            raise ValueError("merge_lora: the base weights are quantized (peft.quantize); folding the adapters in "
+                             "would re-quantize them and lose the update. Export with save_merged (optrush export "
+                             "--merge), which dequantizes first")
         self._unmerged = self.weight.detach().clone()  # exact unmerge, also for DoRA's nonlinear rescaling
         self.weight.copy_(self.merged_weight())
         self.merged = True
@@ -122,7 +139,7 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
     replaced = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in wanted and type(child) is nn.Linear:
+            if child_name in wanted and type(child) in (nn.Linear, QuantizedLinear):
                 setattr(module, child_name, LoRALinear(child, r=p.r, alpha=p.alpha, dropout=p.dropout,
                                                        rslora=p.rslora, dora=p.method == "dora"))
                 replaced += 1
@@ -150,6 +167,23 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block `model` computes its base model alone: every adapter is bypassed, no weight is copied."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("adapters_disabled: the model has no LoRA adapters (peft.method must be lora or dora)")
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters_disabled: the adapters are merged into the base weights; unmerge_lora first")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def lora_param_groups(model: nn.Module, *, weight_decay: float, lora_plus_ratio: float) -> list[dict]:

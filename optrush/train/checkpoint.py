@@ -6,8 +6,17 @@ position, step). A checkpoint is first written to a hidden temporary directory a
 named `step_*` is always complete: a process killed mid-write leaves only a temporary directory, which the next
 start deletes, and the previous checkpoint stays usable.
 
-With LoRA adapters (peft.method lora/dora) a checkpoint holds `adapter/` (PEFT format, every trainable tensor
-exactly) instead of `model/`: the frozen base is rebuilt from the config on resume, so it is never rewritten.
+With adapters (peft.method lora/dora, over a quantized base too, or prompt_tuning) a checkpoint holds `adapter/`
+(PEFT format, every trainable tensor exactly) instead of `model/`: the frozen base is rebuilt from the config on resume, so it is never rewritten.
+
+Distributed runs (parallel.strategy ddp/fsdp/hsdp, any world size) write a sharded torch.distributed.checkpoint
+(DCP) instead: `dcp/` holds the trainable weights and the optimizer state, each rank writing its own shards in
+parallel (no rank ever holds the full model), `trainer_state.pt` the scheduler and step (rank 0), and
+`rank_00003.pt` rank 3's data-loader position and RNG states. DCP stores each tensor with its global shape, so a
+checkpoint resumes on any world size and with any strategy, one process without a process group included
+(the state-dict API `torch.distributed.checkpoint.state_dict` maps between live sharded modules and plain
+names). Atomicity is the same: every rank writes into the temporary directory rank 0 created, and after a barrier
+rank 0 renames it. Checkpoint directories must be on a filesystem every node sees.
 """
 from __future__ import annotations
 
@@ -23,12 +32,24 @@ from typing import Any
 import numpy as np
 import torch
 
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from optrush.config import ConfigError
 from optrush.models.io import save_model
-from optrush.peft.export import load_adapter_weights, save_adapter
-from optrush.peft.lora import has_lora
+from optrush.parallel.distributed import barrier, broadcast_object, is_main, rank
+from optrush.peft.export import has_adapters, load_adapter_weights, save_adapter
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.pt"
+Extras = dict[str, Any] | None
+DCP_DIR = "dcp"
+# frozen weights (a LoRA run's base) are rebuilt from the config on resume, as in single-process checkpoints
+DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
 @dataclass
@@ -81,17 +102,24 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, *, model, optimizer, scheduler, loader, state: TrainState) -> Path:
+    def save(self, *, model, optimizer, scheduler, loader, state: TrainState, extras: Extras = None) -> Path:
+        """`extras`: further live objects with state_dict/load_state_dict (the objective's sampling state, the
+        EMA weights), saved under their names."""
+        extras = extras or {}
+        if dist.is_initialized():
+            return self.save_distributed(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                         state=state, extras=extras)
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step_{state.step:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.directory))
         try:
-            if has_lora(model):
+            if has_adapters(model):  # LoRA/DoRA (over a quantized base too) or a soft prompt
                 save_adapter(model, tmp / "adapter", base_model_path=self.base_model_path)
             else:
                 save_model(model, tmp / "model")
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "loader": loader.state_dict(), "rng": rng_state(), "train": vars(state).copy()}
+                             "loader": loader.state_dict(), "rng": rng_state(), "train": vars(state).copy(),
+                             **extra_states(extras)}
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(trainer_state, f)
                 f.flush()
@@ -105,9 +133,52 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def save_distributed(self, *, model, optimizer, scheduler, loader, state: TrainState, extras: Extras) -> Path:
+        """Collective: a DCP checkpoint written by every rank into rank 0's temporary directory, renamed by rank 0
+        once all ranks are done."""
+        final = self.directory / f"step_{state.step:08d}"
+        if is_main():
+            self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(broadcast_object(tempfile.mkdtemp(prefix=".tmp-", dir=self.directory) if is_main() else None))
+        try:
+            dcp.save({"model": get_model_state_dict(model, options=DCP_OPTIONS),
+                      "optimizer": get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)},
+                     checkpoint_id=tmp / DCP_DIR)
+            # extras are per rank: each rank samples its own GRPO rollouts; EMA shadows are replicated
+            write_synced({"loader": loader.state_dict(), "rng": rng_state(), **extra_states(extras)},
+                         tmp / f"rank_{rank():05d}.pt")
+            if is_main():
+                write_synced({"scheduler": scheduler.state_dict(), "train": vars(state).copy(),
+                              "world_size": dist.get_world_size()}, tmp / STATE_FILE)
+            barrier()
+            if is_main():
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self.prune()
+            barrier()
+        except BaseException:
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
     def prune(self) -> None:
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def extra_states(extras: dict[str, Any]) -> dict[str, Any]:
+    return {f"extra/{name}": obj.state_dict() for name, obj in extras.items()}
+
+
+def load_extra_states(extras: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
+    for name, obj in extras.items():
+        if f"extra/{name}" not in saved:
+            raise ConfigError(f"{path} holds no {name} state (it was saved by a run without it, e.g. "
+                              "train.ema_decay=0): resume with the settings it was saved with, or start fresh "
+                              "with checkpoint.resume=never")
+        obj.load_state_dict(saved[f"extra/{name}"])
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -119,9 +190,24 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(state_file, map_location="cpu", weights_only=False)
 
 
-def restore(path: Path, *, model, optimizer, scheduler, loader) -> TrainState:
+def write_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def restore(path: Path, *, model, optimizer, scheduler, loader, extras: Extras = None) -> TrainState:
     """Load model weights and every training state from checkpoint `path` into live objects."""
     from optrush.models.io import load_state_into
+
+    if (path / DCP_DIR).is_dir():
+        return restore_distributed(path, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                   extras=extras or {})
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ConfigError(f"{path} was written by a one-process run and this run shards the model "
+                          "(parallel.strategy fsdp/hsdp): resume it with parallel.strategy=none or ddp, which save "
+                          "sharded checkpoints that fsdp/hsdp then resume on any world size")
 
     if (path / "adapter").is_dir():
         load_adapter_weights(model, path / "adapter")
@@ -132,4 +218,25 @@ def restore(path: Path, *, model, optimizer, scheduler, loader) -> TrainState:
     scheduler.load_state_dict(saved["scheduler"])
     loader.load_state_dict(saved["loader"])
     set_rng_state(saved["rng"])
+    load_extra_states(extras or {}, saved, path)
     return TrainState(**saved["train"])
+
+
+def restore_distributed(path: Path, *, model, optimizer, scheduler, loader, extras: Extras) -> TrainState:
+    """Load a DCP checkpoint into live (sharded, replicated or plain) objects; collective when distributed.
+    DCP reshards every tensor to this run's layout, so the saving and the resuming world sizes may differ."""
+    state = {"model": get_model_state_dict(model, options=DCP_OPTIONS),
+             "optimizer": get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)}
+    dcp.load(state, checkpoint_id=path / DCP_DIR)
+    set_model_state_dict(model, state["model"], options=DCP_OPTIONS)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=DCP_OPTIONS)
+    shared = load_trainer_state(path)
+    scheduler.load_state_dict(shared["scheduler"])
+    # a rank the saving run did not have takes the RNG of the saved rank it wraps onto; the loader position is
+    # global (every rank's file holds the same one)
+    saved_rank = rank() % shared["world_size"]
+    mine = torch.load(path / f"rank_{saved_rank:05d}.pt", map_location="cpu", weights_only=False)
+    loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    load_extra_states(extras, mine, path)
+    return TrainState(**shared["train"])

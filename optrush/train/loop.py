@@ -4,19 +4,26 @@
     from optrush.train import train
     summary = train(load_config("recipes/demo.yaml", ["train.max_steps=50"]))
 
-Read top to bottom: set up (device, seed, tokenizer, data, model, optimizations, optimizer), maybe resume, then
-repeat: take `grad_accum` micro-batches, count the step's trained units, accumulate gradients of the summed loss
-divided by that count, clip, step, log, evaluate, checkpoint. Dividing by the *step's* count (not a per-micro-batch
-mean) makes accumulation exactly equal to one large batch whatever the lengths and padding.
+Read top to bottom: set up (device, process group, seed, tokenizer, data, model, optimizations, optimizer), maybe
+resume, then repeat: take `grad_accum` micro-batches, count the step's trained units, accumulate gradients of the
+summed loss divided by that count, clip, step, log, evaluate, checkpoint. Dividing by the *step's* count (not a
+per-micro-batch mean) makes accumulation exactly equal to one large batch whatever the lengths and padding.
+
+Data parallelism (parallel.strategy ddp/fsdp/hsdp, one process per device under torchrun): every rank runs this
+same loop on its share of each step's micro-batches. The step's count is summed over all ranks, so N ranks with
+grad_accum g train exactly what one process with grad_accum N*g would (same loss, same gradients); only rank 0
+logs, prints and writes shared files.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from optrush.bench.provenance import provenance
 from optrush.config import Config, ConfigError, to_dict
@@ -27,25 +34,44 @@ from optrush.models.io import build_model, load_model, save_model
 from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
 from optrush.objectives import PAIRWISE, build_objective
-from optrush.optim.optimizer import build_optimizer
-from optrush.peft import has_lora, save_adapter, save_merged
+from optrush.generate.evaluate import sample_during_training
+from optrush.optim import EMA, build_optimizer, eval_weights
+from optrush.peft import has_adapters, save_adapter, save_merged
 from optrush.optim.schedule import build_scheduler
+from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, rank, \
+    teardown, world_size
+from optrush.parallel.context import apply_context_extension
+from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager, TrainState, restore
 from optrush.train.float8 import require_float8
 from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib
-from optrush.train.optimizations import apply_optimizations
+from optrush.train.optimizations import apply_optimizations, apply_peft
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
                 "fp8": torch.float32}
 
 
 def train(cfg: Config) -> dict:
-    """Train as configured; returns the run summary (also written to `<output_dir>/summary.json`)."""
+    """Train as configured; returns the run summary (also written to `<output_dir>/summary.json`). Under torchrun
+    with a parallel.strategy, every rank calls it (the summary is rank 0's)."""
     if cfg.data.path is None:
         raise ConfigError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
+    parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
+    try:
+        return run(cfg, parallel)
+    except torch.OutOfMemoryError:
+        from optrush.plan import oom_advice  # the planner knows which switch frees the most memory
+
+        print(oom_advice(cfg), file=sys.stderr, flush=True)
+        raise
+    finally:
+        teardown()
+
+
+def run(cfg: Config, parallel: Distributed) -> dict:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
+    device = parallel.device
     if cfg.precision.mode == "fp8":
         require_float8(device)  # before any data work: fail in seconds, not after tokenizing
     if cfg.train.verify:
@@ -58,31 +84,40 @@ def train(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
     read_data = build_preference_datasets if cfg.objective in PAIRWISE else build_datasets
     train_examples, eval_examples, data_report = read_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    print(data_report.format(), flush=True)
+    if is_main():
+        print(data_report.format(), flush=True)
 
     model = build(cfg, vocab_size=len(tokenizer), device=device)
     # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
-                                examples=train_examples + eval_examples)
+                                examples=train_examples + eval_examples if cfg.objective in PAIRWISE else ())
+    # sharding leaves no plain model to save at the end: keep its structure (on the meta device, no memory)
+    plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
     model = apply_optimizations(model, cfg)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
                                 lora_plus_ratio=cfg.peft.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, cfg.train)
+    ema = EMA(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
+    # further state a resume must restore exactly: GRPO's stored rollouts and sampling RNG, the EMA weights
+    extras = {"objective": objective, **({"ema": ema} if ema is not None else {})}
     loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                         pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch)
+                         pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch, rank=parallel.rank,
+                         world_size=parallel.world_size)
 
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     base_model_path=cfg.model.path)
-    state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
+    state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                         extras=extras)
 
     autocast = precision_context(cfg, device)
     flops_per_token = model.flops_per_token(cfg.data.max_length)
     peak_flops = device_peak_flops(device, torch.bfloat16 if cfg.precision.mode != "fp32" else torch.float32)
+    peak_flops = peak_flops * parallel.world_size if peak_flops else None  # MFU of all devices together
     throughput = Throughput()
     final_eval, eval_step = {}, None
     model.train()
     with MetricsLogger(output_dir=output_dir, cfg=cfg.logging, total_steps=cfg.train.max_steps,
-                       start_step=state.step) as metrics:
+                       start_step=state.step, enabled=is_main()) as metrics:
         while state.step < cfg.train.max_steps:
             started = time.perf_counter()
             micro_batches = [next(loader) for _ in range(cfg.train.grad_accum)]
@@ -92,12 +127,15 @@ def train(cfg: Config) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
 
             state.step += 1
             loss = step_loss / max(units, 1)
             state.losses.append(loss)
             tokens = sum(b.input_ids.numel() for b in micro_batches)
-            real_tokens = tokens - sum(b.num_padding for b in micro_batches)
+            padding = sum(b.num_padding for b in micro_batches)
+            tokens, real_tokens = (int(n) for n in all_reduce_sum([tokens, tokens - padding], device=device))
             state.tokens_seen += real_tokens
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -108,24 +146,34 @@ def train(cfg: Config) -> dict:
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
                     "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units, **objective.pop_metrics()})
+            if samples := sample_during_training(model, tokenizer, cfg, state.step):
+                metrics.log(state.step, samples)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step}; lower train.lr or use "
                                          "precision.mode=fp32 to find the cause")
             if eval_examples and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
-                                                 autocast), state.step
+                with eval_weights(model, optimizer, ema):  # schedule-free's average / the EMA weights
+                    final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
+                                                     autocast), state.step
                 metrics.log(state.step, final_eval)
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state)
+                checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state,
+                                 extras=extras)
 
         loader.close()  # stops its prefetch thread
         if eval_examples and eval_step != state.step:  # always end with an evaluation of the final weights
-            final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast)
+            with eval_weights(model, optimizer, ema):
+                final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast)
             metrics.log(state.step, final_eval)
         if cfg.checkpoint.save_final:
             final_dir = output_dir / "final"
-            save_final(model, final_dir, cfg)
-            tokenizer.save_pretrained(final_dir)
+            # collective under fsdp/hsdp: rank 0 gathers the full weights into the plain structure kept above
+            with eval_weights(model, optimizer, ema):
+                final = model if plain is None else gather_full_model(model, like=with_adapters(plain, cfg))
+                if is_main():
+                    save_final(final, final_dir, cfg)
+                tokenizer.save_pretrained(final_dir)
+            barrier()
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
@@ -138,7 +186,7 @@ def train(cfg: Config) -> dict:
 def save_final(model, final_dir: Path, cfg: Config) -> None:
     """The trained model in HF format; with adapters, per peft.save the merged model and/or the PEFT adapter
     (in `final/adapter`)."""
-    if not has_lora(model):
+    if not has_adapters(model):
         save_model(model, final_dir)
         return
     if cfg.peft.save in ("merged", "both"):
@@ -147,17 +195,24 @@ def save_final(model, final_dir: Path, cfg: Config) -> None:
         save_adapter(model, final_dir / "adapter", base_model_path=cfg.model.path)
 
 
+def with_adapters(plain: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """The meta structure kept before the transforms, given the parameters the peft transform adds."""
+    return apply_peft(plain, cfg) if cfg.peft.method != "none" else plain
+
+
 def accumulate_gradients(model, objective, micro_batches, *, device, autocast) -> tuple[float, int]:
-    """Backward over all micro-batches of one optimizer step, each loss divided by the step's total units
-    (all-reduced across ranks once data parallelism exists). Returns (summed loss, units)."""
-    units = sum(objective.units(b) for b in micro_batches)
+    """Backward over this rank's micro-batches of one optimizer step, each summed loss divided by the step's total
+    units over all ranks, times the world size because ddp/fsdp average the ranks' gradients (so the result is the
+    gradient of the global batch's mean loss). Returns (summed loss, units), both over all ranks."""
+    units = int(all_reduce_sum([sum(objective.units(b) for b in micro_batches)], device=device)[0])
+    ranks = world_size()
     total = 0.0
     for batch in micro_batches:
         with autocast:
             loss_sum, _ = objective(model, batch.to(device, non_blocking=True))
-        (loss_sum / max(units, 1)).backward()
+        (loss_sum / max(units, 1) * ranks).backward()
         total += loss_sum.item()
-    return total, units
+    return all_reduce_sum([total], device=device)[0], units
 
 
 def verify(cfg: Config, output_dir: Path) -> None:
@@ -196,30 +251,32 @@ def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Mod
     """The model named by the config: loaded from an HF directory, or a fresh preset sized to the tokenizer."""
     dtype = PARAM_DTYPES[cfg.precision.mode]
     if cfg.model.path is not None:
-        model = load_model(cfg.model.path, dtype=dtype, device=device)
+        model = load_model(cfg.model.path, dtype=dtype, device=device, quantize=cfg.peft.quantize)
         if model.vocab_size < vocab_size:
             raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model at {cfg.model.path} only "
                               f"{model.vocab_size} embeddings; use the model's own tokenizer")
-        return model
+        return apply_context_extension(model, cfg)
     args = get_preset(cfg.model.preset, vocab_size=vocab_size)
-    return build_model(args, dtype=dtype, device=device, seed=cfg.train.seed)
+    return apply_context_extension(build_model(args, dtype=dtype, device=device, seed=cfg.train.seed), cfg)
 
 
 def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False,
-                prefetch: int = 0) -> BatchLoader:
+                prefetch: int = 0, rank: int = 0, world_size: int = 1) -> BatchLoader:
     if cfg.objective in PAIRWISE:
         return PairLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
                           max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
-                          shared_prompt=cfg.data.shared_prompt)
+                          shared_prompt=cfg.data.shared_prompt, rank=rank, world_size=world_size)
     return BatchLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
                        max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
-                       pin_memory=pin_memory, prefetch=prefetch)
+                       pin_memory=pin_memory, prefetch=prefetch, rank=rank, world_size=world_size)
 
 
 def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
     resume = cfg.checkpoint.resume
-    for partial in checkpoints.remove_partial():
-        print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
+    if is_main():
+        for partial in checkpoints.remove_partial():
+            print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
+    barrier()
     if resume == "never":
         return TrainState()
     path = checkpoints.latest() if resume == "auto" else Path(resume)
@@ -228,7 +285,8 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
     state = restore(path, **live)
-    print(f"resumed from {path} at step {state.step}", flush=True)
+    if is_main():
+        print(f"resumed from {path} at step {state.step}", flush=True)
     return state
 
 
@@ -239,25 +297,32 @@ def precision_context(cfg: Config, device: torch.device):
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to global norm `max_norm` (0: only measure); returns the norm before clipping. Under fsdp/hsdp the
+    gradients are DTensor shards and the norm is reduced over the mesh."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 @torch.no_grad()
 def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocast) -> dict[str, float]:
-    """Mean loss per trained unit over up to `train.eval_batches` micro-batches (same order every time)."""
-    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=False)
+    """Mean loss per trained unit over up to `train.eval_batches` micro-batches (same order every time), split
+    over the ranks of a distributed run (each evaluates eval_batches / world of them: the same count on every rank,
+    as each forward of a sharded model is a collective)."""
+    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=False, rank=rank(), world_size=world_size())
     model.eval()
     total, units = 0.0, 0
-    for _ in range(min(cfg.train.eval_batches, loader.batches_per_epoch)):
+    for _ in range(min(max(cfg.train.eval_batches // world_size(), 1), loader.batches_per_epoch)):
         batch = next(loader)
         units += objective.units(batch)
         with autocast:
             loss_sum, _ = objective(model, batch.to(device))
         total += loss_sum.item()
     model.train()
+    total, units = all_reduce_sum([total, units], device=device)
     loss = total / max(units, 1)
     # objective metrics not yet logged for training are folded into this evaluation's (rare: logging.every > 1)
     extra = {f"eval_{name}": value for name, value in objective.pop_metrics().items()}

@@ -1,0 +1,107 @@
+"""How well `optrush plan` predicts: peak memory vs every committed GPU measurement (issue #10 target: within 10%
+over >= 10 GPU configurations), and tokens/s with each row left out of the speed calibration.
+
+    python benchmarks/plan_accuracy.py                    # writes benchmarks/results/plan_accuracy.{md,json}
+    python benchmarks/plan_accuracy.py --smoke --out /tmp # the same on the committed rows, written elsewhere
+
+Rows: every bench record (config + tokens_per_s + peak_mem_gib + a CUDA device) in benchmarks/results/*.json
+(`optrush.plan.speed.load_measurements`), i.e. what `optrush bench` and `benchmarks/train_speed.py` write. Each
+record carries its full resolved config, which is turned back into the planner's `Setup`; rows are synthetic
+full rows (no document masks) as those scripts run them. Needs no GPU: it only reads committed results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from optrush.plan.memory import estimate_memory
+from optrush.plan.search import describe
+from optrush.plan.speed import RESULTS_DIR, calibrate, estimate_speed, load_measurements
+
+TARGET = 0.10
+
+
+def rows() -> list[dict]:
+    measured = load_measurements()
+    out = []
+    for index, m in enumerate(measured):
+        predicted = estimate_memory(m.args, m.setup).peak_gib
+        others = calibrate(measured[:index] + measured[index + 1:])  # leave this row out of the speed model
+        speed = estimate_speed(m.args, m.setup, m.gpu, others)
+        shape = f"{m.cfg.model.preset or m.cfg.model.path}, B={m.setup.micro_batch} x S={m.setup.seq_len}"
+        out.append({"source": m.source, "name": m.name, "shape": shape, "setup": describe(m.setup), "gpu": m.gpu.name,
+                    "measured_gib": m.peak_gib, "predicted_gib": predicted,
+                    "memory_error": predicted / m.peak_gib - 1, "measured_tokens_per_s": m.tokens_per_s,
+                    "predicted_tokens_per_s_loo": speed.tokens_per_s,
+                    "speed_error_loo": speed.tokens_per_s / m.tokens_per_s - 1, "speed_basis_loo": speed.basis})
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    within = sum(abs(r["memory_error"]) <= TARGET for r in results)
+    worst = max(results, key=lambda r: abs(r["memory_error"]))
+    speed_within = sum(abs(r["speed_error_loo"]) <= TARGET for r in results)
+    shapes, gpus = sorted({r["shape"] for r in results}), sorted({r["gpu"] for r in results})
+    lines = [
+        "# `optrush plan` accuracy: predicted vs measured", "",
+        f"**Peak memory: {within} of {len(results)} measured GPU configurations within {TARGET:.0%}** "
+        f"(worst: {worst['name']}, {worst['memory_error']:+.1%}). The issue's target asks for >= 10 "
+        f"configurations. The {len(results)} committed ones cover {len(shapes)} model shape(s) "
+        f"({'; '.join(shapes)}) on {', '.join(gpus)}"
+        + (": they test the per-optimization terms, not how the model scales with shape or GPU."
+           if len(shapes) == 1 else "."),
+        "",
+        "| source | config | planner setup | measured GiB | predicted GiB | error | measured tok/s | "
+        "predicted tok/s (row left out) | error | speed basis |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['source']} | {r['name']} | {r['setup']} | {r['measured_gib']:.2f} | "
+                     f"{r['predicted_gib']:.2f} | {r['memory_error']:+.1%} | {r['measured_tokens_per_s']:,.0f} | "
+                     f"{r['predicted_tokens_per_s_loo']:,.0f} | {r['speed_error_loo']:+.1%} | "
+                     f"{r['speed_basis_loo']} |")
+    lines += [
+        "",
+        "- Measured: `torch.cuda.max_memory_allocated` over the timed steps (`optrush.bench.run`); predicted: "
+        "`optrush.plan.memory.estimate_memory(...).peak_gib`, the same quantity (CUDA context and allocator slack, "
+        "which `optrush plan` adds before deciding what fits, are excluded on both sides).",
+        "- No constant is fitted per row or to these rows. The activation terms count the tensors autograd keeps "
+        "(eager) or that Inductor keeps (compiled: matmul inputs and outputs, residuals); the loss terms count "
+        "the logits buffers. Two modelling choices were made after seeing these rows and are therefore checked "
+        "only loosely by them: the compiled-block saved set (the `compile` row: -0.3%) and that "
+        "whole-model compile fuses away the fused loss's fp32 chunk copy (inferred from the two "
+        "`compile_model` rows).",
+        "- The fp8 row: the model assumes torchao's float8 linears keep fp8 inputs and recompute their weight "
+        "casts; it predicts more than was measured, so some bf16 activation is not kept either.",
+        f"- Speed: {speed_within} of {len(results)} within {TARGET:.0%} when each row is predicted from the "
+        "other rows only (its own family's efficiency removed: `nearest` families stand in). With its own row "
+        "in the calibration a measured family reproduces its speed by construction, so only the left-out "
+        "numbers say anything.",
+        "- Not compared: the HF baseline rows of train_speed_h100.json (another stack), the DPO layout rows of "
+        "dpo_packing_h100.json (a custom forward+backward loop without optimizer, not a bench record), decode and "
+        "kernel micro-benchmarks (not training steps).",
+        "", "Regenerate: `python benchmarks/plan_accuracy.py`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="output directory (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="print only; with --out, write there")
+    args = parser.parse_args()
+    results = rows()
+    if not results:
+        raise SystemExit(f"no GPU bench records under {RESULTS_DIR}")
+    text = markdown(results)
+    print(text)
+    if args.smoke and args.out == str(RESULTS_DIR):
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_accuracy.md").write_text(text, encoding="utf-8")
+    (out / "plan_accuracy.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'plan_accuracy.md'} and {out / 'plan_accuracy.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The largest sequence length a config can train: `optrush bench CONFIG --max-context [LIMIT]`.
+
+    result = find_max_context(cfg, start=4096, limit=1_048_576)     # tries in subprocesses
+    write_max_context_report(result, "runs/max_context")              # max_context.json + max_context.md
+
+Each try trains `warmup` + `steps` steps of one synthetic row of `length` tokens (train.micro_batch_size=1,
+grad_accum=1) through `optrush bench` in its own process, so an out-of-memory failure leaves nothing behind in
+the next try (fragmented allocator, half-built CUDA context). The search doubles `length` from `start` while it
+fits (up to `limit`), then bisects between the last length that fit and the first that did not, down to
+`multiple` tokens. Every try is reported with its tokens/s and peak memory; the result's `max_length` is the
+largest that fit. A try that fails for any other reason than memory (a config error, a crash) stops the search
+with that reason: a broken config must not pass for a short context. A try that runs past `timeout_s` counts as
+not fitting (reported as timed out): at hundreds of thousands of tokens one step can take many minutes. The
+model's RoPE tables are sized to each try (`model.max_seq_len`) when the config's are shorter: positions beyond the
+pretraining length are then extrapolated unless `model.rope_scaling` says otherwise, which does not change the
+speed or memory measured.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from optrush.config import Config, to_yaml
+
+# Reasons a try counts as "does not fit": out of GPU or host memory (the kernel's OOM killer: -9), or a step
+# slower than the per-try time limit
+DID_NOT_FIT = ("OutOfMemoryError", "out of memory", "can't allocate memory", "exit code -9", "exit code 137",
+               "timed out")
+
+Try = Callable[[int], dict]
+"""A try: length -> {"length", "fits": bool, and on success "tokens_per_s", "peak_mem_gib"; else "reason"}."""
+
+
+def find_max_context(cfg: Config, *, start: int, limit: int, multiple: int = 1024, warmup: int = 1,
+                     steps: int = 2, timeout_s: float | None = 1800, try_length: Try | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """Search the largest `data.max_length` in [start, limit] that trains; returns the record (JSON-able).
+
+    `try_length` replaces the subprocess try (tests inject a predicate). Lengths are multiples of `multiple`
+    (`start` and `limit` are rounded to it)."""
+    if multiple < 1 or start < multiple or limit < start:
+        raise ValueError(f"need 1 <= multiple <= start <= limit; got multiple={multiple}, start={start}, "
+                         f"limit={limit}")
+    start, limit = start // multiple * multiple, limit // multiple * multiple
+    if try_length is None:
+        try_length = subprocess_try(cfg, warmup=warmup, steps=steps, timeout_s=timeout_s)
+    tries: list[dict] = []
+
+    def fits(length: int) -> bool:
+        result = {"length": length, **try_length(length)}
+        tries.append(result)
+        speed = f"{result['tokens_per_s']:,.0f} tokens/s, {result['peak_mem_gib']:.1f} GiB" if result["fits"] \
+            else result.get("reason", "does not fit")
+        log(f"max-context: {length:,} tokens: {'fits' if result['fits'] else 'no'} ({speed})")
+        return result["fits"]
+
+    good, bad = None, None
+    length = start
+    while length <= limit:
+        if not fits(length):
+            bad = length
+            break
+        good = length
+        length = limit if length < limit < 2 * length else 2 * length
+    if good is not None and bad is not None:
+        while bad - good > multiple:
+            middle = (good + bad) // 2 // multiple * multiple
+            if fits(middle):
+                good = middle
+            else:
+                bad = middle
+    best = next((t for t in tries if t["length"] == good), None)
+    return {"benchmark": "optrush bench --max-context", "max_length": good, "limit": limit, "start": start,
+            "multiple": multiple, "reached_limit": good == limit,
+            "tokens_per_s": best["tokens_per_s"] if best else None,
+            "peak_mem_gib": best["peak_mem_gib"] if best else None, "tries": tries,
+            "config": best.get("config") if best else None, "provenance": best.get("provenance") if best else None}
+
+
+def subprocess_try(cfg: Config, *, warmup: int, steps: int, timeout_s: float | None,
+                   logs: Path | None = None) -> Try:
+    """A try that runs `optrush bench` on one row of `length` synthetic tokens in a fresh process."""
+    from optrush.bench.ladder import run_child
+
+    workdir = Path(tempfile.mkdtemp(prefix="optrush-max-context-"))
+    config_path = workdir / "config.yaml"
+    config_path.write_text(to_yaml(cfg), encoding="utf-8")
+    logs = logs or workdir
+
+    def try_length(length: int) -> dict:
+        overrides = [f"data.max_length={length}", "train.micro_batch_size=1", "train.grad_accum=1"]
+        if cfg.model.max_seq_len < length:  # 0 (the model's own) included: a preset's may be shorter
+            overrides.append(f"model.max_seq_len={length}")
+        command = [sys.executable, "-m", "optrush", "bench", str(config_path), *overrides, "--synthetic",
+                   "--name", f"length={length}", "--warmup", str(warmup), "--steps", str(steps)]
+        result = run_child(command, name=f"length_{length}", timeout_s=timeout_s, logs=logs)
+        return outcome(result)
+
+    return try_length
+
+
+def outcome(result: dict) -> dict:
+    """A child's bench result as a try: fits, or did not (memory, time limit); anything else raises."""
+    if result.get("status") == "ok":
+        return {"fits": True, **{k: result[k] for k in ("tokens_per_s", "peak_mem_gib", "step_s", "loss",
+                                                          "device", "config", "provenance")}}
+    reason = result.get("reason", "no reason given")
+    if any(marker in reason for marker in DID_NOT_FIT):
+        return {"fits": False, "reason": reason[:300]}
+    raise RuntimeError(f"max-context: the try at {result.get('name')} failed for a reason other than memory, so "
+                       f"the search stops: {reason}")
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def markdown(result: dict) -> str:
+    lines = ["# optrush bench --max-context", "",
+             f"Largest trainable length: **{result['max_length'] or 'none'}** tokens"
+             + (f" at {result['tokens_per_s']:,.0f} tokens/s, {result['peak_mem_gib']:.1f} GiB peak"
+                if result["max_length"] else "")
+             + (" (the search limit: it may fit more)" if result["reached_limit"] else ""), "",
+             "| length | fits | tokens/s | peak GiB | note |", "|---|---|---|---|---|"]
+    for t in sorted(result["tries"], key=lambda t: t["length"]):
+        if t["fits"]:
+            lines.append(f"| {t['length']:,} | yes | {t['tokens_per_s']:,.0f} | {t['peak_mem_gib']:.1f} | |")
+        else:
+            lines.append(f"| {t['length']:,} | no | | | {t.get('reason', '')[:120]} |")
+    p = result.get("provenance")
+    if p:
+        lines += ["", f"- device: {result['tries'][0].get('device', 'unknown')}; torch {p['torch']}, "
+                  f"optrush {p['git_sha'] or p['optrush'] or 'unknown'}; measured {p['timestamp_utc']}",
+                  "- each try: one row of synthetic tokens, its own process; tokens/s over the timed steps"]
+    return "\n".join(lines) + "\n"
+
+
+def write_max_context_report(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `<out_dir>/max_context.json` and `.md`; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "max_context.json", out_dir / "max_context.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(result), encoding="utf-8")
+    return json_path, md_path

@@ -1,0 +1,121 @@
+"""`optrush plan`: the fastest training configurations that fit a model on given GPUs, as a ready config file.
+
+    optrush plan --model llama3.1-8b --gpus 1xH100 --seq 4096 --objective sft --peft lora --out plan.yaml
+    optrush plan --model /models/Llama-3.2-1B --gpus 2xH200 --seq 8192 --measure
+
+Prints a table of the candidates that fit (predicted peak memory per GPU and tokens/s, fastest first), writes the
+best as YAML with `--out` (loaded back through `optrush.config.load_config`, so it validates), and with `--measure`
+runs the top candidates briefly on this machine's device and prints predicted vs measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+
+from optrush.config import ConfigError, OptimConfig, load_config
+
+TABLE_COLUMNS = ("#", "precision", "peft", "compile", "fused loss", "checkpointing", "micro-batch", "parallel",
+                 "peak GiB", "needs GiB", "tokens/s", "MFU", "speed basis")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from optrush.plan.gpus import parse_gpus
+    from optrush.plan.search import config_yaml, model_args, plan
+
+    try:
+        gpu, n_gpus = parse_gpus(args.gpus)
+        shape = model_args(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    if args.measure and n_gpus > 1:
+        raise ConfigError("--measure runs candidates in this one process, on one device: plan for --gpus 1x... "
+                          "or measure a multi-GPU config with `optrush bench CONFIG` under torchrun")
+    base = base_overrides(args)
+    candidates = plan(shape, gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
+                      micro_batch=args.micro_batch, base_overrides=tuple(base), pins=tuple(args.pin),
+                      margin=args.margin)
+    fitting = [c for c in candidates if c.fits]
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # full rows in logs
+    console.print(f"{args.model} on {n_gpus}x{gpu.name} ({gpu.memory_gib:.0f} GiB each), {args.seq} tokens per row: "
+                  f"{len(fitting)} of {len(candidates)} valid configurations fit (margin {args.margin:.0%})")
+    shown = fitting[:args.top] if fitting else sorted(candidates, key=lambda c: c.required_gib)[:args.top]
+    if not fitting:
+        console.print("[bold red]nothing fits[/]: the least memory-hungry configurations are:")
+    console.print(candidate_table(shown))
+    if fitting and args.out:
+        text = config_yaml(fitting[0], base_overrides=base, gpu=gpu, n_gpus=n_gpus, path=args.out)
+        Path(args.out).write_text(text, encoding="utf-8")
+        needs_tokenizer = base[0].startswith("model.preset=") and args.tokenizer is None
+        load_config(args.out, synthetic_data=needs_tokenizer)  # fails here, not at train time, if it is invalid
+        console.print(f"wrote the fastest configuration to {args.out}"
+                      + (" (set data.tokenizer before training: a preset has none)" if needs_tokenizer else ""))
+    if args.measure and fitting:
+        from optrush.plan.measure import comparison_table, measure
+
+        rows = measure(fitting[:args.measure_top], base_overrides=base, device=args.device, warmup=args.warmup,
+                       steps=args.steps)
+        console.print(comparison_table(rows))
+        if args.measure_json:
+            Path(args.measure_json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0 if fitting else 1
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """Model, objective and data keys every candidate's config carries."""
+    from optrush.plan.search import model_overrides
+
+    out = [*model_overrides(args.model), f"objective={args.objective}"]
+    if args.objective == "sft":
+        out.append("data.format=prompt_completion")
+    out += [f"data.path={args.data}"] if args.data else []
+    out += [f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []
+    return out
+
+
+def candidate_table(candidates):
+    from rich.table import Table
+
+    table = Table()
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="right" if column in ("peak GiB", "needs GiB", "tokens/s", "MFU") else "left")
+    for rank, c in enumerate(candidates, 1):
+        s = c.setup
+        policy = "none" if s.checkpointing == "none" else s.checkpointing + (f" every {s.every}" if s.every > 1 else "")
+        peft = s.peft + (f"+{s.quantize}" if s.quantize != "none" else "")
+        table.add_row(str(rank), s.precision, peft, s.compile, "yes" if s.fused_loss else "no",
+                      policy + (" + offload" if s.offload else ""), str(s.micro_batch),
+                      s.strategy if s.strategy != "none" else "-", f"{c.memory.peak_gib:.1f}", f"{c.required_gib:.1f}",
+                      f"{c.speed.tokens_per_s:,.0f}", f"{c.speed.mfu:.2f}", c.speed.basis)
+    return table
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("plan", help="the fastest training configurations that fit, as a ready config file")
+    p.add_argument("--model", required=True, help="a preset name (e.g. llama3.1-8b) or an HF model directory")
+    p.add_argument("--gpus", default="1xH100", help="COUNTxNAME, e.g. 1xH100, 2xH200, 1x4090 (default: 1xH100)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per row, data.max_length (default: 2048)")
+    p.add_argument("--objective", choices=("sft", "causal_lm"), default="sft")
+    p.add_argument("--peft", choices=("none", "lora", "qlora", "any"), default="none",
+                   help="none: full fine-tuning; lora / qlora: adapters only; any: all three (default: none)")
+    p.add_argument("--optim", default="adamw", choices=typing.get_args(typing.get_type_hints(OptimConfig)["name"]),
+                   help="optim.name (default: adamw)")
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch (default: search 1..64)")
+    p.add_argument("--pin", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keep only candidates with these config values, e.g. compile.mode=none")
+    p.add_argument("--margin", type=float, default=0.05, help="GPU memory kept free (fraction, default 0.05)")
+    p.add_argument("--top", type=int, default=10, help="rows to show (default: 10)")
+    p.add_argument("--out", default=None, help="write the fastest fitting configuration to this YAML file")
+    p.add_argument("--data", default=None, help="data.path to put in the written config")
+    p.add_argument("--tokenizer", default=None, help="data.tokenizer to put in the written config")
+    p.add_argument("--measure", action="store_true", help="run the top candidates briefly and compare")
+    p.add_argument("--measure-top", type=int, default=3, help="candidates to measure (default: 3)")
+    p.add_argument("--measure-json", default=None, help="also write the comparison rows to this JSON file")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where --measure runs (default: cuda)")
+    p.add_argument("--warmup", type=int, default=2, help="--measure: untimed steps (default: 2)")
+    p.add_argument("--steps", type=int, default=4, help="--measure: timed steps (default: 4)")
+    p.set_defaults(run=cmd_plan)

@@ -1,0 +1,66 @@
+"""Load a model to generate from: an HF checkpoint, or a base model with a LoRA/DoRA adapter on top.
+
+    model, tokenizer = load_for_generation("runs/x/final")                       # full (or merged) checkpoint
+    model, tokenizer = load_for_generation(adapter="runs/x/final/adapter")       # base from adapter_config.json
+    model, tokenizer = load_for_generation("Llama-3.2-1B", adapter="out/adapter")  # base given explicitly
+
+The adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors, as `optrush.peft.export` and
+`peft` write it). `ckpt` itself may be one, or a run's final/ or step directory that holds only `adapter/`
+(peft.save=adapter). The base is `base`, else `ckpt` when it is a full checkpoint, else the adapter config's
+`base_model_name_or_path`. The adapters are merged into the base weights once loaded: decoding then costs what
+the base costs. The tokenizer is the first directory holding one among the adapter, its parent and the base.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from optrush.config import ConfigError
+from optrush.peft.export import ADAPTER_CONFIG, load_adapter
+from optrush.peft.lora import merge_lora
+
+
+def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
+            base: str | Path | None) -> tuple[Path, Path | None, Path]:
+    """(model directory, adapter directory or None, tokenizer directory) for the arguments above."""
+    ckpt = None if ckpt is None else Path(ckpt)
+    if adapter is None and ckpt is not None:
+        if (ckpt / ADAPTER_CONFIG).is_file():
+            adapter, ckpt = ckpt, None
+        elif not (ckpt / "config.json").is_file() and (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
+            adapter, ckpt = ckpt / "adapter", None
+    if adapter is None:
+        if ckpt is None:
+            raise ConfigError("no model given: pass a checkpoint directory, or --adapter DIR (with --base)")
+        return ckpt, None, ckpt
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; give a PEFT adapter directory, e.g. a "
+                          "run's final/adapter")
+    model_dir = base or ckpt or json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if model_dir is None:
+        raise ConfigError(f"{adapter / ADAPTER_CONFIG} names no base model (the run started from model.preset): "
+                          "pass --base with the base model directory")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"base model {model_dir}: no config.json there; pass --base with the base model's HF "
+                          "directory")
+    tokenizer_dir = next((d for d in (adapter, adapter.parent, model_dir) if (d / "tokenizer.json").is_file()),
+                         model_dir)
+    return model_dir, adapter, tokenizer_dir
+
+
+def load_for_generation(ckpt: str | Path | None = None, *, adapter: str | Path | None = None,
+                        base: str | Path | None = None, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """(model in eval mode with any adapter merged in, tokenizer)."""
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.models.io import load_model
+
+    model_dir, adapter_dir, tokenizer_dir = resolve(ckpt, adapter=adapter, base=base)
+    model = load_model(model_dir, device=device)
+    if adapter_dir is not None:
+        merge_lora(load_adapter(model, adapter_dir))
+    return model.eval(), load_tokenizer(tokenizer_dir)

@@ -1,0 +1,258 @@
+"""`optrush plan`: the fastest training configurations that fit, and advice after an out-of-memory error.
+
+    args = model_args("llama3.1-8b")                      # a preset name or an HF model directory
+    gpu, n = parse_gpus("1xH100")
+    candidates = plan(args, gpu=gpu, n_gpus=n, seq_len=4096, peft="lora")   # fitting ones first, fastest first
+    text = config_yaml(candidates[0], base_overrides=["model.preset=llama3.1-8b"], gpu=gpu, n_gpus=n)
+    print(oom_advice(cfg))                                # what `train` prints on torch.OutOfMemoryError
+
+A candidate is a `Setup` (precision, PEFT, compile, fused loss, checkpointing policy, micro-batch, data
+parallelism) that `optrush.config.load_config` validates; it fits when the memory model's allocated peak plus
+allocator slack and CUDA context stays under the GPU's memory less `margin`.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from optrush.config import Config, ConfigError, load_config
+from optrush.config.load import parse_override, set_dotted
+from optrush.models.llama import ModelArgs
+from optrush.models.presets import PRESETS, get_preset
+from optrush.plan.gpus import GPU, gpu_from_device_name
+from optrush.plan.memory import GIB, Memory, estimate_memory, required_gib
+from optrush.plan.setup import Setup, config_overrides, setup_from_config
+from optrush.plan.speed import Calibration, Speed, calibrate, estimate_speed, load_measurements
+
+# --peft: the (peft.method, peft.quantize) pairs searched
+PEFT_CHOICES = {"none": [("none", "none")], "lora": [("lora", "none")], "qlora": [("lora", "nf4")],
+                "any": [("none", "none"), ("lora", "none"), ("lora", "nf4")]}
+# (checkpointing, every, offload), least memory last
+CHECKPOINTING = [("none", 1, False), ("selective", 1, False), ("full", 2, False), ("full", 1, False),
+                 ("full", 1, True)]
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_MARGIN = 0.05
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Candidate:
+    setup: Setup
+    memory: Memory
+    required_gib: float
+    speed: Speed
+    fits: bool
+
+
+def model_args(spec: str) -> ModelArgs:
+    """ModelArgs of a preset name or of an HF model directory's config.json."""
+    if spec in PRESETS:
+        return get_preset(spec)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    from optrush.models.hf import args_from_hf_config
+    from optrush.models.io import read_config
+
+    return args_from_hf_config(read_config(path))
+
+
+def model_overrides(spec: str) -> list[str]:
+    return [f"model.preset={spec}"] if spec in PRESETS else [f"model.path={spec}"]
+
+
+def evaluate(args: ModelArgs, setup: Setup, *, gpu: GPU, calibration: Calibration,
+             margin: float = DEFAULT_MARGIN) -> Candidate:
+    memory = estimate_memory(args, setup)
+    need = required_gib(memory, n_gpus=setup.n_gpus)
+    return Candidate(setup=setup, memory=memory, required_gib=need,
+                     speed=estimate_speed(args, setup, gpu, calibration), fits=need <= gpu.memory_gib * (1 - margin))
+
+
+def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none", optimizer: str = "adamw",
+                     micro_batches: tuple[int, ...] = MICRO_BATCHES, document_mask: bool = True) -> list[Setup]:
+    """Every combination the planner considers (before validation and the memory check)."""
+    precisions = ["bf16_pure", "bf16_mixed"] + (["fp8"] if gpu.fp8_flops else [])  # validation drops fp8 + LoRA
+    strategies = ["none"] if n_gpus == 1 else ["fsdp", "ddp"]
+    grid = itertools.product(precisions, PEFT_CHOICES[peft], ("none", "blocks", "model"), (False, True),
+                             CHECKPOINTING, micro_batches, strategies)
+    setups = []
+    for precision, (method, quantize), compile_mode, fused, (policy, every, offload), micro_batch, strategy in grid:
+        setups.append(Setup(seq_len=seq_len, micro_batch=micro_batch, precision=precision, optimizer=optimizer,
+                            peft=method, quantize=quantize, checkpointing=policy, every=every, offload=offload,
+                            compile=compile_mode, fused_loss=fused, document_mask=document_mask, strategy=strategy,
+                            n_gpus=n_gpus))
+    return setups
+
+
+def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str = "none", optimizer: str = "adamw",
+         micro_batch: int | None = None, base_overrides: tuple[str, ...] = (), pins: tuple[str, ...] = (),
+         margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None) -> list[Candidate]:
+    """Valid candidates, those that fit first, each group fastest first. `base_overrides` (model, objective, data)
+    are part of every candidate's config; `pins` (e.g. "compile.mode=none") keep only candidates that agree."""
+    calibration = calibrate(load_measurements()) if calibration is None else calibration
+    micro_batches = MICRO_BATCHES if micro_batch is None else (micro_batch,)
+    setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=seq_len, peft=peft, optimizer=optimizer,
+                              micro_batches=micro_batches)
+    pinned = dict(parse_override(p) for p in pins)
+    out = [evaluate(args, s, gpu=gpu, calibration=calibration, margin=margin) for s in setups
+           if agrees(s, pinned) and is_valid(s, base_overrides + pins)]
+    return sorted(out, key=lambda c: (not c.fits, -c.speed.tokens_per_s, c.memory.peak_bytes))
+
+
+def agrees(setup: Setup, pinned: dict) -> bool:
+    if not pinned:
+        return True
+    chosen = dict(parse_override(o) for o in config_overrides(setup))
+    return all(chosen.get(key, value) == value for key, value in pinned.items())
+
+
+def is_valid(setup: Setup, base_overrides: tuple[str, ...]) -> bool:
+    """Whether the config validates (e.g. offload with whole-model compile, or a key this schema lacks, do not);
+    the micro-batch never changes the answer, so it is left out of the cached call."""
+    return config_validates(setup.replace(micro_batch=1), base_overrides)
+
+
+@functools.cache
+def config_validates(setup: Setup, base_overrides: tuple[str, ...]) -> bool:
+    try:
+        load_config(None, [*base_overrides, *config_overrides(setup)], synthetic_data=True)
+    except ConfigError:
+        return False
+    return True
+
+
+def describe(setup: Setup) -> str:
+    """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp`."""
+    parts = [setup.precision] + ([setup.peft] if setup.peft != "none" else [])
+    parts += [setup.quantize] if setup.quantize != "none" else []
+    parts += [f"compile={setup.compile}"] if setup.compile != "none" else ["eager"]
+    parts += ["fused_loss"] if setup.fused_loss else []
+    if setup.checkpointing != "none":
+        parts.append(f"ac={setup.checkpointing}" + (f"/{setup.every}" if setup.every > 1 else ""))
+    parts += ["offload"] if setup.offload else []
+    parts.append(f"mb={setup.micro_batch}")
+    parts += [setup.strategy] if setup.strategy != "none" else []
+    return " ".join(parts)
+
+
+def config_yaml(candidate: Candidate, *, base_overrides: list[str], gpu: GPU, n_gpus: int,
+                path: str = "plan.yaml") -> str:
+    """The candidate as the YAML config file `path` (the model, objective and data keys, and every key the planner
+    chose), with a header giving the prediction and the command that runs it."""
+    tree: dict = {}
+    for item in [*base_overrides, *config_overrides(candidate.setup)]:
+        set_dotted(tree, *parse_override(item))
+    s, m = candidate.setup, candidate.memory
+    launch = f"optrush train {path}" + (f" --nproc {n_gpus}" if n_gpus > 1 else "")
+    header = [f"# optrush plan: {describe(s)} on {n_gpus}x{gpu.name}",
+              (f"# predicted: {m.peak_gib:.1f} GiB allocated per GPU ({candidate.required_gib:.1f} GiB with CUDA "
+               f"context and allocator slack, of {gpu.memory_gib:.0f}), {candidate.speed.tokens_per_s:,.0f} "
+               f"tokens/s, MFU {candidate.speed.mfu:.2f} ({candidate.speed.basis})"),
+              f"# run: {launch}   (set data.path, and data.tokenizer for a preset)"]
+    return "\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ OOM advice
+
+def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
+    """Single changes that lower memory. All but the last two keep the training math (halving the micro-batch
+    doubles the accumulation, so the optimizer step sees the same tokens); bf16_pure weights and an 8-bit AdamW
+    change the numerics a little."""
+    changes = []
+    if not setup.fused_loss:
+        changes.append(("kernels.fused_loss=true", setup.replace(fused_loss=True)))
+    for policy, every, offload in CHECKPOINTING[1:]:
+        if (policy, every, offload) != (setup.checkpointing, setup.every, setup.offload):
+            text = f"activations.checkpointing={policy} activations.every={every}" + (
+                " activations.offload=true" if offload else "")
+            compile_mode = "blocks" if offload and setup.compile == "model" else setup.compile  # offload hooks
+            text += " compile.mode=blocks" if compile_mode != setup.compile else ""
+            changes.append((text, setup.replace(checkpointing=policy, every=every, offload=offload,
+                                                compile=compile_mode)))
+    if setup.micro_batch > 1:
+        mb, accum = setup.micro_batch // 2, setup.grad_accum * 2
+        changes.append((f"train.micro_batch_size={mb} train.grad_accum={accum}",
+                        setup.replace(micro_batch=mb, grad_accum=accum)))
+    if setup.n_gpus > 1 and setup.strategy != "fsdp":
+        changes.append(("parallel.strategy=fsdp", setup.replace(strategy="fsdp")))
+    if setup.precision in ("fp32", "bf16_mixed", "fp8"):
+        changes.append(("precision.mode=bf16_pure", setup.replace(precision="bf16_pure")))
+    if setup.optimizer == "adamw" and setup.peft == "none":
+        changes.append(("optim.name=adamw8bit", setup.replace(optimizer="adamw8bit")))
+    return changes
+
+
+def oom_advice(cfg: Config, *, gpu: GPU | None = None, n_gpus: int | None = None,
+               calibration: Calibration | None = None) -> str:
+    """What to change after `cfg` ran out of GPU memory: the planner's prediction for `cfg` and the fastest
+    predicted single change, or pair of changes, that fits (on the current CUDA device unless `gpu` is given)."""
+    gpu, n_gpus = current_gpu(gpu, n_gpus)
+    if gpu is None:
+        return "optrush plan: no known CUDA GPU to plan for; run `optrush plan --gpus 1xH100 ...` for advice"
+    try:
+        return advice(cfg, gpu=gpu, n_gpus=n_gpus,
+                      calibration=calibrate(load_measurements()) if calibration is None else calibration)
+    except (ValueError, FileNotFoundError) as err:  # printed while handling an OOM: never raise a second error
+        return f"optrush plan: no advice, the planner cannot model this config: {err}"
+
+
+def advice(cfg: Config, *, gpu: GPU, n_gpus: int, calibration: Calibration) -> str:
+    args = model_args(cfg.model.preset or cfg.model.path)
+    setup = setup_from_config(cfg, n_gpus=n_gpus)
+    base = tuple(model_overrides(cfg.model.preset or cfg.model.path))
+    now = evaluate(args, setup, gpu=gpu, calibration=calibration)
+    options: dict[Setup, str] = {}
+    for text, changed in advice_changes(setup):
+        options.setdefault(changed, text)
+        for text2, changed2 in advice_changes(changed):
+            if text2.split("=")[0] not in text:
+                options.setdefault(changed2, f"{text} {text2}")
+    fitting = [(text, c) for s, text in options.items()
+               if (c := evaluate(args, s, gpu=gpu, calibration=calibration)).fits and is_valid(s, base)]
+    lines = [(f"optrush plan: this config needs about {now.required_gib:.1f} GiB per GPU "
+              f"({now.memory.peak_gib:.1f} GiB allocated at the peak: {format_terms(now.memory)}); "
+              f"{gpu.name} has {gpu.memory_gib:.0f} GiB.")]
+    if cfg.objective not in ("causal_lm", "sft"):
+        lines.append(f"(objective={cfg.objective} is modelled as its policy's language-model step: a reference "
+                     "model, paired rows or sampling are not counted, so the real need is higher.)")
+    if not fitting:
+        lines.append("No single or paired change fits; try `optrush plan --peft lora` (or qlora), more GPUs with "
+                     "parallel.strategy=fsdp, or a shorter data.max_length.")
+        return "\n".join(lines)
+    # fastest (to 1%), then one that keeps the training math, then the leanest
+    text, best = max(fitting, key=lambda item: (round(math.log(item[1].speed.tokens_per_s), 2),
+                                                not any(k in item[0] for k in ("precision.mode", "optim.name")),
+                                                -item[1].memory.peak_bytes))
+    lines.append(f"Cheapest change that fits: {text} (predicted {best.required_gib:.1f} GiB, "
+                 f"{best.speed.tokens_per_s:,.0f} tokens/s vs {now.speed.tokens_per_s:,.0f}).")
+    return "\n".join(lines)
+
+
+def format_terms(memory: Memory) -> str:
+    return ", ".join(f"{name} {value / GIB:.1f}" for name, value in memory.terms.items() if value >= 0.05 * GIB)
+
+
+def current_gpu(gpu: GPU | None, n_gpus: int | None) -> tuple[GPU | None, int]:
+    """The given GPU, else the current CUDA device's table entry (with its actual memory); the GPU count defaults
+    to the distributed world size."""
+    import os
+
+    n = n_gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if gpu is not None:
+        return gpu, n
+    import dataclasses
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, n
+    known = gpu_from_device_name(torch.cuda.get_device_name())
+    if known is None:
+        return None, n
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    return dataclasses.replace(known, memory_gib=total), n

@@ -1,0 +1,261 @@
+"""Throughput estimate of a training setup, calibrated from measured bench results.
+
+    measured = load_measurements()                 # every committed GPU bench record under benchmarks/results
+    calibration = calibrate(measured)
+    speed = estimate_speed(args, setup, gpu, calibration)   # speed.tokens_per_s (all GPUs), speed.mfu, speed.basis
+
+Time per token on one GPU = executed FLOPs / (peak FLOP/s x efficiency) + CPU-offload copies / PCIe bandwidth
++ NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP traffic overlaps compute (the step
+takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params + 6 x layers x seq x dim, as
+`Transformer.flops_per_token`) minus the weight-gradient matmuls frozen weights skip (LoRA, QLoRA) plus the
+forward re-run by full activation checkpointing. The efficiency is measured: for each family of
+(compile mode, fused loss, checkpointing, matmul precision) that has bench rows, their executed FLOP/s over the
+device peak; a setup from a family without rows takes the closest measured family's efficiency and says so in
+`basis`. All committed rows are from one H100 and one model shape, so speeds on other GPUs and shapes are
+extrapolations (same efficiency, that GPU's peak).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from optrush.config import Config, ConfigError, load_config
+from optrush.models.llama import ModelArgs
+from optrush.plan.gpus import GPU, gpu_from_device_name
+from optrush.plan.memory import (
+    COMPUTE_BYTES,
+    PARAM_BYTES,
+    base_linear_bytes,
+    block_activation_bytes,
+    block_linear_params,
+    count_params,
+    layer_policies,
+    total_params,
+    trainable_shapes,
+)
+from optrush.plan.setup import Setup, setup_from_config
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+PCIE_BYTES_PER_S = 25e9
+"""Host<->GPU copy bandwidth when no measured offload row calibrates it (PCIe 4.0 x16, pinned memory)."""
+NCCL_BUS_EFFICIENCY = 0.7
+"""Fraction of the link bandwidth NCCL collectives reach (an assumption: no multi-GPU rows are committed yet)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Measured:
+    """One measured GPU training configuration (a bench record)."""
+    name: str
+    source: str
+    cfg: Config
+    args: ModelArgs
+    setup: Setup
+    gpu: GPU
+    tokens_per_s: float
+    peak_gib: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    efficiency: dict[tuple, float]
+    """Executed FLOP/s over peak, per `family`."""
+    pcie_bytes_per_s: float
+    rows: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Speed:
+    tokens_per_s: float
+    """All GPUs together."""
+    mfu: float
+    basis: str
+    """`measured` (the setup's family has bench rows), `measured full-FT family` (PEFT on a measured family) or
+    `nearest: <families>` (compile/fused loss/checkpointing/matmul precision of the rows it borrows from)."""
+
+
+# -------------------------------------------------------------------------------------------- measurements
+
+def load_measurements(paths: list[Path] | None = None) -> list[Measured]:
+    """Every GPU bench record (a dict with config, tokens_per_s, peak_mem_gib and a CUDA device) in `paths`
+    (default: all JSON files of benchmarks/results), whose model shape can be rebuilt from its config."""
+    paths = sorted(RESULTS_DIR.glob("*.json")) if paths is None else paths
+    out = []
+    for path in paths:
+        for record in bench_records(json.loads(Path(path).read_text(encoding="utf-8"))):
+            measured = measured_from_record(record, source=Path(path).name)
+            if measured is not None:
+                out.append(measured)
+    return out
+
+
+def bench_records(tree) -> list[dict]:
+    """Bench result dicts anywhere inside a JSON document (lists, or lists under keys as in train_speed_h100)."""
+    if isinstance(tree, list):
+        return [r for item in tree for r in bench_records(item)]
+    if not isinstance(tree, dict):
+        return []
+    if {"config", "tokens_per_s", "peak_mem_gib", "device"} <= tree.keys():
+        return [tree] if tree.get("status", "ok") == "ok" else []  # skipped or failed runs measured nothing
+    return [r for value in tree.values() for r in bench_records(value)]
+
+
+def measured_from_record(record: dict, *, source: str) -> Measured | None:
+    """The record as a `Measured` row, or None when it ran on CPU or a GPU outside the table, or when its
+    configuration cannot be rebuilt (see `record_setup`)."""
+    gpu = gpu_from_device_name(record["device"])
+    rebuilt = record_setup(record) if gpu is not None else None
+    if rebuilt is None:
+        return None
+    cfg, args, setup = rebuilt
+    return Measured(name=record.get("name", "?"), source=source, cfg=cfg, args=args, setup=setup, gpu=gpu,
+                    tokens_per_s=record["tokens_per_s"], peak_gib=record["peak_mem_gib"])
+
+
+def record_setup(record: dict) -> tuple[Config, ModelArgs, Setup] | None:
+    """(config, model shape, Setup) a bench record ran, or None for a config of an older schema, a model
+    directory not on this machine, or a multi-GPU row that does not say over how many GPUs it ran (its per-GPU
+    memory depends on it: bench records carry `world_size`)."""
+    from optrush.plan.search import model_args  # search imports this module
+
+    try:
+        cfg = load_config(None, flatten(record["config"]), synthetic_data=True)
+        args = model_args(cfg.model.preset or cfg.model.path)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    world_size = record.get("world_size", 1 if cfg.parallel.strategy == "none" else None)
+    if world_size is None:
+        return None
+    setup = setup_from_config(cfg, n_gpus=world_size,
+                              document_mask=not record.get("synthetic", False) and cfg.data.packing == "bfd")
+    return cfg, args, setup
+
+
+def flatten(tree: dict, prefix: str = "") -> list[str]:
+    """A nested config dict as dotted `key=value` overrides (JSON values are valid YAML scalars)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("rope_scaling",):
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+def model_flops_per_token(a: ModelArgs, s: Setup) -> float:
+    """The MFU numerator, `Transformer.flops_per_token`: 6 x params + 6 x layers x seq x dim."""
+    return 6 * total_params(a) + 6 * a.n_layers * s.seq_len * a.dim
+
+
+def executed_flops_per_token(a: ModelArgs, s: Setup) -> float:
+    """FLOPs the GPU actually runs per token: frozen weights skip their weight-gradient matmul (2 x params),
+    adapters add theirs (6 x params), full checkpointing re-runs the forward (2 x block params + attention) of
+    every checkpointed block, chunked MLPs re-run their three matmuls. Selective checkpointing re-runs only
+    pointwise ops (no matmul FLOPs)."""
+    flops = model_flops_per_token(a, s)
+    if s.peft != "none":
+        flops += -2 * total_params(a) + 6 * count_params(trainable_shapes(a, s))
+    if s.checkpointing == "full":
+        checkpointed = layer_policies(a, s).count("full")
+        flops += checkpointed * (2 * block_linear_params(a) + 2 * s.seq_len * a.dim)
+    if s.mlp_chunk_tokens and s.tokens > s.mlp_chunk_tokens:
+        flops += a.n_layers * 2 * 3 * a.dim * a.ffn_dim
+    return flops
+
+
+def offload_bytes_per_token(a: ModelArgs, s: Setup) -> float:
+    """Host<->GPU copies: saved activations to the host in forward and back in backward (activations.offload);
+    gradients to the host and updated weights back once per optimizer step (optim.offload)."""
+    activations = 2 * sum(block_activation_bytes(a, s, policy=p) for p in layer_policies(a, s)) if s.offload else 0
+    trainable = count_params(trainable_shapes(a, s))
+    optimizer = 2 * trainable * PARAM_BYTES[s.precision] / (s.tokens * s.grad_accum) if s.optimizer_offload else 0
+    return activations + optimizer
+
+
+def dequantize_bytes_per_token(a: ModelArgs, s: Setup) -> float:
+    """A quantized base (QLoRA) reads every stored block weight and writes its compute-dtype copy in forward, in
+    backward and again in a checkpointed forward, once per micro-batch."""
+    if s.quantize == "none":
+        return 0.0
+    passes = 3 if s.checkpointing == "full" else 2
+    per_param = base_linear_bytes(s) + COMPUTE_BYTES[s.precision]
+    return passes * a.n_layers * block_linear_params(a) * per_param / s.tokens
+
+
+def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
+    """Bytes each GPU sends per token: FSDP all-gathers the weights for forward (and again for backward when
+    resharded) and reduce-scatters fp32 gradients every micro-batch; DDP all-reduces the gradients (2x their
+    size on a ring) once per optimizer step."""
+    if s.n_gpus == 1 or s.strategy == "none":
+        return 0.0
+    ring = (s.n_gpus - 1) / s.n_gpus
+    trainable = count_params(trainable_shapes(a, s))
+    if s.strategy == "ddp":
+        return 2 * trainable * PARAM_BYTES[s.precision] * ring / (s.tokens * s.grad_accum)
+    gathers = 2 if s.reshard_after_forward else 1
+    weights = total_params(a) * COMPUTE_BYTES[s.precision]
+    return (gathers * weights + trainable * 4) * ring / s.tokens
+
+
+def family(s: Setup) -> tuple:
+    matmuls = "fp8" if s.precision == "fp8" else ("tf32" if s.precision == "fp32" else "bf16")
+    return (s.compile, s.fused_loss, s.checkpointing, matmuls)
+
+
+def peak_flops(gpu: GPU, s: Setup) -> float:
+    """The peak the MFU is measured against: TF32 for fp32, bf16 otherwise (also fp8, so that a measured FP8
+    speed-up shows as a higher efficiency rather than vanishing into a doubled peak)."""
+    return gpu.tf32_flops if s.precision == "fp32" else gpu.bf16_flops
+
+
+def calibrate(measured: list[Measured]) -> Calibration:
+    """Efficiency per family from rows without offload; then the PCIe bandwidth that explains the offload rows'
+    extra time (their family's compute time subtracted)."""
+    by_family: dict[tuple, list[float]] = {}
+    for m in measured:
+        if not m.setup.offload:
+            per_gpu = m.tokens_per_s / m.setup.n_gpus
+            by_family.setdefault(family(m.setup), []).append(
+                per_gpu * executed_flops_per_token(m.args, m.setup) / peak_flops(m.gpu, m.setup))
+    efficiency = {key: statistics.mean(values) for key, values in by_family.items()}
+    bandwidths = []
+    for m in measured:
+        if m.setup.offload and efficiency:
+            compute_s = executed_flops_per_token(m.args, m.setup) / (
+                peak_flops(m.gpu, m.setup) * lookup_efficiency(efficiency, m.setup)[0])
+            extra_s = m.setup.n_gpus / m.tokens_per_s - compute_s
+            if extra_s > 0:
+                bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
+    pcie = statistics.mean(bandwidths) if bandwidths else PCIE_BYTES_PER_S
+    return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured))
+
+
+def lookup_efficiency(efficiency: dict[tuple, float], s: Setup) -> tuple[float, str]:
+    """(efficiency, basis): the setup's own family if measured, else the mean over the measured families that
+    share the longest prefix of (compile, fused loss, checkpointing), preferring the same matmul precision."""
+    key = family(s)
+    if not efficiency:  # e.g. an installed package without the repository's benchmarks/results
+        return 1.0, "uncalibrated: no bench rows, peak FLOP/s"
+    if key in efficiency:
+        return efficiency[key], "measured"
+    length = max(n for n in range(4) if any(k[:n] == key[:n] for k in efficiency))  # n = 0 matches every family
+    same = [k for k in efficiency if k[:length] == key[:length]]
+    same = [k for k in same if k[3] == key[3]] or same
+    names = ", ".join("/".join(str(x) for x in k) for k in same[:2]) + (f" (+{len(same) - 2})" if len(same) > 2 else "")
+    return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
+
+
+def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -> Speed:
+    efficiency, basis = lookup_efficiency(calibration.efficiency, s)
+    if s.peft != "none" and basis == "measured":
+        basis = "measured full-FT family"
+    compute_s = executed_flops_per_token(a, s) / (peak_flops(gpu, s) * efficiency)
+    compute_s += offload_bytes_per_token(a, s) / calibration.pcie_bytes_per_s
+    compute_s += dequantize_bytes_per_token(a, s) / gpu.hbm_bytes_per_s
+    comm_s = communication_bytes_per_token(a, s) / (gpu.link_bytes_per_s * NCCL_BUS_EFFICIENCY)
+    per_gpu = 1 / max(compute_s, comm_s)
+    mfu = per_gpu * model_flops_per_token(a, s) / peak_flops(gpu, s)
+    return Speed(tokens_per_s=per_gpu * s.n_gpus, mfu=mfu, basis=basis)

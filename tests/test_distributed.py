@@ -1,0 +1,182 @@
+"""Data parallelism on CPU processes over gloo: FSDP2 and DDP train exactly what one process trains on the same
+global batch, DCP checkpoints resume on another world size (and strategy), and the final export is one HF model.
+
+Distributed start-up is slow, so the runs are shared: one FSDP run on 2 ranks launched the way users launch it
+(`python -m optrush train ... --nproc 2`, i.e. through torchrun), one single-process run with twice the gradient
+accumulation (the same global batch), and resumes of the FSDP run's step-2 checkpoint at world 1 (no process group)
+and at world 2 under DDP (ranks forked from this process, which has torch imported already).
+"""
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optrush.config import ConfigError, load_config
+from optrush.data.loader import BatchLoader
+from optrush.data.examples import Example
+from optrush.models.io import load_model
+from optrush.train import train
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def overrides(recipe_corpus, tokenizer_dir, tmp_path_factory):
+    """fp32 debug-model SFT, 2 rows per micro-batch, a checkpoint every 2 steps."""
+    records = tmp_path_factory.mktemp("dist_data") / "recipes.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in recipe_corpus[1][:120]))
+    return [f"data.path={records}", f"data.tokenizer={tokenizer_dir}", "model.preset=debug", "objective=sft",
+            "data.format=recipe", "data.max_length=128", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
+            "train.lr=1e-2", "train.device=cpu", "logging.progress=false", "checkpoint.resume=never",
+            "data.prefetch=0", "checkpoint.every=2", "checkpoint.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "optrush", "train", *overrides, f"output_dir={out}",
+                           "parallel.strategy=fsdp", "--nproc", "2"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("step 1/") == 1, "only rank 0 prints"
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    summary = train(load_config(None, overrides + [f"output_dir={out}", "train.grad_accum=2"]))
+    return out, summary
+
+
+def logged(run_dir, key: str = "loss") -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record[key] for record in map(json.loads, lines) if key in record]
+
+
+def test_fsdp_on_two_ranks_equals_one_process_on_the_same_global_batch(fsdp_run, single_run):
+    single_dir, summary = single_run
+    assert logged(fsdp_run) == pytest.approx(summary["losses"], rel=1e-6, abs=0)
+    assert logged(fsdp_run, "grad_norm") == pytest.approx(logged(single_dir, "grad_norm"), rel=1e-5, abs=0)
+    assert logged(fsdp_run, "trained_tokens") == logged(single_dir, "trained_tokens")  # global counts
+    assert json.loads((fsdp_run / "summary.json").read_text())["tokens_seen"] == summary["tokens_seen"]
+    # the consolidated export: one HF checkpoint with the same weights the single process trained
+    sharded, plain = load_model(fsdp_run / "final"), load_model(single_dir / "final")
+    assert list((fsdp_run / "final").glob("*.safetensors")) == [fsdp_run / "final" / "model.safetensors"]
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
+def test_consolidated_export_loads_in_transformers(fsdp_run):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(fsdp_run / "final", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, load_model(fsdp_run / "final")(ids), atol=1e-5)
+
+
+def test_dcp_checkpoint_resumes_in_one_process(fsdp_run, overrides, tmp_path):
+    checkpoint = fsdp_run / "checkpoints" / "step_00000002"
+    assert (checkpoint / "dcp" / ".metadata").is_file() and (checkpoint / "rank_00001.pt").is_file()
+    summary = train(load_config(None, overrides + [f"output_dir={tmp_path}", "train.grad_accum=2",
+                                                   f"checkpoint.resume={checkpoint}"]))
+    assert summary["losses"] == pytest.approx(logged(fsdp_run), rel=1e-6, abs=0)
+    assert logged(tmp_path) == pytest.approx(logged(fsdp_run)[2:], rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("strategy", ["parallel.strategy=ddp", "parallel.strategy=hsdp parallel.replicate=2"])
+def test_dcp_checkpoint_resumes_on_two_ranks_with_another_strategy(strategy, fsdp_run, overrides, tmp_path):
+    checkpoint = fsdp_run / "checkpoints" / "step_00000002"
+    run_ranks(overrides + [f"output_dir={tmp_path}", *strategy.split(), f"checkpoint.resume={checkpoint}"],
+              world=2)
+    assert logged(tmp_path) == pytest.approx(logged(fsdp_run)[2:], rel=1e-6, abs=0)
+    assert load_model(tmp_path / "final").state_dict().keys() == load_model(fsdp_run / "final").state_dict().keys()
+
+
+def test_fsdp_composes_with_lora_checkpointing_and_fused_loss(overrides, tmp_path):
+    """LoRA (frozen base and adapters in one FSDP unit), activation checkpointing and the fused loss under FSDP
+    on 2 ranks equal one process; the final export holds the merged model and the PEFT adapter."""
+    common = overrides + ["peft.method=lora", "peft.r=4", "kernels.fused_loss=true", "kernels.loss_chunk_tokens=64",
+                          "train.max_steps=2", "checkpoint.every=0"]
+    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp",
+                        "activations.checkpointing=full"], world=2)
+    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    merged, reference = load_model(tmp_path / "fsdp" / "final"), load_model(tmp_path / "single" / "final")
+    for (name, a), (_, b) in zip(merged.state_dict().items(), reference.state_dict().items()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+    assert (tmp_path / "fsdp" / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_loader_position_converts_between_world_sizes():
+    examples = [Example(input_ids=list(range(n)), labels=list(range(n))) for n in range(3, 40)]
+    settings = dict(strategy="sorted", rows=2, max_length=64, pad_id=0, seed=3)
+    whole = BatchLoader(examples, **settings)
+    stream = [next(whole).input_ids for _ in range(8)]
+    ranks = [BatchLoader(examples, **settings, rank=r, world_size=2) for r in range(2)]
+    for _ in range(2):  # two steps of one micro-batch per rank: the stream's first four
+        for loader in ranks:
+            next(loader)
+    resumed = BatchLoader(examples, **settings)
+    resumed.load_state_dict(ranks[1].state_dict())
+    assert all(torch.equal(next(resumed).input_ids, expected) for expected in stream[4:])
+    odd = BatchLoader(examples, **settings)
+    next(odd)
+    with pytest.raises(ValueError, match="cannot split"):
+        ranks[0].load_state_dict(odd.state_dict())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.strategy=hsdp", "replicate >= 2"),
+    ("parallel.replicate=2", "hsdp only"),
+    ("parallel.cpu_offload=true", "fsdp or hsdp"),
+])
+def test_invalid_parallel_settings_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.preset=debug", "data.tokenizer=x", override])
+
+
+def test_strategy_without_torchrun_says_how_to_launch(overrides, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="--nproc"):
+        train(load_config(None, overrides + [f"output_dir={tmp_path}", "parallel.strategy=fsdp"]))
+
+
+def test_nproc_needs_a_parallel_strategy(overrides, capsys):
+    from optrush.cli.main import main
+
+    assert main(["train", *overrides, "--nproc", "2"]) == 2
+    assert "parallel.strategy=fsdp" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- ranks forked from here
+
+def run_ranks(overrides: list[str], *, world: int, timeout_s: float = 180) -> None:
+    """Train with `overrides` on `world` processes forked from this one (torch already imported: fast start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=rank_main, args=(rank, world, port, overrides)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout_s)
+    hung = [p for p in processes if p.exitcode is None]
+    for process in hung:
+        process.kill()
+    assert not hung and all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+
+
+def rank_main(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(load_config(None, overrides))

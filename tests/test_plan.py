@@ -1,0 +1,273 @@
+"""`optrush plan`: each memory term against a hand count on the debug shape, the eager activation term against what
+autograd really saves, monotonicity of the levers, the speed calibration, the search, OOM advice, the CLI and the
+CPU `--measure` path."""
+import json
+
+import pytest
+import torch
+
+from optrush.config import load_config
+from optrush.models.io import build_model
+from optrush.models.presets import get_preset
+from optrush.plan import GPUS, Setup, estimate_memory, model_args, oom_advice, parse_gpus, plan
+from optrush.plan import memory as mem
+from optrush.plan.gpus import gpu_from_device_name
+from optrush.plan.search import candidate_setups, evaluate
+from optrush.plan.setup import config_overrides, setup_from_config
+from optrush.plan.speed import Calibration, calibrate, estimate_speed, executed_flops_per_token, load_measurements
+
+DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
+# by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
+# embedding 512x64, head 512x64, final norm 64
+BLOCK_LINEAR = 4096 + 2048 + 2048 + 4096 + 3 * 12288
+TOTAL = 2 * (BLOCK_LINEAR + 128) + 2 * 32768 + 64
+CAL = Calibration(efficiency={("blocks", True, "none", "bf16"): 0.5, ("none", False, "none", "bf16"): 0.3},
+                  pcie_bytes_per_s=20e9, rows=2)
+
+
+def setup(**kw) -> Setup:
+    return Setup(seq_len=64, micro_batch=2, **kw)
+
+
+def test_parameter_counts_match_the_model():
+    assert mem.block_linear_params(DEBUG) == BLOCK_LINEAR == 49152
+    assert mem.total_params(DEBUG) == TOTAL == build_model(DEBUG).num_params()
+    tied = get_preset("demo")
+    assert mem.total_params(tied) == build_model(tied).num_params()
+
+
+def test_weights_gradients_and_optimizer_states_by_hand():
+    rope = 2 * 4096 * 8 * 4  # cos and sin tables, max_seq_len x head_dim / 2, fp32
+    assert mem.weights_bytes(DEBUG, setup(precision="bf16_pure")) == 2 * TOTAL
+    assert mem.rope_bytes(DEBUG) == rope
+    assert mem.weights_bytes(DEBUG, setup(precision="bf16_mixed")) == 4 * TOTAL
+    assert mem.gradient_bytes(DEBUG, setup(precision="fp32")) == 4 * TOTAL
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32")) == 8 * TOTAL  # AdamW: two fp32 moments
+    assert mem.optimizer_bytes(DEBUG, setup(precision="bf16_pure")) == 4 * TOTAL  # moments follow the weights
+    assert mem.optimizer_bytes(DEBUG, setup(precision="bf16_pure", state_dtype="fp32")) == 8 * TOTAL
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="lion")) == 4 * TOTAL
+    # Adafactor: rows + columns of each matrix, whole vectors: (128 + 96 + 96 + 128 + 3 x 256 + 128) per block
+    # plus 576 (embedding) + 576 (head) + 64 (final norm) elements, fp32
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="adafactor")) == 4 * (2 * 1344 + 1216)
+    # AdamW8bit: 8-bit codes + an fp32 scale per 256 for tensors of 4096+ elements (q, o, w1-3, embedding, head);
+    # k, v (2048 each) and norms keep fp32 moments
+    quantized, scales = 2 * 45056 + 2 * 32768, 2 * 176 + 2 * 128
+    small = 2 * (2 * 2048 + 128) + 64
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="adamw8bit")) == \
+        2 * (quantized + 4 * scales) + 2 * 4 * small
+    # Muon: one moment for hidden matrices, AdamW's two for embedding, head and norms
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="muon")) == \
+        4 * (2 * BLOCK_LINEAR + 2 * (2 * 32768 + 2 * 128 + 64))
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer_offload=True)) == 0
+
+
+def test_lora_and_qlora_terms_by_hand():
+    # r=4 on all seven linears: r x (in + out) each = 4 x (128 + 96 + 96 + 128 + 3 x 256) = 4,864 per block
+    adapters = 2 * 4864
+    lora = setup(precision="bf16_pure", peft="lora", lora_rank=4)
+    assert mem.count_params(mem.trainable_shapes(DEBUG, lora)) == adapters
+    assert mem.gradient_bytes(DEBUG, lora) == 2 * adapters
+    assert mem.optimizer_bytes(DEBUG, lora) == 4 * adapters
+    assert mem.weights_bytes(DEBUG, lora) == 2 * (TOTAL + adapters)
+    qlora = lora.replace(quantize="nf4")
+    frozen_linear = 2 * BLOCK_LINEAR
+    assert mem.weights_bytes(DEBUG, qlora) == pytest.approx(
+        frozen_linear * 4.127 / 8 + 2 * (TOTAL - frozen_linear) + 2 * adapters)
+    assert mem.dequantize_bytes(DEBUG, qlora) == 64 * 192 * 2  # the largest linear in bf16
+    dora = lora.replace(peft="dora")  # + one magnitude per output feature of every adapted linear
+    magnitudes = 2 * (64 + 32 + 32 + 64 + 192 + 192 + 64)
+    assert mem.gradient_bytes(DEBUG, dora) - mem.gradient_bytes(DEBUG, lora) == 2 * magnitudes
+
+
+def test_activation_and_loss_terms_by_hand():
+    eager = setup(precision="bf16_pure")
+    # per token and block: 2 RMSNorms (fp32 input 256 + normed 128 + linear input 128), their rstd 8, q/k/v 256,
+    # attention output 128, logsumexp 16, SwiGLU 4 x 384, rope casts 64
+    assert mem.block_activation_bytes(DEBUG, eager, policy="none") == 2 * 512 + 8 + 256 + 128 + 16 + 1536 + 64
+    compiled = eager.replace(compile="blocks")
+    # residuals 2 x 128, matmul inputs 2 x 128, q/k/v 256, attention out 128, lse 16, w1/w3 out 768, w2 input 384
+    assert mem.block_activation_bytes(DEBUG, compiled, policy="none") == 256 + 256 + 256 + 128 + 16 + 768 + 384 + 8
+    assert mem.block_activation_bytes(DEBUG, compiled, policy="selective") == 128 + 256 + 128 + 16 + 128 + 768
+    assert mem.block_activation_bytes(DEBUG, compiled, policy="full") == 128
+    assert mem.activation_bytes(DEBUG, eager) == 2 * 128 * 3032
+    tokens, vocab = 128, 512
+    assert mem.loss_bytes(DEBUG, eager) == 12 * tokens * vocab  # fp32 logits, log-softmax, their gradient
+    fused = eager.replace(fused_loss=True, loss_chunk_tokens=32)
+    assert mem.loss_bytes(DEBUG, fused) == 4 * vocab * 64 + 2 * tokens * 64 + (2 + 4 + 2) * 32 * vocab
+    packed = eager.replace(document_mask=True)
+    assert mem.attention_mask_bytes(DEBUG, packed) == 2 * 64 * 64
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16_pure", torch.bfloat16), ("fp32", torch.float32)])
+def test_eager_activation_term_is_what_autograd_saves(precision, dtype):
+    """Count the distinct storages one block saves for backward (weights excluded) with saved-tensor hooks."""
+    model = build_model(DEBUG, dtype=dtype)
+    batch, length = 2, 64
+    hidden = model.tok_embeddings(torch.randint(0, 512, (batch, length)))
+    positions = torch.arange(length).expand(batch, length)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.layers[0](hidden, cos, sin, None)
+    predicted = mem.block_activation_bytes(DEBUG, setup(precision=precision), policy="none") * batch * length
+    assert sum(saved.values()) == predicted
+
+
+def test_levers_lower_their_terms():
+    a = get_preset("llama3.2-1b")
+    base = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks")
+    acts = [mem.activation_bytes(a, base.replace(checkpointing=p)) for p in ("none", "selective", "full")]
+    assert acts[0] > acts[1] > acts[2]
+    assert mem.activation_bytes(a, base.replace(checkpointing="full", every=2)) > acts[2]
+    assert mem.activation_bytes(a, base.replace(checkpointing="full", offload=True)) < acts[2]
+    assert mem.loss_bytes(a, base.replace(fused_loss=True)) < mem.loss_bytes(a, base)
+    fsdp = base.replace(strategy="fsdp", n_gpus=2)
+    assert mem.optimizer_bytes(a, fsdp) == mem.optimizer_bytes(a, base) / 2
+    assert mem.gradient_bytes(a, fsdp) < mem.gradient_bytes(a, base)
+    assert estimate_memory(a, fsdp).peak_bytes < estimate_memory(a, base).peak_bytes
+    assert mem.optimizer_bytes(a, base.replace(optimizer="adamw8bit")) < mem.optimizer_bytes(a, base)
+    lora = base.replace(peft="lora")
+    assert estimate_memory(a, lora.replace(quantize="nf4")).peak_bytes < estimate_memory(a, lora).peak_bytes \
+        < estimate_memory(a, base).peak_bytes
+    long_rows = base.replace(seq_len=8192, micro_batch=1)
+    assert mem.activation_bytes(a, long_rows.replace(mlp_chunk_tokens=1024)) < mem.activation_bytes(a, long_rows)
+
+
+def test_committed_measurements_are_predicted_within_ten_percent():
+    measured = load_measurements()
+    if not measured:
+        pytest.skip("no committed GPU bench records")
+    errors = [estimate_memory(m.args, m.setup).peak_gib / m.peak_gib - 1 for m in measured]
+    assert max(abs(e) for e in errors) <= 0.10, errors
+
+
+def test_speed_model_is_calibrated_from_measured_rows():
+    a = get_preset("llama3.2-1b")
+    s = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", fused_loss=True)
+    speed = estimate_speed(a, s, GPUS["H100"], CAL)
+    assert speed.basis == "measured"
+    assert speed.tokens_per_s == pytest.approx(0.5 * 989e12 / executed_flops_per_token(a, s))
+    recompute = s.replace(checkpointing="full")
+    assert executed_flops_per_token(a, recompute) > executed_flops_per_token(a, s)
+    assert estimate_speed(a, recompute, GPUS["H100"], CAL).basis.startswith("nearest")
+    assert estimate_speed(a, s, GPUS["H200"], CAL).tokens_per_s == speed.tokens_per_s  # same compute
+    assert estimate_speed(a, s, GPUS["A100"], CAL).tokens_per_s < speed.tokens_per_s
+    lora = s.replace(peft="lora")  # frozen weights skip their weight-gradient matmuls
+    assert executed_flops_per_token(a, lora) < executed_flops_per_token(a, s)
+    if load_measurements():
+        assert calibrate(load_measurements()).efficiency  # the committed rows calibrate something
+
+
+def test_gpus_parse_and_agree_with_the_mfu_table():
+    from optrush.train.metrics import PEAK_FLOPS
+
+    assert parse_gpus("2xH200") == (GPUS["H200"], 2)
+    assert parse_gpus("H100") == (GPUS["H100"], 1)
+    assert parse_gpus("1xRTX4090")[0].name == "4090"
+    with pytest.raises(ValueError, match="Did you mean H100"):
+        parse_gpus("1xH10")
+    assert gpu_from_device_name("NVIDIA H100 80GB HBM3").name == "H100"
+    assert gpu_from_device_name("NVIDIA H100 PCIe").name == "H100-PCIe"
+    for name, key in (("H100", "H100"), ("H100-PCIe", "H100 PCIe"), ("H200", "H200"), ("A100", "A100")):
+        assert (GPUS[name].bf16_flops, GPUS[name].tf32_flops) == PEAK_FLOPS[key]
+
+
+def test_plan_finds_fitting_valid_configs_fastest_first():
+    a = get_preset("llama3.1-8b")
+    candidates = plan(a, gpu=GPUS["H100"], seq_len=4096, peft="any", base_overrides=("model.preset=llama3.1-8b",),
+                      micro_batch=64, calibration=CAL)
+    fitting = [c for c in candidates if c.fits]
+    assert fitting and not candidates[-1].fits  # 8B at 64 x 4096 tokens fits only with LoRA and checkpointing
+    speeds = [c.speed.tokens_per_s for c in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(c.required_gib <= GPUS["H100"].memory_gib * 0.95 for c in fitting)
+    # offload with whole-model compile is rejected by config validation, so never proposed
+    assert not any(c.setup.offload and c.setup.compile == "model" for c in candidates)
+    for c in fitting[:3]:
+        load_config(None, ["model.preset=llama3.1-8b", *config_overrides(c.setup)], synthetic_data=True)
+    pinned = plan(a, gpu=GPUS["H100"], seq_len=4096, peft="qlora", micro_batch=1, pins=("compile.mode=none",),
+                  base_overrides=("model.preset=llama3.1-8b",), calibration=CAL)
+    assert pinned and all(c.setup.compile == "none" and c.setup.quantize == "nf4" for c in pinned)
+
+
+def test_setup_round_trips_through_config():
+    fsdp = Setup(seq_len=512, micro_batch=2, precision="bf16_pure", peft="lora", compile="blocks", fused_loss=True,
+                 checkpointing="full", every=2, optimizer="adamw8bit", strategy="fsdp", n_gpus=2)
+    qlora = Setup(seq_len=512, precision="bf16_pure", peft="dora", quantize="nf4", lora_rank=8,
+                  lora_targets=("q_proj", "v_proj"), state_dtype="fp32", mlp_chunk_tokens=128)
+    for s in (fsdp, qlora):
+        cfg = load_config(None, ["model.preset=debug", *config_overrides(s)], synthetic_data=True)
+        assert setup_from_config(cfg, n_gpus=s.n_gpus, document_mask=False) == s
+
+
+def test_oom_advice_names_a_change_that_fits():
+    cfg = load_config(None, ["model.preset=llama3.2-1b", "precision.mode=bf16_pure", "data.max_length=4096",
+                             "train.micro_batch_size=8", "data.tokenizer=tok"])
+    text = oom_advice(cfg, gpu=GPUS["4090"], calibration=CAL)
+    assert "4090 has 24 GiB" in text and "Cheapest change that fits:" in text
+    change = text.split("Cheapest change that fits: ")[1].split(" (predicted")[0].split()
+    fixed = load_config(None, ["model.preset=llama3.2-1b", "precision.mode=bf16_pure", "data.max_length=4096",
+                               "train.micro_batch_size=8", "data.tokenizer=tok", *change])
+    assert evaluate(model_args("llama3.2-1b"), setup_from_config(fixed), gpu=GPUS["4090"], calibration=CAL).fits
+    huge = load_config(None, ["model.preset=llama3.1-70b", "data.tokenizer=tok"])
+    assert "No single or paired change fits" in oom_advice(huge, gpu=GPUS["4090"], calibration=CAL)
+
+
+def test_model_args_from_a_model_directory(tmp_path):
+    from optrush.models.hf import hf_config_from_args
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_args(DEBUG)))
+    assert mem.total_params(model_args(str(tmp_path))) == TOTAL
+    with pytest.raises(ValueError, match="neither a preset"):
+        model_args(str(tmp_path / "missing"))
+
+
+def test_cli_writes_a_loadable_config_and_measures_on_cpu(tmp_path, capsys):
+    from optrush.cli.main import main
+    from optrush.models.io import save_model
+
+    model_dir, out, rows = tmp_path / "model", tmp_path / "plan.yaml", tmp_path / "measured.json"
+    save_model(build_model(DEBUG), model_dir)  # an HF model directory: its config.json gives the shape
+    code = main(["plan", "--model", str(model_dir), "--gpus", "1xL4", "--seq", "64", "--micro-batch", "2",
+                 "--pin", "compile.mode=none", "precision.mode=bf16_pure", "--out", str(out), "--measure",
+                 "--measure-top", "1", "--device", "cpu", "--warmup", "1", "--steps", "1",
+                 "--measure-json", str(rows)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "wrote the fastest configuration" in printed and "predicted GiB" in printed
+    cfg = load_config(out)  # validates as `optrush train` would (the tokenizer defaults to model.path)
+    assert (cfg.model.path, cfg.objective, cfg.data.max_length, cfg.compile.mode) == (str(model_dir), "sft", 64, "none")
+    measured = json.loads(rows.read_text())
+    assert measured[0]["measured_tokens_per_s"] > 0 and measured[0]["device"] == "cpu"
+    assert measured[0]["predicted_gib"] == pytest.approx(
+        estimate_memory(DEBUG, setup_from_config(cfg, document_mask=True)).peak_gib)
+
+
+def test_candidates_cover_the_levers():
+    setups = candidate_setups(gpu=GPUS["H100"], n_gpus=2, seq_len=1024, peft="any")
+    assert {s.strategy for s in setups} == {"fsdp", "ddp"}
+    assert {(s.peft, s.quantize) for s in setups} == {("none", "none"), ("lora", "none"), ("lora", "nf4")}
+    assert {s.checkpointing for s in setups} == {"none", "selective", "full"}
+    assert "fp8" in {s.precision for s in setups}
+    assert "fp8" not in {s.precision for s in candidate_setups(gpu=GPUS["A100"], n_gpus=1, seq_len=1024)}
+
+
+def test_gpu_validation_configs_are_valid_and_fit_an_h100():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_validation.py"
+    spec = importlib.util.spec_from_file_location("plan_validation", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, overrides in script.CONFIGS:
+        cfg = load_config(None, [*script.COMMON, *overrides], synthetic_data=True)
+        s = setup_from_config(cfg, document_mask=False)
+        assert evaluate(model_args(cfg.model.preset), s, gpu=GPUS["H100"], calibration=CAL).fits, name

@@ -1,0 +1,307 @@
+"""Quantized frozen bases (optrush.peft.quant): NF4 is the QLoRA format (levels, blocks, double quantization, 4.127
+bits), int8 rounds within half a step, the matmul never keeps a dequantized weight, QLoRA trains only the adapters
+and resumes exactly, merged export == dequantized base + adapter, and a checkpoint loads straight into NF4 with
+peak memory of about the quantized model."""
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from optrush.config import ConfigError, load_config
+from optrush.config.schema import Config, PeftConfig
+from optrush.models.io import build_model, load_model, save_model
+from optrush.models.presets import get_preset
+from optrush.peft import apply_lora, merge_lora, save_merged
+from optrush.peft.lora import LoRALinear
+from optrush.peft.quant import (BLOCK, NF4_LEVELS, SCALE_BLOCK, QuantizedLinear, QuantizedWeight, apply_quantize,
+                                error_bound, linear, quantize_weight, quantized_nbytes)
+
+VOCAB = 128
+HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2
+
+
+def qlora_model(method: str = "nf4", *, seed: int = 0, n_layers: int = 2):
+    cfg = Config()
+    cfg.peft = PeftConfig(method="lora", r=4, alpha=8, quantize=method)
+    model = build_model(get_preset("debug", vocab_size=VOCAB, n_layers=n_layers), seed=seed)
+    apply_lora(model, cfg)
+    with torch.no_grad():  # a non-zero adapter, so the tests see it
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    return apply_quantize(model, cfg), cfg
+
+
+def dequantized_copy(model):
+    """The reference: the same model with every quantized weight replaced by its dequantized dense matrix."""
+    import copy
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, LoRALinear) and isinstance(module.weight, QuantizedWeight):
+            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+        elif isinstance(module, QuantizedLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+            dense.bias = module.bias
+            parent, _, leaf = name.rpartition(".")
+            setattr(ref.get_submodule(parent), leaf, dense)
+    return ref
+
+
+def ids(seed: int = 1, T: int = 10):
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_nf4_levels_are_the_normal_quantiles_of_qlora():
+    # bitsandbytes' create_normal_map: 8 positive and 7 negative N(0,1) quantiles, an exact zero, scaled to [-1, 1]
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)]).sort().values
+    torch.testing.assert_close(torch.tensor(NF4_LEVELS, dtype=torch.float64), levels / levels.max(),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (10, 7)])  # (10, 7): not a multiple of the block, padded
+def test_nf4_round_trip_is_the_reference_definition(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    w[0, :3] = 0.0  # exact zeros stay exact
+    q = quantize_weight(w, method="nf4")
+    got = q.dequantize()
+    # reference, written out independently: absmax per 64-block; double quantization to int8 per 256 maxima
+    flat = torch.nn.functional.pad(w.flatten(), (0, -w.numel() % BLOCK)).view(-1, BLOCK)
+    absmax = flat.abs().amax(1)
+    centred = torch.nn.functional.pad(absmax - absmax.mean(), (0, -absmax.numel() % SCALE_BLOCK)).view(-1, SCALE_BLOCK)
+    step = centred.abs().amax(1, keepdim=True) / 127
+    decoded = ((centred / step).round() * step).flatten()[:absmax.numel()] + absmax.mean()
+    assert (decoded - absmax).abs().max() <= step.max() / 2 + 1e-9
+    levels = torch.tensor(NF4_LEVELS)
+    nearest = (flat / decoded[:, None]).unsqueeze(-1).sub(levels).abs().argmin(-1)
+    expected = (levels[nearest] * decoded[:, None]).flatten()[:w.numel()].view(shape)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    assert torch.equal(got[0, :3], torch.zeros(3))
+    # the format's bound: half the widest gap between levels times the block scale, plus the scale's own error
+    bound = HALF_GAP * absmax + (decoded - absmax).abs()
+    error = torch.nn.functional.pad((got - w).flatten(), (0, -w.numel() % BLOCK)).view(-1, BLOCK).abs()
+    assert (error <= bound[:, None] + 1e-7).all()
+    assert ((got - w).abs() <= error_bound(w, method="nf4")).all()
+
+
+def test_nf4_matches_torchao_where_installed():
+    ao = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    w = torch.randn(512, 256) * 0.02
+    ours = quantize_weight(w, method="nf4").dequantize()
+    theirs = ao.to_nf4(w).get_original_weight()  # torchao rounds the levels to 4 decimals
+    rel = lambda d: float((d - w).norm() / w.norm())
+    assert rel(ours) <= rel(theirs) * 1.001
+    assert float((ours - theirs).norm() / w.norm()) < 0.02
+
+
+def test_double_quantization_costs_4_127_bits_per_weight():
+    w = torch.randn(1024, 1024)
+    bits = 8 * quantize_weight(w, method="nf4").nbytes() / w.numel()
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)  # 4.127
+    assert 8 * quantize_weight(w, method="int8").nbytes() / w.numel() == pytest.approx(8 + 32 / 1024)
+
+
+def test_int8_round_trip_within_half_a_step_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(48, 80)
+    got = quantize_weight(w, method="int8").dequantize()
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((got - w).abs() <= step / 2 + 1e-6).all()
+    assert ((got - w).abs() <= error_bound(w, method="int8")).all()
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_matmul_grads_and_no_saved_dense_weight(method):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = quantize_weight(w, method=method)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = linear(x, q)
+    assert not any(t.is_floating_point() and t.numel() >= w.numel() for t in saved), \
+        "a full-precision weight was saved for the backward pass"
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    dense = q.dequantize()
+    torch.testing.assert_close(out, x.detach() @ dense.T)
+    torch.testing.assert_close(x.grad, grad @ dense)
+    x.grad = None  # under activation checkpointing (which allows one unpack of the saved tensors) too
+    torch.utils.checkpoint.checkpoint(linear, x, q, use_reentrant=False).backward(grad)
+    torch.testing.assert_close(x.grad, grad @ dense)
+    if method == "int8":  # weight-only int8: the forward stays within a small relative error of the dense one
+        assert float((out.detach() - x.detach() @ w.T).norm() / (x.detach() @ w.T).norm()) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_qlora_forward_equals_dequantized_base_lora(method):
+    model, _ = qlora_model(method)
+    blocks = [m for n, m in model.named_modules() if n.startswith("layers.")]
+    assert not any(type(m) is torch.nn.Linear for m in blocks)  # every block linear is quantized
+    assert isinstance(model.output, torch.nn.Linear) and isinstance(model.output.weight, torch.nn.Parameter)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dequantized_copy(model)(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(model)
+
+
+def test_qlora_dora_zero_init_leaves_the_quantized_base_unchanged():
+    """DoRA's magnitude starts from the dequantized weight it computes with, so B = 0 changes nothing."""
+    cfg = Config(peft=PeftConfig(method="dora", r=4, alpha=8, quantize="nf4"))
+    base = apply_quantize(build_model(get_preset("debug", vocab_size=VOCAB), seed=0), cfg)
+    adapted = apply_quantize(apply_lora(build_model(get_preset("debug", vocab_size=VOCAB), seed=0), cfg), cfg)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), base(x), rtol=1e-6, atol=1e-6)
+
+
+def test_qlora_merged_export_equals_dequantized_base_plus_adapter(tmp_path):
+    """The live model's merged save and `optrush export --merge` of its adapter (base quantized again from disk)
+    both give the QLoRA forward: the dequantized base plus the adapter."""
+    from optrush.peft.export import export_checkpoint, save_adapter
+
+    save_model(build_model(get_preset("debug", vocab_size=VOCAB), seed=0), tmp_path / "base")
+    model, _ = qlora_model("nf4")  # the same seeded base weights
+    x = ids()
+    with torch.no_grad():
+        ours = model(x)
+    save_merged(model, tmp_path / "merged")
+    assert any(isinstance(m, QuantizedWeight) for m in model.modules())  # the live model stays quantized
+    save_adapter(model, tmp_path / "adapter", base_model_path=str(tmp_path / "base"))
+    export_checkpoint(tmp_path / "adapter", out=tmp_path / "exported", merge=True)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "merged")(x), ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_model(tmp_path / "exported")(x), ours, rtol=1e-5, atol=1e-5)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of CPU tensor storage alive, and the peak, for every tensor torch ops create inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key, size):
+        self.live -= size
+        self.seen.discard(key)
+
+
+def test_checkpoint_loads_straight_into_nf4_with_quantized_peak_memory(tmp_path):
+    args = get_preset("debug", vocab_size=VOCAB, n_layers=8, max_seq_len=64)  # RoPE tables negligible
+    dense = build_model(args, seed=0)
+    save_model(dense, tmp_path / "base")
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    dense_bytes = nbytes([*dense.parameters(), *dense.buffers()])
+    largest = max(p.numel() * p.element_size() for n, p in dense.named_parameters() if n.startswith("layers."))
+    with LiveBytes() as meter:
+        model = load_model(tmp_path / "base", quantize="nf4")
+    assert quantized_nbytes(model) < dense_bytes / 6
+    # what the quantized model holds plus transients of about one weight matrix: the file's copy, the dense copy
+    # (and the previous one, until its name is rebound), the quantization temporaries (fp32 and int32 per weight)
+    bound = nbytes([*model.parameters(), *model.buffers()]) + 8 * largest
+    assert meter.peak <= bound < dense_bytes, (meter.peak, bound, dense_bytes)
+    reference = apply_quantize(build_model(args, seed=0), Config(peft=PeftConfig(method="lora", quantize="nf4")))
+    for (name, a), b in zip(model.named_modules(), reference.modules()):
+        if isinstance(a, QuantizedWeight):
+            assert torch.equal(a.dequantize(), b.dequantize()), name
+
+
+def test_qlora_config_validation(debug_overrides):
+    with pytest.raises(ConfigError, match="peft.quantize=nf4"):
+        load_config(None, debug_overrides + ["peft.quantize=nf4"])
+    with pytest.raises(ConfigError, match="lm_head"):
+        load_config(None, debug_overrides + ["peft.method=lora", "peft.target_modules=[q_proj, lm_head]"])
+    assert load_config(None, debug_overrides + ["peft.method=dora", "peft.quantize=int8"]).peft.quantize == "int8"
+
+
+def test_qlora_trains_only_adapters_and_resumes_exactly(tmp_path):
+    """Train 2 steps straight vs 1 step, save (PEFT adapter + optimizer state, as checkpoints do), rebuild the
+    quantized model from scratch, restore, 1 more step: same losses, since the quantized base is rebuilt bit for
+    bit. Only the adapters are trainable and receive gradients, and the loss goes down."""
+    from optrush.peft.export import load_adapter_weights, save_adapter
+
+    x = ids(T=16)
+
+    def steps(model, optimizer, n):
+        losses = []
+        for _ in range(n):
+            loss = model(x, labels=x)
+            loss.backward()
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    def fresh():
+        torch.manual_seed(0)  # the adapters' A init draws from the global RNG, as in training
+        model, _ = qlora_model("nf4")
+        assert {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    straight = steps(*fresh(), 2)
+    assert straight[-1] < straight[0]
+    model, optimizer = fresh()
+    first = steps(model, optimizer, 1)
+    save_adapter(model, tmp_path / "adapter")
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    model, optimizer = fresh()
+    load_adapter_weights(model, tmp_path / "adapter")
+    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    assert first + steps(model, optimizer, 1) == straight
+
+
+def test_check_quantized_rows_pass_and_catch_a_planted_fault(debug_overrides, monkeypatch):
+    from optrush.check.harness import prepare
+    from optrush.check.runner import check_quantized
+    from optrush.peft import quant
+
+    cfg = load_config(None, debug_overrides + ["peft.method=lora", "peft.r=4", "peft.quantize=nf4",
+                                               "data.max_length=64"])
+    ctx = prepare(cfg)
+    bound, forward = check_quantized(ctx)
+    assert bound.passed is True and 0.3 < bound.measured <= 1.0  # the bound is tight, not vacuous
+    assert forward.passed is True
+
+    real = quant.DEQUANTIZE["nf4"]
+
+    def swapped_nibbles(shape, dtype, codes, *rest):  # the planted fault: the two codes of each byte swapped
+        return real(shape, dtype, (codes << 4) | (codes >> 4), *rest)
+
+    monkeypatch.setitem(quant.DEQUANTIZE, "nf4", swapped_nibbles)
+    bound, _ = check_quantized(ctx)
+    assert bound.passed is False and bound.switch_to_turn_off == "peft.quantize=none"
+
+
+def test_quantized_matmul_traces_into_one_compiled_graph():
+    """Dynamo takes the dequantizing autograd function whole (fullgraph), so compile.mode=blocks can fuse it; the
+    aot_eager backend checks the tracing without a C++ toolchain."""
+    torch.manual_seed(0)
+    q = quantize_weight(torch.randn(64, 128), method="nf4")
+    x = torch.randn(4, 128, requires_grad=True)
+    compiled = torch.compile(lambda x: linear(x, q).square().sum(), backend="aot_eager", fullgraph=True)
+    compiled(x).backward()
+    expected = 2 * (x.detach() @ q.dequantize().T) @ q.dequantize()
+    torch.testing.assert_close(x.grad, expected)
