@@ -204,3 +204,29 @@ def test_lora_zero_init_check_passes_and_catches_a_nonzero_adapter(debug_overrid
     monkeypatch.setattr(lora.LoRALinear, "__init__", nonzero_b)
     row = next(r for r in run_checks(cfg, only=["peft"]).rows if r.name.startswith("peft: zero-init"))
     assert row.passed is False and row.switch_to_turn_off == "peft.method=none"
+
+
+def test_multi_gpu_row_trains_on_two_ranks_and_matches_one_process(debug_overrides):
+    cfg = load_config(None, debug_overrides + ["parallel.strategy=ddp"])
+    report = run_checks(cfg, only=["accumulation", "multi_gpu"], steps=2)  # one-process rows still run
+    *one_process, row = report.rows
+    assert all(r.passed for r in one_process), one_process
+    assert row.passed is True and row.measured <= 1e-6, row
+    (single,) = run_checks(load_config(None, debug_overrides), only=["multi_gpu"], steps=2).rows
+    assert single.passed is None  # strategy none: not applicable
+
+
+PLANTED_LOCAL_MEAN = """
+import os
+if "RANK" in os.environ:  # only in the torchrun ranks: each normalises by its own token count, reduces nothing
+    import optrush.train.loop as loop
+    loop.all_reduce_sum = lambda values, *, device: [float(v) for v in values]
+"""
+
+
+def test_multi_gpu_row_catches_a_per_rank_loss_normalisation(debug_overrides, monkeypatch, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(PLANTED_LOCAL_MEAN)  # imported by every child interpreter
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    (row,) = run_checks(load_config(None, debug_overrides + ["parallel.strategy=ddp"]), only=["multi_gpu"],
+                        steps=2).rows
+    assert row.passed is False and row.switch_to_turn_off == "parallel.strategy=none", row

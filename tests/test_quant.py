@@ -305,3 +305,12 @@ def test_quantized_matmul_traces_into_one_compiled_graph():
     compiled(x).backward()
     expected = 2 * (x.detach() @ q.dequantize().T) @ q.dequantize()
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_quantized_weights_count_in_params_and_flops():
+    from optrush.train.metrics import model_params, training_flops_per_token
+
+    model, _ = qlora_model("nf4")
+    reference = dequantized_copy(model)  # the same weights as parameters
+    assert model.num_params() < reference.num_params() == model_params(model)
+    assert training_flops_per_token(model, 64) == reference.flops_per_token(64)

@@ -36,7 +36,7 @@ from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distr
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
                                 resolve_device, seed_everything)
-from optrush.train.metrics import device_peak_flops, mfu, peak_memory_gib
+from optrush.train.metrics import device_peak_flops, mfu, model_params, peak_memory_gib, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations
 
 
@@ -103,7 +103,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
     tokens, padding = all_reduce_sum([sum(b.input_ids.numel() for step in timed for b in step),
                                       sum(b.num_padding for step in timed for b in step)], device=device)
     real_tokens = tokens - padding
-    flops_per_token = model.flops_per_token(cfg.data.max_length)
+    flops_per_token = training_flops_per_token(model, cfg.data.max_length)
     peak_flops = matmul_peak_flops(device, cfg.precision.mode)
     return {
         "name": name,
@@ -125,7 +125,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
         "seq_len": cfg.data.max_length,
         "grad_accum": cfg.train.grad_accum,
         "world_size": parallel.world_size,
-        "params": model.num_params(),
+        "params": model_params(model),
         "flops_per_token": flops_per_token,
         "peak_flops": peak_flops,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,

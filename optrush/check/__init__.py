@@ -25,7 +25,8 @@ this order; `--only` picks some):
 |              | LoRA forward over the dequantized weights                                     |               |
 | resume       | k steps + checkpoint + restore into fresh objects + k steps vs 2k straight:   | resume.py     |
 |              | batch order, losses, weights                                                  |               |
-| multi_gpu    | n/a until optrush has a multi-GPU strategy                                    | runner.py     |
+| multi_gpu    | with a parallel.strategy: `--steps` steps on 2 ranks (x context.degree) via   | multi_gpu.py  |
+|              | torchrun vs one process with grad_accum x2 (the same global batch): losses    |               |
 
 The fast subset (`FAST`: data, numerics, packing, accumulation) runs before training when `train.verify=true`.
 

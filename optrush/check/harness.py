@@ -23,7 +23,7 @@ from torch import nn
 
 from optrush.check.report import Tolerance
 from optrush.config import Config
-from optrush.config.schema import ActivationsConfig, CompileConfig, KernelsConfig
+from optrush.config.schema import ActivationsConfig, CompileConfig, ContextConfig, KernelsConfig, ParallelConfig
 from optrush.data.batch import Batch
 from optrush.data.dataset import DataReport, build_datasets
 from optrush.data.formats import Example
@@ -89,7 +89,10 @@ def plain_config(cfg: Config) -> Config:
 
 
 def model_for(ctx: CheckContext, cfg: Config) -> nn.Module:
-    """The model `cfg` trains (same seed, so every variant starts from the same weights), in train mode."""
+    """The model `cfg` trains (same seed, so every variant starts from the same weights), in train mode, in this
+    one process (the multi_gpu row compares the parallel run with it)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel, cfg.context = ParallelConfig(), ContextConfig()
     torch.manual_seed(cfg.train.seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the transforms' log lines would drown the table
         model = loop.build(cfg, vocab_size=len(ctx.tokenizer), device=ctx.device)

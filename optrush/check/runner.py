@@ -18,6 +18,7 @@ from torch import nn
 from optrush.check.data import check_data, check_truncation
 from optrush.check.equivalence import check_accumulation, check_kernels, check_packing, check_precision
 from optrush.check.harness import CheckContext, loader_for, model_for, plain_config, prepare
+from optrush.check.multi_gpu import check_multi_gpu
 from optrush.check.numerics import check_numerics
 from optrush.check.report import CheckReport, CheckResult, not_applicable
 from optrush.check.resume import check_resume
@@ -100,13 +101,6 @@ def check_quantized(ctx: CheckContext) -> list[CheckResult]:
                         detail="relative L2 difference of the logits on the first batch")]
 
 
-def check_multi_gpu(ctx: CheckContext) -> list[CheckResult]:
-    devices = torch.cuda.device_count()
-    why = (f"parallel.strategy={ctx.cfg.parallel.strategy}: one device"
-           + (f" ({devices} visible, but optrush has no multi-GPU strategy yet)" if devices > 1 else ""))
-    return [not_applicable("multi-GPU: == single device", why)]
-
-
 GROUPS: dict[str, Callable[..., list[CheckResult]]] = {
     "data": check_data,
     "truncation": check_truncation,
@@ -119,7 +113,7 @@ GROUPS: dict[str, Callable[..., list[CheckResult]]] = {
     "resume": check_resume,
     "multi_gpu": check_multi_gpu,
 }
-TRAINING_GROUPS = ("precision", "resume")
+TRAINING_GROUPS = ("precision", "resume", "multi_gpu")
 """Groups that train for `steps` optimizer steps."""
 FAST = ("data", "numerics", "packing", "accumulation")
 """The subset `train.verify=true` runs: one forward/backward per model, no training, no compile comparison."""

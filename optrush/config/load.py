@@ -293,6 +293,13 @@ def long_context_problems(cfg: Config) -> list[str]:
     if cp.degree > 1 and cfg.objective not in ("causal_lm", "sft"):
         problems.append(f"context.degree > 1 shards token-level losses: objective={cfg.objective} needs whole "
                         "sequences on each rank; use causal_lm or sft, or context.degree=1")
+    if cp.degree > 1 and cfg.parallel.strategy == "none":
+        problems.append("context.degree > 1 runs one process per share of each row, and their gradients are summed by "
+                        "the data-parallel strategy: set parallel.strategy=ddp (or fsdp, hsdp) and launch "
+                        "degree x replicas processes with --nproc")
+    if cp.degree > 1 and (cfg.train.sample_every or cfg.peft.method == "prompt_tuning"):
+        problems.append("context.degree > 1 shards whole rows: train.sample_every (KV-cache decoding) and "
+                        "peft.method=prompt_tuning (prepends to each row) are not supported with it")
     return problems
 
 

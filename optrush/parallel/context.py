@@ -27,12 +27,13 @@ global positions. Causal whole rows only: packed batches (document masks) and sl
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from optrush.config import Config
+from optrush.config import Config, ConfigError
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.models.layers import AttentionBackend
 from optrush.models.llama import Transformer
@@ -51,6 +52,35 @@ def apply_context_parallel(model: nn.Module, cfg: Config, group: dist.ProcessGro
     model.set_attention_backend(AttentionBackend(name=f"ring-{cfg.context.layout}", build_mask=causal_rows_only,
                                                  attend=attend))
     return model
+
+
+def context_group(degree: int) -> dist.ProcessGroup | None:
+    """This rank's context-parallel group, `degree` consecutive ranks (None for degree 1). Collective: every rank
+    creates every group, as torch.distributed.new_group requires. Gradients are reduced by the data-parallel
+    strategy over all ranks, so the cp ranks of a row sum their parts of its gradient there."""
+    if degree == 1:
+        return None
+    world = dist.get_world_size()
+    if world % degree:
+        raise ConfigError(f"context.degree={degree} must divide the number of processes ({world}): launch a "
+                          f"multiple of {degree} processes")
+    groups = [dist.new_group(list(range(start, start + degree))) for start in range(0, world, degree)]
+    return groups[dist.get_rank() // degree]
+
+
+def data_parallel_position(degree: int) -> tuple[int, int]:
+    """(rank, world size) of this process's data-parallel replica: the ranks of one context group read the same
+    rows, so the loader shards over world / degree replicas."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return rank // degree, world // degree
+
+
+def batch_sharder(cfg: Config, group: dist.ProcessGroup | None, *, pad_id: int) -> Callable[[Batch], Batch]:
+    """Batch -> this rank's part of its sequence dimension (the identity without context parallelism)."""
+    if group is None:
+        return lambda batch: batch
+    return functools.partial(shard_batch, rank=group.rank(), world=group.size(), layout=cfg.context.layout,
+                             pad_id=pad_id)
 
 
 def causal_rows_only(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,

@@ -38,13 +38,15 @@ from optrush.generate.evaluate import sample_during_training
 from optrush.optim import EMA, build_optimizer, eval_weights
 from optrush.peft import has_adapters, save_adapter, save_merged
 from optrush.optim.schedule import build_scheduler
-from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, rank, \
-    teardown, world_size
-from optrush.parallel.context import apply_context_extension
+from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, teardown, \
+    world_size
+from optrush.parallel.context import apply_context_extension, apply_context_parallel, batch_sharder, \
+    context_group, data_parallel_position
 from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager, TrainState, restore
 from optrush.train.float8 import require_float8
-from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib
+from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, model_params, peak_memory_gib, \
+    training_flops_per_token
 from optrush.train.optimizations import apply_optimizations, apply_peft
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
@@ -91,6 +93,11 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
                                 examples=train_examples + eval_examples if cfg.objective in PAIRWISE else ())
+    # context parallelism: each rank of a group holds a share of every row and attends around a ring
+    context = context_group(cfg.context.degree)
+    if context is not None:
+        model = apply_context_parallel(model, cfg, context)
+    shard = batch_sharder(cfg, context, pad_id=tokenizer.pad_token_id)
     # sharding leaves no plain model to save at the end: keep its structure (on the meta device, no memory)
     plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
     model = apply_optimizations(model, cfg)
@@ -100,9 +107,10 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     ema = EMA(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
     # further state a resume must restore exactly: GRPO's stored rollouts and sampling RNG, the EMA weights
     extras = {"objective": objective, **({"ema": ema} if ema is not None else {})}
+    data_rank, data_world = data_parallel_position(cfg.context.degree)
     loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
-                         pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch, rank=parallel.rank,
-                         world_size=parallel.world_size)
+                         pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch, rank=data_rank,
+                         world_size=data_world)
 
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     base_model_path=cfg.model.path)
@@ -110,7 +118,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                          extras=extras)
 
     autocast = precision_context(cfg, device)
-    flops_per_token = model.flops_per_token(cfg.data.max_length)
+    flops_per_token = training_flops_per_token(model, cfg.data.max_length)
     peak_flops = device_peak_flops(device, torch.bfloat16 if cfg.precision.mode != "fp32" else torch.float32)
     peak_flops = peak_flops * parallel.world_size if peak_flops else None  # MFU of all devices together
     throughput = Throughput()
@@ -120,7 +128,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                        start_step=state.step, enabled=is_main()) as metrics:
         while state.step < cfg.train.max_steps:
             started = time.perf_counter()
-            micro_batches = [next(loader) for _ in range(cfg.train.grad_accum)]
+            micro_batches = [shard(next(loader)) for _ in range(cfg.train.grad_accum)]
             step_loss, units = accumulate_gradients(model, objective, micro_batches, device=device,
                                                     autocast=autocast)
             grad_norm = clip_gradients(model, cfg.train.max_grad_norm)
@@ -154,7 +162,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             if eval_examples and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 with eval_weights(model, optimizer, ema):  # schedule-free's average / the EMA weights
                     final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
-                                                     autocast), state.step
+                                                     autocast, shard=shard), state.step
                 metrics.log(state.step, final_eval)
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state,
@@ -163,7 +171,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
         loader.close()  # stops its prefetch thread
         if eval_examples and eval_step != state.step:  # always end with an evaluation of the final weights
             with eval_weights(model, optimizer, ema):
-                final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast)
+                final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast,
+                                      shard=shard)
             metrics.log(state.step, final_eval)
         if cfg.checkpoint.save_final:
             final_dir = output_dir / "final"
@@ -177,7 +186,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
-                   "peak_mem_gib": peak_memory_gib(device), "params": model.num_params(),
+                   "peak_mem_gib": peak_memory_gib(device), "params": model_params(model),
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
@@ -308,15 +317,18 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocast) -> dict[str, float]:
+def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocast,
+             shard=lambda batch: batch) -> dict[str, float]:
     """Mean loss per trained unit over up to `train.eval_batches` micro-batches (same order every time), split
-    over the ranks of a distributed run (each evaluates eval_batches / world of them: the same count on every rank,
-    as each forward of a sharded model is a collective)."""
-    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=False, rank=rank(), world_size=world_size())
+    over the data-parallel replicas of a distributed run (each evaluates eval_batches / replicas of them: the same
+    count on every rank, as each forward of a sharded model is a collective); `shard` takes a context-parallel
+    rank's part of a batch."""
+    data_rank, data_world = data_parallel_position(cfg.context.degree)
+    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=False, rank=data_rank, world_size=data_world)
     model.eval()
     total, units = 0.0, 0
-    for _ in range(min(max(cfg.train.eval_batches // world_size(), 1), loader.batches_per_epoch)):
-        batch = next(loader)
+    for _ in range(min(max(cfg.train.eval_batches // data_world, 1), loader.batches_per_epoch)):
+        batch = shard(next(loader))
         units += objective.units(batch)
         with autocast:
             loss_sum, _ = objective(model, batch.to(device))

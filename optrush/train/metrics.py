@@ -64,6 +64,18 @@ def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | 
     return tokens_per_s * flops_per_token / peak_flops
 
 
+def model_params(model: torch.nn.Module) -> int:
+    """Weights of the model, those stored quantized under QLoRA adapters (buffers, not parameters) included."""
+    from optrush.peft.quant import QuantizedWeight
+
+    return model.num_params() + sum(m.shape.numel() for m in model.modules() if isinstance(m, QuantizedWeight))
+
+
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """`model.flops_per_token`, counting quantized base weights too: they are multiplied like any other."""
+    return model.flops_per_token(seq_len) + 6 * (model_params(model) - model.num_params())
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory so far in GiB: CUDA tensors allocated by PyTorch, else the process's peak resident set."""
     if device.type == "cuda":
