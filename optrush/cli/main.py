@@ -30,6 +30,8 @@
     optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
                                                   a LoRA run's checkpoint (or final/) as a merged HF model or
                                                   a PEFT adapter
+    optrush export MODEL_DIR --gguf FILE [--gguf-dtype f16|bf16|f32]
+                                                  an HF model directory as one GGUF file for llama.cpp
     optrush plan --model M --gpus 1xH100 --seq N [--objective sft] [--peft lora] [--micro-batch N] [--out FILE]
                  [--measure]                      the fastest configurations that fit (predicted memory and
                                                   tokens/s), the best as a ready config file
@@ -103,8 +105,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.gguf:
+        from optrush.models.gguf import export_gguf
+
+        print(f"wrote {export_gguf(args.ckpt, args.gguf, dtype=args.gguf_dtype)}")
+        return 0
     from optrush.peft.export import export_checkpoint
 
+    if args.out is None:
+        raise ConfigError("optrush export --merge/--adapter needs --out DIR")
     out = export_checkpoint(args.ckpt, out=args.out, merge=args.merge, base=args.base)
     print(f"wrote {'the merged model' if args.merge else 'the PEFT adapter'} to {out}")
     return 0
@@ -165,13 +174,18 @@ def parser() -> argparse.ArgumentParser:
     add_generate_commands(commands)
     add_plan_commands(commands)
 
-    p = commands.add_parser("export", help="export a LoRA checkpoint as a merged HF model or a PEFT adapter")
+    p = commands.add_parser("export", help="export a LoRA checkpoint as a merged HF model or a PEFT adapter, "
+                                                   "or an HF model as GGUF")
     p.add_argument("ckpt", help="a LoRA run's checkpoint (runs/x/checkpoints/step_...), its final/ directory, or "
                                 "a PEFT adapter directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--merge", action="store_true", help="fold the adapters into the base: a plain HF model")
     what.add_argument("--adapter", action="store_true", help="the adapter alone, in PEFT format")
-    p.add_argument("--out", required=True, help="output directory")
+    what.add_argument("--gguf", metavar="FILE", default=None,
+                      help="an HF model directory (e.g. merged final/) as a GGUF file for llama.cpp (pip install gguf)")
+    p.add_argument("--gguf-dtype", choices=["f16", "bf16", "f32"], default="f16",
+                   help="GGUF matrix dtype (default: f16)")
+    p.add_argument("--out", default=None, help="output directory (--merge, --adapter)")
     p.add_argument("--base", default=None,
                    help="base model directory (default: base_model_name_or_path of the adapter_config.json)")
     p.set_defaults(run=cmd_export)

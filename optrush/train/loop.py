@@ -181,7 +181,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                 final = model if plain is None else gather_full_model(model, like=with_adapters(plain, cfg))
                 if is_main():
                     save_final(final, final_dir, cfg)
-                tokenizer.save_pretrained(final_dir)
+                    tokenizer.save_pretrained(final_dir)
             barrier()
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
