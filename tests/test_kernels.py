@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from optrush.config.schema import Config, KernelsConfig, ModelConfig
-from optrush.kernels import apply_kernels, fused_linear_cross_entropy, reference_linear_cross_entropy
+from optrush.kernels import (apply_kernels, chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
+                             reference_linear_cross_entropy)
 from optrush.kernels import ops
 from optrush.models import layers
 from optrush.models.llama import ModelArgs, Transformer
@@ -51,6 +52,35 @@ def test_fused_loss_matches_reference(reduction, z_loss, chunk_tokens):
         torch.testing.assert_close(got[0], layers.linear_cross_entropy(*inputs, reduction=reduction))
 
 
+def test_chunked_label_logps_match_full_logits():
+    hidden, weight, labels = loss_inputs()  # 74 rows, some IGNORE_INDEX; chunks of 10 leave a ragged 4
+    upstream = torch.randn(labels.shape)  # a different gradient per token, as DPO and GRPO give
+    expected = reference_label_logps(hidden, weight, labels)
+    independent = -torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).transpose(1, 2),
+                                                     labels, reduction="none")  # 0 where ignored
+    torch.testing.assert_close(expected, independent, atol=1e-6, rtol=0)
+    got = chunked_label_logps(hidden, weight, labels, chunk_tokens=10)
+    assert got.dtype == torch.float32 and got.shape == labels.shape and (got[labels == -100] == 0).all()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    for g, e in zip(grads, torch.autograd.grad((expected * upstream).sum(), (hidden, weight))):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_label_logps_frozen_weight_and_no_grad():
+    hidden, weight, labels = loss_inputs()
+    frozen = weight.detach()
+    (grad,) = torch.autograd.grad(chunked_label_logps(hidden, frozen, labels, chunk_tokens=8).sum(), hidden)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference_label_logps(hidden, frozen, labels).sum(),
+                                                         hidden)[0], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # a reference model's log-probs
+        logps = chunked_label_logps(hidden, weight, labels, chunk_tokens=8)
+    assert not logps.requires_grad
+    torch.testing.assert_close(logps, reference_label_logps(hidden, weight, labels).detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="kernels.loss_chunk_tokens"):
+        chunked_label_logps(hidden, weight, labels, chunk_tokens=0)
+
+
 def test_fused_loss_frozen_weight_no_grad_and_nothing_trained():
     hidden, weight, labels = loss_inputs()
     frozen = weight.detach()
@@ -75,6 +105,18 @@ def test_fused_loss_traces_whole_under_compile():
     got = loss_and_grads(compiled, *inputs)
     expected = loss_and_grads(reference_linear_cross_entropy, *inputs, reduction="sum", z_loss=1e-3)
     for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_label_logps_trace_whole_under_compile():
+    hidden, weight, labels = loss_inputs()
+    upstream = torch.randn(labels.shape)
+    compiled = torch.compile(functools.partial(chunked_label_logps, chunk_tokens=32), backend="aot_eager",
+                             fullgraph=True)
+    got, expected = compiled(hidden, weight, labels), reference_label_logps(hidden, weight, labels)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    for g, e in zip(grads, torch.autograd.grad((expected * upstream).sum(), (hidden, weight))):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
@@ -185,6 +227,23 @@ def test_gpu_fused_loss_bf16(compiled):
     expected = loss_and_grads(reference_linear_cross_entropy, hidden, weight, labels, reduction="mean", z_loss=1e-4)
     for g, e in zip(got, expected):
         assert relative_error(g, e) < 1e-2
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("autocast", [False, True])  # bf16 weights, or fp32 weights under bf16 autocast
+def test_gpu_chunked_label_logps_bf16(autocast):
+    """The compiled chunk in bf16; under autocast, backward recomputes the logits in bf16 as forward did."""
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden, weight, labels = loss_inputs(rows=4, seq=300, dim=256, vocab=1000, dtype=dtype, device="cuda")
+    upstream = torch.randn(labels.shape, device="cuda")
+    results = []
+    for fn in (functools.partial(chunked_label_logps, chunk_tokens=256), reference_label_logps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logps = fn(hidden, weight, labels)
+        results.append((logps, *torch.autograd.grad((logps * upstream).sum(), (hidden, weight))))
+    for g, e in zip(*results):
+        assert g.dtype == e.dtype and relative_error(g, e) < 1e-2
 
 
 @pytest.mark.gpu

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from optrush.config.schema import DataConfig, DPOConfig
 from optrush.data.preference import PairLoader, build_preference_datasets, recipe_preference_pairs
@@ -168,3 +170,55 @@ def test_dpo_trains_end_to_end_through_the_cli(pairs, debug_overrides, tmp_path,
         # the first step's policy is the reference, so the (smoothed) sigmoid loss starts exactly at log 2
         assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
         assert (tmp_path / "run" / "reference_logps.pt").is_file() == ("dpo.reference=precomputed" in extra)
+
+
+class NewVocabTensors(TorchDispatchMode):
+    """Records the most elements of any float tensor an op allocates (not a view or an in-place result of its inputs)
+    whose last dimension is the vocabulary: logits, log-softmax and their gradients, in forward and backward."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[-1] == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def test_fused_loss_log_probs_equal_full_logits_and_never_hold_them(pairs):
+    """kernels.fused_loss=true: the same DPO loss and gradients (policy and copy reference chunked), and no
+    tensor of (tokens x vocab) anywhere in forward or backward; chunks of 7 do not divide the token count."""
+    from optrush.config.schema import Config, KernelsConfig
+    from optrush.objectives import build_objective
+
+    _, tok, train = pairs
+    # rows of 400 (not the vocabulary's 512), so that no (T x T) attention mask counts as a vocabulary block
+    batch = next(PairLoader(train[:6], strategy="bfd", rows=2, max_length=400, pad_id=tok.pad_token_id, seed=0,
+                            shared_prompt=True))
+    tokens, vocab, chunk = batch.input_ids.numel(), len(tok), 7
+    assert tokens % chunk and (batch.batch.labels == -100).any()
+    results = {}
+    for fused in (False, True):
+        model = build_model(get_preset("debug", vocab_size=vocab), seed=0)
+        cfg = Config(kernels=KernelsConfig(fused_loss=fused, loss_chunk_tokens=chunk))
+        objective = build_objective("dpo", cfg=cfg, model=model, tokenizer=tok, examples=train)
+        with torch.no_grad():  # a reference unlike the policy: non-zero log-ratios
+            for p in objective.reference.parameters():
+                p.mul_(1.05)
+        memory = NewVocabTensors(vocab)
+        with memory:
+            loss_sum, _ = objective(model, batch)
+            loss_sum.backward()
+        results[fused] = loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()}, memory.most
+    (loss, grads, most), (fused_loss, fused_grads, fused_most) = results[False], results[True]
+    assert abs(float(loss) - batch.num_pairs * math.log(2)) > 1e-3
+    torch.testing.assert_close(fused_loss, loss, atol=1e-6, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4)
+    assert most >= tokens * vocab  # the full-logits path does hold them: the counter sees them
+    assert fused_most == chunk * vocab  # one chunk of logits at a time (which the counter sees)

@@ -141,3 +141,23 @@ def test_grpo_with_lora_disabled_reference_and_reused_rollouts_trains(debug_over
     assert logged[1]["grad_norm"] > 0 and logged[1]["clip_fraction"] >= 0
     with pytest.raises(Exception, match="grpo.reference=lora_disabled"):
         load_config(None, [*debug_overrides, "objective=grpo", "data.packing=none", "grpo.reference=lora_disabled"])
+
+
+def test_fused_loss_log_probs_equal_full_logits(toy):
+    """chunk_tokens (kernels.fused_loss=true): the same loss, KL and gradients, policy and reference chunked."""
+    tok, batches = toy
+    results = []
+    for chunk_tokens in (None, 5):
+        model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)
+        reference = build_model(get_preset("debug", vocab_size=len(tok)), seed=1).requires_grad_(False)
+        objective = GRPO(cfg=GRPOConfig(group_size=4, max_new_tokens=5, kl_beta=0.1), tokenizer=tok,
+                         reference=reference, seed=0, rewards=[vowel_share], chunk_tokens=chunk_tokens)
+        loss_sum, metrics = objective(model, batches[0])
+        loss_sum.backward()
+        results.append((loss_sum.detach(), metrics["kl"], [p.grad for p in model.parameters()]))
+    (loss, kl, grads), (chunked_loss, chunked_kl, chunked_grads) = results
+    assert kl > 0.01 and objective.rollouts[0].batch.input_ids.numel() % 5  # a real KL; a ragged last chunk
+    torch.testing.assert_close(chunked_loss, loss, atol=1e-6, rtol=1e-5)
+    assert chunked_kl == pytest.approx(kl, rel=1e-5)
+    for chunked, full in zip(chunked_grads, grads):
+        torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-4)

@@ -6,6 +6,7 @@
   set with `Transformer.set_attention_backend`.
 - `kernels.fused_loss`, `kernels.loss_chunk_tokens`, `kernels.z_loss`: `model.loss_fn` becomes the chunked
   fused linear + cross-entropy (optrush.kernels.fused_loss); a z-loss without fusion uses the reference loss.
+  The DPO and GRPO objectives read the same switch for their per-token log-probs (`chunked_label_logps`).
 - `kernels.fused_ops`: compiled RMSNorm, RoPE and SwiGLU (optrush.kernels.ops).
 
 Every fused path has a plain reference with the same signature, and the tests compare the two in values and
@@ -20,12 +21,13 @@ from torch import nn
 
 from optrush.config.schema import Config
 from optrush.kernels.attention import BACKENDS, FLEX, VARLEN
-from optrush.kernels.fused_loss import fused_linear_cross_entropy, reference_linear_cross_entropy
+from optrush.kernels.fused_loss import (chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
+                                       reference_linear_cross_entropy)
 from optrush.kernels.ops import apply_fused_ops
 from optrush.models.llama import Transformer
 
-__all__ = ["FLEX", "VARLEN", "apply_fused_ops", "apply_kernels", "fused_linear_cross_entropy",
-           "reference_linear_cross_entropy"]
+__all__ = ["FLEX", "VARLEN", "apply_fused_ops", "apply_kernels", "chunked_label_logps",
+           "fused_linear_cross_entropy", "reference_label_logps", "reference_linear_cross_entropy"]
 
 
 def apply_kernels(model: nn.Module, cfg: Config) -> nn.Module:

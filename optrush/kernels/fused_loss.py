@@ -2,6 +2,7 @@
 
     loss = fused_linear_cross_entropy(hidden, model.output.weight, labels, reduction="sum", chunk_tokens=4096)
     model.loss_fn = functools.partial(fused_linear_cross_entropy, chunk_tokens=4096, z_loss=1e-4)
+    logps = chunked_label_logps(hidden, model.output.weight, labels, chunk_tokens=4096)   # per token, for DPO/GRPO
 
 For a Llama-3 vocabulary (128,256) the full fp32 logits of 8,192 tokens take 4 GiB, and a naive forward+backward
 holds several copies of them (12.85 GiB measured on an H100, /work/shared/gpu/NOTES.md). Here the rows are processed
@@ -14,6 +15,11 @@ buffers plus one fp32 copy of `weight`'s gradient. The same idea as Liger's fuse
 Semantics match `optrush.models.layers.linear_cross_entropy` (aligned labels, IGNORE_INDEX rows skipped, the
 logits matmul in the working dtype, softmax and loss in fp32), plus an optional z-loss
 `z_loss * logsumexp(logits)**2` per trained token (PaLM, https://arxiv.org/abs/2204.02311), added to the loss.
+
+`chunked_label_logps` returns every token's log p(label) instead of a sum (what preference and RL objectives
+read). Its incoming gradient differs per token and is unknown in the forward pass, so it cannot precompute the
+gradients; it keeps nothing chunk-sized either, and backward recomputes each chunk's logits (one extra head matmul
+per chunk). Both functions run the same chunked core, `_chunked`.
 """
 from __future__ import annotations
 
@@ -60,31 +66,39 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, l
     return loss / trained.sum() if reduction == "mean" else loss
 
 
+def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                        chunk_tokens: int = 4096) -> torch.Tensor:
+    """fp32 log-probability of each label (...) under the softmax of `hidden` (..., D) projected by `weight`
+    (V, D); 0 where the label is IGNORE_INDEX. At most a few (chunk x vocab) blocks live at a time, forward and
+    backward; backward recomputes each chunk's logits, as the incoming gradient differs per token."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1 (kernels.loss_chunk_tokens)")
+    logps = _ChunkedLabelLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                     chunk_tokens)
+    return logps.view(labels.shape)
+
+
+def reference_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path with the same signature: full fp32 logits and log-softmax."""
+    logps = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+    logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != IGNORE_INDEX, logps, 0.0)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed loss over (N, D) rows; forward also computes both gradients, backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                 z_loss: float, need_hidden_grad: bool, need_weight_grad: bool) -> torch.Tensor:
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        # fp32 accumulator: summing many bf16 chunk products in bf16 would lose the small ones
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_weight_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            rows = hidden[start:start + chunk_tokens]
-            chunk = _chunk_compiled if hidden.is_cuda else _chunk
-            chunk_loss, grad_logits = chunk(rows, weight, labels[start:start + chunk_tokens], z_loss=z_loss,
-                                            need_grad=need_hidden_grad or need_weight_grad)
-            loss = loss + chunk_loss
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.add_(grad_logits.t() @ rows)  # promotes in the kernel: no fp32 copy of the product
-        # Keep it in the parameter's dtype (what autograd would hand over anyway): with bf16 weights this halves
-        # what stays allocated through the model's backward pass.
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        return loss
+        need_grad = need_hidden_grad or need_weight_grad
+        ones = torch.ones(hidden.shape[0], device=hidden.device) if need_grad else None
+        losses, grad_hidden, grad_weight = _chunked(hidden, weight, labels, chunk_tokens=chunk_tokens,
+                                                    z_loss=z_loss, grad_scale=ones,
+                                                    need_hidden_grad=need_hidden_grad,
+                                                    need_weight_grad=need_weight_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -96,9 +110,62 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """(N,) label log-probs of (N, D) rows; backward recomputes each chunk's logits, under the autocast state
+    of the forward pass (autograd runs backward outside any autocast region)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        losses, _, _ = _chunked(hidden, weight, labels, chunk_tokens=chunk_tokens, z_loss=0.0, grad_scale=None,
+                                need_hidden_grad=False, need_weight_grad=False)
+        ctx.save_for_backward(hidden, weight, labels)
+        device = hidden.device.type
+        ctx.chunk_tokens, ctx.device = chunk_tokens, device
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return -losses
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+            _, grad_hidden, grad_weight = _chunked(hidden, weight, labels, chunk_tokens=ctx.chunk_tokens,
+                                                   z_loss=0.0, grad_scale=-grad_logps.float(),
+                                                   need_hidden_grad=ctx.needs_input_grad[0],
+                                                   need_weight_grad=ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None
+
+
+def _chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int,
+             z_loss: float, grad_scale: torch.Tensor | None, need_hidden_grad: bool, need_weight_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The core both losses share: (N,) fp32 per-token losses (0 where untrained) of (N, D) rows, and, where
+    asked, the gradients of sum(grad_scale * losses) with respect to `hidden` and `weight` (in their dtypes)."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+    # fp32 accumulator: summing many bf16 chunk products in bf16 would lose the small ones
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        if need_weight_grad else None
+    chunk = _chunk_compiled if hidden.is_cuda else _chunk
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        rows = hidden[start:end]
+        scale = grad_scale[start:end] if need_hidden_grad or need_weight_grad else None
+        losses[start:end], grad_logits = chunk(rows, weight, labels[start:end], z_loss=z_loss, grad_scale=scale)
+        if grad_hidden is not None:
+            grad_hidden[start:end] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight.add_(grad_logits.t() @ rows)  # promotes in the kernel: no fp32 copy of the product
+    # Keep it in the parameter's dtype (what autograd would hand over anyway): with bf16 weights this halves
+    # what stays allocated through the model's backward pass.
+    return losses, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, z_loss: float,
-           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed loss of these rows, d loss / d logits in the working dtype or None)."""
+           grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-token losses of these rows, 0 where untrained; d sum(grad_scale * losses) / d logits in the working
+    dtype, or None when `grad_scale` is None)."""
     logits = F.linear(hidden, weight)
     work_dtype = logits.dtype  # the weights' dtype, or bf16 under autocast
     logits = logits.float()
@@ -113,14 +180,14 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, 
     per_token = lse - target_logit
     if z_loss:
         per_token = per_token + z_loss * lse.square()
-    loss = torch.where(trained, per_token, 0.0).sum()
-    if not need_grad:
-        return loss, None
+    losses = torch.where(trained, per_token, 0.0)
+    if grad_scale is None:
+        return losses, None
     # d/dlogits of (lse - logit[y] + z * lse^2) = softmax * (1 + 2 z lse) - onehot(y), built in the same buffer
     grad = exp.mul_(((1 + 2 * z_loss * lse) / total)[:, None])
     grad.scatter_add_(1, targets[:, None], torch.full_like(target_logit[:, None], -1.0))
-    grad.mul_(trained[:, None])
-    return loss, grad.to(work_dtype)
+    grad.mul_(torch.where(trained, grad_scale, 0.0)[:, None])
+    return losses, grad.to(work_dtype)
 
 
 # One fused kernel for the element-wise work over each (chunk x vocab) block instead of about ten passes over it

@@ -11,7 +11,8 @@ checkpoint must keep for an exact resume: GRPO's rollouts and sampling generator
 Alignment objectives are built from the starting model *before* the loop's optimizations: `reward` puts a scalar
 head on it, `dpo` and `grpo` keep a frozen copy as reference (or, for `dpo.reference=precomputed`, its log-probs
 of `examples`, cached on disk; for `dpo.reference=lora_disabled`, nothing: the reference is the trained model
-with its adapters switched off).
+with its adapters switched off). `kernels.fused_loss=true` makes DPO and GRPO compute their log-probs chunk by
+chunk, never holding the full logits (optrush.objectives.logps).
 """
 from __future__ import annotations
 
@@ -33,26 +34,33 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
+def logps_chunk_tokens(cfg) -> int | None:
+    """Chunk size of the log-probs' output head: kernels.loss_chunk_tokens under kernels.fused_loss, else None
+    (full logits)."""
+    return cfg.kernels.loss_chunk_tokens if cfg.kernels.fused_loss else None
+
+
 def build_reward(*, cfg, model, tokenizer, examples) -> RewardModel:
     apply_reward_head(model)
     return RewardModel(margin=cfg.reward.margin)
 
 
 def build_dpo(*, cfg, model, tokenizer, examples) -> DPO:
+    chunk_tokens = logps_chunk_tokens(cfg)
     if cfg.dpo.loss in REFERENCE_FREE or cfg.dpo.reference == "lora_disabled":
-        return DPO(cfg=cfg.dpo)
+        return DPO(cfg=cfg.dpo, chunk_tokens=chunk_tokens)
     if cfg.dpo.reference == "precomputed":
         table = precompute_reference_logps(model, list(examples), cache=Path(cfg.output_dir) / "reference_logps.pt",
                                            pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length,
-                                           rows=cfg.train.micro_batch_size)
-        return DPO(cfg=cfg.dpo, reference_logps=table)
-    return DPO(cfg=cfg.dpo, reference=frozen_copy(model))
+                                           rows=cfg.train.micro_batch_size, chunk_tokens=chunk_tokens)
+        return DPO(cfg=cfg.dpo, reference_logps=table, chunk_tokens=chunk_tokens)
+    return DPO(cfg=cfg.dpo, reference=frozen_copy(model), chunk_tokens=chunk_tokens)
 
 
 def build_grpo(*, cfg, model, tokenizer, examples) -> GRPO:
     reference = frozen_copy(model) if cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "copy" else None
     return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed,
-                micro_batches=cfg.train.grad_accum)
+                micro_batches=cfg.train.grad_accum, chunk_tokens=logps_chunk_tokens(cfg))
 
 
 OBJECTIVES = {"reward": build_reward, "dpo": build_dpo, "grpo": build_grpo}

@@ -37,16 +37,10 @@ from optrush.config.schema import DPOConfig
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.preference import PairBatch, PairLoader, PreferencePair
 from optrush.models.layers import AttentionBackend, sdpa_attention
+from optrush.objectives.logps import chunked_logps_head, token_logps
 from optrush.peft.lora import adapters_disabled
 
 REFERENCE_FREE = ("simpo", "orpo")
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) fp32 log-prob of each target token; 0 where the label is IGNORE_INDEX."""
-    trained = labels != IGNORE_INDEX
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * trained
 
 
 def shared_prompt_mask(segments: torch.Tensor, *, seq_len: int, sliding_window: int | None = None,
@@ -70,25 +64,31 @@ SHARED_PROMPT_SDPA = AttentionBackend(name="sdpa_shared_prompt", build_mask=shar
 is the same predicate as a mask_mod (not built yet: it needs the kernels' flex backend)."""
 
 
-def pair_forward(model: nn.Module, pairs: PairBatch) -> torch.Tensor:
-    """The model's output (logits, or rewards with a reward head) for every position of a pair micro-batch."""
+def pair_forward(model: nn.Module, pairs: PairBatch, *, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's output (logits, or rewards with a reward head; with `labels`, its `loss_fn` of them) for
+    every position of a pair micro-batch."""
     b = pairs.batch
     if pairs.branch_ids is None:
-        return model(b.input_ids, position_ids=b.position_ids, document_ids=b.document_ids)
+        return model(b.input_ids, position_ids=b.position_ids, document_ids=b.document_ids, labels=labels)
     backend = model.attention_backend
     model.set_attention_backend(SHARED_PROMPT_SDPA)
     try:
         segments = torch.stack([b.document_ids.long(), pairs.branch_ids], dim=-1)
-        return model(b.input_ids, position_ids=b.position_ids, document_ids=segments)
+        return model(b.input_ids, position_ids=b.position_ids, document_ids=segments, labels=labels)
     finally:
         model.set_attention_backend(backend)
 
 
-def sequence_logps(model: nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed completion log-probs (2P,), completion token counts (2P,)) of the micro-batch's sequences."""
+def sequence_logps(model: nn.Module, pairs: PairBatch, *,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs (2P,), completion token counts (2P,)) of the micro-batch's sequences, from
+    the full logits or (`chunk_tokens`, see optrush.objectives.logps) chunk by chunk."""
     b = pairs.batch
-    logits = pair_forward(model, pairs)
-    per_token = token_logps(logits, b.labels).flatten()
+    if chunk_tokens is None:
+        per_token = token_logps(pair_forward(model, pairs), b.labels).flatten()
+    else:
+        with chunked_logps_head(model, chunk_tokens=chunk_tokens):
+            per_token = pair_forward(model, pairs, labels=b.labels).flatten()
     sequence = pairs.sequence_ids.clamp(min=0).flatten()  # padding adds 0 (its label is ignored)
     n = 2 * pairs.num_pairs
     logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
@@ -131,16 +131,18 @@ def preference_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor
 class DPO:
     """`(model, pairs) -> (summed preference loss, metrics)`; one unit per pair. The reference is a frozen
     `reference` model, a `reference_logps` table, or (`cfg.reference == "lora_disabled"`, neither given) the
-    policy with its adapters disabled."""
+    policy with its adapters disabled. `chunk_tokens` (kernels.loss_chunk_tokens when kernels.fused_loss) computes
+    the policy's and the reference's log-probs without the full logits."""
 
     def __init__(self, *, cfg: DPOConfig, reference: nn.Module | None = None,
-                 reference_logps: torch.Tensor | None = None):
+                 reference_logps: torch.Tensor | None = None, chunk_tokens: int | None = None):
         given = (reference is not None) + (reference_logps is not None)
         needed = 0 if cfg.loss in REFERENCE_FREE or cfg.reference == "lora_disabled" else 1
         if given != needed:
             raise ValueError(f"dpo.loss={cfg.loss}, dpo.reference={cfg.reference} needs "
                              f"{'no' if needed == 0 else 'exactly one'} reference model or reference log-probs")
         self.cfg, self.reference, self.reference_logps = cfg, reference, reference_logps
+        self.chunk_tokens = chunk_tokens
         self.totals: Counter = Counter()
 
     def units(self, pairs: PairBatch) -> int:
@@ -154,12 +156,12 @@ class DPO:
             return self.reference_logps[pairs.pair_index.cpu()].flatten().to(pairs.input_ids.device)
         with torch.no_grad():
             if self.reference is not None:
-                return sequence_logps(self.reference, pairs)[0]
+                return sequence_logps(self.reference, pairs, chunk_tokens=self.chunk_tokens)[0]
             with adapters_disabled(model):
-                return sequence_logps(model, pairs)[0]
+                return sequence_logps(model, pairs, chunk_tokens=self.chunk_tokens)[0]
 
     def __call__(self, model: nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, counts = sequence_logps(model, pairs)
+        logps, counts = sequence_logps(model, pairs, chunk_tokens=self.chunk_tokens)
         ref = self.reference_of(model, pairs)
         losses, chosen_rewards, rejected_rewards = preference_losses(
             self.cfg.loss, chosen=logps[0::2], rejected=logps[1::2], chosen_tokens=counts[0::2],
@@ -200,7 +202,7 @@ def pairs_fingerprint(pairs: list[PreferencePair]) -> int:
 
 @torch.no_grad()
 def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *, cache: str | Path, pad_id: int,
-                               max_length: int, rows: int) -> torch.Tensor:
+                               max_length: int, rows: int, chunk_tokens: int | None = None) -> torch.Tensor:
     """(N, 2) CPU fp32 summed log-probs of every pair's chosen and rejected completion under `model`, indexed by
     `PreferencePair.index`. Read from `cache` when it was written for the same pairs and the same weights,
     else computed (packed, in index order) and written there."""
@@ -219,7 +221,7 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
     model.eval()
     for _ in range(loader.batches_per_epoch):
         batch = next(loader).to(device)
-        logps, _ = sequence_logps(model, batch)
+        logps, _ = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
         table[batch.pair_index.cpu()] = logps.view(-1, 2).float().cpu()
     model.train(was_training)
     cache.parent.mkdir(parents=True, exist_ok=True)

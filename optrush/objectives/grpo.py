@@ -22,7 +22,9 @@ sampling generator are `state_dict()`, so a resumed run continues exactly. In ev
 completions are sampled fresh from a generator seeded with `seed`, leaving the training state untouched.
 
 The reference is a frozen copy of the starting model, or (`grpo.reference=lora_disabled`, LoRA/DoRA runs) the
-trained model with its adapters switched off; its log-probs are computed once per rollout.
+trained model with its adapters switched off; its log-probs are computed once per rollout. With `chunk_tokens`
+(kernels.loss_chunk_tokens when kernels.fused_loss) every log-prob is computed without the full logits
+(optrush.objectives.logps).
 
 A reward function is `fn(prompts: list[str], completions: list[str]) -> list[float]`, named in config as
 `module:function`; `recipe_format_reward` scores the recipe template (optrush.data.recipes).
@@ -41,7 +43,7 @@ from torch import nn
 from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.generate.decode import generate_batch
-from optrush.objectives.dpo import token_logps
+from optrush.objectives.logps import label_logps
 from optrush.peft.lora import adapters_disabled
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -125,13 +127,13 @@ class Rollout:
 
 class GRPO:
     def __init__(self, *, cfg: GRPOConfig, tokenizer, reference: nn.Module | None, seed: int = 0,
-                 micro_batches: int = 1, rewards: list[RewardFn] | None = None):
+                 micro_batches: int = 1, rewards: list[RewardFn] | None = None, chunk_tokens: int | None = None):
         if cfg.kl_beta > 0 and (reference is None) != (cfg.reference == "lora_disabled"):
             raise ValueError(f"grpo.kl_beta={cfg.kl_beta} with grpo.reference={cfg.reference}: give a reference "
                              "model for `copy` and none for `lora_disabled`")
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
         self.rewards = rewards if rewards is not None else [import_reward(name) for name in cfg.rewards]
-        self.seed, self.micro_batches = seed, micro_batches
+        self.seed, self.micro_batches, self.chunk_tokens = seed, micro_batches, chunk_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0
         """Training calls so far: call c trains micro-batch slot c % micro_batches of update
@@ -178,10 +180,10 @@ class GRPO:
         reference = None
         if self.cfg.kl_beta > 0:
             if self.reference is not None:
-                reference = token_logps(self.reference(rows.input_ids), rows.labels)
+                reference = self.logps(self.reference, rows)
             else:
                 with adapters_disabled(model):
-                    reference = token_logps(model(rows.input_ids), rows.labels)
+                    reference = self.logps(model, rows)
         return Rollout(batch=rows, advantages=group_advantages(rewards, k).to(device), rewards=rewards,
                        reference=reference)
 
@@ -189,7 +191,7 @@ class GRPO:
         """(summed per-completion loss, metric sums) of one update on `rollout`; the first update stores the
         sampling policy's log-probs in it."""
         rows = rollout.batch
-        logps = token_logps(model(rows.input_ids), rows.labels)
+        logps = self.logps(model, rows)
         if rollout.old_logps is None:
             rollout.old_logps = logps.detach()
         trained = (rows.labels != IGNORE_INDEX).float()
@@ -209,6 +211,10 @@ class GRPO:
         return loss_sum, {"completions": len(lengths), "reward": float(rollout.rewards.sum()),
                           "kl": float(((kl.detach() * trained).sum(dim=1) / lengths).sum()),
                           "completion_tokens": float(lengths.sum()), "clipped": float(binds.sum())}
+
+    def logps(self, model: nn.Module, rows: Batch) -> torch.Tensor:
+        """(N, T) token log-probs of the completions under `model`."""
+        return label_logps(model, rows.input_ids, rows.labels, chunk_tokens=self.chunk_tokens)
 
     def pop_metrics(self) -> dict[str, float]:
         """Mean reward, KL to the reference, completion length and the share of tokens whose ratio the clip
