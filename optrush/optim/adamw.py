@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from optrush.optim.bf16 import MixedDtypeOptimizer, state_buffer, write_param_
+from optrush.optim.bf16 import MixedDtypeOptimizer, state_buffer
 
 
 def adamw_new_value(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float],
@@ -39,19 +39,8 @@ class AdamW(MixedDtypeOptimizer):
     def __init__(self, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, state_dtype: torch.dtype | None = None, bf16_update: str = "plain"):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-        self.state_dtype = state_dtype
-        self.bf16_update = bf16_update
+        super().__init__(params, defaults, state_dtype=state_dtype, bf16_update=bf16_update)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                new = adamw_new_value(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                      weight_decay=group["weight_decay"], state_dtype=self.state_dtype)
-                write_param_(p, new, state, rule=self.bf16_update)
-        return loss
+    def new_value(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        return adamw_new_value(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                               weight_decay=group["weight_decay"], state_dtype=self.state_dtype)

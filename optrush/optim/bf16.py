@@ -59,9 +59,28 @@ def state_buffer(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 class MixedDtypeOptimizer(torch.optim.Optimizer):
-    """Base of optrush's own optimizers: `load_state_dict` keeps every state tensor in the dtype it was saved in.
-    torch's casts floating-point state to the parameter's dtype, which would turn the fp32 moments of bf16 weights
-    into bf16 (and bf16 moments of fp32 weights into fp32) on resume."""
+    """Base of optrush's own optimizers: state buffers in `state_dtype` (None: the parameter's), the new weight
+    computed in fp32 by `new_value` and written back under the `bf16_update` rule. `load_state_dict` keeps every
+    state tensor in the dtype it was saved in: torch's casts floating-point state to the parameter's dtype, which
+    would turn the fp32 moments of bf16 weights into bf16 (and bf16 moments of fp32 weights into fp32) on resume."""
+
+    def __init__(self, params, defaults: dict, *, state_dtype: torch.dtype | None, bf16_update: str):
+        super().__init__(params, defaults)
+        self.state_dtype = state_dtype
+        self.bf16_update = bf16_update
+
+    def new_value(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Advance `state` by one step for `p` (whose .grad is set) and return the new weight in fp32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    write_param_(p, self.new_value(p, self.state[p], group), self.state[p], rule=self.bf16_update)
+        return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -22,12 +22,12 @@ from optrush.optim.bf16 import MixedDtypeOptimizer, state_buffer, write_param_
 class Lion(MixedDtypeOptimizer):
     def __init__(self, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  state_dtype: torch.dtype | None = None, bf16_update: str = "plain"):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
-        self.state_dtype = state_dtype
-        self.bf16_update = bf16_update
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay},
+                         state_dtype=state_dtype, bf16_update=bf16_update)
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Multi-tensor over each group (rather than the base class's one parameter at a time)."""
         loss = None if closure is None else torch.enable_grad()(closure)()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from optrush.optim.adamw import adamw_new_value
-from optrush.optim.bf16 import MixedDtypeOptimizer, state_buffer, write_param_
+from optrush.optim.bf16 import MixedDtypeOptimizer, state_buffer
 
 # Coefficients of the quintic iteration tuned to push singular values into about [0.7, 1.2] in five steps
 # (Jordan et al.): faster than converging exactly to 1, and the spread does not hurt training.
@@ -62,25 +62,13 @@ class Muon(MixedDtypeOptimizer):
                  state_dtype: torch.dtype | None = None, bf16_update: str = "plain"):
         defaults = {"lr": lr, "momentum": momentum, "ns_steps": ns_steps, "betas": tuple(betas), "eps": eps,
                     "weight_decay": weight_decay, "muon": False}
-        super().__init__(params, defaults)
-        self.state_dtype = state_dtype
-        self.bf16_update = bf16_update
+        super().__init__(params, defaults, state_dtype=state_dtype, bf16_update=bf16_update)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None if closure is None else torch.enable_grad()(closure)()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["muon"]:
-                    new = self.muon_new_value(p, state, group)
-                else:
-                    new = adamw_new_value(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                          weight_decay=group["weight_decay"], state_dtype=self.state_dtype)
-                write_param_(p, new, state, rule=self.bf16_update)
-        return loss
+    def new_value(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        if group["muon"]:
+            return self.muon_new_value(p, state, group)
+        return adamw_new_value(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                               weight_decay=group["weight_decay"], state_dtype=self.state_dtype)
 
     def muon_new_value(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         """Nesterov momentum, orthogonalised, RMS-matched to AdamW; returns the new weight in fp32."""

@@ -29,9 +29,7 @@ class ScheduleFreeAdamW(MixedDtypeOptimizer):
                  weight_decay: float = 0.0, state_dtype: torch.dtype | None = None, bf16_update: str = "plain"):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "k": 0, "lr_max": 0.0,
                     "weight_sum": 0.0}
-        super().__init__(params, defaults)
-        self.state_dtype = state_dtype
-        self.bf16_update = bf16_update
+        super().__init__(params, defaults, state_dtype=state_dtype, bf16_update=bf16_update)
         self.training = True
         self.train_weights: dict[torch.Tensor, torch.Tensor] = {}
         """y of every parameter while in eval mode (never saved: checkpoints are taken in train mode)."""
