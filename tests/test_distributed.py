@@ -198,3 +198,20 @@ def test_context_parallel_on_two_ranks_equals_one_process(overrides, tmp_path):
         assert torch.allclose(a, b, rtol=0, atol=1e-4), name
     with pytest.raises(ConfigError, match="parallel.strategy=ddp"):
         load_config(None, common + ["context.degree=2"])
+
+
+def test_dpo_under_fsdp_equals_one_process(overrides, recipe_corpus, tmp_path):
+    """A pairwise objective: units are pairs, counted over both ranks; the frozen-copy reference stays unsharded."""
+    from optrush.data.preference import recipe_preference_pairs
+
+    records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
+               for r in recipe_corpus[1][:40]]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in recipe_preference_pairs(records, seed=0)))
+    common = [o for o in overrides if not o.startswith(("data.path", "data.format", "objective", "data.max_length"))]
+    common += [f"data.path={pairs}", "data.format=preference", "objective=dpo", "data.max_length=256",
+               "train.max_steps=2", "checkpoint.every=0", "train.lr=1e-3"]
+    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp"], world=2)
+    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    assert logged(tmp_path / "fsdp", "trained_tokens") == logged(tmp_path / "single", "trained_tokens")
