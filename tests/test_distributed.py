@@ -7,6 +7,7 @@ accumulation (the same global batch), and resumes of the FSDP run's step-2 check
 and at world 2 under DDP (ranks forked from this process, which has torch imported already).
 """
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -215,3 +216,13 @@ def test_dpo_under_fsdp_equals_one_process(overrides, recipe_corpus, tmp_path):
     single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
     assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
     assert logged(tmp_path / "fsdp", "trained_tokens") == logged(tmp_path / "single", "trained_tokens")
+
+
+def test_grpo_trains_under_ddp_with_a_sampling_seed_per_rank(overrides, tmp_path):
+    common = overrides + ["objective=grpo", "data.packing=none", "grpo.group_size=2", "grpo.max_new_tokens=4",
+                          "train.max_steps=2", "checkpoint.every=0", "train.micro_batch_size=1",
+                          "grpo.rewards=[test_objectives_grpo:vowel_share]", "checkpoint.save_final=false"]
+    run_ranks(common + [f"output_dir={tmp_path}", "parallel.strategy=ddp"], world=2)
+    losses = logged(tmp_path)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert logged(tmp_path, "grad_norm")[0] > 0

@@ -26,6 +26,7 @@ from optrush.objectives.causal_lm import CausalLM
 from optrush.objectives.dpo import DPO, REFERENCE_FREE, precompute_reference_logps
 from optrush.objectives.grpo import GRPO
 from optrush.objectives.reward import RewardModel, apply_reward_head
+from optrush.parallel.distributed import rank
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -59,7 +60,8 @@ def build_dpo(*, cfg, model, tokenizer, examples) -> DPO:
 
 def build_grpo(*, cfg, model, tokenizer, examples) -> GRPO:
     reference = frozen_copy(model) if cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "copy" else None
-    return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed,
+    # each data-parallel rank draws its own completions (rank 0 of a single process: train.seed itself)
+    return GRPO(cfg=cfg.grpo, tokenizer=tokenizer, reference=reference, seed=cfg.train.seed + rank(),
                 micro_batches=cfg.train.grad_accum, chunk_tokens=logps_chunk_tokens(cfg))
 
 
