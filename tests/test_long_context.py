@@ -204,7 +204,8 @@ def test_set_rope_extends_the_tables_and_bakes_dynamic_ntk_into_theta():
 def test_long_context_config_is_validated():
     cfg = load_config(None, ["model.preset=debug", "model.rope_scaling={rope_type: yarn, factor: 4.0, "
                              "original_max_position_embeddings: 4096}", "model.max_seq_len=16384",
-                             "activations.mlp_chunk_tokens=4096", "context.degree=2", "data.packing=none"],
+                             "activations.mlp_chunk_tokens=4096", "context.degree=2", "data.packing=none",
+                             "parallel.strategy=ddp"],
                       synthetic_data=True)
     assert cfg.model.rope_scaling["factor"] == 4.0 and cfg.context.layout == "zigzag"
     with pytest.raises(ConfigError, match="model.rope_scaling .rope_type llama3. needs low_freq_factor"):
