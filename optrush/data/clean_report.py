@@ -19,9 +19,8 @@ import numpy as np
 
 from optrush.config.schema import DataConfig
 from optrush.data.clean import Cleaner, CleanReport, rules_from_config, token_lengths
-from optrush.data.dataset import numbered_records
 from optrush.data.reader import DataError
-from optrush.data.sources import decode_json_columns
+from optrush.data.sources import decode_json_columns, iter_records
 from optrush.data.recipes import write_jsonl
 
 
@@ -36,7 +35,7 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
     out.mkdir(parents=True, exist_ok=True)
 
     def records() -> Iterator[dict]:
-        return (record for _, record in decode_json_columns(numbered_records(cfg.path), cfg.json_columns))
+        return (record for _, record in decode_json_columns(iter_records(cfg.path), cfg.json_columns))
 
     stream = records()
     before = np.asarray([n for chunk in iter(lambda: list(islice(stream, 4096)), [])

@@ -265,16 +265,6 @@ def bounded_map(pool: Executor, fn, items, *, ahead: int) -> Iterator:
         yield pending.popleft().result()
 
 
-def numbered_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every record of a data source (`optrush.data.sources.iter_records`)."""
-    return iter_records(path)
-
-
-def encode_file(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally) -> Iterator[Example]:
-    """Stream the examples of one data file, counting records, drops and truncations into `tally`."""
-    yield from encode_records(iter_records(path), cfg=cfg, tokenizer=tokenizer, tally=tally)
-
-
 def encode_records(numbered, *, cfg: DataConfig, tokenizer, tally: Tally,
                    rejects: Rejects | None = None) -> Iterator[Example]:
     """Examples of (where, record) pairs, tokenized in chunks; counts into `tally`. With `rejects`, a record that

@@ -91,7 +91,8 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
     """Perplexity of checkpoint `ckpt` (or of `base` + `adapter`, see optrush.generate.load) on `data` plus
     `samples` generated continuations and their metrics."""
     from optrush.config import load_config
-    from optrush.data.dataset import build_datasets, numbered_records
+    from optrush.data.dataset import build_datasets
+    from optrush.data.sources import iter_records
     from optrush.data.formats import render
     from optrush.generate.decode import generate_texts
     from optrush.generate.load import load_for_generation, resolve
@@ -106,7 +107,7 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
     name = str(model_dir) if adapter_dir is None else f"{model_dir} + adapter {adapter_dir}"
     report = {"checkpoint": name, "data": str(data), "examples": len(examples), **perplexity(model, examples)}
     prompts = []
-    for where, record in numbered_records(data):
+    for where, record in iter_records(data):
         if len(prompts) == samples:
             break
         prompts.append(render(record, cfg=cfg, where=where)[0])
