@@ -226,3 +226,17 @@ def test_grpo_trains_under_ddp_with_a_sampling_seed_per_rank(overrides, tmp_path
     losses = logged(tmp_path)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert logged(tmp_path, "grad_norm")[0] > 0
+
+
+def test_qlora_under_ddp_equals_one_process_and_resumes(overrides, tmp_path):
+    """QLoRA (NF4 base, replicated on every rank) under DDP: the same losses as one process, and its DCP checkpoint
+    resumes in one process with the same continuation."""
+    common = overrides + ["peft.method=lora", "peft.r=4", "peft.quantize=nf4", "peft.save=adapter"]
+    run_ranks(common + [f"output_dir={tmp_path / 'ddp'}", "parallel.strategy=ddp"], world=2)
+    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    assert logged(tmp_path / "ddp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    checkpoint = tmp_path / "ddp" / "checkpoints" / "step_00000002"
+    resumed = train(load_config(None, common + [f"output_dir={tmp_path / 'resumed'}", "train.grad_accum=2",
+                                                f"checkpoint.resume={checkpoint}"]))
+    assert resumed["losses"] == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    assert (tmp_path / "ddp" / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -406,10 +406,10 @@ def peft_problems(cfg: Config) -> list[str]:
     if p.quantize != "none" and p.method not in ("lora", "dora"):
         problems.append(f"peft.quantize={p.quantize} quantizes a frozen base under LoRA adapters (QLoRA): set "
                         f"peft.method=lora or dora (got {p.method}), or peft.quantize=none")
-    if p.quantize != "none" and cfg.parallel.strategy != "none":
+    if p.quantize != "none" and cfg.parallel.strategy in ("fsdp", "hsdp"):
         problems.append(f"peft.quantize={p.quantize} with parallel.strategy={cfg.parallel.strategy} is not supported "
-                        "yet (quantized weights are buffers that data parallelism would replicate or broadcast): "
-                        "use parallel.strategy=none")
+                        "yet: the quantized base weights are buffers, which FSDP2 does not shard; use "
+                        "parallel.strategy=ddp (each GPU holds the whole quantized base)")
     if p.method == "prompt_tuning":
         return problems + prompt_tuning_problems(cfg)
     if p.method == "none":

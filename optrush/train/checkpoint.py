@@ -50,6 +50,9 @@ Extras = dict[str, Any] | None
 DCP_DIR = "dcp"
 # frozen weights (a LoRA run's base) are rebuilt from the config on resume, as in single-process checkpoints
 DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# loading into a model with frozen weights (LoRA's base): those keys are absent by design; every trainable one is
+# still required, because dcp.load fills the dict built from the live model's trainable tensors
+DCP_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 @dataclass
@@ -228,7 +231,7 @@ def restore_distributed(path: Path, *, model, optimizer, scheduler, loader, extr
     state = {"model": get_model_state_dict(model, options=DCP_OPTIONS),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)}
     dcp.load(state, checkpoint_id=path / DCP_DIR)
-    set_model_state_dict(model, state["model"], options=DCP_OPTIONS)
+    set_model_state_dict(model, state["model"], options=DCP_LOAD_OPTIONS)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=DCP_OPTIONS)
     shared = load_trainer_state(path)
     scheduler.load_state_dict(shared["scheduler"])
