@@ -78,7 +78,8 @@ def test_mfu_and_peaks(monkeypatch):
     assert device_peak_flops(torch.device("cpu"), torch.bfloat16) is None
     cases = [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12), ("NVIDIA H200", torch.float32, 494e12),
              ("NVIDIA H100 PCIe", torch.float16, 756e12), ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
-             ("NVIDIA L4", torch.bfloat16, None), ("NVIDIA H100 80GB HBM3", torch.float64, None)]
+             ("NVIDIA L4", torch.bfloat16, 121e12), ("Tesla T4", torch.bfloat16, None),
+             ("NVIDIA H100 80GB HBM3", torch.float64, None)]
     for name, dtype, peak in cases:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert device_peak_flops(torch.device("cuda", 0), dtype) == peak, name

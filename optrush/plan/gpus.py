@@ -5,8 +5,8 @@
 
 `memory_gib` is what `torch.cuda.get_device_properties(i).total_memory` reports (GiB), not the marketing GB.
 FLOP/s are dense (no 2:4 sparsity) tensor-core peaks; `fp8_flops` is None where the GPU has no FP8 tensor cores.
-The bf16/TF32 peaks of H100, H200 and A100 are those of `optrush.train.metrics.PEAK_FLOPS` (a test keeps them
-equal), so predicted and measured MFU share one denominator.
+The training loop's MFU reads its peaks from this table too (`optrush.train.metrics.peak_flops_of`), so predicted
+and measured MFU share one denominator.
 """
 from __future__ import annotations
 

@@ -32,29 +32,23 @@ from rich.table import Table
 
 from optrush.config.schema import LoggingConfig
 
-# Dense (no sparsity) peak tensor-core FLOP/s per GPU from NVIDIA's datasheets: (bf16/fp16, tf32). The first name
-# contained in `torch.cuda.get_device_name()` wins, so the PCIe H100 must come before the generic H100 (SXM).
-PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "H100 PCIe": (756e12, 378e12),
-    "H100": (989e12, 494e12),
-    "H200": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-}
-
-
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak dense matmul FLOP/s of `device` for `dtype` compute, or None when unknown (CPU, unlisted GPUs).
-    float32 maps to the TF32 peak: optrush runs fp32 matmuls as TF32 unless `precision.tf32=false`."""
+    """Peak dense matmul FLOP/s of `device` for `dtype` compute, or None when unknown (CPU, unlisted GPUs)."""
     if device.type != "cuda":
         return None
-    column = {torch.bfloat16: 0, torch.float16: 0, torch.float32: 1}.get(dtype)
-    if column is None:
+    return peak_flops_of(torch.cuda.get_device_name(device), dtype)
+
+
+def peak_flops_of(device_name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak of the GPU called `device_name` (as torch names it) from the planner's datasheet table
+    (optrush.plan.gpus), so measured and predicted MFU share one denominator. float32 maps to the TF32 peak:
+    optrush runs fp32 matmuls as TF32 unless `precision.tf32=false`."""
+    from optrush.plan.gpus import gpu_from_device_name
+
+    gpu = gpu_from_device_name(device_name)
+    if gpu is None:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_FLOPS.items():
-        if key in name:
-            return peaks[column]
-    return None
+    return {torch.bfloat16: gpu.bf16_flops, torch.float16: gpu.bf16_flops, torch.float32: gpu.tf32_flops}.get(dtype)
 
 
 def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | None) -> float | None:
