@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from dpo_packing import synthetic_pairs  # the same random pairs (this script's folder is on sys.path)
 
-from optrush.bench.provenance import provenance
+from optrush.bench.provenance import provenance, provenance_line
 from optrush.config.schema import DPOConfig
 from optrush.data.preference import PairLoader
 from optrush.models.io import build_model
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="dpo_logprobs", help="<out>/<name>.json and .md")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the debug preset")
     args = parser.parse_args()
     if args.smoke:
@@ -95,17 +96,30 @@ def main() -> None:
     for full, fused in zip(results[0::2], results[1::2]):  # the same pairs: the same loss, fused or not
         if "loss" in full and "loss" in fused and abs(full["loss"] - fused["loss"]) > 1e-2 * max(1, abs(full["loss"])):
             raise SystemExit(f"{fused['layout']}: fused loss {fused['loss']} != full-logits loss {full['loss']}")
-    print("| layout | log-probs | pairs/step | pairs/s | peak GiB |\n| --- | --- | --- | --- | --- |")
-    for r in results:
+    record = {"args": vars(args), "results": results, "provenance": provenance()}
+    text = markdown(record)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.name}_smoke" if args.smoke else args.name
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+
+
+def markdown(record: dict) -> str:
+    args = record["args"]
+    lines = ["# DPO log-probs: full logits vs chunked", "",
+             "| layout | log-probs | pairs/step | pairs/s | peak GiB |", "| --- | --- | --- | --- | --- |"]
+    for r in record["results"]:
         name = f"chunked ({r['chunk_tokens']})" if r["fused"] else "full logits"
         speed = "OOM" if r.get("oom") else f"{r['pairs_per_s']:.2f}"
         peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        print(f"| {r['layout']} | {name} | {r.get('pairs_per_step', args.pairs):.0f} | {speed} | {peak} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "dpo_logprobs_smoke.json" if args.smoke else "dpo_logprobs.json"
-    (out / name).write_text(json.dumps({"args": vars(args), "results": results, "provenance": provenance()},
-                                       indent=2) + "\n")
+        lines.append(f"| {r['layout']} | {name} | {r.get('pairs_per_step', args['pairs']):.0f} | {speed} | {peak} |")
+    lines += ["", f"- {args['preset']} shape, random tokens: prompt {args['prompt']} tokens, completions "
+              f"{args['completion']} +- 50%, {args['pairs']} pairs/step, fp32 weights under bf16 autocast, frozen-copy "
+              f"reference; {args['warmup']} warm-up steps, then {args['steps']} timed steps (one run)",
+              provenance_line(record["provenance"]), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

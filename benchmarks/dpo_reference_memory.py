@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from optrush.bench.provenance import provenance
+from optrush.bench.provenance import provenance, provenance_line
 from optrush.config.schema import DPOConfig, PeftConfig
 from optrush.data.preference import PairLoader, PreferencePair, encode_sequence
 from optrush.models.io import build_model
@@ -90,21 +90,34 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="dpo_reference_memory", help="<out>/<name>.json and .md")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the debug preset")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.pairs, args.prompt, args.completion, args.warmup, args.steps = "debug", 2, 16, 8, 1, 1
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     results = [run(reference, args, device) for reference in ("copy", "lora_disabled")]
-    print("| reference | pairs/s | weights GiB | peak GiB |\n| --- | --- | --- | --- |")
-    for r in results:
-        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
-        print(f"| {r['reference']} | {r['pairs_per_s']:.2f} | {r['weight_gib']:.3f} | {peak} |")
+    record = {"args": vars(args), "results": results, "provenance": provenance()}
+    text = markdown(record)
+    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "dpo_reference_memory_smoke.json" if args.smoke else "dpo_reference_memory.json"
-    (out / name).write_text(json.dumps({"args": vars(args), "results": results, "provenance": provenance()},
-                                       indent=2) + "\n")
+    name = f"{args.name}_smoke" if args.smoke else args.name
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+
+
+def markdown(record: dict) -> str:
+    args = record["args"]
+    lines = ["# DPO with LoRA: frozen-copy reference vs adapters disabled", "",
+             "| reference | pairs/s | weights GiB | peak GiB |", "| --- | --- | --- | --- |"]
+    for r in record["results"]:
+        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        lines.append(f"| {r['reference']} | {r['pairs_per_s']:.2f} | {r['weight_gib']:.3f} | {peak} |")
+    lines += ["", f"- {args['preset']} shape, bf16 weights, LoRA r=16 all-linear, random tokens: prompt {args['prompt']} "
+              f"tokens, completions {args['completion']}, {args['pairs']} pairs/step; {args['warmup']} warm-up steps, "
+              f"then {args['steps']} timed steps (one run)", provenance_line(record["provenance"]), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

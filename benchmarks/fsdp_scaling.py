@@ -147,9 +147,9 @@ def markdown(results: list[dict], *, ratio: float | None, warmup: int, steps: in
     measured = [r for r in results if "provenance" in r]
     if measured:
         p, first = measured[0]["provenance"], measured[0]
-        lines += [f"- device: {first['device']}; torch {p['torch']}, CUDA {p['cuda']}, driver {p['nvidia_driver']}, "
-                  f"Python {p['python']}; optrush {p['git_sha'] or p['optrush'] or 'unknown'}"
-                  f"{' (uncommitted changes)' if p['git_dirty'] else ''}; measured {p['timestamp_utc']}",
+        from optrush.bench.provenance import provenance_line
+
+        lines += [provenance_line(p, first["device"]),
                   f"- each run: its own torchrun, {warmup} warm-up steps (the first compiles) then {steps} timed "
                   "steps, one repeat; synthetic uniform tokens, one row of S tokens per GPU per step; "
                   "NCCL_NVLS_ENABLE=0",

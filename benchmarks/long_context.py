@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's optrush, installed or not
 
 from optrush.bench.max_context import find_max_context, subprocess_try  # noqa: E402
+from optrush.bench.provenance import provenance_line  # noqa: E402
 from optrush.config import load_config  # noqa: E402
 
 LEAN = ["activations.checkpointing=full", "activations.offload=true", "activations.mlp_chunk_tokens=8192",
@@ -101,9 +102,7 @@ def markdown(records: list[dict]) -> str:
         lines += ["", "overrides: `" + " ".join(r["overrides"]) + "`", ""]
     if provenance:
         device, p = provenance
-        lines += [f"- device: {device}; torch {p['torch']}, CUDA {p['cuda']}, driver {p['nvidia_driver']}, "
-                  f"Python {p['python']}; optrush {p['git_sha'] or p['optrush'] or 'unknown'}"
-                  f"{' (uncommitted changes)' if p['git_dirty'] else ''}; measured {p['timestamp_utc']}",
+        lines += [provenance_line(p, device),
                   "- each try: its own process, one row of synthetic uniform tokens (every token trained), 1 warm-up "
                   "+ 1 timed optimizer step; tokens/s = length / timed step time; peak = PyTorch's peak "
                   "allocated GPU memory (host memory for offloaded activations is not included)"]

@@ -103,7 +103,9 @@ def test_ladder_with_hf_peer_end_to_end(tmp_path, capsys):
     assert failure["overrides"] == ["precision.mode=fp32", "compile.mode=none", "model.preset=null",
                                     "model.path=/nonexistent/model"]
     base = rungs["baseline"]
-    assert base["config"]["model"]["path"] == str(out / "model") and base["config"]["model"]["preset"] is None
+    # the rungs trained the shared saved model; it is removed, so the record names the preset it came from
+    assert base["config"]["model"]["path"] is None and base["config"]["model"]["preset"] == "debug"
+    assert not (out / "model").exists()
     assert base["peak_mem_kind"] == "cpu_peak_rss" and base["peak_mem_gib"] > 0 and len(base["losses"]) == 2
     assert base["loss_delta"] == 0 and base["tokens_per_s"] > 0
 
@@ -176,12 +178,14 @@ def test_loss_deltas_and_ratio_over_best_peer():
              {"name": "oom", "status": "failed", "reason": "OutOfMemoryError"}]
     peers = [{"name": "hf", "status": "ok", "real_tokens_per_s": 150.0},
              {"name": "trl", "status": "skipped", "reason": "not installed: trl"}]
-    add_loss_deltas(rungs, reference="base")
+    assert add_loss_deltas(rungs, reference="base") == "base"
     assert [r.get("loss_delta") for r in rungs] == [0.0, 0.5, None]
     assert best_over_peers(rungs, peers) == {"best_rung": "fast", "best_peer": "hf", "ratio_over_best_peer": 2.0}
     assert best_over_peers(rungs, peers[1:])["ratio_over_best_peer"] is None
-    add_loss_deltas(rungs, reference="oom")  # the reference did not run: no deltas rather than wrong ones
-    assert rungs[1]["loss_delta"] is None
+    # an fp32 baseline out of memory: the first rung that ran stands in, and the record names it
+    rungs.insert(0, rungs.pop())
+    assert add_loss_deltas(rungs, reference="oom") == "base"
+    assert rungs[2]["loss_delta"] == 0.5 and "loss_delta" not in rungs[0]
 
 
 def test_repeats_report_the_median_run_or_the_failure():

@@ -27,6 +27,7 @@ def test_clean_debug_config_passes_every_check(debug_overrides, tmp_path):
     assert main(["check", str(empty_config(tmp_path)), *debug_overrides, "--steps", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["passed"]
+    assert report["config"]["model"]["preset"] == "debug" and "torch" in report["provenance"]
     statuses = {row["name"]: row["status"] for row in report["rows"]}
     for name in ("packing: loss", "packing: gradients", "accumulation: gradients", "resume: batch order",
                  "resume: weights", "data: EOS trained at the end of every example", "data: loss on completions only",
@@ -166,6 +167,21 @@ def test_low_precision_only_loss_fault_fails_precision_drift(debug_overrides, mo
     assert not failed(clean), clean.rows
     monkeypatch.setattr(layers, "linear_cross_entropy", wrong_in_bf16)
     assert failed(run_checks(cfg, only=["precision"], steps=2)) == ["precision: loss drift vs fp32"]
+
+
+def test_lora_numerics_exempt_a_until_b_moves_but_catch_a_dead_b(debug_overrides, monkeypatch):
+    from optrush.peft import lora
+
+    cfg = load_config(None, debug_overrides + ["peft.method=lora", "peft.r=4"])
+    clean = run_checks(cfg, only=["numerics"])
+    assert not failed(clean), clean.rows
+    assert "lora_A exempt" in clean.rows[-1].detail
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(lora.LoRALinear, "forward", lambda self, x: linear(x, self.weight, self.bias) + self.scaling
+                        * linear(linear(x, self.lora_A), self.lora_B.detach()))  # B cut from the graph
+    report = run_checks(cfg, only=["numerics"])
+    assert failed(report) == ["numerics: gradient on every trainable parameter"]
+    assert "lora_B" in report.rows[-1].detail
 
 
 def test_a_crashing_check_is_a_failed_row(debug_overrides, monkeypatch):

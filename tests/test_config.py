@@ -53,6 +53,7 @@ def test_missing_and_invalid_files(tmp_path):
     (BASE + ["train.grad_accum=0"], "train.grad_accum=0: must be >= 1"),
     (BASE + ["precision.mode=bf16_mixed", "train.deterministic=true"], "deterministic=true needs precision"),
     (BASE + ["train.warmup_steps=500", "train.max_steps=10"], "exceeds train.max_steps"),
+    (BASE + ["train.device=cuda", "model.attention=flex", "data.packing=sorted"], "flex with data.packing=sorted"),
 ])
 def test_incompatible_combinations_fail_at_start(overrides, expected):
     with pytest.raises(ConfigError, match=expected):

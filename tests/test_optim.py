@@ -152,7 +152,7 @@ class Net(nn.Module):
 
 
 def net_loss(model):
-    x = torch.arange(24).remainder(13).view(2, 12)
+    x = torch.arange(24, device=model.head.weight.device).remainder(13).view(2, 12)
     return nn.functional.cross_entropy(model(x).flatten(0, 1).float(), x.roll(-1, 1).flatten())
 
 

@@ -251,12 +251,23 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
         print(progress_line(peer_results[-1]), flush=True)
     if model_dir is not None:
         shutil.rmtree(model_dir)  # an intermediate: the config and seed recreate it
+        for result in results:
+            point_at_preset(result, model_dir, cfg.model.preset)
 
-    add_loss_deltas(results, reference=ladder.reference)
+    reference = add_loss_deltas(results, reference=ladder.reference)
     return {"benchmark": "optrush bench --ladder", "config": config_path, "overrides": list(overrides),
             "synthetic": synthetic, "warmup": warmup, "steps": steps, "repeats": repeats,
-            "reference": ladder.reference, "shared_model": bool(peers), "rungs": results,
+            "reference": reference, "configured_reference": ladder.reference, "shared_model": bool(peers),
+            "rungs": results,
             "peers": peer_results, **best_over_peers(results, peer_results)}
+
+
+def point_at_preset(result: dict, model_dir: Path, preset: str) -> None:
+    """A record that trained the shared saved model names the preset it was saved from (the directory is gone;
+    `optrush plan` rebuilds the shape from the preset)."""
+    model = result.get("config", {}).get("model", {})
+    if model.get("path") == str(model_dir):
+        model.update(preset=preset, path=None)
 
 
 def rung_command(config_path: str | None, overrides: Sequence[str], *, name: str, synthetic: bool, warmup: int,
@@ -309,13 +320,15 @@ def median_run(runs: list[dict]) -> dict:
             "tokens_per_s_stdev": statistics.stdev(r["tokens_per_s"] for r in runs) if len(runs) > 1 else None}
 
 
-def add_loss_deltas(results: list[dict], *, reference: str) -> None:
-    """`loss_delta`: each measured rung's final loss minus the reference rung's (None if the reference did not
-    run). Same model, data and seed: the delta shows what an optimization does to the numbers, not just speed."""
-    ref = next((r for r in results if r["name"] == reference and r["status"] == "ok"), None)
-    for result in results:
-        if result["status"] == "ok":
-            result["loss_delta"] = None if ref is None else result["loss"] - ref["loss"]
+def add_loss_deltas(results: list[dict], *, reference: str) -> str | None:
+    """`loss_delta`: each measured rung's final loss minus the reference rung's. Same model, data and seed: the
+    delta shows what an optimization does to the numbers, not just speed. When the reference did not run (an fp32
+    baseline out of memory, say) the first rung that ran stands in; returns the name used (None if none ran)."""
+    ran = [r for r in results if r["status"] == "ok"]
+    ref = next((r for r in ran if r["name"] == reference), ran[0] if ran else None)
+    for result in ran:
+        result["loss_delta"] = result["loss"] - ref["loss"]
+    return ref and ref["name"]
 
 
 def best_over_peers(results: list[dict], peers: list[dict]) -> dict:

@@ -105,8 +105,8 @@ def subprocess_try(cfg: Config, *, warmup: int, steps: int, timeout_s: float | N
 def outcome(result: dict) -> dict:
     """A child's bench result as a try: fits, or did not (memory, time limit); anything else raises."""
     if result.get("status") == "ok":
-        return {"fits": True, **{k: result[k] for k in ("tokens_per_s", "peak_mem_gib", "step_s", "loss",
-                                                          "device", "config", "provenance")}}
+        return {"fits": True, **{k: result[k] for k in ("name", "tokens_per_s", "peak_mem_gib", "step_s",
+                                                          "loss", "device", "config", "synthetic", "provenance")}}
     reason = result.get("reason", "no reason given")
     if any(marker in reason for marker in DID_NOT_FIT):
         return {"fits": False, "reason": reason[:300]}

@@ -16,13 +16,13 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
 SOURCE_DIR = Path(__file__).resolve().parent
 
 
 def provenance() -> dict:
     """A JSON-serialisable description of this process's code, software and hardware."""
+    import torch  # here, so that writing reports (`provenance_line`) does not load torch
+
     cuda = torch.cuda.is_available()
     sha = git_output("rev-parse", "HEAD")
     return {
@@ -40,6 +40,14 @@ def provenance() -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def provenance_line(p: dict, device: str | None = None) -> str:
+    """The markdown bullet that says where and with what a result was measured."""
+    device = device or ", ".join(p["devices"]) or "CPU"
+    return (f"- device: {device}; torch {p['torch']}, CUDA {p['cuda']}, driver {p['nvidia_driver']}, "
+            f"Python {p['python']}, transformers {p['transformers']}; optrush {p['git_sha'] or p['optrush'] or 'unknown'}"
+            f"{' (uncommitted changes)' if p['git_dirty'] else ''}; measured {p['timestamp_utc']}")
 
 
 def git_output(*args: str) -> str | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from optrush.bench.provenance import provenance_line
+
 MEMORY_KINDS = {"cuda_allocated": "peak GPU memory allocated by PyTorch (torch.cuda.max_memory_allocated)",
                 "cpu_peak_rss": "peak resident memory of the measuring process (getrusage ru_maxrss: includes the "
                                 "Python interpreter and libraries)"}
@@ -62,9 +64,7 @@ def measurement_notes(record: dict, rows: list[dict]) -> list[str]:
         first = measured[0]
         p = first["provenance"]
         notes += [
-            f"- device: {first['device']}; torch {p['torch']}, CUDA {p['cuda']}, driver {p['nvidia_driver']}, "
-            f"Python {p['python']}, transformers {p['transformers']}; optrush {p['git_sha'] or p['optrush'] or 'unknown'}"
-            f"{' (uncommitted changes)' if p['git_dirty'] else ''}; measured {p['timestamp_utc']}",
+            provenance_line(p, first["device"]),
             f"- config: {record['config'] or 'defaults'} {' '.join(record['overrides'])}".rstrip(),
             f"- batch: {first['rows']} rows x {first['seq_len']} tokens x {first['grad_accum']} micro-batches"
             f"{' of synthetic random tokens' if record['synthetic'] else ''}; {first['params']:,} parameters"
@@ -74,7 +74,8 @@ def measurement_notes(record: dict, rows: list[dict]) -> list[str]:
             "median shown",
             f"- rungs are cumulative: each adds its overrides to every rung above it that ran; Δ loss is the final "
             f"loss minus that of the reference rung ({record['reference']}) after {record['warmup'] + record['steps']}"
-            " steps",
+            " steps" + ("" if record["reference"] == record.get("configured_reference", record["reference"]) else
+                       f" (the ladder's reference, {record['configured_reference']}, did not run)"),
             "- MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / dense peak FLOP/s of the matmul precision "
             "(n/a where the peak is unknown, e.g. CPU)",
             *[f"- peak GiB ({kind}): {MEMORY_KINDS[kind]}" for kind in sorted({r["peak_mem_kind"] for r in measured})],

@@ -46,7 +46,9 @@ so 1e-5 on a loss (1e-4 on a gradient norm, which sums millions of products) lea
 real fault (a document seeing its neighbour, a 1% loss scale, a per-micro-batch mean) is 1e-3 or more. TF32 keeps
 10 mantissa bits (~5e-4 per matmul); bf16 keeps 8 (~4e-3), compounded over layers; pure bf16 also rounds weights
 and gradients; fp8 matmuls keep 3 mantissa bits with per-tensor scaling. Counts (missing EOS, trained padding,
-batches in another order, dead parameters) must be exactly 0. Resume is compared with the one-step loss bound
+batches in another order, dead parameters) must be exactly 0. Training amplifies rounding, the more so at a
+high learning rate (measured on an H100, Llama-3.2-1B shape, QLoRA, 6 steps: bf16_mixed drifted 1.2% from fp32
+at lr 2e-4 and 6.6% at lr 3e-3, with step 1 equal to 5e-5): a drift row that fails while step 1 agrees says so. Resume is compared with the one-step loss bound
 (bitwise equal on CPU fp32). A failed row names the override that turns the optimization off
 (`switch_to_turn_off`); rows that cannot apply to the config are reported "n/a" with the reason, never passed.
 """

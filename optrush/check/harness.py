@@ -186,6 +186,9 @@ class Run:
         self.state.losses.append(loss_sum / max(units, 1))
         return self.state.losses[-1]
 
+    def losses(self, steps: int) -> list[float]:
+        return [self.step() for _ in range(steps)]
+
     def live(self) -> dict:
         """The objects `optrush.train.checkpoint` saves and restores."""
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "loader": self.loader}

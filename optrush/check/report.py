@@ -60,6 +60,8 @@ class CheckReport:
     rows: list[CheckResult] = field(default_factory=list)
     tolerance: Tolerance | None = None
     precision: str = ""
+    context: dict = field(default_factory=dict)
+    """What was checked where: the resolved config, the device and software (`optrush.bench.provenance`)."""
 
     @property
     def passed(self) -> bool:
@@ -73,7 +75,7 @@ class CheckReport:
     def as_dict(self) -> dict:
         rows = [{**asdict(row), "status": row.status} for row in self.rows]
         return {"passed": self.passed, "precision": self.precision,
-                "tolerances": asdict(self.tolerance) if self.tolerance else None, "rows": rows}
+                "tolerances": asdict(self.tolerance) if self.tolerance else None, "rows": rows, **self.context}
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from optrush.bench.provenance import provenance
 from optrush.check.data import check_data, check_truncation
 from optrush.check.equivalence import check_accumulation, check_kernels, check_packing, check_precision
 from optrush.check.harness import CheckContext, loader_for, model_for, plain_config, prepare
@@ -22,7 +23,7 @@ from optrush.check.multi_gpu import check_multi_gpu
 from optrush.check.numerics import check_numerics
 from optrush.check.report import CheckReport, CheckResult, not_applicable
 from optrush.check.resume import check_resume
-from optrush.config import Config, ConfigError, PeftConfig
+from optrush.config import Config, ConfigError, PeftConfig, to_dict
 from optrush.peft.lora import LoRALinear
 from optrush.peft.quant import error_bound, quantize_weight
 from optrush.train import loop
@@ -128,7 +129,8 @@ def run_checks(cfg: Config, *, only: Iterable[str] | None = None, steps: int = D
     if steps < 2:
         raise ConfigError(f"--steps {steps}: the training checks need at least 2 steps")
     ctx = prepare(cfg)
-    report = CheckReport(tolerance=ctx.tolerance, precision=ctx.precision)
+    report = CheckReport(tolerance=ctx.tolerance, precision=ctx.precision,
+                         context={"config": to_dict(cfg), "steps": steps, "provenance": provenance()})
     for name in (n for n in GROUPS if n in names):
         kwargs = {"steps": steps} if name in TRAINING_GROUPS else {}
         try:

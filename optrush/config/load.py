@@ -258,6 +258,11 @@ def kernel_problems(cfg: Config) -> list[str]:
     if cfg.model.attention == "varlen" and cfg.precision.mode == "fp32":
         problems.append("model.attention=varlen runs FlashAttention, which takes bf16 only: set precision.mode to "
                         "bf16_mixed or bf16_pure, or use model.attention=flex or sdpa for fp32")
+    if cfg.model.attention == "flex" and cfg.data.packing != "bfd" and cfg.objective in ("causal_lm", "sft"):
+        problems.append(f"model.attention=flex with data.packing={cfg.data.packing}: FlexAttention's document masks "
+                        "are for packed rows; padded batches change length from batch to batch, and flex compiles "
+                        "anew for every length (torch 2.11 cannot compile it for a symbolic length). Set "
+                        "data.packing=bfd, or model.attention=sdpa (flash attention on padded rows)")
     if cfg.kernels.loss_chunk_tokens < 1:
         problems.append(f"kernels.loss_chunk_tokens={cfg.kernels.loss_chunk_tokens}: must be >= 1")
     if cfg.kernels.z_loss < 0:

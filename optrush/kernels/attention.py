@@ -32,9 +32,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from optrush.models.layers import AttentionBackend
 
 # FlexAttention only runs fast compiled: eager it materialises the scores. Compiling happens on first call, and a
-# compiled block or model inlines this wrapper into its own graph.
-_flex_attention_compiled = torch.compile(flex_attention)
-_create_block_mask_compiled = torch.compile(create_block_mask)
+# compiled block or model inlines this wrapper into its own graph. Static shapes: on torch 2.11 inductor finds no
+# kernel for flex_attention once the sequence length turns symbolic (seen on an H100 at the second padded length),
+# so a new length compiles anew; packed rows always have one length.
+_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+_create_block_mask_compiled = torch.compile(create_block_mask, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------------------- flex

@@ -287,6 +287,17 @@ def recompute_bytes(a: ModelArgs, s: Setup) -> float:
     return block_activation_bytes(a, s, policy="none") * s.tokens
 
 
+def block_backward_bytes(a: ModelArgs, s: Setup) -> float:
+    """Transient buffers of one block's backward beside its saved or recomputed activations: the gradients of
+    q, k and v (k and v expanded to the query heads before the kernel sums them, for grouped KV heads), the
+    attention kernel's fp32 dq accumulator, and the residual-stream gradients entering and leaving the block."""
+    d, q, kv = a.dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    act = COMPUTE_BYTES[s.precision]
+    res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2
+    expanded = 2 * act * q if q != kv else 0
+    return (act * q + 4 * q + expanded + 2 * act * kv + 2 * res * d) * s.tokens
+
+
 def head_bytes(a: ModelArgs, s: Setup) -> float:
     """The final RMSNorm's saved tensors and the output head's input (compiled with the model: only its input
     and the norm's rstd)."""
@@ -342,8 +353,13 @@ def estimate_memory(a: ModelArgs, s: Setup) -> Memory:
     at_loss = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
                "activations": activation_bytes(a, s), "head": head_bytes(a, s),
                "attention_mask": attention_mask_bytes(a, s), "loss": loss_bytes(a, s)}
-    at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads,
-                       "activations": recompute_bytes(a, s)}
-    phases = {"loss": sum(at_loss.values()), "backward": sum(at_backward_end.values())}
-    terms = at_loss if phases["loss"] >= phases["backward"] else at_backward_end
-    return Memory(terms=terms, phases=phases)
+    # The last block's backward: every saved activation still held, the block recomputed, its gradient buffers
+    at_backward_start = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
+                         "activations": activation_bytes(a, s), "recompute": recompute_bytes(a, s),
+                         "block_backward": block_backward_bytes(a, s)}
+    # The first block's backward: the activations are gone, almost every gradient is there
+    at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads, "recompute": recompute_bytes(a, s),
+                       "block_backward": block_backward_bytes(a, s)}
+    moments = {"loss": at_loss, "backward_start": at_backward_start, "backward_end": at_backward_end}
+    phases = {name: sum(terms.values()) for name, terms in moments.items()}
+    return Memory(terms=moments[max(phases, key=phases.get)], phases=phases)
