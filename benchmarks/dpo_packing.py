@@ -1,6 +1,7 @@
 """DPO pairs/s with long shared prompts: padded vs packed vs shared-prompt pair batches (issue #7 target: >= 2x).
 
     PYTHONPATH=. python benchmarks/dpo_packing.py --preset llama3.2-1b --pairs 4 --prompt 768 --completion 96
+    PYTHONPATH=. python benchmarks/dpo_packing.py --attention sdpa,flex   # also with FlexAttention masks
 
 Random tokens (no data or tokenizer needed): every pair has a prompt of `--prompt` tokens and two completions of
 `--completion` +- 50% tokens. One timed step = forward + backward of the DPO sigmoid loss against precomputed
@@ -22,6 +23,8 @@ import torch
 from optrush.bench.provenance import provenance
 from optrush.config.schema import DPOConfig
 from optrush.data.preference import PairLoader, PreferencePair, encode_sequence
+from optrush.kernels.attention import FLEX
+from optrush.models import layers
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
 from optrush.objectives.dpo import DPO
@@ -40,6 +43,9 @@ def synthetic_pairs(n: int, *, prompt: int, completion: int, vocab: int, seed: i
         pairs.append(PreferencePair(chosen=encode_sequence(p, c, bos_id=1, eos_id=2),
                                     rejected=encode_sequence(p, r, bos_id=1, eos_id=2), index=i, shared=prompt))
     return pairs
+
+
+BACKENDS = {"sdpa": layers.SDPA, "flex": FLEX}
 
 
 def run(layout: str, model, pairs, *, pairs_per_step: int, max_length: int, warmup: int, steps: int) -> dict:
@@ -79,16 +85,23 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--attention", default="sdpa", help="comma-separated: sdpa, flex (the model's backend; "
+                        "shared-prompt rows then use the dense SDPA or the FlexAttention branch mask)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     model = build_model(get_preset(args.preset), dtype=torch.float32, device="cuda", seed=0)
     pairs = synthetic_pairs(512, prompt=args.prompt, completion=args.completion, vocab=model.vocab_size, seed=0)
-    results = [run(layout, model, pairs, pairs_per_step=args.pairs, max_length=args.max_length,
-                   warmup=args.warmup, steps=args.steps) for layout in ("padded", "packed", "shared")]
+    results = []
+    for attention in args.attention.split(","):
+        model.set_attention_backend(BACKENDS[attention])
+        results += [{"attention": attention, **run(layout, model, pairs, pairs_per_step=args.pairs,
+                                                   max_length=args.max_length, warmup=args.warmup, steps=args.steps)}
+                    for layout in ("padded", "packed", "shared")]
     base = results[0]["pairs_per_s"]
-    print("| layout | pairs/s | vs padded | tokens/pair | peak GiB |\n| --- | --- | --- | --- | --- |")
+    print("| attention | layout | pairs/s | vs padded sdpa | tokens/pair | peak GiB |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['layout']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / base:.2f}x | "
+        print(f"| {r['attention']} | {r['layout']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / base:.2f}x | "
               f"{r['tokens_per_pair']:.0f} | {r['peak_mem_gib']:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,9 @@ loop's own step through `optrush.bench.run.bench`, rank 0 writing the result):
 - `8b_fsdp_2gpu_zero2`: the same with `parallel.reshard_after_forward=false` (no second all-gather in backward).
 - `70b_qlora_fsdp_2gpu`: Llama-3.1-70B shape, LoRA r=16 on all linears over an NF4 base
   (`peft.quantize=nf4`), bf16_mixed, S=4096, FSDP2 on 2 GPUs; peak memory per GPU and tokens/s.
-  TODO (not runnable yet, reported as skipped without starting any process while its config is rejected):
-  (1) config validation rejects peft.quantize with parallel.strategy=fsdp: the NF4 codes are buffers, which
-  FSDP2 does not shard (each GPU would hold the whole ~36 GB quantized 70B base; the seed's FSDP+QLoRA shards
-  them), so the quantized weight must become a shardable parameter first (optrush.peft.quant);
-  (2) a random-init preset is built in bf16 before it is quantized (`train.loop.build` -> `build_model`), 140 GB
-  per GPU at 70B, which does not fit an H200: it needs a random init that quantizes each block as it is
-  materialised, as `load_model(..., quantize=...)` does for checkpoints.
+  The NF4 codes are frozen parameters that FSDP2 shards (each GPU holds half of the ~36 GB quantized base), and
+  the random-init preset is quantized block by block as it is built (`build_model(..., quantize=...)`), so no GPU
+  ever holds the 140 GB bf16 model.
 
 Output: `fsdp_scaling_<gpu>.json` (every field of every run, provenance included) and `.md` (the table and the
 2-GPU / 1-GPU ratio). NCCL_NVLS_ENABLE=0 is set for every run (NVLink SHARP multicast is off on the lent machines).

@@ -159,13 +159,15 @@ def test_nproc_needs_a_parallel_strategy(overrides, capsys):
 
 # ----------------------------------------------------------------------------------- ranks forked from here
 
-def run_ranks(overrides: list[str], *, world: int, timeout_s: float = 180) -> None:
-    """Train with `overrides` on `world` processes forked from this one (torch already imported: fast start)."""
+def run_ranks(overrides: list[str], *, world: int, timeout_s: float = 180, target=None, args: tuple = ()) -> None:
+    """Train with `overrides` on `world` processes forked from this one (torch already imported: fast start);
+    each runs `target(rank, world, port, overrides, *args)` (default `rank_main`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=rank_main, args=(rank, world, port, overrides)) for rank in range(world)]
+    processes = [context.Process(target=target or rank_main, args=(rank, world, port, overrides, *args))
+                 for rank in range(world)]
     for process in processes:
         process.start()
     for process in processes:
@@ -201,8 +203,10 @@ def test_context_parallel_on_two_ranks_equals_one_process(overrides, tmp_path):
         load_config(None, common + ["context.degree=2"])
 
 
-def test_dpo_under_fsdp_equals_one_process(overrides, recipe_corpus, tmp_path):
-    """A pairwise objective: units are pairs, counted over both ranks; the frozen-copy reference stays unsharded."""
+@pytest.mark.parametrize("objective, strategy", [("dpo", "fsdp"), ("reward", "ddp"), ("reward", "fsdp")])
+def test_pairwise_objective_on_two_ranks_equals_one_process(objective, strategy, overrides, recipe_corpus, tmp_path):
+    """Pairwise objectives: units are pairs, counted over both ranks; DPO's frozen-copy reference stays unsharded,
+    the reward model's scalar head is sharded or replicated with the rest."""
     from optrush.data.preference import recipe_preference_pairs
 
     records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
@@ -210,12 +214,12 @@ def test_dpo_under_fsdp_equals_one_process(overrides, recipe_corpus, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in recipe_preference_pairs(records, seed=0)))
     common = [o for o in overrides if not o.startswith(("data.path", "data.format", "objective", "data.max_length"))]
-    common += [f"data.path={pairs}", "data.format=preference", "objective=dpo", "data.max_length=256",
+    common += [f"data.path={pairs}", "data.format=preference", f"objective={objective}", "data.max_length=256",
                "train.max_steps=2", "checkpoint.every=0", "train.lr=1e-3"]
-    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp"], world=2)
+    run_ranks(common + [f"output_dir={tmp_path / strategy}", f"parallel.strategy={strategy}"], world=2)
     single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
-    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
-    assert logged(tmp_path / "fsdp", "trained_tokens") == logged(tmp_path / "single", "trained_tokens")
+    assert logged(tmp_path / strategy) == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    assert logged(tmp_path / strategy, "trained_tokens") == logged(tmp_path / "single", "trained_tokens")
 
 
 def test_grpo_trains_under_ddp_with_a_sampling_seed_per_rank(overrides, tmp_path):
@@ -240,3 +244,55 @@ def test_qlora_under_ddp_equals_one_process_and_resumes(overrides, tmp_path):
                                                 f"checkpoint.resume={checkpoint}"]))
     assert resumed["losses"] == pytest.approx(single["losses"], rel=1e-6, abs=0)
     assert (tmp_path / "ddp" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def qlora_rank_main(rank: int, world: int, port: int, overrides: list[str], out) -> None:
+    """`rank_main` that also records, right after sharding, the bytes of quantized storage this rank holds."""
+    from optrush.peft.quant import QuantizedWeight
+    from optrush.train import loop
+
+    shard = loop.apply_optimizations
+
+    def recorded(model, cfg):
+        model = shard(model, cfg)
+        stored = [t for m in model.modules() if isinstance(m, QuantizedWeight) for t in m.parameters()]
+        held = {"local": sum(t.to_local().nbytes for t in stored), "whole": sum(t.nbytes for t in stored)}
+        (out / f"rank{rank}.json").write_text(json.dumps(held))
+        return model
+
+    loop.apply_optimizations = recorded
+    rank_main(rank, world, port, overrides)
+
+
+@pytest.mark.parametrize("method, precision, strategy, shards", [
+    ("nf4", "fp32", "parallel.strategy=fsdp", 2),
+    ("int8", "bf16_mixed", "parallel.strategy=fsdp", 2),
+    ("nf4", "fp32", "parallel.strategy=hsdp parallel.replicate=2", 1),  # 2 replicas of 1 shard: the HSDP path
+])
+def test_qlora_under_fsdp_shards_the_quantized_base_and_equals_one_process(method, precision, strategy, shards,
+                                                                           overrides, tmp_path):
+    """QLoRA under FSDP2 on 2 ranks: each rank holds 1/shards of the quantized base's integer storage, the losses
+    and the merged export equal one process on the same global batch, and the DCP checkpoint holds only the
+    adapters. bf16_mixed: FSDP2 gathers the adapters in bf16 (the single process autocasts them), never the codes."""
+    import torch.distributed.checkpoint as dcp
+
+    common = overrides + ["peft.method=lora", "peft.r=4", f"peft.quantize={method}", "peft.save=both",
+                          "train.max_steps=2", f"precision.mode={precision}"]
+    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", *strategy.split()], world=2,
+              target=qlora_rank_main, args=(tmp_path,))
+    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6 if precision == "fp32" else 1e-3,
+                                                      abs=0)
+    held = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert held[0]["whole"] == held[1]["whole"] > 0
+    assert sum(h["local"] for h in held) >= held[0]["whole"]  # every byte is on some rank (dim 0 padded)
+    for h in held:
+        assert h["local"] == pytest.approx(h["whole"] / shards, rel=0.05)
+    merged, reference = load_model(tmp_path / "fsdp" / "final"), load_model(tmp_path / "single" / "final")
+    assert merged.state_dict().keys() == reference.state_dict().keys()
+    # weights only in fp32: Adam turns bf16 rounding noise in near-zero adapter gradients into steps of about lr
+    for (name, a), (_, b) in zip(merged.state_dict().items(), reference.state_dict().items()):
+        assert precision != "fp32" or torch.allclose(a, b, rtol=0, atol=1e-6), name
+    saved = dcp.FileSystemReader(tmp_path / "fsdp" / "checkpoints" / "step_00000002" / "dcp").read_metadata()
+    weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
+    assert weights and all("lora_" in key for key in weights), weights

@@ -90,6 +90,35 @@ def test_packed_and_shared_prompt_log_probs_equal_unpacked(pairs, shared_prompt)
                 assert float(counts[2 * p + side]) == example.num_trained
 
 
+def test_flex_shared_prompt_mask_equals_the_dense_one(pairs):
+    """The FlexAttention backend of shared-prompt rows (model.attention=flex) computes what the dense SDPA mask
+    does (forward on CPU: FlexAttention has no CPU backward; the GPU runs the same mask_mod compiled)."""
+    from optrush.kernels.attention import FLEX
+    from optrush.objectives.dpo import pair_forward, shared_prompt_block_mask, shared_prompt_mask
+
+    _, tok, train = pairs
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0)  # 4 query heads over 2 KV heads
+    shared = next(PairLoader(train[:6], strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=0,
+                             shared_prompt=True))
+    b = shared.batch
+    segments = torch.stack([b.document_ids.long(), shared.branch_ids], dim=-1)
+    T = b.input_ids.shape[1]
+    block = shared_prompt_block_mask(segments, seq_len=T)
+    dense = shared_prompt_mask(segments, seq_len=T)
+    # a block is computed exactly where the dense mask has a visible pair (blocks between pairs are skipped)
+    n = -(-T // 128)
+    padded = torch.nn.functional.pad(dense[:, 0], (0, n * 128 - T, 0, n * 128 - T))
+    any_visible = padded.view(-1, n, 128, n, 128).any(dim=(2, 4))
+    assert torch.equal(block.to_dense()[:, 0].bool(), any_visible) and not any_visible.all()
+    with torch.no_grad():
+        reference = pair_forward(model, shared)
+        model.set_attention_backend(FLEX)
+        flex = pair_forward(model, shared)
+    assert model.attention_backend is FLEX  # restored after the pair forward
+    real = (b.document_ids >= 0)
+    torch.testing.assert_close(flex[real], reference[real], atol=2e-5, rtol=1e-4)
+
+
 def test_shared_prompt_rewards_equal_separate_sequences(pairs):
     from optrush.objectives.reward import apply_reward_head, sequence_rewards
 

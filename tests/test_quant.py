@@ -314,3 +314,60 @@ def test_quantized_weights_count_in_params_and_flops():
     reference = dequantized_copy(model)  # the same weights as parameters
     assert model.num_params() < reference.num_params() == model_params(model)
     assert training_flops_per_token(model, 64) == reference.flops_per_token(64)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (the quantized codes are non-persistent, so not in state_dict) by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize(("method", "peft_method", "tied", "qkv_bias"),
+                         [("nf4", "lora", False, False), ("int8", "dora", True, True)])
+def test_quantize_on_build_equals_build_then_quantize(method, peft_method, tied, qkv_bias):
+    cfg = Config()
+    cfg.peft = PeftConfig(method=peft_method, r=4, alpha=8, quantize=method, target_modules=["q_proj", "down_proj"])
+    args = get_preset("debug", vocab_size=VOCAB, n_layers=3, tie_embeddings=tied, qkv_bias=qkv_bias)
+    models = []
+    for quantize in ("none", method):  # today's path (quantized by the transform), then quantized while built
+        torch.manual_seed(7)  # apply_lora draws lora_A from the global RNG
+        models.append(apply_quantize(apply_lora(build_model(args, seed=3, quantize=quantize), cfg), cfg))
+    old, new = models
+    # (the order of registration differs: a LoRALinear's weight became a submodule after its adapters)
+    assert sorted((n, type(m).__name__) for n, m in old.named_modules()) == \
+        sorted((n, type(m).__name__) for n, m in new.named_modules())
+    assert any(isinstance(m, QuantizedLinear) for m in new.modules())
+    old_state, new_state = _state(old), _state(new)
+    assert old_state.keys() == new_state.keys()
+    for name, tensor in old_state.items():
+        assert tensor.dtype == new_state[name].dtype and torch.equal(tensor, new_state[name]), name
+        if isinstance(tensor, torch.nn.Parameter):
+            assert tensor.requires_grad == new_state[name].requires_grad, name
+    assert (new.output.weight is new.tok_embeddings.weight) == tied
+    assert not any(t.is_meta for t in new_state.values())
+
+
+def test_quantize_on_build_holds_about_one_block_in_full_precision(monkeypatch):
+    """Observed at every random draw of the build: the bytes of dense (not yet quantized) block linear weights
+    alive in the model. Quantizing while building keeps one block's; building then quantizing holds all."""
+    from optrush.models.llama import Transformer
+    from optrush.peft.quant import is_quantizable
+
+    args = get_preset("debug", vocab_size=VOCAB, n_layers=4)
+    block = sum(m.weight.nbytes for n, m in build_model(args).named_modules() if is_quantizable(n, m)) // 4
+    peaks = []
+    draw = Transformer.init_parameter
+
+    def observed(model, name, param, **kw):
+        dense = sum(m.weight.nbytes for n, m in model.named_modules()
+                    if is_quantizable(n, m) and not m.weight.is_meta)
+        peaks[-1] = max(peaks[-1], dense)
+        draw(model, name, param, **kw)
+
+    monkeypatch.setattr(Transformer, "init_parameter", observed)
+    for quantize in ("none", "nf4"):
+        peaks.append(0)
+        model = build_model(args, seed=0, quantize=quantize)
+    unquantized, quantized = peaks
+    assert unquantized >= 3 * block  # the observer sees the dense weights of earlier blocks
+    assert block / 2 <= quantized <= block
+    assert quantized_nbytes(model) < block  # 4 blocks in NF4 < one block in fp32

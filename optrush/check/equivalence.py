@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-
 from optrush.check.harness import (CheckContext, Run, grad_difference, grads_of, loader_for, loss_and_grads,
                                    model_for, plain_config, relative)
 from optrush.check.report import CheckResult, compare, not_applicable

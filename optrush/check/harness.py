@@ -143,9 +143,12 @@ def grad_difference(grads: dict[str, torch.Tensor], reference: dict[str, torch.T
 
 
 def weights_difference(model: nn.Module, reference: nn.Module) -> float:
-    """||w - w_ref|| / ||w_ref|| over all parameters together."""
-    mine = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
-    return grad_difference(mine, {n: p.detach().float().cpu() for n, p in reference.named_parameters()})
+    """||w - w_ref|| / ||w_ref|| over all floating-point parameters together (not a quantized base's integer
+    codes, whose magnitudes are no weights)."""
+    def weights(m: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().cpu() for n, p in m.named_parameters() if p.is_floating_point()}
+
+    return grad_difference(weights(model), weights(reference))
 
 
 def fingerprint(batches: list[Batch]) -> int:

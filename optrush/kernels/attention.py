@@ -54,6 +54,11 @@ def flex_block_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_
 
     device = document_ids.device if document_ids is not None else torch.device(device or "cpu")
     batch = document_ids.shape[0] if document_ids is not None else None
+    return build_block_mask(keep, batch=batch, seq_len=seq_len, device=device)
+
+
+def build_block_mask(keep, *, batch: int | None, seq_len: int, device: torch.device) -> BlockMask:
+    """The BlockMask of mask_mod `keep(b, h, q, kv)` (the same for every head), compiled on CUDA."""
     build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
     return build(keep, batch, None, seq_len, seq_len, device=device)
 

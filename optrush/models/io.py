@@ -13,6 +13,7 @@ half-written model behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,21 +40,51 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build_model(args: ModelArgs, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                seed: int | None = None) -> Transformer:
+                seed: int | None = None, quantize: str = "none") -> Transformer:
     """A randomly initialised model, materialised straight on `device` in `dtype`. With a seed, the init is
-    reproducible and leaves the global RNG untouched."""
+    reproducible and leaves the global RNG untouched. `quantize` (nf4, int8; peft.quantize) stores each block's
+    linears quantized as soon as that block is initialised, so building needs memory for the quantized model plus
+    one block in `dtype` (a 70B model would otherwise need its 140 GB of bf16 weights first); the result equals
+    `apply_quantize` of the model built without it, bit for bit (the same random draws in the same order)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
-    if seed is None:
-        model.init_weights()
-        return model
+    with contextlib.nullcontext() if seed is None else _seeded(seed, device):
+        if quantize == "none":
+            model.to_empty(device=device)
+            model.tie_weights()
+            model.init_weights()
+        else:
+            _init_quantized(model, device=device, method=quantize)
+    return model
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model.init_weights()
-    return model
+        yield
+
+
+def _init_quantized(model: Transformer, *, device: torch.device, method: str) -> None:
+    """`init_weights` one unit at a time (embedding, each block, final norm, head: the order of
+    `named_parameters`, hence of the random draws), each block's linears quantized before the next is
+    materialised."""
+    from optrush.peft.quant import is_quantizable, quantize_linear  # optrush.peft imports io
+
+    units = [("tok_embeddings", model.tok_embeddings), *((f"layers.{i}", b) for i, b in enumerate(model.layers)),
+             ("norm", model.norm)]
+    units += [] if model.args.tie_embeddings else [("output", model.output)]  # tied: the embedding, drawn once
+    for prefix, unit in units:
+        unit.to_empty(device=device)
+        for name, param in unit.named_parameters(prefix=prefix):
+            model.init_parameter(name, param)
+        for name, module in list(unit.named_modules(prefix=prefix)):
+            if is_quantizable(name, module):
+                parent, _, leaf = name.removeprefix(prefix + ".").rpartition(".")
+                setattr(unit.get_submodule(parent), leaf, quantize_linear(module, method=method))
+    model.tie_weights()
+    model.init_rope(device)
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,

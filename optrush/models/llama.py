@@ -171,15 +171,19 @@ class Transformer(nn.Module):
     def init_weights(self, *, std: float = 0.02) -> None:
         """Random init: normal(0, std) everywhere (biases too: no zero-initialised weight anywhere), residual
         output projections scaled by 1/sqrt(2 * n_layers) as in GPT-2, norms at 1. Rebuilds the RoPE tables."""
-        residual_std = std / math.sqrt(2 * self.args.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
-            else:
-                nn.init.normal_(param, mean=0.0, std=std)
+            self.init_parameter(name, param, std=std)
         self.init_rope()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, param: torch.Tensor, *, std: float = 0.02) -> None:
+        """`init_weights`' rule for the one parameter called `name` (one draw from the global RNG, or none)."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(param)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.args.n_layers))
+        else:
+            nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,

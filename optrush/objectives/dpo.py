@@ -36,6 +36,7 @@ from torch import nn
 from optrush.config.schema import DPOConfig
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.preference import PairBatch, PairLoader, PreferencePair
+from optrush.kernels.attention import build_block_mask, flex_attention_fn
 from optrush.models.layers import AttentionBackend, sdpa_attention
 from optrush.objectives.logps import chunked_logps_head, token_logps
 from optrush.peft.lora import adapters_disabled
@@ -43,25 +44,51 @@ from optrush.peft.lora import adapters_disabled
 REFERENCE_FREE = ("simpo", "orpo")
 
 
+def shared_prompt_visible(q: torch.Tensor, kv: torch.Tensor, pair_q: torch.Tensor, pair_kv: torch.Tensor,
+                          branch_q: torch.Tensor, branch_kv: torch.Tensor) -> torch.Tensor:
+    """May query position `q` see key position `kv`? Earlier keys of its own pair that are on the shared prompt
+    (branch 0) or on its own branch, so the rejected branch never sees the chosen one laid out before it. One
+    predicate for the dense mask (broadcast tensors) and FlexAttention's mask_mod (index tensors)."""
+    return (q >= kv) & (pair_q == pair_kv) & ((branch_kv == 0) | (branch_q == branch_kv))
+
+
 def shared_prompt_mask(segments: torch.Tensor, *, seq_len: int, sliding_window: int | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, T) mask for shared-prompt rows; `segments` (B, T, 2) holds (pair id, branch id) per
-    position (`PairBatch.branch_ids`). A query sees earlier keys of its own pair that are on the shared prompt
-    (branch 0) or on its own branch, so the rejected branch never sees the chosen one laid out before it."""
-    if sliding_window is not None:
-        raise ValueError("shared-prompt packing does not support sliding-window models; set data.shared_prompt=false")
+    position (`PairBatch.branch_ids`), see `shared_prompt_visible`."""
+    no_sliding_window(sliding_window)
     pair, branch = segments[..., 0], segments[..., 1]
     idx = torch.arange(seq_len, device=segments.device)
-    causal = (idx[:, None] >= idx[None, :])[None]
-    same_pair = pair[:, :, None] == pair[:, None, :]
-    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-    return (causal & same_pair & visible)[:, None]
+    visible = shared_prompt_visible(idx[:, None], idx[None, :], pair[:, :, None], pair[:, None, :],
+                                    branch[:, :, None], branch[:, None, :])
+    return visible[:, None]
+
+
+def shared_prompt_block_mask(segments: torch.Tensor, *, seq_len: int, sliding_window: int | None = None,
+                             device: torch.device | str | None = None):
+    """The same rule as a FlexAttention BlockMask: 128 x 128 blocks between pairs, or between the two branches of
+    a pair, are skipped instead of computed and masked."""
+    no_sliding_window(sliding_window)
+    pair, branch = segments[..., 0], segments[..., 1]
+
+    def keep(b, h, q, kv):
+        return shared_prompt_visible(q, kv, pair[b, q], pair[b, kv], branch[b, q], branch[b, kv])
+
+    return build_block_mask(keep, batch=segments.shape[0], seq_len=seq_len, device=segments.device)
+
+
+def no_sliding_window(sliding_window: int | None) -> None:
+    if sliding_window is not None:
+        raise ValueError("shared-prompt packing does not support sliding-window models; set data.shared_prompt=false")
 
 
 SHARED_PROMPT_SDPA = AttentionBackend(name="sdpa_shared_prompt", build_mask=shared_prompt_mask,
                                       attend=sdpa_attention)
-"""SDPA with the shared-prompt mask; swapped in for one forward pass by `pair_forward`. A FlexAttention version
-is the same predicate as a mask_mod (not built yet: it needs the kernels' flex backend)."""
+"""SDPA with the dense shared-prompt mask; swapped in for one forward pass by `pair_forward` (also for varlen
+models: variable-length attention cannot express a prompt shared by two branches)."""
+SHARED_PROMPT_FLEX = AttentionBackend(name="flex_shared_prompt", build_mask=shared_prompt_block_mask,
+                                      attend=flex_attention_fn)
+"""FlexAttention with the shared-prompt block mask, for models whose backend is flex (`model.attention=flex`)."""
 
 
 def pair_forward(model: nn.Module, pairs: PairBatch, *, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +98,7 @@ def pair_forward(model: nn.Module, pairs: PairBatch, *, labels: torch.Tensor | N
     if pairs.branch_ids is None:
         return model(b.input_ids, position_ids=b.position_ids, document_ids=b.document_ids, labels=labels)
     backend = model.attention_backend
-    model.set_attention_backend(SHARED_PROMPT_SDPA)
+    model.set_attention_backend(SHARED_PROMPT_FLEX if backend.name == "flex" else SHARED_PROMPT_SDPA)
     try:
         segments = torch.stack([b.document_ids.long(), pairs.branch_ids], dim=-1)
         return model(b.input_ids, position_ids=b.position_ids, document_ids=segments, labels=labels)

@@ -20,7 +20,10 @@ overlapping the backward pass.
 
 The transforms before this one (LoRA, kernels, activation checkpointing, per-block compile) act inside the blocks,
 so sharding composes with them as in torchtitan's `parallelize_llama`; with LoRA a block's frozen base weights and
-its trainable adapters share one FSDP unit (FSDP2 allows mixed requires_grad within a unit).
+its trainable adapters share one FSDP unit (FSDP2 allows mixed requires_grad within a unit). A quantized base
+(QLoRA) is sharded the same way: its integer codes are frozen parameters (optrush.peft.quant), all-gathered with the
+block's adapters in one collective (FSDP2 gathers mixed dtypes as bytes and casts only floating-point parameters to
+the MixedPrecisionPolicy's dtype), so each rank holds 1/N of the NF4 base.
 
 CPU: FSDP2 `fully_shard`, HSDP and `replicate` all run on CPU processes over gloo (verified with torch 2.13),
 which is how tests/test_distributed.py checks them; `cpu_offload` needs CUDA (it moves shards between GPU and host).
@@ -111,5 +114,11 @@ def gather_full_model(model: nn.Module, *, like: Transformer) -> Transformer | N
         return None
     like.load_state_dict(full, assign=True)
     like.tie_weights()  # assign=True replaced the tied parameter objects
-    like.init_rope("cpu")  # RoPE tables are not in the state dict
+    # the non-persistent buffers (RoPE tables, a quantized base's fp32 scales) are not in the state dict; FSDP2
+    # leaves buffers unsharded, so this rank holds them whole
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(like.named_buffers()):
+        if buffer.is_meta:
+            module, _, leaf = name.rpartition(".")
+            setattr(like.get_submodule(module), leaf, buffers[name].cpu())
     return like

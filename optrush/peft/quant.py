@@ -21,6 +21,10 @@ Only the linear layers of the transformer blocks are quantized: the embedding, f
 the training dtype (as QLoRA and bitsandbytes' defaults do: the head is small next to the blocks of an 8B model and
 its precision shows directly in the loss).
 
+Sharding (parallel.strategy fsdp/hsdp): the integer storage (NF4 codes and double-quantized block maxima, int8
+values) are frozen parameters, which FSDP2 shards on dim 0 and all-gathers per block like any weight, so each of N
+ranks holds 1/N of the quantized base (the seed's FSDP+QLoRA); the fp32 scales are small replicated buffers.
+
 Why not torchao's NF4Tensor: its module moved between releases (`torchao.dtypes.nf4tensor` ->
 `torchao.quantization`), it rounds the levels to four decimals in the weight's dtype, and it costs a 3.5 s import
 and a tensor subclass whose every aten op needs a handler. This module is ~200 lines of plain tensors that run on
@@ -59,7 +63,7 @@ class QuantizedWeight(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.buffers()).device
+        return self.stored()[0].device
 
     def stored(self) -> tuple[torch.Tensor, ...]:
         """The tensors `DEQUANTIZE[self.method]` takes after (shape, dtype), in its argument order."""
@@ -95,10 +99,8 @@ class NF4Weight(QuantizedWeight):
         rows = max(1, _CHUNK // BLOCK)
         for start in range(0, blocks.shape[0], rows):
             codes[start:start + rows] = _nf4_codes(blocks[start:start + rows], decoded[start:start + rows])
-        # persistent=False: the quantized base is derived from model.path (or the seeded preset) and rebuilt on
-        # resume; checkpoints hold only the adapters
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("absmax_q", absmax_q.flatten(), persistent=False)
+        self.codes = _frozen(codes)
+        self.absmax_q = _frozen(absmax_q.flatten())
         self.register_buffer("absmax_scale", scale, persistent=False)
         self.register_buffer("absmax_mean", mean, persistent=False)
         self.register_buffer("pair_levels", _pair_levels(weight.device), persistent=False)
@@ -121,11 +123,20 @@ class Int8Weight(QuantizedWeight):
         w = weight.detach().float()
         scale = w.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), persistent=False)
+        self.q = _frozen((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale, persistent=False)
 
     def stored(self) -> tuple[torch.Tensor, ...]:
         return self.q, self.scale
+
+
+def _frozen(stored: torch.Tensor) -> nn.Parameter:
+    """The integer storage of a quantized weight (NF4 codes and block maxima, int8 values) as a frozen parameter,
+    so FSDP2 shards it on dim 0 like any weight (it leaves buffers whole on every rank) and the optimizer and DCP
+    checkpoints (`ignore_frozen_params`) skip it. The few fp32 scales stay buffers, replicated: FSDP2's
+    MixedPrecisionPolicy would cast a floating-point parameter to bf16 (it leaves integer ones as they are), and
+    they cost 4 bytes per 16384 weights (NF4) or per row (int8)."""
+    return nn.Parameter(stored, requires_grad=False)
 
 
 def _nf4_codes(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:

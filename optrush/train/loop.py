@@ -266,7 +266,9 @@ def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Mod
                               f"{model.vocab_size} embeddings; use the model's own tokenizer")
         return apply_context_extension(model, cfg)
     args = get_preset(cfg.model.preset, vocab_size=vocab_size)
-    return apply_context_extension(build_model(args, dtype=dtype, device=device, seed=cfg.train.seed), cfg)
+    # quantize=: each block is quantized as soon as it is initialised (apply_quantize later leaves it as it is)
+    model = build_model(args, dtype=dtype, device=device, seed=cfg.train.seed, quantize=cfg.peft.quantize)
+    return apply_context_extension(model, cfg)
 
 
 def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False,

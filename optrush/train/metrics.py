@@ -59,10 +59,13 @@ def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | 
 
 
 def model_params(model: torch.nn.Module) -> int:
-    """Weights of the model, those stored quantized under QLoRA adapters (buffers, not parameters) included."""
+    """Weights of the model, those stored quantized under QLoRA adapters counted by their shape (not by the
+    integer codes that store them, which `num_params` counts as parameters)."""
     from optrush.peft.quant import QuantizedWeight
 
-    return model.num_params() + sum(m.shape.numel() for m in model.modules() if isinstance(m, QuantizedWeight))
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    stored = sum(p.numel() for m in quantized for p in m.parameters())
+    return model.num_params() - stored + sum(m.shape.numel() for m in quantized)
 
 
 def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
