@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,11 +223,42 @@ def test_pairwise_objective_on_two_ranks_equals_one_process(objective, strategy,
     assert logged(tmp_path / strategy, "trained_tokens") == logged(tmp_path / "single", "trained_tokens")
 
 
-def test_grpo_trains_under_ddp_with_a_sampling_seed_per_rank(overrides, tmp_path):
+def decode_on_rank(rank: int, world: int, port: int, _overrides, out: str, stop_together: bool) -> None:
+    """Rank 0's only row ends at its first token (EOS = the token it picks); rank 1 decodes all 6. Writes how many
+    forward passes each rank ran."""
+    import torch.distributed as dist
+
+    from optrush.generate.decode import generate_batch
+    from optrush.models.io import build_model
+    from optrush.models.presets import get_preset
+
+    torch.set_num_threads(1)  # as rank_main: a forked child must not reuse the parent's OpenMP pool
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = build_model(get_preset("debug"), seed=0)
+    first = generate_batch(model, [[5, 6, 7]], max_new_tokens=1, temperature=0)[0][0]  # greedy
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    generate_batch(model, [[5, 6, 7]], max_new_tokens=6, temperature=0, eos_id=first if rank == 0 else -1,
+                   stop_together=stop_together)
+    Path(out, f"rank{rank}").write_text(str(len(calls)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stop_together", [False, True])
+def test_decoding_stops_together_on_every_rank(stop_together, tmp_path):
+    """Sharded weights make every forward a collective: with stop_together a rank whose rows are done keeps
+    stepping until every rank's are, so all ranks run the same number of forward passes."""
+    run_ranks([], world=2, target=decode_on_rank, args=(str(tmp_path), stop_together))
+    calls = [int((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert calls == ([6, 6] if stop_together else [1, 6])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_trains_on_two_ranks_with_a_sampling_seed_per_rank(strategy, overrides, tmp_path):
     common = overrides + ["objective=grpo", "data.packing=none", "grpo.group_size=2", "grpo.max_new_tokens=4",
                           "train.max_steps=2", "checkpoint.every=0", "train.micro_batch_size=1",
                           "grpo.rewards=[test_objectives_grpo:vowel_share]", "checkpoint.save_final=false"]
-    run_ranks(common + [f"output_dir={tmp_path}", "parallel.strategy=ddp"], world=2)
+    run_ranks(common + [f"output_dir={tmp_path}", f"parallel.strategy={strategy}"], world=2)
     losses = logged(tmp_path)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert logged(tmp_path, "grad_norm")[0] > 0

@@ -325,10 +325,6 @@ def parallel_problems(cfg: Config) -> list[str]:
     if p.strategy == "ddp" and p.reduce_dtype == "bf16" and cfg.train.device == "cpu":
         problems.append("parallel.reduce_dtype=bf16 under ddp is torch's bf16 all-reduce hook, which needs NCCL "
                         "(CUDA): use parallel.reduce_dtype=fp32 on CPU, or parallel.strategy=fsdp")
-    if p.strategy in ("fsdp", "hsdp") and cfg.objective == "grpo":
-        problems.append(f"objective=grpo samples a different number of tokens on each rank, and every forward of a "
-                        f"parallel.strategy={p.strategy} model is a collective (all-gather), so ranks would hang: "
-                        "use parallel.strategy=ddp")
     if p.strategy != "none" and cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
         problems.append("dpo.reference=precomputed caches the reference log-probs in one file that every rank would "
                         "write at once (not supported yet): use dpo.reference=copy with a parallel.strategy")

@@ -24,6 +24,7 @@ from torch import nn
 from optrush.generate.healing import heal_prompts
 from optrush.generate.sample import Sampling, next_tokens
 from optrush.models.kv_cache import KVCache
+from optrush.parallel.distributed import all_reduce_sum
 
 
 def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int,
@@ -46,11 +47,14 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
                    on_token: Callable[[int, int], None] | None = None,
                    generator: torch.Generator | None = None,
                    step_fn: Callable[..., torch.Tensor] | None = None,
-                   first_allowed: torch.Tensor | None = None) -> list[list[int]]:
+                   first_allowed: torch.Tensor | None = None, stop_together: bool = False) -> list[list[int]]:
     """The new token ids of every prompt (EOS included when reached). `should_stop(row, new_ids)` ends a row
     early (stop strings); `on_token(row, token)` streams each token as soon as it is chosen; `step_fn` replaces
     `model` for the one-token steps (e.g. `torch.compile(model)`); `first_allowed` (B, V) bool restricts each
-    row's first new token (token healing, optrush.generate.healing). The model is in eval mode meanwhile."""
+    row's first new token (token healing, optrush.generate.healing). `stop_together`: under a process group,
+    every rank runs as many decode steps as the slowest one (a rank whose rows are done keeps stepping, its outputs
+    unchanged): with FSDP-sharded weights every forward is a collective, so ranks that stopped at different steps
+    would hang. The model is in eval mode meanwhile."""
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)
     if max_new_tokens < 1:
@@ -88,7 +92,10 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
                 if on_token is not None:
                     on_token(row, tok)
                 done[row] = tok in eos or (should_stop is not None and should_stop(row, outputs[row]))
-            if all(done) or step == max_new_tokens - 1:
+            finished = all(done)
+            if stop_together:  # one all-reduce per step: how many ranks still have rows running
+                finished = all_reduce_sum([0.0 if finished else 1.0], device=device)[0] == 0
+            if finished or step == max_new_tokens - 1:
                 break
             seen.scatter_(1, token[:, None], True)
             slot = P + step

@@ -44,6 +44,7 @@ from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.generate.decode import generate_batch
 from optrush.objectives.logps import label_logps
+from optrush.parallel.distributed import world_size
 from optrush.peft.lora import adapters_disabled
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -169,7 +170,8 @@ class GRPO:
         prompts = prompts_of(batch)
         completions = generate_batch(model, [p for p in prompts for _ in range(k)],
                                      max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator)
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=generator,
+                                     stop_together=world_size() > 1)
         prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts for _ in range(k)]
         completion_texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
         rewards = torch.zeros(len(completions))
