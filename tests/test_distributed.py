@@ -253,6 +253,16 @@ def test_decoding_stops_together_on_every_rank(stop_together, tmp_path):
     assert calls == ([6, 6] if stop_together else [1, 6])
 
 
+def test_samples_during_training_under_fsdp_equal_one_process(overrides, tmp_path):
+    """train.sample_every on a sharded model: every rank decodes (each forward all-gathers), rank 0 logs."""
+    common = overrides + ["train.max_steps=2", "checkpoint.every=0", "train.sample_every=2",
+                          "train.sample_prompts=['Recipe: Soup']", "train.sample_max_new_tokens=4",
+                          "checkpoint.save_final=false"]
+    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp"], world=2)
+    train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    assert logged(tmp_path / "fsdp", "sample_0") == logged(tmp_path / "single", "sample_0") != []
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_grpo_trains_on_two_ranks_with_a_sampling_seed_per_rank(strategy, overrides, tmp_path):
     common = overrides + ["objective=grpo", "data.packing=none", "grpo.group_size=2", "grpo.max_new_tokens=4",

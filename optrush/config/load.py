@@ -328,10 +328,6 @@ def parallel_problems(cfg: Config) -> list[str]:
     if p.strategy != "none" and cfg.objective == "dpo" and cfg.dpo.reference == "precomputed":
         problems.append("dpo.reference=precomputed caches the reference log-probs in one file that every rank would "
                         "write at once (not supported yet): use dpo.reference=copy with a parallel.strategy")
-    if p.strategy in ("fsdp", "hsdp") and cfg.train.sample_every:
-        problems.append("train.sample_every decodes with a KV cache, untested on sharded models (every forward of a "
-                        f"parallel.strategy={p.strategy} model is a collective): set train.sample_every=0 and sample "
-                        "from final/ with `optrush generate`")
     if p.strategy != "none" and cfg.train.verify:
         problems.append("train.verify=true runs its checks in one process: run `optrush check CONFIG "
                         "parallel.strategy=none` before the distributed run and set train.verify=false")

@@ -24,6 +24,7 @@ from torch import nn
 
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.formats import Example
+from optrush.parallel.distributed import world_size
 
 UNITS = {"cup", "cups", "tablespoon", "tablespoons", "teaspoon", "teaspoons", "pound", "pounds", "ounce", "ounces",
          "g", "kg", "ml", "l", "pinch", "cloves", "clove", "can", "cans", "slices", "slice", "large", "small",
@@ -131,7 +132,7 @@ def sample_during_training(model: nn.Module, tokenizer, cfg, step: int) -> dict:
     if not t.sample_every or step % t.sample_every:
         return {}
     texts = generate_texts(model, tokenizer, t.sample_prompts, max_new_tokens=t.sample_max_new_tokens,
-                           temperature=0)
+                           temperature=0, stop_together=world_size() > 1)  # every rank decodes (sharded weights)
     scores = [recipe_metrics(text) for text in texts]
     metrics: dict = {f"sample_{i}": text for i, text in enumerate(texts)}
     keys = ("repetition", "parses", "ingredient_use") if cfg.data.format == "recipe" else ("repetition",)
