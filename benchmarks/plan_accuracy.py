@@ -74,9 +74,11 @@ def markdown(results: list[dict]) -> str:
         "kernel's fp32 dq accumulator, residual-stream gradients; and the moment when every saved activation is "
         "still held) were added after the 131,072-token long-context row came out 23% under; and bf16_mixed got "
         "its own speed family after the 1B ladder rows ran about 15% below bf16_pure.",
-        "- Known gap: LoRA/QLoRA under bf16_mixed (the ladder's `+LoRA`, `+QLoRA`, `+8-bit optimizer` rows) use "
-        "14-27% more memory than predicted, and the model does not explain it yet (the bf16 casts of frozen "
-        "fp32 weights, or a dequantized NF4 weight kept by the compiled graph, are candidates to measure); "
+        "- Known gap: LoRA/QLoRA under selective checkpointing (the ladder's `+LoRA`, `+QLoRA`, `+8-bit "
+        "optimizer` rows) used 14-27% more memory than predicted. The likely cause, found afterwards: the "
+        "selective policy kept every matmul output, so each adapter's (x A) B, as large as the base linear's "
+        "output (5.75 GiB at this shape), was kept too. The policy now recomputes these low-rank products "
+        "(`optrush.parallel.checkpointing.low_rank_product`), as the model assumes; the rows await re-measurement. "
         "`optrush plan` prints a note for such rows and `tests/test_plan.py` bounds the other rows only.",
         "- The fp8 row: the model assumes torchao's float8 linears keep fp8 inputs and recompute their weight "
         "casts; it predicts more than was measured, so some bf16 activation is not kept either.",

@@ -110,6 +110,36 @@ def test_checkpointing_policies_recompute_what_they_should_and_keep_parameter_na
     assert ops["full"]["aten::rsqrt"] > 0 and ops["full"]["aten::mm"] > ops["none"]["aten::mm"]
 
 
+def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():
+    """Each adapter's (x A) B is as large as the base linear's output: selective checkpointing recomputes it (one
+    extra small matmul per adapted linear in backward) instead of keeping it, with the same gradients."""
+    from optrush.config.schema import PeftConfig
+    from optrush.peft.lora import apply_lora
+
+    batch = packed_batch(0)
+
+    def lora_model():
+        torch.manual_seed(0)  # the same adapters every time
+        model = apply_lora(build_model(ARGS, seed=0), PeftConfig(method="lora", r=4, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(param, std=0.02)  # non-zero, so that A gets a gradient too
+        return model
+
+    def adapter_grads(model):
+        model(**batch, reduction="sum").backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain = lora_model()
+    selective = apply_activation_checkpointing(lora_model(), config(activations__checkpointing="selective"))
+    ref_grads, grads = adapter_grads(lora_model()), adapter_grads(selective)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * ARGS.n_layers * 7
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    adapted = ARGS.n_layers * 7
+    assert backward_ops(selective, batch)["aten::mm"] == backward_ops(plain, batch)["aten::mm"] + adapted
+
+
 def test_offload_moves_block_activations_to_the_offload_hooks():
     batch = packed_batch(0)
     plain, offloaded = build_model(ARGS, seed=0), build_model(ARGS, seed=0)
