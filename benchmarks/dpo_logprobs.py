@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
-from pathlib import Path
 
 import torch
 from dpo_packing import synthetic_pairs  # the same random pairs (this script's folder is on sys.path)
 
-from optrush.bench.provenance import provenance, provenance_line
+from optrush.bench.provenance import provenance, provenance_line, write_result
 from optrush.config.schema import DPOConfig
 from optrush.data.preference import PairLoader
 from optrush.models.io import build_model
@@ -99,11 +97,7 @@ def main() -> None:
     record = {"args": vars(args), "results": results, "provenance": provenance()}
     text = markdown(record)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.name}_smoke" if args.smoke else args.name
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{name}.md").write_text(text)
+    write_result(record, text, out=args.out, name=f"{args.name}_smoke" if args.smoke else args.name)
 
 
 def markdown(record: dict) -> str:

@@ -9,6 +9,7 @@ host name, user name, paths or git remote (which can embed credentials), so reco
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -48,6 +49,14 @@ def provenance_line(p: dict, device: str | None = None) -> str:
     return (f"- device: {device}; torch {p['torch']}, CUDA {p['cuda']}, driver {p['nvidia_driver']}, "
             f"Python {p['python']}, transformers {p['transformers']}; optrush {p['git_sha'] or p['optrush'] or 'unknown'}"
             f"{' (uncommitted changes)' if p['git_dirty'] else ''}; measured {p['timestamp_utc']}")
+
+
+def write_result(record: dict, markdown: str, *, out: str | Path, name: str) -> None:
+    """A benchmark's result as `<out>/<name>.json` (the record, provenance included) and `.md` (its table)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text(markdown, encoding="utf-8")
 
 
 def git_output(*args: str) -> str | None:
