@@ -12,7 +12,9 @@ Both use the long-context memory stack: full activation checkpointing with the b
 CPU memory (async), the MLP in checkpointed chunks, the chunked fused cross-entropy, causal SDPA (flash).
 
 Without `--lengths`, the search doubles from `--start` up to `--limit` and bisects to `--multiple` tokens; every
-try runs 1 warm-up + 1 timed step and counts as not fitting when it runs out of memory or past `--try-timeout-s`.
+try runs `--warmup` (default 1) untimed + 1 timed step and counts as not fitting when it runs out of memory or past
+`--try-timeout-s`; the search also times `speed_at` (32k) when it did not try it. With `--warmup 0` the one step is
+timed with its warm-up (allocator, CUDA libraries; no compile in these configs), a few seconds against minutes.
 Time: attention FLOPs grow with the square of the length (at 400k tokens of the 8B shape one step is roughly
 2 x 4 x 32 layers x 4096 x 400k^2 / 2 ~ 1e17 FLOPs forward + recompute + backward), so long tries take minutes;
 `--budget-s` stops starting new tries when the time is spent. Output: `long_context_<gpu>.json` (every try,
@@ -53,20 +55,20 @@ SMOKE = ["model.preset=debug", "precision.mode=fp32", "train.device=cpu", "activ
 
 
 def run_scenario(name: str, spec: dict, *, lengths: list[int] | None, budget_s: float, try_timeout_s: float,
-                 smoke: bool) -> dict:
+                 warmup: int, smoke: bool) -> dict:
     overrides = spec["overrides"] + (SMOKE if smoke else [])
     start, limit, multiple, speed_at = ((64, 256, 64, 128) if smoke else
                                         (spec["start"], spec["limit"], spec["multiple"], spec["speed_at"]))
     cfg = load_config(None, overrides, synthetic_data=True)
     deadline = time.monotonic() + budget_s
-    one_try = subprocess_try(cfg, warmup=1, steps=1, timeout_s=try_timeout_s)
+    one_try = subprocess_try(cfg, warmup=warmup, steps=1, timeout_s=try_timeout_s)
 
     def budgeted(length: int) -> dict:
         if time.monotonic() > deadline:
             return {"fits": False, "reason": "not tried: --budget-s spent"}
         return one_try(length)
 
-    record = {"scenario": name, "title": spec["title"], "overrides": overrides}
+    record = {"scenario": name, "title": spec["title"], "overrides": overrides, "warmup": warmup}
     if lengths:
         record["tries"] = [{"length": n, **budgeted(n)} for n in lengths]
         fitting = [t for t in record["tries"] if t["fits"]]
@@ -75,8 +77,8 @@ def run_scenario(name: str, spec: dict, *, lengths: list[int] | None, budget_s: 
     else:
         record.update(find_max_context(cfg, start=start, limit=limit, multiple=multiple, try_length=budgeted))
         record["search"] = True
-    if not any(t["length"] == speed_at for t in record["tries"]):
-        record["tries"].append({"length": speed_at, **budgeted(speed_at)})
+        if not any(t["length"] == speed_at for t in record["tries"]):
+            record["tries"].append({"length": speed_at, **budgeted(speed_at)})
     return record
 
 
@@ -103,7 +105,8 @@ def markdown(records: list[dict]) -> str:
     if provenance:
         device, p = provenance
         lines += [provenance_line(p, device),
-                  "- each try: its own process, one row of synthetic uniform tokens (every token trained), 1 warm-up "
+                  "- each try: its own process, one row of synthetic uniform tokens (every token trained), "
+                  f"{', '.join(sorted({str(r['warmup']) for r in records}))} warm-up "
                   "+ 1 timed optimizer step; tokens/s = length / timed step time; peak = PyTorch's peak "
                   "allocated GPU memory (host memory for offloaded activations is not included)"]
     return "\n".join(lines) + "\n"
@@ -115,6 +118,9 @@ def main() -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated lengths to try instead of searching")
     parser.add_argument("--budget-s", type=float, default=1500, help="per scenario: no new try after this")
     parser.add_argument("--try-timeout-s", type=float, default=540, help="a try running longer does not fit")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps per try; 0 times the first step (warm-up included), for tries of minutes")
+    parser.add_argument("--name", default=None, help="output file stem (default: long_context_<gpu>)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="debug model on CPU, tiny lengths: checks the script")
     args = parser.parse_args()
@@ -126,9 +132,9 @@ def main() -> int:
     if args.smoke and lengths:
         lengths = [min(n, 256) for n in lengths]
     records = [run_scenario(n, SCENARIOS[n], lengths=lengths, budget_s=args.budget_s,
-                            try_timeout_s=args.try_timeout_s, smoke=args.smoke) for n in names]
+                            try_timeout_s=args.try_timeout_s, warmup=args.warmup, smoke=args.smoke) for n in names]
     device = next((t["device"] for r in records for t in r["tries"] if t["fits"]), "none")
-    stem = "long_context_" + ("smoke" if args.smoke else device.lower().replace("nvidia ", "").split()[0])
+    stem = args.name or "long_context_" + ("smoke" if args.smoke else device.lower().replace("nvidia ", "").split()[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")

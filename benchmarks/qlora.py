@@ -1,9 +1,11 @@
 """QLoRA and LoRA benchmark: tokens/s and peak GPU memory of optrush vs transformers + PEFT + bitsandbytes (issue #6).
 
     python benchmarks/qlora.py --out benchmarks/results --name qlora_h100     # one H100/H200, ~15 minutes
+    python benchmarks/qlora.py --only "r=16 B=4" --case-timeout-s 240 ...      # a subset, each case bounded
     python benchmarks/qlora.py --smoke --out /tmp/qlora                      # CPU run of the script itself (~1 min)
 
-Writes <name>.json (every number, the settings, the provenance record) and <name>.md (the tables).
+Writes <name>.json (every number, the settings, the provenance record) and <name>.md (the tables), after every
+case, so a run cut short keeps the cases it finished (the most telling ones run first).
 
 1. Llama-3.1-8B shape (random init, saved once in HF format to --ckpt, default /tmp/rand8b: the same directory the
    peer script /work/shared/gpu/baseline-peers.py writes, so both read one checkpoint), S=2048, LoRA on all linear
@@ -53,20 +55,22 @@ def cases(smoke: bool) -> list[dict]:
         ]
     big = dict(model="llama3.1-8b", seq=2048)
     compiled = OPTIMIZED + ["compile.mode=blocks"]
-    out = []
-    for r in (16, 32):
-        for batch in (1, 4):
-            out.append(dict(name=f"optrush qlora nf4 r={r} B={batch} (ac, fused loss, compiled blocks)",
-                            kind="optrush", batch=batch, r=r, quantize="nf4", extra=compiled, **big))
-    out += [
-        dict(name="optrush qlora nf4 r=16 B=4 (ac, fused loss, eager)", kind="optrush", batch=4, r=16,
-             quantize="nf4", extra=OPTIMIZED, **big),
-        dict(name="optrush qlora int8 r=16 B=4 (ac, fused loss, compiled blocks)", kind="optrush", batch=4, r=16,
-             quantize="int8", extra=compiled, **big),
-        dict(name="peer hf+peft+bnb qlora r=16 B=1 (gc)", kind="peer", batch=1, r=16, gradient_checkpointing=True,
-             **big),
+    nf4 = dict(kind="optrush", quantize="nf4", **big)
+    # most telling first: a device call that runs out of time keeps the head-to-head rows
+    out = [
+        dict(name="optrush qlora nf4 r=16 B=4 (ac, fused loss, compiled blocks)", batch=4, r=16, extra=compiled, **nf4),
         dict(name="peer hf+peft+bnb qlora r=16 B=4 (gc)", kind="peer", batch=4, r=16, gradient_checkpointing=True,
              **big),
+        dict(name="optrush qlora nf4 r=16 B=4 (ac + offload, fused loss, compiled blocks)", batch=4, r=16,
+             extra=compiled + ["activations.offload=true"], **nf4),
+        dict(name="peer hf+peft+bnb qlora r=16 B=1 (gc)", kind="peer", batch=1, r=16, gradient_checkpointing=True,
+             **big),
+        dict(name="optrush qlora nf4 r=16 B=1 (ac, fused loss, compiled blocks)", batch=1, r=16, extra=compiled, **nf4),
+        dict(name="optrush qlora int8 r=16 B=4 (ac, fused loss, compiled blocks)", kind="optrush", batch=4, r=16,
+             quantize="int8", extra=compiled, **big),
+        dict(name="optrush qlora nf4 r=16 B=4 (ac, fused loss, eager)", batch=4, r=16, extra=OPTIMIZED, **nf4),
+        dict(name="optrush qlora nf4 r=32 B=4 (ac, fused loss, compiled blocks)", batch=4, r=32, extra=compiled, **nf4),
+        dict(name="optrush qlora nf4 r=32 B=1 (ac, fused loss, compiled blocks)", batch=1, r=32, extra=compiled, **nf4),
     ]
     one_b = dict(model="llama3.2-1b", seq=2048, batch=4)
     out += [
@@ -188,7 +192,10 @@ def run_case(case: dict, args) -> dict:
     with_ckpt = {**case, "ckpt": str(checkpoint_for(case, Path(args.ckpt)))}
     cmd = [sys.executable, __file__, "--case-json", json.dumps(with_ckpt), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"did not finish within --case-timeout-s={args.case_timeout_s:g}"}
     if done.returncode != 0:
         return {**case, "error": (done.stderr.strip().splitlines() or ["(no output)"])[-1][:400]}
     return {**case, **json.loads(done.stdout.strip().splitlines()[-1])}
@@ -216,6 +223,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="debug-size cases on CPU: checks the script runs")
+    parser.add_argument("--only", help="comma-separated substrings: run the cases whose name contains one")
+    parser.add_argument("--case-timeout-s", type=float, default=None, help="record a case as failed after this")
     parser.add_argument("--case-json", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.case_json:
@@ -228,18 +237,21 @@ def main() -> None:
         args.ckpt = str(Path(args.out) / "rand-debug")
     from optrush.bench.provenance import provenance
 
-    results = []
-    for case in cases(args.smoke):
-        results.append(run_case(case, args))
-        print(json.dumps(results[-1]), flush=True)
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "steps": args.steps,
             "warmup": args.warmup, "smoke": args.smoke, "provenance": provenance(),
             "peer_reference": "issue #6: HF+PEFT+bnb NF4 double quant, gc: B=1 4,877 tok/s 9.31 GiB; "
                               "B=4 6,084 tok/s 19.72 GiB (H100)"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(results, meta))
+    selected = [c for c in cases(args.smoke)
+                if not args.only or any(part in c["name"] for part in args.only.split(","))]
+    results = []
+    for case in selected:
+        results.append(run_case(case, args))
+        print(json.dumps(results[-1]), flush=True)
+        # written after every case: a device command cut short keeps what it measured
+        (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        (out / f"{args.name}.md").write_text(markdown(results, meta))
     print(f"wrote {out / args.name}.json and .md")
 
 

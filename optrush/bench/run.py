@@ -43,9 +43,10 @@ from optrush.train.optimizations import apply_optimizations
 def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name: str = "bench") -> dict:
     """Run `warmup` + `steps` optimizer steps of `cfg` and return the measurements (JSON-serialisable). Under
     torchrun with a parallel.strategy every rank calls it; tokens/s and losses are over all ranks, peak memory
-    is this rank's."""
-    if warmup < 1 or steps < 1:
-        raise ValueError(f"bench needs warmup >= 1 (the first step compiles) and steps >= 1; got {warmup}, {steps}")
+    is this rank's. `warmup=0` times the first step too, compilation and allocator warm-up included: for steps so
+    long (hundreds of thousands of tokens) that a second one would not fit the time."""
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"bench needs warmup >= 0 and steps >= 1; got {warmup}, {steps}")
     owns_group = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
     try:

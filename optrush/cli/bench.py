@@ -85,7 +85,7 @@ def add_commands(commands) -> None:
         "bench", help="time training steps of a config or a ladder of them: tokens/s, MFU, peak memory, loss"))
     p.add_argument("--synthetic", action="store_true",
                    help="random full rows of data.max_length tokens instead of the config's data (no data needed)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3; 0 times every step)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     p.add_argument("--ladder", default=None, metavar="default|FILE",
                    help="run the built-in optimization ladder or one from a YAML file, each rung in its own process")
