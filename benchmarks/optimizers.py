@@ -10,7 +10,9 @@ Writes <name>.json (every number, the settings and the provenance record) and <n
    step. "State GiB" is the GPU memory the first step allocates (the optimizer state; with offload it lives on the
    CPU), "counted GiB" the bytes of the state tensors themselves (quantized ones by their packed storage). The first
    `--warmup` steps (which include torchao's compilation) are excluded; then the optimizer step alone and the whole
-   iteration are timed over `--repeats` iterations with CUDA events, median reported.
+   iteration are timed over `--repeats` iterations with CUDA events, median reported. `LORA_CASES` do the same with
+   LoRA r=16 on every linear: torchao's 8-bit AdamW stepping each of the 224 adapter factors with its own compiled
+   call (`optim.low_bit_min_numel=0`) against optrush's default, which steps them together (optrush.optim.low_bit).
 2. Convergence: `optrush train` of the demo recipe (synthetic recipes, `demo` preset) for `--steps` steps with each
    optimizer (same data order and seed), reporting the loss curve, the final eval loss and tokens/s. Learning
    rates follow each method's guidance relative to the recipe's AdamW lr (table `CONVERGENCE`).
@@ -28,10 +30,11 @@ import torch
 
 from optrush.bench.provenance import provenance
 from optrush.config import load_config
-from optrush.config.schema import OptimConfig
+from optrush.config.schema import OptimConfig, PeftConfig
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
 from optrush.optim import build_optimizer
+from optrush.peft import apply_lora
 
 GIB = 2 ** 30
 
@@ -50,6 +53,13 @@ MEMORY_CASES = [
     ("adamw bf16_pure fp32-state kahan", {"state_dtype": "fp32", "bf16_update": "kahan"}, "bf16_pure"),
     ("adamw bf16_pure stochastic", {"bf16_update": "stochastic"}, "bf16_pure"),
     ("adamw8bit bf16_pure stochastic", {"name": "adamw8bit", "bf16_update": "stochastic"}, "bf16_pure"),
+]
+
+# the same, on the model with LoRA r=16 on every linear (only the adapters train)
+LORA_CASES = [
+    ("lora adamw (fused)", {}, "bf16_mixed"),
+    ("lora adamw8bit, per-tensor torchao step", {"name": "adamw8bit", "low_bit_min_numel": 0}, "bf16_mixed"),
+    ("lora adamw8bit", {"name": "adamw8bit"}, "bf16_mixed"),
 ]
 
 # (label, overrides of the demo recipe, whose AdamW lr is 3e-3 with weight decay 0.01)
@@ -84,7 +94,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def memory_case(label: str, optim: dict, mode: str, *, preset: str, seq: int, warmup: int, repeats: int,
-                device: torch.device) -> dict:
+                device: torch.device, lora: bool = False) -> dict:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the previous case's model and state are gone by now
@@ -92,6 +102,8 @@ def memory_case(label: str, optim: dict, mode: str, *, preset: str, seq: int, wa
     dtype = torch.bfloat16 if mode == "bf16_pure" else torch.float32
     args = get_preset(preset)
     model = build_model(args, dtype=dtype, device=device, seed=0)
+    if lora:
+        model = apply_lora(model, PeftConfig(method="lora", r=16))
     cfg = OptimConfig(**optim)
     optimizer = build_optimizer(model, cfg, lr=1e-5, device_type=device.type)
     tokens = torch.randint(0, args.vocab_size, (1, seq + 1), device=device)
@@ -123,8 +135,9 @@ def memory_case(label: str, optim: dict, mode: str, *, preset: str, seq: int, wa
         iteration_ms.append((time.perf_counter() - started) * 1e3)
         step_ms.append(step)
     counted = None if cfg.offload else state_bytes(optimizer)
-    result = {"label": label, "optim": optim, "precision": mode, "preset": preset,
+    result = {"label": label, "optim": optim, "precision": mode, "preset": preset, "lora_r": 16 if lora else None,
               "params": sum(p.numel() for p in model.parameters()),
+              "trainable_tensors": sum(p.requires_grad for p in model.parameters()),
               "state_gib": (after - before) / GIB if cuda else None,
               "counted_state_gib": counted / GIB if counted is not None else None,
               "step_ms": statistics.median(step_ms), "iteration_ms": statistics.median(iteration_ms),
@@ -190,6 +203,8 @@ def markdown(record: dict) -> str:
     for r in record["memory"]:
         lines.append(f"| {r['label']} | {r['precision']} | {num(r['state_gib'], '.3f')} | "
                      f"{num(r['counted_state_gib'], '.3f')} | {r['step_ms']:.1f} | {r['iteration_ms']:.1f} |")
+    if not record["convergence"]:
+        return "\n".join(lines) + "\n"
     lines += ["", f"## Convergence: demo recipe, {record['settings']['steps']} steps", "",
               "| optimizer | overrides | loss @25% | loss @50% | final loss | eval loss | tokens/s |",
               "|---|---|---:|---:|---:|---:|---:|"]
@@ -209,7 +224,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="convergence steps per optimizer; 0 skips that part")
+    parser.add_argument("--only", help="comma-separated substrings: run the cases whose label contains one")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     preset, records, extra = "llama3.2-1b", 6000, []
@@ -218,17 +234,20 @@ def main() -> None:
         preset, records = "debug", 300
         extra = ["model.preset=debug", "train.device=cpu", "data.max_length=128", "train.micro_batch_size=2",
                  "train.eval_batches=1"]
-    cases = [c for c in MEMORY_CASES if device.type == "cuda" or not c[1].get("offload")]
-    if args.smoke:  # torchao compiles its step per tensor shape: minutes on a CPU, for nothing the smoke run checks
-        cases = [c for c in cases if "bit" not in c[1].get("name", "")]
+    cases = [(*c, False) for c in MEMORY_CASES if device.type == "cuda" or not c[1].get("offload")]
+    cases += [(*c, True) for c in LORA_CASES]
+    if args.smoke:  # torchao compiles its step per tensor shape: minutes on a CPU, for nothing the smoke run checks;
+        # the debug model's tensors are all under the default optim.low_bit_min_numel, so only a 0 there compiles
+        cases = [c for c in cases if c[1].get("low_bit_min_numel") != 0]
+    wanted = lambda label: not args.only or any(part in label for part in args.only.split(","))  # noqa: E731
     memory = []
-    for label, optim, mode in cases:
+    for label, optim, mode, lora in filter(lambda c: wanted(c[0]), cases):
         memory.append(memory_case(label, optim, mode, preset=preset, seq=args.seq, warmup=args.warmup,
-                                  repeats=args.repeats, device=device))
+                                  repeats=args.repeats, device=device, lora=lora))
         print(json.dumps(memory[-1]), flush=True)
 
     convergence = []
-    runs = [c for c in CONVERGENCE if not (args.smoke and "bit" in " ".join(c[1]))]
+    runs = [c for c in CONVERGENCE if not (args.smoke and "bit" in " ".join(c[1])) and wanted(c[0]) and args.steps]
     with tempfile.TemporaryDirectory() as tmp:
         data = demo_data(Path(tmp), records=records)
         for label, overrides in runs:

@@ -117,6 +117,21 @@ def test_fsdp_composes_with_lora_checkpointing_and_fused_loss(overrides, tmp_pat
     assert (tmp_path / "fsdp" / "final" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_low_bit_adamw_under_fsdp_equals_one_process_and_resumes(overrides, tmp_path):
+    """optim.name=adamw8bit on 2 FSDP ranks: every debug-model tensor is under optim.low_bit_min_numel, so each
+    rank steps its DTensor shards together (optrush.optim.low_bit); equal to one process, and the DCP checkpoint
+    resumes in one process."""
+    common = overrides + ["optim.name=adamw8bit", "optim.weight_decay=0.01"]
+    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp"], world=2)
+    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2",
+                                               "checkpoint.every=0"]))
+    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-6, abs=0)
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_00000002"
+    train(load_config(None, common + [f"output_dir={tmp_path / 'resumed'}", "train.grad_accum=2",
+                                      f"checkpoint.resume={checkpoint}", "checkpoint.every=0"]))
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "fsdp")[2:], rel=1e-6, abs=0)
+
+
 def test_loader_position_converts_between_world_sizes():
     examples = [Example(input_ids=list(range(n)), labels=list(range(n))) for n in range(3, 40)]
     settings = dict(strategy="sorted", rows=2, max_length=64, pad_id=0, seed=3)

@@ -251,3 +251,22 @@ def test_fused_loss_log_probs_equal_full_logits_and_never_hold_them(pairs):
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4)
     assert most >= tokens * vocab  # the full-logits path does hold them: the counter sees them
     assert fused_most == chunk * vocab  # one chunk of logits at a time (which the counter sees)
+
+
+@pytest.mark.parametrize("average_chosen", [-1e-9, -3e-8, -1e-4, -30.0])
+def test_orpo_log_odds_stay_exact_as_the_chosen_probability_nears_one(average_chosen):
+    """In fp32, exp(a) rounds to 1 for a above -6e-8: log(1 - exp(a)) would give an infinite log odds ratio and
+    NaN gradients. The fp32 loss and gradients equal the fp64 ones, at every distance from 0."""
+    def orpo(dtype):
+        chosen = torch.tensor([average_chosen * 4], dtype=dtype, requires_grad=True)
+        losses, _, _ = preference_losses("orpo", chosen=chosen, rejected=torch.tensor([-9.0], dtype=dtype),
+                                         chosen_tokens=torch.tensor([4.0], dtype=dtype),
+                                         rejected_tokens=torch.tensor([3.0], dtype=dtype), ref_chosen=None,
+                                         ref_rejected=None, beta=BETA)
+        losses.sum().backward()
+        return losses.detach().double(), chosen.grad.double()
+
+    (loss32, grad32), (loss64, grad64) = orpo(torch.float32), orpo(torch.float64)
+    assert torch.isfinite(grad32).all()
+    torch.testing.assert_close(loss32, loss64, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grad32, grad64, rtol=1e-5, atol=1e-9)

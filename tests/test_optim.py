@@ -217,7 +217,10 @@ RESUME_CASES = [(name, {}, torch.float32) for name in OPTIMIZERS] + [
     ("adamw", {"state_dtype": "fp32", "bf16_update": "kahan"}, torch.bfloat16),
     ("lion", {"bf16_update": "stochastic"}, torch.bfloat16),
     ("muon", {"state_dtype": "bf16"}, torch.float32),
-    ("schedule_free_adamw", {"state_dtype": "fp32", "bf16_update": "kahan"}, torch.bfloat16)]
+    ("schedule_free_adamw", {"state_dtype": "fp32", "bf16_update": "kahan"}, torch.bfloat16),
+    # the 64x128 layers quantized, the rest stepped together; with stochastic rounding into bf16 weights
+    ("adamw8bit", {"low_bit_min_numel": 8192}, torch.float32),
+    ("adamw4bit", {"low_bit_min_numel": 8192, "bf16_update": "stochastic"}, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("name,extra,dtype", RESUME_CASES)
@@ -287,7 +290,8 @@ def test_adamw8bit_and_4bit_track_fp32_adamw(eager_torchao):
     for name in ("adamw", "adamw8bit", "adamw4bit"):
         model, loss_fn = least_squares()
         start = model.weight.detach().clone()
-        opt = build_optimizer(model, OptimConfig(name=name), lr=1e-2, device_type="cpu")
+        # 8,192 elements: under the default optim.low_bit_min_numel, which would keep plain fp32 moments
+        opt = build_optimizer(model, OptimConfig(name=name, low_bit_min_numel=4096), lr=1e-2, device_type="cpu")
         losses[name] = []
         for _ in range(20):
             loss = loss_fn(model)
@@ -305,6 +309,135 @@ def test_adamw8bit_and_4bit_track_fp32_adamw(eager_torchao):
     assert error < 0.05, f"adamw8bit: relative distance {error:.4f} from fp32 AdamW's total update"
     assert losses["adamw8bit"][-1] == pytest.approx(losses["adamw"][-1], rel=0.05), losses
     assert losses["adamw4bit"][-1] < 0.25 * losses["adamw4bit"][0]
+
+
+# Each tensor pulled towards its own target, so that one tensor's update never depends on another's and each can be
+# compared with a reference optimizer on its own. "big" (8,192 elements) is at the threshold the tests use, "mid"
+# (4,096) under it although torchao alone would quantize it, "small" and "vec" under torchao's own 4,096.
+BOWL = {"big": (64, 128), "mid": (64, 64), "small": (32, 48), "vec": (48,)}
+
+
+def bowl() -> nn.ParameterDict:
+    g = torch.Generator().manual_seed(0)
+    return nn.ParameterDict({k: nn.Parameter(torch.randn(shape, generator=g)) for k, shape in BOWL.items()})
+
+
+def bowl_steps(weights: nn.ParameterDict, opt: torch.optim.Optimizer, steps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    targets = {k: torch.randn(shape, generator=g) for k, shape in BOWL.items()}
+    for _ in range(steps):
+        sum((weights[k] - targets[k]).square().sum() for k in BOWL).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def low_bit(weights: nn.ParameterDict, name: str = "adamw8bit", **cfg) -> torch.optim.Optimizer:
+    return build_optimizer(weights, OptimConfig(name=name, weight_decay=0.1, **cfg), lr=1e-2, device_type="cpu")
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_low_bit_steps_small_tensors_together_with_the_same_math(name, eager_torchao):
+    import torchao.optim
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    torchao_class = torchao.optim.AdamW8bit if name == "adamw8bit" else torchao.optim.AdamW4bit
+    ours, theirs, fp32 = bowl(), bowl(), bowl()
+    opt = low_bit(ours, name, low_bit_min_numel=8192)
+    for weights, optimizer in ((ours, opt), (theirs, torchao_class(param_groups(theirs, weight_decay=0.1), **hyper)),
+                               (fp32, torch.optim.AdamW(param_groups(fp32, weight_decay=0.1), foreach=True, **hyper))):
+        bowl_steps(weights, optimizer, 5)
+
+    assert isinstance(opt.state[ours["big"]]["exp_avg"], OptimState8bit if name == "adamw8bit" else OptimState4bit)
+    assert torch.equal(ours["big"], theirs["big"])  # torchao's own per-tensor step, untouched
+    for k in ("mid", "small", "vec"):
+        assert type(opt.state[ours[k]]["exp_avg"]) is torch.Tensor
+        assert opt.state[ours[k]]["exp_avg_sq"].dtype == torch.float32
+        # fp32 AdamW's update and, where torchao keeps plain state too, torchao's, to fp32 rounding (a few ulps)
+        torch.testing.assert_close(ours[k], fp32[k], rtol=1e-6, atol=1e-6)
+        if k != "mid":
+            torch.testing.assert_close(ours[k], theirs[k], rtol=1e-6, atol=1e-6)
+    assert (theirs["mid"] - fp32["mid"]).abs().max() > 1e-4  # torchao quantized "mid": not what we compared
+
+
+def test_low_bit_state_decides_the_path_so_checkpoints_load_under_another_threshold(eager_torchao):
+    """A state saved with every 4096+ tensor quantized (threshold 0, as torchao's own classes do) loads into an
+    optimizer with the default threshold, and training continues exactly: each tensor keeps its state's path."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    weights = bowl()
+    opt = low_bit(weights, low_bit_min_numel=0)
+    bowl_steps(weights, opt, 2)
+    buffer = io.BytesIO()
+    torch.save({"weights": weights.state_dict(), "optim": opt.state_dict()}, buffer)
+    bowl_steps(weights, opt, 2)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = bowl()
+    resumed.load_state_dict(saved["weights"])
+    opt2 = low_bit(resumed)
+    opt2.load_state_dict(saved["optim"])
+    bowl_steps(resumed, opt2, 2)
+    assert isinstance(opt2.state[resumed["mid"]]["exp_avg"], OptimState8bit)
+    for k in BOWL:
+        assert torch.equal(weights[k], resumed[k]), k
+
+
+def test_low_bit_bf16_weights_get_fp32_math_and_unbiased_stochastic_rounding():
+    """Updates of about lr = 1e-3 on bf16 weights in [1.25, 1.5), where an ulp is 2**-7: round-to-nearest drops
+    every one (the weights do not move); stochastic rounding moves about lr / ulp = 13% of them by one ulp in the
+    update's direction, so the mean move is the fp32 update. Both need the update computed in fp32."""
+    ulp = 2.0 ** -7
+    torch.manual_seed(0)
+    start = (1.25 + 0.2 * torch.rand(128, 128)).bfloat16()
+    grad = torch.randn(128, 128).bfloat16()
+    for stochastic in (False, True):
+        w = nn.Parameter(start.clone())
+        opt = build_optimizer(nn.ParameterList([w]), OptimConfig(
+            name="adamw8bit", bf16_update="stochastic" if stochastic else "plain"), lr=1e-3, device_type="cpu")
+        w.grad = grad.clone()
+        opt.step()  # the first Adam step is lr * sign(grad)
+        assert opt.state[w]["exp_avg"].dtype == torch.bfloat16  # plain state in the weights' dtype, as torchao's
+        moved = (w.detach().float() - start.float()) / -(ulp * grad.float().sign())  # in ulps, along the update
+        if not stochastic:
+            assert torch.equal(w.detach(), start)
+            continue
+        assert set(moved.unique().tolist()) == {0.0, 1.0}
+        assert moved.mean().item() * ulp == pytest.approx(1e-3, rel=0.1)  # std of the mean: 2% of it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_bit_steps_224_adapter_sized_tensors_in_fewer_kernels_than_tensors_on_cuda(dtype):
+    """A 1B model's 224 LoRA r=16 factors: torchao launches at least one compiled kernel per tensor (about 0.45 ms
+    each with its dispatch); stepped together they take a few multi-tensor launches, with fp32 AdamW's result."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [nn.Parameter(torch.randn(16, 2048, device="cuda", generator=g).to(dtype)) for _ in range(224)]
+    reference = [nn.Parameter(w.detach().float()) for w in weights]
+    opt = build_optimizer(nn.ParameterList(weights), OptimConfig(name="adamw8bit", weight_decay=0.1), lr=1e-3,
+                          device_type="cuda")
+    ref_opt = torch.optim.AdamW(reference, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+    for step in range(2):
+        for w, r in zip(weights, reference):
+            w.grad = torch.randn(w.shape, device="cuda", generator=g).to(dtype)
+            r.grad = w.grad.float()
+        ref_opt.step()
+        if step == 0:
+            opt.step()
+            continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 0 < len(kernels) < len(weights), len(kernels)
+    # bf16: each step rounds to the nearest bf16 (half an ulp, 2**-9 relative at most), fp32 AdamW does not
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    for w, r in zip(weights, reference):
+        torch.testing.assert_close(w.float(), r.detach(), **tolerance)
+        assert type(opt.state[w]["exp_avg"]) is torch.Tensor and opt.state[w]["exp_avg"].dtype == dtype
 
 
 def test_lion_matches_a_hand_computed_step():
@@ -482,6 +615,7 @@ def test_ema_average_swap_and_state_round_trip():
     (["optim.offload=true"], "optim.offload=true moves"),
     (["optim.name=schedule_free_adamw"], "set train.schedule=constant"),
     (["train.ema_decay=1.5"], "train.ema_decay=1.5"),
+    (["optim.name=adamw8bit", "optim.low_bit_min_numel=-1"], "optim.low_bit_min_numel=-1: must be >= 0"),
     (["optim.fused=true", "optim.state_dtype=bf16"], "optim.fused=true keeps"),
 ])
 def test_config_rejects_bad_optimizer_combinations(overrides, message):

@@ -53,8 +53,10 @@ def test_weights_gradients_and_optimizer_states_by_hand():
     # k, v (2048 each) and norms keep fp32 moments
     quantized, scales = 2 * 45056 + 2 * 32768, 2 * 176 + 2 * 128
     small = 2 * (2 * 2048 + 128) + 64
-    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="adamw8bit")) == \
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="adamw8bit", low_bit_min_numel=0)) == \
         2 * (quantized + 4 * scales) + 2 * 4 * small
+    # by default (optim.low_bit_min_numel=2**20) every tensor of the debug model is small: plain fp32 moments
+    assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="adamw8bit")) == 8 * TOTAL
     # Muon: one moment for hidden matrices, AdamW's two for embedding, head and norms
     assert mem.optimizer_bytes(DEBUG, setup(precision="fp32", optimizer="muon")) == \
         4 * (2 * BLOCK_LINEAR + 2 * (2 * 32768 + 2 * 128 + 64))

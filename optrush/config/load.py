@@ -258,7 +258,8 @@ def kernel_problems(cfg: Config) -> list[str]:
     if cfg.model.attention == "varlen" and cfg.precision.mode == "fp32":
         problems.append("model.attention=varlen runs FlashAttention, which takes bf16 only: set precision.mode to "
                         "bf16_mixed or bf16_pure, or use model.attention=flex or sdpa for fp32")
-    if cfg.model.attention == "flex" and cfg.data.packing != "bfd" and cfg.objective in ("causal_lm", "sft"):
+    if cfg.model.attention == "flex" and cfg.data.packing != "bfd" and cfg.objective in ("causal_lm", "sft",
+                                                                                          "reward", "dpo"):
         problems.append(f"model.attention=flex with data.packing={cfg.data.packing}: FlexAttention's document masks "
                         "are for packed rows; padded batches change length from batch to batch, and flex compiles "
                         "anew for every length (torch 2.11 cannot compile it for a symbolic length). Set "
@@ -341,6 +342,9 @@ def optimizer_problems(o: OptimConfig) -> list[str]:
         problems.append(f"optim.betas={list(o.betas)} and optim.momentum={o.momentum}: each must be in [0, 1)")
     if o.ns_steps < 1:
         problems.append(f"optim.ns_steps={o.ns_steps}: must be >= 1")
+    if o.low_bit_min_numel < 0:
+        problems.append(f"optim.low_bit_min_numel={o.low_bit_min_numel}: must be >= 0 (0 quantizes every tensor "
+                        "torchao can)")
     if o.fused and o.name != "adamw":
         problems.append(f"optim.fused=true selects torch's fused AdamW kernel: it applies to optim.name=adamw only, "
                         f"not {o.name}; set optim.fused=null")

@@ -7,7 +7,8 @@ Every loss reads the summed completion log-probs of chosen (c) and rejected (r) 
 reference-based losses, under the reference (c0, r0); with h = (c - c0) - (r - r0), beta = dpo.beta and
 eps = dpo.label_smoothing:
 
-- `sigmoid` (DPO, https://arxiv.org/abs/2305.18290; label smoothing as in cDPO):
+- `sigmoid` (DPO, https://arxiv.org/abs/2305.18290; label smoothing as in cDPO, which TRL 1.16's DPOTrainer
+  no longer applies to sigmoid):
   -(1 - eps) log s(beta h) - eps log s(-beta h)
 - `ipo` (https://arxiv.org/abs/2310.12036): (h - 1 / (2 beta))^2, with length-averaged log-probs as in TRL
 - `hinge` (SLiC, https://arxiv.org/abs/2305.10425): max(0, 1 - beta h)
@@ -16,7 +17,10 @@ eps = dpo.label_smoothing:
   z = beta (a_c - a_r) - gamma: -(1 - eps) log s(z) - eps log s(-z)
 - `orpo` (https://arxiv.org/abs/2403.07691, no reference): the chosen completion's mean token NLL minus
   beta log s(log odds(a_c) - log odds(a_r)), with log odds(a) = a - log(1 - exp(a)). TRL averages the NLL over
-  all chosen tokens of the batch; here it is per pair, like every other loss of the family.
+  all chosen tokens of the batch, prompt tokens included; here it is per pair and over the completion only, as in
+  SFT on the chosen response, like every other loss of the family.
+
+tests/test_dpo_trl.py checks every loss against TRL's own loss code where TRL is installed (the `dev` extra).
 
 The loss is summed over pairs; the loop divides by the step's pair count. The reference is a frozen copy of the
 starting model, its log-probs computed once by `precompute_reference_logps` and cached on disk, or (LoRA/DoRA
@@ -123,6 +127,13 @@ def sequence_logps(model: nn.Module, pairs: PairBatch, *,
     return logps, counts
 
 
+def log_odds_of(logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) from log p < 0. `-expm1` keeps 1 - p exact as p nears 1 (an fp32 log p above -6e-8 has
+    exp(log p) == 1, so log1p(-exp(log p)) is -inf and its gradient NaN), and no `torch.where` branch is needed,
+    whose masked side would still send NaN into the gradient. Only log p == 0 exactly (p == 1) stays infinite."""
+    return logp - torch.log(-torch.expm1(logp))
+
+
 def preference_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
                       rejected_tokens: torch.Tensor, ref_chosen: torch.Tensor | None,
                       ref_rejected: torch.Tensor | None, beta: float, label_smoothing: float = 0.0,
@@ -135,7 +146,7 @@ def preference_losses(loss: str, *, chosen: torch.Tensor, rejected: torch.Tensor
             z = beta * (avg_c - avg_r) - gamma
             losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
         else:
-            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+            log_odds = log_odds_of(avg_c) - log_odds_of(avg_r)
             losses = -avg_c - beta * F.logsigmoid(log_odds)
         return losses, beta * avg_c.detach(), beta * avg_r.detach()
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected

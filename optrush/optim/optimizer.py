@@ -5,11 +5,14 @@
 | optim.name          | implementation                                   | state per parameter            |
 |---------------------|--------------------------------------------------|--------------------------------|
 | adamw               | torch.optim.AdamW (fused on CUDA, foreach on CPU) | 2 x param dtype                |
-| adamw8bit/adamw4bit | torchao.optim.AdamW8bit / AdamW4bit              | 2 x 1 byte / 2 x 0.5 byte      |
+| adamw8bit/adamw4bit | optrush.optim.low_bit.AdamW8bit / AdamW4bit      | 2 x 1 byte / 2 x 0.5 byte (*)  |
 | adafactor           | torch.optim.Adafactor                            | row + column second moments    |
 | lion                | optrush.optim.lion.Lion                          | 1 x state dtype                |
 | muon                | optrush.optim.muon.Muon (AdamW for non-hidden)   | 1 (hidden) or 2 x state dtype  |
 | schedule_free_adamw | optrush.optim.schedule_free.ScheduleFreeAdamW    | 2 x state dtype (z, v)         |
+
+(*) torchao's quantized moments for tensors of `optim.low_bit_min_numel` (default 2**20) elements or more; smaller
+tensors (LoRA adapters, norms) keep 2 x param dtype and are stepped together (optrush.optim.low_bit says why).
 
 `optim.state_dtype` sets the dtype of the moment buffers (default: the parameters' own) and `optim.bf16_update`
 how an update is written into bf16 weights (optrush.optim.bf16); an adamw run that needs either gets
@@ -36,6 +39,7 @@ from optrush.optim.lion import Lion
 from optrush.optim.muon import Muon, muon_groups
 from optrush.optim.offload import CPUOffload
 from optrush.optim.schedule_free import ScheduleFreeAdamW
+from optrush.parallel.distributed import is_main
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adafactor", "lion", "muon", "schedule_free_adamw")
 
@@ -74,6 +78,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float, device_typ
         groups = muon_groups(model, groups)
     params = [p for g in groups for p in g["params"]]
     optimizer_class, kwargs = optimizer_choice(cfg, params, device_type=device_type)
+    if cfg.name in ("adamw8bit", "adamw4bit") and is_main():
+        from optrush.optim.low_bit import state_split
+
+        print(state_split(params, name=cfg.name, min_numel=cfg.low_bit_min_numel), flush=True)
     if cfg.offload:
         if device_type != "cuda":
             raise ValueError("optim.offload=true moves optimizer state from the GPU to the CPU: it needs a CUDA "
@@ -98,10 +106,11 @@ def optimizer_choice(cfg: OptimConfig, params: list[torch.Tensor], *,
                              f"optim.bf16_update={cfg.bf16_update}; set optim.fused=null")
         return AdamW, {"betas": betas, "eps": cfg.eps, **own}
     if cfg.name in ("adamw8bit", "adamw4bit"):
-        from torchao.optim import AdamW4bit, AdamW8bit
+        from optrush.optim.low_bit import AdamW4bit, AdamW8bit
 
         low_bit = AdamW8bit if cfg.name == "adamw8bit" else AdamW4bit
-        return low_bit, {"betas": betas, "eps": cfg.eps, "bf16_stochastic_round": cfg.bf16_update == "stochastic"}
+        return low_bit, {"betas": betas, "eps": cfg.eps, "bf16_stochastic_round": cfg.bf16_update == "stochastic",
+                         "min_numel": cfg.low_bit_min_numel}
     if cfg.name == "adafactor":
         return torch.optim.Adafactor, {"foreach": True}
     if cfg.name == "lion":

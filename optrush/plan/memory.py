@@ -177,23 +177,26 @@ def optimizer_bytes(a: ModelArgs, s: Setup) -> float:
     shapes = trainable_shapes(a, s)
     embed = {(a.vocab_size, a.dim)}
     states = sum(count * state_bytes(s.optimizer, x, element_bytes=state_element_bytes(s),
-                                     hidden_matrix=len(x) == 2 and (s.peft != "none" or x not in embed))
+                                     hidden_matrix=len(x) == 2 and (s.peft != "none" or x not in embed),
+                                     low_bit_min_numel=s.low_bit_min_numel)
                  for x, count in shapes.items())
     kahan = count_params(shapes) * 2 if s.kahan and s.precision == "bf16_pure" else 0
     return shard(states + kahan, s)
 
 
-def state_bytes(optimizer: str, shape: tuple[int, ...], *, element_bytes: int, hidden_matrix: bool) -> float:
+def state_bytes(optimizer: str, shape: tuple[int, ...], *, element_bytes: int, hidden_matrix: bool,
+                low_bit_min_numel: int = 1 << 20) -> float:
     """Bytes of optimizer state for one tensor (optrush.optim.optimizer's table). Moments take `element_bytes`
     each, except torchao's quantized AdamW: blockwise 8-bit (block 256) or 4-bit (block 128) codes plus an fp32
-    scale per block, for tensors of 4096+ elements (smaller ones keep plain states). Adafactor factors a matrix's
+    scale per block, for tensors of at least 4096 and `low_bit_min_numel` elements (smaller ones keep plain
+    states, optrush.optim.low_bit). Adafactor factors a matrix's
     second moment into row and column vectors and keeps no momentum; Lion keeps one momentum; Muon one for
     hidden matrices (LoRA adapters and block linears) and AdamW's two for the rest; schedule-free AdamW z and v."""
     n = numel(shape)
     if optimizer in ("adamw", "schedule_free_adamw"):
         return 2 * n * element_bytes
     if optimizer in ("adamw8bit", "adamw4bit"):
-        if n < 4096:
+        if n < max(4096, low_bit_min_numel):
             return 2 * n * element_bytes
         bits, block = (8, 256) if optimizer == "adamw8bit" else (4, 128)
         return 2 * (n * bits / 8 + math.ceil(n / block) * 4)

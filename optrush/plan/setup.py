@@ -30,6 +30,8 @@ class Setup:
     """optim.state_dtype: fp32 | bf16 | None (the parameters' dtype)."""
     optimizer_offload: bool = False
     """optim.offload: optimizer state and step in CPU memory."""
+    low_bit_min_numel: int = 1 << 20
+    """optim.low_bit_min_numel: 8-bit/4-bit AdamW keep plain moments for tensors with fewer elements."""
     kahan: bool = False
     """optim.bf16_update=kahan: a bf16 rounding-residue buffer per trained weight."""
     peft: str = "none"
@@ -75,7 +77,8 @@ def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | Non
     return Setup(
         seq_len=cfg.data.max_length, micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
         precision=cfg.precision.mode, optimizer=cfg.optim.name, state_dtype=cfg.optim.state_dtype,
-        optimizer_offload=cfg.optim.offload, kahan=cfg.optim.bf16_update == "kahan", peft=cfg.peft.method,
+        optimizer_offload=cfg.optim.offload, low_bit_min_numel=cfg.optim.low_bit_min_numel,
+        kahan=cfg.optim.bf16_update == "kahan", peft=cfg.peft.method,
         quantize=cfg.peft.quantize, lora_rank=cfg.peft.r, lora_targets=targets,
         virtual_tokens=cfg.peft.num_virtual_tokens, checkpointing=cfg.activations.checkpointing,
         every=cfg.activations.every, offload=cfg.activations.offload,
@@ -99,6 +102,8 @@ def config_overrides(setup: Setup) -> list[str]:
         out.append(f"optim.state_dtype={setup.state_dtype}")
     if setup.optimizer_offload:
         out.append("optim.offload=true")
+    if setup.low_bit_min_numel != Setup.low_bit_min_numel:
+        out.append(f"optim.low_bit_min_numel={setup.low_bit_min_numel}")
     if setup.fsdp_cpu_offload:
         out.append("parallel.cpu_offload=true")
     if setup.mlp_chunk_tokens:
