@@ -110,7 +110,7 @@ def run_optrush(case: dict, path: Path, *, steps: int, warmup: int) -> dict:
     peft = [] if case["r"] == 0 else ["peft.method=lora", f"peft.r={case['r']}", f"peft.alpha={case['r']}",
                                       f"peft.quantize={case['quantize']}"]
     overrides = [f"model.path={path}", "precision.mode=bf16_pure", f"train.device={device.type}",
-                 f"data.max_length={case['seq']}", *peft, *case["extra"]]
+                 f"data.max_length={case['seq']}", f"train.micro_batch_size={case['batch']}", *peft, *case["extra"]]
     cfg = load_config(None, overrides, synthetic_data=True)
     torch.manual_seed(0)
     model = load_model(path, dtype=loop.PARAM_DTYPES[cfg.precision.mode], device=device,
@@ -130,9 +130,21 @@ def run_optrush(case: dict, path: Path, *, steps: int, warmup: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return {**timed(step, steps=steps, warmup=warmup, tokens=ids.numel(), device=device),
-            "weights_gib": weights_gib, "trainable_params": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad), "overrides": overrides}
+    measured = timed(step, steps=steps, warmup=warmup, tokens=ids.numel(), device=device)
+    return {**measured, **planner_fields(case, cfg, measured, device=device), "weights_gib": weights_gib,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "overrides": overrides}
+
+
+def planner_fields(case: dict, cfg, measured: dict, *, device: torch.device) -> dict:
+    """The keys of an `optrush bench` record, so `benchmarks/plan_accuracy.py` checks the planner against this
+    row: the resolved config names the preset the random checkpoint was saved from (the directory is gone)."""
+    from optrush.config import to_dict
+
+    config = to_dict(cfg)
+    config["model"].update(preset=case["model"], path=None)
+    return {"config": config, "peak_mem_gib": measured["peak_gib"], "world_size": 1,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
 def run_peer(case: dict, path: Path, *, steps: int, warmup: int) -> dict:

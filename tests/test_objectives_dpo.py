@@ -119,6 +119,32 @@ def test_flex_shared_prompt_mask_equals_the_dense_one(pairs):
     torch.testing.assert_close(flex[real], reference[real], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
+def test_flex_shared_prompt_dpo_trains_like_the_dense_mask_on_gpu(pairs):
+    """The compiled FlexAttention kernel with the shared-prompt mask, forward and backward: the DPO loss and every
+    gradient equal the dense SDPA mask's (CPU cannot run flex's backward)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from optrush.kernels.attention import FLEX
+
+    _, tok, train = pairs
+    shared = next(PairLoader(train[:6], strategy="bfd", rows=2, max_length=512, pad_id=tok.pad_token_id, seed=0,
+                             shared_prompt=True)).to("cuda")
+    objective = DPO(cfg=DPOConfig(), reference_logps=torch.zeros(len(train), 2, device="cuda"))
+    results = []
+    for backend in (None, FLEX):
+        model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0, device="cuda")
+        if backend is not None:
+            model.set_attention_backend(backend)
+        loss, _ = objective(model, shared)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (dense_loss, dense_grads), (flex_loss, flex_grads) = results
+    torch.testing.assert_close(flex_loss, dense_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
 def test_shared_prompt_rewards_equal_separate_sequences(pairs):
     from optrush.objectives.reward import apply_reward_head, sequence_rewards
 
