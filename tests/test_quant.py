@@ -2,6 +2,7 @@
 bits), int8 rounds within half a step, the matmul never keeps a dequantized weight, QLoRA trains only the adapters
 and resumes exactly, merged export == dequantized base + adapter, and a checkpoint loads straight into NF4 with
 peak memory of about the quantized model."""
+import shutil
 import weakref
 from collections import Counter
 
@@ -17,7 +18,7 @@ from optrush.models.presets import get_preset
 from optrush.peft import apply_lora, merge_lora, save_merged
 from optrush.peft.lora import LoRALinear
 from optrush.peft.quant import (BLOCK, NF4_LEVELS, SCALE_BLOCK, QuantizedLinear, QuantizedWeight, apply_quantize,
-                                error_bound, linear, quantize_weight, quantized_nbytes)
+                                compiled_dequantize, error_bound, linear, quantize_weight, quantized_nbytes)
 from optrush.train.optimizations import apply_optimizations
 
 VOCAB = 128
@@ -120,11 +121,14 @@ def test_int8_round_trip_within_half_a_step_per_row():
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
-def test_quantized_matmul_grads_and_no_saved_dense_weight(method):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantized_matmul_grads_and_no_saved_dense_weight(method, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
-    w = torch.randn(64, 128)
+    w = torch.randn(64, 128, device=device)
     q = quantize_weight(w, method=method)
-    x = torch.randn(3, 5, 128, requires_grad=True)
+    x = torch.randn(3, 5, 128, device=device, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = linear(x, q)
@@ -308,6 +312,45 @@ def test_quantized_matmul_traces_into_one_compiled_graph(method):
     compiled(x).backward()
     expected = 2 * (x.detach() @ q.dequantize().T) @ q.dequantize()
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_compiled_dequantize_equals_eager(method):
+    """The one-kernel dequantization of kernels.fused_dequantize equals the eager one up to rounding (inductor may
+    contract the block maxima's decode into a fused multiply-add)."""
+    q = quantize_weight(torch.randn(96, 256, generator=torch.Generator().manual_seed(0)), method=method)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = q.dequantize(dtype)
+        got = compiled_dequantize(method)(q.shape, dtype, *q.stored())
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+def test_fused_dequantize_trains_like_the_eager_dequantization():
+    """kernels.fused_dequantize: compiled blocks with full checkpointing over NF4, the forward's dequantization
+    compiled inside the opaque op, give the same losses as the eager dequantization."""
+    losses = {}
+    for fused in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the LoRA A matrices draw from the global generator
+        cfg = load_config(None, ["model.preset=debug", "train.device=cpu", "precision.mode=fp32",
+                                 "data.max_length=64", "peft.method=lora", "peft.r=4", "peft.quantize=nf4",
+                                 "activations.checkpointing=full", "compile.mode=blocks",
+                                 f"kernels.fused_dequantize={str(fused).lower()}"], synthetic_data=True)
+        model = apply_optimizations(build_model(get_preset("debug", vocab_size=VOCAB), seed=0), cfg)
+        assert all(w.fused_dequantize == fused for w in model.modules() if isinstance(w, QuantizedWeight))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+        losses[fused] = []
+        for _ in range(3):
+            loss = model(ids, labels=ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[fused].append(float(loss))
+    # equal up to rounding: inductor may contract the block maxima's decode into a fused multiply-add
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
 
 
 def saved_activations(model, ids) -> Counter:

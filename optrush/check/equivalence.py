@@ -93,6 +93,9 @@ def speed_switches(cfg: Config) -> list[tuple[str, str, Callable[[Config], None]
         switches.append(("fused loss", "kernels.fused_loss=false", lambda c: setattr(c.kernels, "fused_loss", True)))
     if cfg.kernels.fused_ops:
         switches.append(("fused ops", "kernels.fused_ops=false", lambda c: setattr(c.kernels, "fused_ops", True)))
+    if cfg.kernels.fused_dequantize:
+        switches.append(("fused dequantize", "kernels.fused_dequantize=false",
+                         lambda c: setattr(c.kernels, "fused_dequantize", True)))
     if cfg.activations.checkpointing != "none" or cfg.activations.offload:
         switches.append(("activation checkpointing", "activations.checkpointing=none activations.offload=false",
                          lambda c: setattr(c, "activations", copy.deepcopy(cfg.activations))))

@@ -264,6 +264,9 @@ def kernel_problems(cfg: Config) -> list[str]:
                         "are for packed rows; padded batches change length from batch to batch, and flex compiles "
                         "anew for every length (torch 2.11 cannot compile it for a symbolic length). Set "
                         "data.packing=bfd, or model.attention=sdpa (flash attention on padded rows)")
+    if cfg.kernels.fused_dequantize and cfg.peft.quantize == "none":
+        problems.append("kernels.fused_dequantize=true speeds up the dequantization of a quantized base: it needs "
+                        "peft.quantize=nf4 or int8")
     if cfg.kernels.loss_chunk_tokens < 1:
         problems.append(f"kernels.loss_chunk_tokens={cfg.kernels.loss_chunk_tokens}: must be >= 1")
     if cfg.kernels.z_loss < 0:

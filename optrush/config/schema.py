@@ -220,6 +220,9 @@ class KernelsConfig:
     """Weight of the z-loss (log-partition squared) regulariser; 0 disables it."""
     fused_ops: bool = False
     """Fused RMSNorm, RoPE and SwiGLU kernels (compile-friendly)."""
+    fused_dequantize: bool = False
+    """QLoRA (peft.quantize nf4/int8): dequantize each frozen weight for its forward matmul with one compiled
+    kernel per weight shape (torch.compile) instead of the eager gather/scale/cast chain."""
 
 
 @dataclass(kw_only=True, slots=True)

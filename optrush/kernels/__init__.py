@@ -51,6 +51,12 @@ def apply_kernels(model: nn.Module, cfg: Config) -> nn.Module:
         model.loss_fn = functools.partial(reference_linear_cross_entropy, z_loss=k.z_loss)
     if k.fused_ops:
         apply_fused_ops(model)
+    if k.fused_dequantize:
+        from optrush.peft.quant import QuantizedWeight
+
+        for module in model.modules():
+            if isinstance(module, QuantizedWeight):
+                module.fused_dequantize = True
     return model
 
 
@@ -64,6 +70,8 @@ def kernel_choices(cfg: Config) -> list[str]:
         chosen.append(f"kernels.z_loss={k.z_loss}")
     if k.fused_ops:
         chosen.append("kernels.fused_ops")
+    if k.fused_dequantize:
+        chosen.append("kernels.fused_dequantize")
     return chosen
 
 

@@ -16,8 +16,9 @@ int8: each output row is scaled by its absolute maximum / 127 and rounded (8 bit
 `linear` dequantizes the weight inside a custom op (`dequantized_matmul`) whose backward dequantizes it again, so
 no full-precision copy of a weight outlives its matmul (F.linear on a dequantized weight would keep one per layer
 until the backward: a whole bf16 model). The matmul runs in the input's dtype, or autocast's (bf16). The op is opaque
-to torch.compile, so its dequantization runs eagerly (a few elementwise kernels per weight) even in compiled blocks;
-the custom op's backward is traced by torch.compile, so it must not call compiled code itself.
+to torch.compile, so its forward dequantizes eagerly (a few elementwise kernels per weight) unless
+`kernels.fused_dequantize=true` compiles that into one kernel per weight shape; its backward is traced and fused by
+torch.compile in compiled blocks, and runs eagerly otherwise.
 
 Only the linear layers of the transformer blocks are quantized: the embedding, final norm and output head stay in
 the training dtype (as QLoRA and bitsandbytes' defaults do: the head is small next to the blocks of an 8B model and
@@ -33,6 +34,8 @@ and a tensor subclass whose every aten op needs a handler. This module is ~200 l
 any torch >= 2.4, CPU and GPU, and compile.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,9 @@ class QuantizedWeight(nn.Module):
     """A frozen weight of `shape` stored quantized; `dequantize()` gives it back in `dtype` (its original dtype)."""
 
     method: str
+    fused_dequantize = False
+    """Dequantize for the forward matmul with one compiled kernel (kernels.fused_dequantize; set by
+    optrush.kernels.apply_kernels)."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype):
         super().__init__()
@@ -182,6 +188,25 @@ def quantize_weight(weight: torch.Tensor, *, method: str) -> QuantizedWeight:
     return FORMATS[method](weight)
 
 
+@functools.cache
+def compiled_dequantize(method: str):
+    """`DEQUANTIZE[method]` compiled: one kernel per weight shape."""
+    return torch.compile(DEQUANTIZE[method], dynamic=False, fullgraph=True)
+
+
+def forward_dequantize(method: str, shape: torch.Size, dtype: torch.dtype, stored: list[torch.Tensor], *,
+                       fused: bool) -> torch.Tensor:
+    """The weight for the forward matmul. `fused` (kernels.fused_dequantize): one compiled kernel per weight shape
+    instead of the eager chain of gather, scale and cast, which moves about 30 bytes per weight where one kernel
+    reads half a byte and writes two. It runs inside the opaque op, where no tracer sees it, with the recompile
+    limit lifted: the variants are the model's few weight shapes. The op's backward does not call it: under
+    torch.compile that backward is traced and fused anyway."""
+    if not fused:
+        return DEQUANTIZE[method](shape, dtype, *stored)
+    with torch._dynamo.utils.disable_cache_limit():
+        return compiled_dequantize(method)(shape, dtype, *stored)
+
+
 # An opaque custom op rather than an autograd.Function, so that torch.compile cannot see inside it: a compiled,
 # checkpointed block then saves exactly what the backward below asks for. With an autograd.Function dynamo traced
 # the dequantization into the joint graph; on an H100 (torch 2.11) compiled blocks with full checkpointing then
@@ -189,18 +214,19 @@ def quantize_weight(weight: torch.Tensor, *, method: str) -> QuantizedWeight:
 # to trace inside a block.
 @torch.library.custom_op("optrush::dequantized_matmul", mutates_args=())
 def dequantized_matmul(x: torch.Tensor, stored: list[torch.Tensor], method: str, out_features: int,
-                       in_features: int, dtype: torch.dtype) -> torch.Tensor:
+                       in_features: int, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """x @ dequantize(W)^T in `dtype`; the backward dequantizes W again instead of saving it (W is frozen)."""
-    return F.linear(x.to(dtype), DEQUANTIZE[method](torch.Size((out_features, in_features)), dtype, *stored))
+    weight = forward_dequantize(method, torch.Size((out_features, in_features)), dtype, stored, fused=fused)
+    return F.linear(x.to(dtype), weight)
 
 
 @dequantized_matmul.register_fake
-def _(x, stored, method, out_features, in_features, dtype):
+def _(x, stored, method, out_features, in_features, dtype, fused):
     return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
 
 
 def _save_quantized_weight(ctx, inputs, output) -> None:
-    x, stored, method, out_features, in_features, _ = inputs
+    x, stored, method, out_features, in_features, _, _ = inputs
     ctx.save_for_backward(*stored)  # the weight's storage (parameters and buffers), never the activation x
     ctx.method, ctx.shape, ctx.x_dtype = method, (out_features, in_features), x.dtype
 
@@ -209,7 +235,7 @@ def _dequantized_matmul_backward(ctx, grad: torch.Tensor):
     stored = ctx.saved_tensors  # read once: activation checkpointing allows a single unpack
     weight = DEQUANTIZE[ctx.method](torch.Size(ctx.shape), grad.dtype, *stored)
     grad_x = (grad @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-    return grad_x, [None] * len(stored), None, None, None, None
+    return grad_x, [None] * len(stored), None, None, None, None, None
 
 
 dequantized_matmul.register_autograd(_dequantized_matmul_backward, setup_context=_save_quantized_weight)
@@ -221,7 +247,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
         return F.linear(x, weight, bias)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    out = dequantized_matmul(x, list(weight.stored()), weight.method, *weight.shape, dtype)
+    out = dequantized_matmul(x, list(weight.stored()), weight.method, *weight.shape, dtype, weight.fused_dequantize)
     return out if bias is None else out + bias
 
 
