@@ -239,7 +239,9 @@ def main() -> None:
     if args.smoke:  # torchao compiles its step per tensor shape: minutes on a CPU, for nothing the smoke run checks;
         # the debug model's tensors are all under the default optim.low_bit_min_numel, so only a 0 there compiles
         cases = [c for c in cases if c[1].get("low_bit_min_numel") != 0]
-    wanted = lambda label: not args.only or any(part in label for part in args.only.split(","))  # noqa: E731
+    def wanted(label: str) -> bool:
+        return not args.only or any(part in label for part in args.only.split(","))
+
     memory = []
     for label, optim, mode, lora in filter(lambda c: wanted(c[0]), cases):
         memory.append(memory_case(label, optim, mode, preset=preset, seq=args.seq, warmup=args.warmup,
