@@ -34,16 +34,10 @@ from pathlib import Path
 import torch
 
 from optrush.bench.provenance import provenance, provenance_line, write_result
-from optrush.cli.demo import demo_config_path
+from optrush.cli.demo import demo_config_path, train_demo_tokenizer
 from optrush.config import load_config
 from optrush.data.clean import clean_records
-from optrush.data.recipes import (
-    generate_recipes,
-    recipe_completion,
-    recipe_prompt,
-    write_jsonl,
-)
-from optrush.data.tokenizer import train_tokenizer
+from optrush.data.recipes import generate_recipes, write_jsonl
 from optrush.train import train
 
 REFERENCE = "lora bf16_mixed"
@@ -67,8 +61,7 @@ def make_data(directory: Path, *, base: int, adapt: int, eval_records: int) -> d
     for name, records in parts.items():
         write_jsonl(records, paths[name])
     paths["tokenizer"] = directory / "tokenizer"
-    train_tokenizer((recipe_prompt(r) + recipe_completion(r) for r in parts["base"]), vocab_size=2048,
-                    out_dir=paths["tokenizer"])
+    train_demo_tokenizer(parts["base"], paths["tokenizer"])
     return paths
 
 

@@ -160,19 +160,13 @@ def timed(fn, *, cuda: bool) -> float:
 
 def demo_data(directory: Path, *, records: int) -> list[str]:
     """The demo's synthetic recipe corpus and tokenizer (as `optrush demo` makes them); returns the overrides."""
+    from optrush.cli.demo import train_demo_tokenizer
     from optrush.data.clean import clean_records
-    from optrush.data.recipes import (
-        generate_recipes,
-        recipe_completion,
-        recipe_prompt,
-        write_jsonl,
-    )
-    from optrush.data.tokenizer import train_tokenizer
+    from optrush.data.recipes import generate_recipes, write_jsonl
 
     kept, _ = clean_records(list(generate_recipes(records, seed=0)))
     write_jsonl(kept, directory / "recipes.jsonl")
-    train_tokenizer((recipe_prompt(r) + recipe_completion(r) for r in kept), vocab_size=2048,
-                    out_dir=directory / "tokenizer")
+    train_demo_tokenizer(kept, directory / "tokenizer")
     return [f"data.path={directory / 'recipes.jsonl'}", f"data.tokenizer={directory / 'tokenizer'}"]
 
 

@@ -30,6 +30,12 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("optrush") / "recipes" / "demo.yaml"))
 
 
+def train_demo_tokenizer(records: list[dict], out_dir: str | Path):
+    """The demo's byte-level BPE of 2048 tokens, trained on the recipes' prompt + completion text."""
+    return train_tokenizer((recipe_prompt(r) + recipe_completion(r) for r in records), vocab_size=2048,
+                           out_dir=out_dir)
+
+
 def run_demo(*, out_dir: str | Path = "demo_run", steps: int | None = None, records: int | None = None) -> dict:
     started = time.perf_counter()
     out = Path(out_dir)
@@ -44,8 +50,7 @@ def run_demo(*, out_dir: str | Path = "demo_run", steps: int | None = None, reco
     write_jsonl(kept, clean_path)
 
     tokenizer_dir = out / "tokenizer"
-    texts = (recipe_prompt(r) + recipe_completion(r) for r in kept)
-    tokenizer = train_tokenizer(texts, vocab_size=2048, out_dir=tokenizer_dir)
+    tokenizer = train_demo_tokenizer(kept, tokenizer_dir)
     print(f"[2/4] trained a byte-level BPE tokenizer of {len(tokenizer)} tokens -> {tokenizer_dir}", flush=True)
 
     overrides = [f"data.path={clean_path}", f"data.tokenizer={tokenizer_dir}", f"output_dir={out / 'run'}",
