@@ -201,14 +201,19 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str]) -> None:
     train(load_config(None, overrides))
 
 
-def test_context_parallel_on_two_ranks_equals_one_process(overrides, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_context_parallel_on_two_ranks_equals_one_process(strategy, overrides, tmp_path):
     """Ring attention (context.degree=2): both ranks hold half of every row (zigzag) and read the same rows, so
-    the run equals one process on the whole rows, loss for loss and weight for weight."""
+    the run equals one process on the whole rows, loss for loss and weight for weight. Under fsdp the two ranks
+    also shard the weights, and the reduce-scatter's average over them must still give the whole row's gradient."""
     common = overrides + ["data.packing=none", "train.max_steps=2", "checkpoint.every=0", "data.eval_fraction=0.1",
                           "train.eval_batches=2"]
-    run_ranks(common + [f"output_dir={tmp_path / 'cp'}", "parallel.strategy=ddp", "context.degree=2"], world=2)
+    run_ranks(common + [f"output_dir={tmp_path / 'cp'}", f"parallel.strategy={strategy}", "context.degree=2"],
+              world=2)
     single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}"]))
     assert logged(tmp_path / "cp") == pytest.approx(single["losses"], rel=1e-5, abs=0)
+    # Adam would hide a gradient off by a constant factor (a wrong normalization over the ranks); the norm does not
+    assert logged(tmp_path / "cp", "grad_norm") == pytest.approx(logged(tmp_path / "single", "grad_norm"), rel=1e-4)
     assert logged(tmp_path / "cp", "eval_loss") == pytest.approx([single["eval_loss"]], rel=1e-5, abs=0)
     ring, reference = load_model(tmp_path / "cp" / "final"), load_model(tmp_path / "single" / "final")
     # Adam turns the attention's fp32 reordering noise in near-zero gradients into weight changes of a few 1e-5;

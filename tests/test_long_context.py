@@ -1,8 +1,9 @@
 """Long context (issue #12): every memory path equals the plain one on short sequences.
 
 Offloaded checkpointing (bit for bit on CPU), the chunked MLP, RoPE scaling against transformers' own functions,
-ring attention over 2 gloo processes against single-process attention (outputs and gradients), the batch
-sharding, and the max-context search (injected predicate + one real subprocess try).
+ring attention over 2 gloo processes against single-process attention (outputs and gradients; on 2 GPUs over NCCL
+in bf16 too, a `gpu` test), the batch sharding, and the max-context search (injected predicate, one real
+subprocess try, one try under torchrun with context parallelism).
 """
 import os
 import tempfile
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from optrush.bench.max_context import find_max_context, outcome, subprocess_try
+from optrush.bench.max_context import find_max_context, outcome, subprocess_try, with_memory_reason
 from optrush.config import Config, ConfigError, load_config
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.models.io import build_model
@@ -315,6 +316,68 @@ def test_ring_attention_on_two_processes_matches_single_process():
                            start_method="fork")
 
 
+def nccl_ring_worker(rank: int, world: int, store: str) -> None:
+    torch.cuda.set_device(rank)  # before the first NCCL call: batch_isend_irecv hangs without it
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for layout in ("zigzag", "contiguous"):
+            check_ring_attention_on_gpu(rank, world, layout, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def attention_and_grads(q, k, v, grad) -> list[torch.Tensor]:
+    """Causal attention of the whole sequence on one GPU (key/value heads repeated for GQA), and d(q, k, v)."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    q_, k_, v_ = leaves[0], *(t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in leaves[1:])
+    out = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+    out.backward(grad)
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+def check_ring_attention_on_gpu(rank, world, layout, group):
+    B, H, H_kv, S, D = 1, 8, 2, 8192, 128  # Llama-3.1-8B's head_dim and GQA ratio (32 / 8)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(B, h, S, D, generator=g).to("cuda", torch.bfloat16) for h in (H, H_kv, H_kv, H))
+    exact = attention_and_grads(q.float(), k.float(), v.float(), grad.float())
+    one_gpu = attention_and_grads(q, k, v, grad)  # what training without context parallelism computes (flash)
+    size = S // (2 * world if layout == "zigzag" else world)
+
+    def local(t):
+        return torch.cat([t[:, :, c * size:(c + 1) * size] for c in chunk_ids(rank, world, layout)], dim=2)
+
+    parts = [local(t).clone().requires_grad_() for t in (q, k, v)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = ring_attention(*parts, mask=None, group=group, layout=layout)
+    out.backward(local(grad))
+    torch.cuda.synchronize()
+    # linear in the local length: a handful of (B, H, S / world, D) fp32 buffers; one fp32 score matrix of a
+    # contiguous chunk against itself would be 512 MiB
+    local_fp32 = B * H * (S // world) * D * 4
+    assert torch.cuda.max_memory_allocated() - before < 24 * local_fp32, layout
+
+    def error(got, want):
+        return float((got.detach().float() - want).norm() / want.norm())
+
+    for name, got, single, want in zip(("out", "dq", "dk", "dv"), [out, *(p.grad for p in parts)], one_gpu, exact):
+        assert got.dtype == torch.bfloat16 and got.shape == local(want).shape, name
+        # bf16 rounding as large as one GPU's own flash attention, not a wrong block, scale or log-sum-exp
+        bound = 2 * error(local(single), local(want)) + 2e-3
+        assert error(got, local(want)) < min(bound, 2e-2), (layout, name, error(got, local(want)), bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ring_attention_over_nccl_matches_one_gpu_attention(tmp_path):
+    """Ring attention on 2 GPUs over NCCL in bf16 (FlashAttention forward/backward per block, the log-sum-exp
+    merge, batch_isend_irecv hops), zigzag and contiguous, against causal SDPA of the whole sequence on one GPU:
+    outputs and q/k/v gradients, and memory linear in the local length."""
+    mp.start_processes(nccl_ring_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True,
+                       start_method="spawn")
+
+
 # ------------------------------------------------------------------------------------------------ max context
 
 def test_max_context_search_doubles_then_bisects():
@@ -337,11 +400,20 @@ def test_max_context_search_doubles_then_bisects():
                             log=lambda _: None)["max_length"] is None
 
 
-def test_max_context_tells_memory_from_other_failures():
+def test_max_context_tells_memory_from_other_failures(tmp_path):
     assert outcome({"status": "failed", "reason": "OutOfMemoryError: CUDA out of memory"}) == {
         "fits": False, "reason": "OutOfMemoryError: CUDA out of memory"}
     with pytest.raises(RuntimeError, match="other than memory.*ConfigError"):
         outcome({"name": "length=64", "status": "skipped", "reason": "ConfigError: bad key"})
+    # under torchrun, rank 1 ran out of memory and rank 0 was killed before writing a result: the log tells
+    log = tmp_path / "length_64.log"
+    log.write_text("[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n=====\n")
+    died = {"name": "length_64", "status": "failed", "reason": "exit code 1: ===== (log: ...)", "log": str(log)}
+    assert not outcome(with_memory_reason(died))["fits"]
+    log.write_text("RuntimeError: NCCL error\n")
+    with pytest.raises(RuntimeError, match="other than memory.*exit code 1"):
+        outcome(with_memory_reason(died))
 
 
 def test_max_context_real_try_in_a_subprocess(tmp_path, monkeypatch):
@@ -351,6 +423,23 @@ def test_max_context_real_try_in_a_subprocess(tmp_path, monkeypatch):
     result = subprocess_try(cfg, warmup=1, steps=1, timeout_s=300, logs=tmp_path)(48)
     assert result["fits"] and result["tokens_per_s"] > 0
     assert result["config"]["data"]["max_length"] == 48 and result["config"]["train"]["micro_batch_size"] == 1
+
+
+def test_max_context_try_under_torchrun_with_context_parallelism(tmp_path, monkeypatch):
+    """A try as 2 gloo processes under torchrun (ring attention over the row, FSDP over the same ranks): rank 0
+    reports, the row's tokens count once, and the loss is the single-process loss of the same row."""
+    from optrush.bench.run import bench
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = ["model.preset=debug", "train.device=cpu", "data.max_length=64", "objective=causal_lm",
+              f"output_dir={tmp_path}", "train.micro_batch_size=1"]
+    cfg = load_config(None, common + ["parallel.strategy=fsdp", "context.degree=2", "data.packing=none"],
+                      synthetic_data=True)
+    result = subprocess_try(cfg, warmup=0, steps=1, timeout_s=300, logs=tmp_path, nproc=2)(64)
+    assert result["fits"] and result["world_size"] == 2
+    assert result["tokens_per_s"] * result["step_s"] == pytest.approx(64)
+    single = bench(load_config(None, common, synthetic_data=True), synthetic=True, warmup=0, steps=1)
+    assert result["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
 def test_context_extension_from_the_config():

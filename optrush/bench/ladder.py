@@ -36,9 +36,11 @@ tokens/s (padded peers and packed rungs then compare fairly) and its ratio over 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -295,18 +297,39 @@ def run_child(command: list[str], *, name: str, timeout_s: float | None, logs: P
     started = time.perf_counter()
     try:
         with open(log, "w", encoding="utf-8") as out:
-            proc = subprocess.run([*command, "--json-out", str(result_path)], stdout=out, stderr=subprocess.STDOUT,
-                                  env=env, timeout=timeout_s)
+            proc = subprocess.Popen([*command, "--json-out", str(result_path)], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+            except BaseException:  # timed out or interrupted: no process of the try may outlive it
+                stop(proc)
+                raise
         text = result_path.read_text(encoding="utf-8")
     except subprocess.TimeoutExpired:
-        return {"name": name, "status": "failed", "reason": f"timed out after {timeout_s:.0f} s (log: {log})"}
+        return {"name": name, "status": "failed", "reason": f"timed out after {timeout_s:.0f} s (log: {log})",
+                "log": str(log)}
     finally:
         result_path.unlink(missing_ok=True)
     if not text:  # died before writing: killed (e.g. host out of memory) or crashed in C++
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
         return {"name": name, "status": "failed", "reason": f"exit code {proc.returncode}: {tail[0][:300]} "
-                f"(log: {log})"}
+                f"(log: {log})", "log": str(log)}
     return {**json.loads(text), "wall_s": time.perf_counter() - started, "log": str(log)}
+
+
+def stop(proc: subprocess.Popen, *, grace_s: float = 60) -> None:
+    """Stop a child started in a session of its own, and all it started: SIGTERM first, on which torchrun stops
+    its workers (each in a session of its own, so out of reach of a signal to the child's group) and exits; then
+    SIGKILL to whatever is left in the group after `grace_s`. A worker left running would keep its GPU memory
+    and its place in NCCL collectives."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -13,7 +13,9 @@ with that reason: a broken config must not pass for a short context. A try that 
 not fitting (reported as timed out): at hundreds of thousands of tokens one step can take many minutes. The
 model's RoPE tables are sized to each try (`model.max_seq_len`) when the config's are shorter: positions beyond the
 pretraining length are then extrapolated unless `model.rope_scaling` says otherwise, which does not change the
-speed or memory measured.
+speed or memory measured. `subprocess_try(..., nproc=N)` runs each try under torchrun as N processes (context
+parallelism over N GPUs, with parallel.strategy fsdp or ddp): rank 0 reports, and a try where any rank ran out of
+memory does not fit.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from pathlib import Path
 
 from optrush.config import Config, to_yaml
 
-# Reasons a try counts as "does not fit": out of GPU or host memory (the kernel's OOM killer: -9), or a step
-# slower than the per-try time limit
-DID_NOT_FIT = ("OutOfMemoryError", "out of memory", "can't allocate memory", "exit code -9", "exit code 137",
-               "timed out")
+# Reasons a try counts as "does not fit": out of GPU or host memory (the kernel's OOM killer: -9, which torchrun
+# reports as a signal), or a step slower than the per-try time limit
+OUT_OF_MEMORY = ("OutOfMemoryError", "out of memory", "can't allocate memory", "Signal 9 (SIGKILL)")
+DID_NOT_FIT = (*OUT_OF_MEMORY, "exit code -9", "exit code 137", "timed out")
 
 Try = Callable[[int], dict]
 """A try: length -> {"length", "fits": bool, and on success "tokens_per_s", "peak_mem_gib"; else "reason"}."""
@@ -81,9 +83,11 @@ def find_max_context(cfg: Config, *, start: int, limit: int, multiple: int = 102
 
 
 def subprocess_try(cfg: Config, *, warmup: int, steps: int, timeout_s: float | None,
-                   logs: Path | None = None) -> Try:
-    """A try that runs `optrush bench` on one row of `length` synthetic tokens in a fresh process."""
+                   logs: Path | None = None, nproc: int = 1) -> Try:
+    """A try that runs `optrush bench` on one row of `length` synthetic tokens in a fresh process, or under
+    torchrun as `nproc` processes (one per GPU: context parallelism, FSDP), whose result is rank 0's."""
     from optrush.bench.ladder import run_child
+    from optrush.parallel.launch import torchrun_command
 
     workdir = Path(tempfile.mkdtemp(prefix="optrush-max-context-"))
     config_path = workdir / "config.yaml"
@@ -94,19 +98,34 @@ def subprocess_try(cfg: Config, *, warmup: int, steps: int, timeout_s: float | N
         overrides = [f"data.max_length={length}", "train.micro_batch_size=1", "train.grad_accum=1"]
         if cfg.model.max_seq_len < length:  # 0 (the model's own) included: a preset's may be shorter
             overrides.append(f"model.max_seq_len={length}")
-        command = [sys.executable, "-m", "optrush", "bench", str(config_path), *overrides, "--synthetic",
-                   "--name", f"length={length}", "--warmup", str(warmup), "--steps", str(steps)]
-        result = run_child(command, name=f"length_{length}", timeout_s=timeout_s, logs=logs)
-        return outcome(result)
+        arguments = ["bench", str(config_path), *overrides, "--synthetic", "--name", f"length={length}",
+                     "--warmup", str(warmup), "--steps", str(steps)]
+        command = torchrun_command(arguments, nproc=nproc) if nproc > 1 else \
+            [sys.executable, "-m", "optrush", *arguments]
+        return outcome(with_memory_reason(run_child(command, name=f"length_{length}", timeout_s=timeout_s,
+                                                    logs=logs)))
 
     return try_length
+
+
+def with_memory_reason(result: dict) -> dict:
+    """A failed child whose log shows it ran out of memory fails for that reason. Under torchrun the rank that ran
+    out may not be rank 0, which then dies (killed by torchrun) or waits on it without writing a result, so the
+    failure's own reason ("exit code 1: ...", "timed out") may not say so."""
+    if result.get("status") != "failed" or any(m in result.get("reason", "") for m in OUT_OF_MEMORY):
+        return result
+    log = Path(result.get("log", ""))
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    line = next((line for line in reversed(text.splitlines()) if any(m in line for m in OUT_OF_MEMORY)), None)
+    return result if line is None else {**result, "reason": f"{line.strip()[:300]} (log: {log})"}
 
 
 def outcome(result: dict) -> dict:
     """A child's bench result as a try: fits, or did not (memory, time limit); anything else raises."""
     if result.get("status") == "ok":
-        return {"fits": True, **{k: result[k] for k in ("name", "tokens_per_s", "peak_mem_gib", "step_s",
-                                                          "loss", "device", "config", "synthetic", "provenance")}}
+        return {"fits": True, **{k: result[k] for k in ("name", "tokens_per_s", "peak_mem_gib", "step_s", "mfu",
+                                                          "world_size", "loss", "device", "config", "synthetic",
+                                                          "provenance")}}
     reason = result.get("reason", "no reason given")
     if any(marker in reason for marker in DID_NOT_FIT):
         return {"fits": False, "reason": reason[:300]}

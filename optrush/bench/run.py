@@ -10,6 +10,8 @@ run first (the first one includes compilation: reported as `time_to_first_step_s
 whose total wall time (each step ends with a device sync) gives tokens/s. Data: the config's own (tokenized,
 packed or padded, as `train` would) or, with `synthetic`, rows of `data.max_length` uniformly random tokens of the
 model's vocabulary, every position trained and no padding, drawn from `train.seed` (no data or tokenizer needed).
+With context parallelism (`context.degree` > 1, ring attention) the ranks of a context group read the same rows
+and each keeps its share of every row, as in training; tokens/s counts each token of a row once.
 
 MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / peak FLOP/s of the device for the matmul precision (bf16
 peak for bf16 modes, twice that for fp8, TF32 for fp32), the formula of `../shared/gpu/baseline-hf.py` (issue #5).
@@ -32,6 +34,7 @@ from optrush.models.presets import get_preset
 from optrush.objectives import build_objective
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
+from optrush.parallel.context import apply_context_parallel, batch_sharder, context_group, data_parallel_position
 from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distributed, teardown
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
@@ -67,13 +70,20 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
 
     started = time.perf_counter()
     n_steps = warmup + steps
+    # the ranks of one context-parallel group read the same rows and each keeps its share of every row
+    data_rank, data_world = data_parallel_position(cfg.context.degree)
     if synthetic:
         vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
         model = build(cfg, vocab_size=vocab_size, device=device)
-        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=parallel.rank)
+        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=data_rank)
     else:
-        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=parallel.rank, world_size=parallel.world_size)
+        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=data_rank, world_size=data_world)
         model = build(cfg, vocab_size=vocab_size, device=device)
+    context = context_group(cfg.context.degree)
+    if context is not None:
+        model = apply_context_parallel(model, cfg, context)
+    shard = batch_sharder(cfg, context, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
+    batches = [[shard(b) for b in step] for step in batches]
     model = apply_optimizations(model, cfg)
     objective = build_objective(cfg.objective)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
@@ -101,6 +111,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
 
     timed = batches[warmup:]
     timed_s = sum(seconds[warmup:])
+    # each rank counts the tokens it holds: under context parallelism a row's shares, so every token once
     tokens, padding = all_reduce_sum([sum(b.input_ids.numel() for step in timed for b in step),
                                       sum(b.num_padding for step in timed for b in step)], device=device)
     real_tokens = tokens - padding

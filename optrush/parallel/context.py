@@ -174,8 +174,10 @@ class _RingAttention(torch.autograd.Function):
                 block_out, block_lse, aux = block_forward(q[:, :, rows], *(t[:, :, kj * size:(kj + 1) * size]
                                                                            for t in kv), causal=causal, scale=scale)
                 merged = torch.logaddexp(lse[:, :, rows], block_lse)
-                out[:, :, rows] = (out[:, :, rows] * (lse[:, :, rows] - merged).exp().unsqueeze(-1)
-                                   + block_out.float() * (block_lse - merged).exp().unsqueeze(-1))
+                # in place: at 64k-token chunks each (B, H, chunk, D) fp32 temporary is a GiB
+                acc = out[:, :, rows]
+                acc.mul_((lse[:, :, rows] - merged).exp().unsqueeze(-1))
+                acc.add_(block_out * (block_lse - merged).exp().unsqueeze(-1))
                 lse[:, :, rows] = merged
             if incoming is not None:
                 kv = incoming.wait()

@@ -93,13 +93,14 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
                                 examples=train_examples + eval_examples if cfg.objective in PAIRWISE else ())
+    # sharding leaves no plain model to save at the end: keep its structure (on the meta device, no memory), before
+    # ring attention binds the model to a process group (which cannot be copied)
+    plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
     # context parallelism: each rank of a group holds a share of every row and attends around a ring
     context = context_group(cfg.context.degree)
     if context is not None:
         model = apply_context_parallel(model, cfg, context)
     shard = batch_sharder(cfg, context, pad_id=tokenizer.pad_token_id)
-    # sharding leaves no plain model to save at the end: keep its structure (on the meta device, no memory)
-    plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
     model = apply_optimizations(model, cfg)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
                                 lora_plus_ratio=cfg.peft.lora_plus_ratio)
