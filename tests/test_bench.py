@@ -126,6 +126,9 @@ def test_ladder_with_hf_peer_end_to_end(tmp_path, capsys):
         assert (out / f"ladder_{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "model").exists()  # the shared model is an intermediate
     assert "planted failure: failed" in capsys.readouterr().out
+    # each rung and peer was appended as it finished, so a run cut short keeps them
+    finished = [json.loads(line) for line in (out / "finished.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in finished] == [r["name"] for r in record["rungs"] + record["peers"]]
 
 
 def test_plan_carries_rungs_that_apply_and_skips_the_rest():

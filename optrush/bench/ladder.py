@@ -27,7 +27,8 @@ flex/varlen attention on CPU, ...), it needs more GPUs than are visible, it chan
 synthetic data (full random rows: nothing to pack), or it resolves to the same config as the rung before. A rung
 that raises or dies (out of memory, a compile error, a timeout) is `failed`, with the error, and its overrides
 are carried on. Each rung is `python -m optrush bench CONFIG overrides --json-out FILE`, a fresh process, so its
-peak memory, compile caches and allocator state are its own; `measure_rung` is what that child runs.
+peak memory, compile caches and allocator state are its own; `measure_rung` is what that child runs. Each finished
+rung and peer is also appended to `<out>/finished.jsonl` at once, so a run cut short keeps what it measured.
 
 With peers and a `model.preset`, the model is built once (seeded), saved as an HF directory in the output folder
 (removed at the end), and every rung and peer loads it, so all start from identical weights; a `model.path`
@@ -230,6 +231,15 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
         base += ["model.preset=null", f"model.path={model_dir}"]
 
     common = dict(timeout_s=timeout_s, logs=out_dir / "logs")
+    # one line per finished rung or peer, written as it finishes: a run cut short (a device's time limit) keeps them
+    finished = out_dir / "finished.jsonl"
+    finished.unlink(missing_ok=True)
+
+    def report(result: dict) -> None:
+        print(progress_line(result), flush=True)
+        with open(finished, "a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
+
     results = []
     for plan in plan_ladder(config_path, base, ladder, synthetic=synthetic, gpus=visible_gpus()):
         if plan.skipped:
@@ -239,7 +249,7 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
                                    warmup=warmup, steps=steps, gpus=plan.rung.min_gpus)
             result = median_run([run_child(command, name=plan.rung.name, **common) for _ in range(repeats)])
         results.append({"stack": "optrush", "overrides": plan.overrides, **result})
-        print(progress_line(results[-1]), flush=True)
+        report(results[-1])
 
     peer_results = []
     for peer in peers:
@@ -250,7 +260,7 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
             command = peer_command(peer, config_path, base, synthetic=synthetic, warmup=warmup, steps=steps)
             result = median_run([run_child(command, name=peer, **common) for _ in range(repeats)])
         peer_results.append({"stack": PEERS[peer], **result})
-        print(progress_line(peer_results[-1]), flush=True)
+        report(peer_results[-1])
     if model_dir is not None:
         shutil.rmtree(model_dir)  # an intermediate: the config and seed recreate it
         for result in results:
@@ -367,4 +377,4 @@ def progress_line(result: dict) -> str:
     if result["status"] != "ok":
         return f"{name}: {result['status']}: {result['reason'].splitlines()[0][:200]}"
     return (f"{name}: {result['real_tokens_per_s']:,.0f} non-padding tokens/s, peak {result['peak_mem_gib']:.2f} GiB, "
-            f"loss {result['loss']:.4f}")
+            f"loss {result['loss']:.4f}" + (f" ({result['wall_s']:.0f} s in all)" if "wall_s" in result else ""))
