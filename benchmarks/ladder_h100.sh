@@ -17,13 +17,17 @@
 # liger-kernel==0.8.5 bitsandbytes==0.50.2, installed with --target /tmp/site and PYTHONPATH=/tmp/site);
 # missing ones are skipped.
 # Budget: about 12 rung processes + 4 peers at 20-60 s each (start-up, model build, compile): close to the
-# 10-minute limit of one device command. If it runs out, split: `--peers hf_default,hf_compile` in one call.
+# 10-minute limit of one device command. If it runs out, run the same command again with `--resume` (the
+# rungs and peers finished into <out>/finished.jsonl are kept; the saved model is reused): e.g.
+#   benchmarks/ladder_h100.sh qlora8b            # device call 1: cut off by the time limit after some rungs
+#   benchmarks/ladder_h100.sh qlora8b --resume   # device call 2, with call 1's <out>/finished.jsonl in place
+# (on a fresh machine only finished.jsonl needs carrying over; the shared model is saved again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: benchmarks/ladder_h100.sh 1b|qlora8b|--smoke}
 # overrides (positional) must all come before the options
 common=(train.device=cuda objective=causal_lm train.schedule=constant train.max_steps=1000 output_dir=/tmp/optrush-ladder)
-options=(--synthetic --warmup 3 --steps 8)
+options=(--synthetic --warmup 3 --steps 8 "${@:2}")  # e.g. --resume
 case "$what" in
   1b)
     python -m optrush bench model.preset=llama3.2-1b train.micro_batch_size=4 data.max_length=2048 train.lr=1e-5 \

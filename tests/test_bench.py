@@ -212,3 +212,38 @@ def test_peer_rows_unshift_labels_and_pad(debug_overrides):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_ladder_resume_keeps_what_an_earlier_run_finished(tmp_path, monkeypatch):
+    """--resume: rungs measured by a run cut short are read back from finished.jsonl, not run again; a failed rung
+    and a rung whose overrides changed are run again."""
+    import optrush.bench.ladder as ladder_module
+
+    ran, attempts = [], []
+
+    def fake_child(command, *, name, **_):
+        ran.append(name)
+        if name == "broken" and ran.count("broken") + attempts.count("broken") == 1:  # fails the first time only
+            return {"name": name, "status": "failed", "reason": "OutOfMemoryError"}
+        return {"name": name, "status": "ok", "loss": 2.0, "tokens_per_s": 10.0, "real_tokens_per_s": 10.0,
+                "peak_mem_gib": 1.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(ladder_module, "run_child", fake_child)
+    rungs = (Rung("base", ("precision.mode=fp32",)), Rung("broken", ("kernels.fused_loss=true",)),
+             Rung("+bf16", ("precision.mode=bf16_mixed",)))
+    common = dict(synthetic=True, warmup=1, steps=1, out_dir=tmp_path)
+    overrides = ["model.preset=debug", "train.device=cpu"]
+    ladder_module.run_ladder(None, overrides, ladder=Ladder(rungs=rungs, reference="base"), **common)
+    assert ran == ["base", "broken", "+bf16"]
+    attempts.extend(ran)
+    ran.clear()
+    changed = (rungs[0], rungs[1], Rung("+bf16", ("precision.mode=bf16_pure",)))
+    record = ladder_module.run_ladder(None, overrides, ladder=Ladder(rungs=changed, reference="base"), resume=True,
+                                      **common)
+    assert ran == ["broken", "+bf16"]
+    assert [r["status"] for r in record["rungs"]] == ["ok", "ok", "ok"]
+    finished = [json.loads(line)["name"] for line in (tmp_path / "finished.jsonl").read_text().splitlines()]
+    assert finished == ["base", "broken", "+bf16", "broken", "+bf16"]
+    ran.clear()
+    ladder_module.run_ladder(None, overrides, ladder=Ladder(rungs=changed, reference="base"), **common)
+    assert ran == ["base", "broken", "+bf16"]  # without --resume everything runs again

@@ -210,10 +210,12 @@ def write_child_result(result: dict, path: str | Path) -> None:
 
 def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Ladder, synthetic: bool, warmup: int,
                steps: int, out_dir: str | Path, peers: Sequence[str] = (), repeats: int = 1,
-               timeout_s: float | None = None) -> dict:
+               timeout_s: float | None = None, resume: bool = False) -> dict:
     """Run every rung (and peer) in its own process; returns the record (also written by `write_ladder_report`).
     `repeats` runs of each rung: the one with the median tokens/s is reported, all speeds kept. `timeout_s`
-    bounds each process; one that runs past it is reported as failed."""
+    bounds each process; one that runs past it is reported as failed. `resume`: rungs and peers that an earlier
+    run into the same `out_dir` finished (`finished.jsonl`, same name and overrides) are taken from it, not rerun,
+    and a shared model that run saved is reused: a ladder longer than one time-limited session completes in two."""
     from optrush.bench.peers import PEERS, peer_skip_reason, save_peer_model
 
     if repeats < 1 or warmup < 1 or steps < 1:
@@ -227,13 +229,17 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
     cfg = load_config(config_path, base, synthetic_data=synthetic)
     model_dir = None
     if peers and cfg.model.path is None:  # one model for everyone: rungs and peers load the same saved weights
-        model_dir = save_peer_model(cfg, out_dir / "model", synthetic=synthetic)
+        model_dir = out_dir / "model"
+        if not (resume and (model_dir / "config.json").is_file()):  # saved atomically: present means complete
+            save_peer_model(cfg, model_dir, synthetic=synthetic)
         base += ["model.preset=null", f"model.path={model_dir}"]
 
     common = dict(timeout_s=timeout_s, logs=out_dir / "logs")
     # one line per finished rung or peer, written as it finishes: a run cut short (a device's time limit) keeps them
     finished = out_dir / "finished.jsonl"
-    finished.unlink(missing_ok=True)
+    done = read_finished(finished) if resume else {}
+    if not resume:
+        finished.unlink(missing_ok=True)
 
     def report(result: dict) -> None:
         print(progress_line(result), flush=True)
@@ -242,6 +248,11 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
 
     results = []
     for plan in plan_ladder(config_path, base, ladder, synthetic=synthetic, gpus=visible_gpus()):
+        earlier = done.get(("optrush", plan.rung.name))
+        if earlier is not None and earlier["overrides"] == plan.overrides:
+            results.append(earlier)
+            print(progress_line(earlier) + " (from finished.jsonl)", flush=True)
+            continue
         if plan.skipped:
             result = {"name": plan.rung.name, "status": "skipped", "reason": plan.skipped}
         else:
@@ -253,6 +264,10 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
 
     peer_results = []
     for peer in peers:
+        if (PEERS[peer], peer) in done:
+            peer_results.append(done[PEERS[peer], peer])
+            print(progress_line(peer_results[-1]) + " (from finished.jsonl)", flush=True)
+            continue
         reason = peer_skip_reason(peer)
         if reason:
             result = {"name": peer, "status": "skipped", "reason": reason}
@@ -272,6 +287,14 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
             "reference": reference, "configured_reference": ladder.reference, "shared_model": bool(peers),
             "rungs": results,
             "peers": peer_results, **best_over_peers(results, peer_results)}
+
+
+def read_finished(path: Path) -> dict[tuple[str, str], dict]:
+    """The measured rungs and peers of an earlier run, by (stack, name); failures are run again."""
+    if not path.is_file():
+        return {}
+    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {(r["stack"], r["name"]): r for r in records if r["status"] != "failed"}
 
 
 def point_at_preset(result: dict, model_dir: Path, preset: str) -> None:

@@ -2,7 +2,7 @@
 
     optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
         one config in this process: <output_dir>/bench.json and bench.md
-    optrush bench CONFIG [key=value ...] --ladder default|FILE [--peers [NAMES]] [--out DIR] [--repeats R]
+    optrush bench CONFIG [key=value ...] --ladder default|FILE [--peers [NAMES]] [--out DIR] [--repeats R] [--resume]
         every rung (and peer) in its own process: <out>/ladder.json, ladder.md, ladder_*.png
     optrush bench CONFIG [key=value ...] --peers
         the config as the only rung, against the peers
@@ -46,7 +46,7 @@ def bench_ladder(args: argparse.Namespace) -> int:
     peers = [] if not args.peers else list(FULL_FINETUNE_PEERS) if args.peers == "all" else args.peers.split(",")
     out = Path(args.out or cfg.output_dir)
     record = run_ladder(config_path, overrides, ladder=ladder, synthetic=args.synthetic, warmup=args.warmup,
-                        steps=args.steps, out_dir=out, peers=peers, repeats=args.repeats)
+                        steps=args.steps, out_dir=out, peers=peers, repeats=args.repeats, resume=args.resume)
     paths = write_ladder_report(record, out)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -95,6 +95,8 @@ def add_commands(commands) -> None:
                         "(not installed: skipped)")
     p.add_argument("--out", default=None, help="ladder output directory (default: the config's output_dir)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each rung and peer; the median is shown")
+    p.add_argument("--resume", action="store_true",
+                   help="ladder: keep the rungs and peers an earlier run into --out finished (<out>/finished.jsonl)")
     p.add_argument("--name", default=None, help="name of the config in the report (default: the file's stem)")
     p.add_argument("--max-context", nargs="?", type=int, const=1_048_576, default=None, metavar="LIMIT",
                    help="search the largest data.max_length that trains (batch 1, synthetic, each try in its own "
