@@ -24,6 +24,9 @@ def test_packing_stats_compare_strategies():
     assert stats["sorted"]["padding"] < stats["none"]["padding"] and stats["bfd"]["padding"] < 0.05
     assert stats["none"]["batches"] == stats["sorted"]["batches"] == 250 > stats["bfd"]["batches"]
     assert all(s["tokens"] == sum(lengths) for s in stats.values())
+    budget = {s["strategy"]: s for s in packing_stats(lengths, rows=8, max_length=2048, seed=0, batch_tokens=8192)}
+    assert budget["bfd"]["positions_per_batch"] <= 8192 and budget["none"]["positions_per_batch"] <= 8192
+    assert budget["sorted"]["padding"] < budget["none"]["padding"]
 
 
 def test_data_stats_and_inspect_commands(debug_overrides, capsys):
@@ -32,6 +35,8 @@ def test_data_stats_and_inspect_commands(debug_overrides, capsys):
     assert main(["data", "stats", *debug_overrides]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("none", "sorted", "bfd", "padding"))
+    assert main(["data", "stats", *debug_overrides, "data.batch_tokens=256"]) == 0
+    assert "data.batch_tokens=256" in capsys.readouterr().out
     assert main(["data", "inspect", *debug_overrides, "--n", "1"]) == 0
     out = capsys.readouterr().out
     assert "example 0" in out and "trained" in out and "Recipe:" in out

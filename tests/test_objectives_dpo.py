@@ -212,7 +212,8 @@ def test_lora_disabled_needs_lora(debug_overrides):
 
 @pytest.mark.parametrize("extra", [["dpo.loss=sigmoid", "dpo.reference=precomputed", "dpo.label_smoothing=0.1"],
                                    ["dpo.loss=simpo"], ["dpo.loss=ipo", "data.shared_prompt=true"],
-                                   ["dpo.reference=lora_disabled", "peft.method=lora", "peft.r=4"]])
+                                   ["dpo.reference=lora_disabled", "peft.method=lora", "peft.r=4"],
+                                   ["data.packing=sorted", "data.batch_tokens=512"]])
 def test_dpo_trains_end_to_end_through_the_cli(pairs, debug_overrides, tmp_path, extra):
     from optrush.cli.main import main
 

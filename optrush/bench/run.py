@@ -96,7 +96,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
     setup_s = time.perf_counter() - started
 
     model.train()
-    losses, seconds = [], []
+    losses, seconds, step_units = [], [], []
     for micro_batches in batches:
         step_started = time.perf_counter()
         loss_sum, units = accumulate_gradients(model, objective, micro_batches, device=device, autocast=autocast)
@@ -108,6 +108,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - step_started)
         losses.append(loss_sum / max(units, 1))
+        step_units.append(units)
 
     timed = batches[warmup:]
     timed_s = sum(seconds[warmup:])
@@ -129,6 +130,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
         "setup_s": setup_s,
         "loss": losses[-1],
         "losses": losses,
+        "step_units": step_units,  # trained units (tokens, pairs) per step: weights for a mean loss over steps
         "padding_fraction": 1 - real_tokens / tokens,
         "warmup": warmup,
         "steps": steps,

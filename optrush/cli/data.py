@@ -38,10 +38,12 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     train, _, report = build_datasets(cfg.data, _tokenizer(cfg), seed=cfg.train.seed)
     print(report.format())
-    print(f"packing at data.max_length={cfg.data.max_length}, train.micro_batch_size={cfg.train.micro_batch_size} "
-          f"(configured: data.packing={cfg.data.packing}):")
+    size = (f"data.batch_tokens={cfg.data.batch_tokens}" if cfg.data.batch_tokens
+            else f"train.micro_batch_size={cfg.train.micro_batch_size}")
+    print(f"packing at data.max_length={cfg.data.max_length}, {size} (configured: data.packing={cfg.data.packing}):")
     print(format_stats(packing_stats(lengths_of(train), rows=cfg.train.micro_batch_size,
-                                     max_length=cfg.data.max_length, seed=cfg.train.seed)))
+                                     max_length=cfg.data.max_length, seed=cfg.train.seed,
+                                     batch_tokens=cfg.data.batch_tokens)))
     return 0
 
 

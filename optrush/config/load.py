@@ -205,6 +205,9 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     if cfg.train.sample_every > 0 and (not cfg.train.sample_prompts or cfg.objective == "reward"):
         problems.append("train.sample_every > 0 generates from train.sample_prompts: give at least one prompt, e.g. "
                         "train.sample_prompts=['Recipe: Soup'], with a language-model objective (not reward)")
+    if cfg.data.batch_tokens and cfg.data.batch_tokens < cfg.data.max_length:
+        problems.append(f"data.batch_tokens={cfg.data.batch_tokens}: must be 0 (off) or >= data.max_length="
+                        f"{cfg.data.max_length}, so that a micro-batch has room for the longest example")
     if not 0 <= cfg.data.eval_fraction < 1:
         problems.append(f"data.eval_fraction={cfg.data.eval_fraction}: must be in [0, 1)")
     if cfg.data.eval_path is not None and cfg.data.eval_fraction > 0:

@@ -112,6 +112,10 @@ class DataConfig:
     """`none`: pad each micro-batch to its longest sequence. `sorted`: sort by length, cut into micro-batches,
     shuffle the micro-batches (each padded to its longest). `bfd`: best-fit-decreasing packing of whole
     documents into rows of `max_length` tokens (document-causal attention, positions restart per document)."""
+    batch_tokens: int = 0
+    """Size micro-batches by padded tokens instead of `train.micro_batch_size` rows (0 = off; then >=
+    `max_length`): `none`/`sorted` put as many rows in a micro-batch as keep rows x longest within it, `bfd` uses
+    `batch_tokens // max_length` rows. Replaces `train.micro_batch_size` in the train and eval loaders."""
     shuffle: bool = True
     prefetch: int = 2
     """Training micro-batches collated (and pinned, on CUDA) ahead by a background thread; 0 = none."""

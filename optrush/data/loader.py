@@ -8,6 +8,7 @@
 Epoch e is planned by `optrush.data.pack.plan_batches` with order seed `seed + e` (or no shuffling at all when
 `shuffle=False`), so the whole stream is a function of (examples, settings, seed) and a position in it is just
 (epoch, batch index): resuming re-plans that epoch and skips to the index without collating anything.
+`batch_tokens` > 0 sizes micro-batches by a padded-token budget instead of `rows` (see `optrush.data.pack`).
 
 Prefetch (`prefetch=k > 0`): a background thread plans and collates (and pins) up to k batches ahead, so the
 next batch is ready while the accelerator runs the current one. It walks the same deterministic stream from the
@@ -44,18 +45,21 @@ from optrush.data.pack import collate, plan_batches
 
 # settings that must match between the saving and the resuming loader for the stream to continue exactly
 # (not rank and world_size: a position converts between world sizes, see load_state_dict)
-MUST_MATCH = ("strategy", "rows", "max_length", "seed", "shuffle", "num_examples", "lengths_crc32")
+MUST_MATCH = ("strategy", "rows", "batch_tokens", "max_length", "seed", "shuffle", "num_examples", "lengths_crc32")
+SAVED_BEFORE = {"batch_tokens": 0}
+"""Settings newer than some saved states, and the value a state saved without them had."""
 
 
 class BatchLoader:
     def __init__(self, examples: list[Example], *, strategy: str, rows: int, max_length: int, pad_id: int,
                  seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                 prefetch: int = 0):
+                 prefetch: int = 0, batch_tokens: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
         self.examples = examples
         self.strategy, self.rows, self.max_length, self.pad_id = strategy, rows, max_length, pad_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.batch_tokens = batch_tokens
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = prefetch
         self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
@@ -63,8 +67,10 @@ class BatchLoader:
         self.epoch, self.batch_index = 0, 0
         self.plan = self.plan_epoch(0)
         if not self.plan:
+            size = (f"{batch_tokens} tokens (data.batch_tokens)" if batch_tokens
+                    else f"{rows} rows (train.micro_batch_size)")
             raise ValueError(f"{len(examples)} examples make fewer than world_size={world_size} micro-batches of "
-                             f"{rows} rows: use more data, fewer rows (train.micro_batch_size) or fewer ranks")
+                             f"{size}: use more data, smaller micro-batches or fewer ranks")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -74,7 +80,7 @@ class BatchLoader:
     def plan_epoch(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of `epoch` (rows of example indices)."""
         plan = plan_batches(self.lengths, strategy=self.strategy, rows=self.rows, max_length=self.max_length,
-                            order_seed=self.seed + epoch if self.shuffle else None)
+                            order_seed=self.seed + epoch if self.shuffle else None, batch_tokens=self.batch_tokens)
         usable = len(plan) - len(plan) % self.world_size
         return plan[self.rank:usable:self.world_size]
 
@@ -101,8 +107,9 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         mine = self.settings()
         for key in MUST_MATCH:
-            if state.get(key) != mine[key]:
-                raise ValueError(f"the saved data-loader state has {key}={state.get(key)!r} but this run has "
+            saved = state.get(key, SAVED_BEFORE.get(key))
+            if saved != mine[key]:
+                raise ValueError(f"the saved data-loader state has {key}={saved!r} but this run has "
                                  f"{mine[key]!r}: resume with the same data and data/train settings, or start "
                                  "fresh (checkpoint.resume=never)")
         taken = int(state["batch_index"]) * int(state["world_size"])  # micro-batches of the epoch all ranks took
@@ -150,7 +157,8 @@ class BatchLoader:
 
     def settings(self) -> dict:
         lengths = np.asarray(self.lengths, dtype=np.int64)
-        return {"strategy": self.strategy, "rows": self.rows, "max_length": self.max_length, "seed": self.seed,
+        return {"strategy": self.strategy, "rows": self.rows, "batch_tokens": self.batch_tokens,
+                "max_length": self.max_length, "seed": self.seed,
                 "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size,
                 "num_examples": len(self.examples), "lengths_crc32": zlib.crc32(lengths.tobytes())}
 

@@ -17,6 +17,13 @@ A plan is a list of micro-batches, each a list of rows, each a list of example i
   neighbours while the number of rows stays the same. `collate` pads every packed row to `max_length` and marks
   documents: `position_ids` restart at 0 per document and `document_ids` number them 0..k-1 (padding: -1).
 
+Token budget (`batch_tokens` > 0, config `data.batch_tokens`): instead of a fixed `rows`, a micro-batch holds as
+many rows as fit `batch_tokens` padded tokens, so short examples travel by the hundred and long ones a few at a
+time (the padded-token budget of length-grouped SFT batching). `none` and `sorted` take the examples in the order
+above and close a micro-batch when one more example would make rows x longest exceed the budget (`sorted` then
+shuffles the micro-batches); `bfd` rows are all `max_length` wide, so the budget is `batch_tokens // max_length`
+rows per micro-batch.
+
 The last micro-batch of a plan may hold fewer rows. Examples longer than `max_length` are rejected here: the
 dataset truncates or drops them first (`data.too_long`).
 """
@@ -37,12 +44,18 @@ STRATEGIES = ("none", "sorted", "bfd")
 
 
 def plan_batches(lengths: Sequence[int], *, strategy: str, rows: int, max_length: int,
-                 order_seed: int | None) -> list[list[list[int]]]:
-    """Micro-batches -> rows -> example indices (see the module docstring)."""
+                 order_seed: int | None, batch_tokens: int = 0) -> list[list[list[int]]]:
+    """Micro-batches -> rows -> example indices (see the module docstring); `batch_tokens` > 0 sizes micro-batches
+    by padded tokens instead of `rows`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if rows < 1:
         raise ValueError(f"rows={rows}: a micro-batch needs at least one row")
+    if batch_tokens and batch_tokens < max_length:
+        raise ValueError(f"batch_tokens={batch_tokens} is below max_length={max_length}: a micro-batch must have "
+                         "room for the longest example (data.batch_tokens >= data.max_length, or 0 = off)")
+    if strategy == "bfd" and batch_tokens:
+        rows = batch_tokens // max_length
     lens = np.asarray(lengths, dtype=np.int64)
     if len(lens) and (lens.min() < 1 or lens.max() > max_length):
         bad = int(np.flatnonzero((lens < 1) | (lens > max_length))[0])
@@ -50,7 +63,8 @@ def plan_batches(lengths: Sequence[int], *, strategy: str, rows: int, max_length
                          "(max_length) tokens: the dataset truncates or drops longer ones first")
     rng = None if order_seed is None else np.random.default_rng(order_seed)
     with _gc_paused():
-        return _plan(lens, strategy=strategy, rows=rows, max_length=max_length, rng=rng)
+        return _plan(lens, strategy=strategy, rows=rows, max_length=max_length, rng=rng,
+                     budget=0 if strategy == "bfd" else batch_tokens)
 
 
 @contextlib.contextmanager
@@ -66,15 +80,20 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _plan(lens: np.ndarray, *, strategy: str, rows: int, max_length: int,
-          rng: np.random.Generator | None) -> list[list[list[int]]]:
+def _plan(lens: np.ndarray, *, strategy: str, rows: int, max_length: int, rng: np.random.Generator | None,
+          budget: int) -> list[list[list[int]]]:
     if strategy == "none":
         order = np.arange(len(lens)) if rng is None else rng.permutation(len(lens))
+        if budget:
+            return fill_budget(lens.tolist(), order.tolist(), budget=budget)
         packed = [[i] for i in order.tolist()]
     elif strategy == "sorted":
         tiebreak = np.arange(len(lens)) if rng is None else rng.permutation(len(lens))
         ranked = np.lexsort((tiebreak, lens)).tolist()
-        plan = [[[i] for i in ranked[start:start + rows]] for start in range(0, len(ranked), rows)]
+        if budget:
+            plan = fill_budget(lens.tolist(), ranked, budget=budget)
+        else:
+            plan = [[[i] for i in ranked[start:start + rows]] for start in range(0, len(ranked), rows)]
         if rng is not None:
             plan = [plan[i] for i in rng.permutation(len(plan)).tolist()]
         return plan
@@ -84,6 +103,24 @@ def _plan(lens: np.ndarray, *, strategy: str, rows: int, max_length: int,
         if rng is not None:
             packed = [packed[i] for i in rng.permutation(len(packed)).tolist()]
     return [packed[start:start + rows] for start in range(0, len(packed), rows)]
+
+
+def fill_budget(lengths: list[int], order: list[int], *, budget: int) -> list[list[list[int]]]:
+    """Examples taken in `order`, one per row, cut into micro-batches whose padded size (rows x longest row) stays
+    within `budget` tokens: a micro-batch is closed when the next example would overflow it."""
+    plan: list[list[list[int]]] = []
+    micro: list[list[int]] = []
+    longest = 0
+    for item in order:
+        widest = max(longest, lengths[item])
+        if micro and widest * (len(micro) + 1) > budget:
+            plan.append(micro)
+            micro, widest = [], lengths[item]
+        micro.append([item])
+        longest = widest
+    if micro:
+        plan.append(micro)
+    return plan
 
 
 def best_fit_decreasing(lengths: list[int], order: list[int], *, capacity: int) -> list[list[int]]:

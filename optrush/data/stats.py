@@ -16,12 +16,14 @@ from optrush.data.pack import STRATEGIES, plan_batches
 
 
 def packing_stats(lengths: Sequence[int], *, rows: int, max_length: int, seed: int,
-                  strategies: Sequence[str] = STRATEGIES) -> list[dict]:
-    """One dict per strategy: batches, positions (padded slots) and real tokens per micro-batch, padding fraction."""
+                  strategies: Sequence[str] = STRATEGIES, batch_tokens: int = 0) -> list[dict]:
+    """One dict per strategy: batches, positions (padded slots) and real tokens per micro-batch, padding fraction
+    (`batch_tokens` > 0: micro-batches sized by padded tokens, as `data.batch_tokens`)."""
     lens = np.asarray(lengths, dtype=np.int64)
     out = []
     for strategy in strategies:
-        plan = plan_batches(lens, strategy=strategy, rows=rows, max_length=max_length, order_seed=seed)
+        plan = plan_batches(lens, strategy=strategy, rows=rows, max_length=max_length, order_seed=seed,
+                            batch_tokens=batch_tokens)
         positions = 0
         for micro in plan:
             if strategy == "bfd":  # packed rows are always padded to max_length

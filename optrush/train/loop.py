@@ -277,10 +277,12 @@ def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory
     if cfg.objective in PAIRWISE:
         return PairLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
                           max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
-                          shared_prompt=cfg.data.shared_prompt, rank=rank, world_size=world_size)
+                          shared_prompt=cfg.data.shared_prompt, rank=rank, world_size=world_size,
+                          batch_tokens=cfg.data.batch_tokens)
     return BatchLoader(examples, strategy=cfg.data.packing, rows=cfg.train.micro_batch_size,
                        max_length=cfg.data.max_length, pad_id=pad_id, seed=cfg.train.seed, shuffle=shuffle,
-                       pin_memory=pin_memory, prefetch=prefetch, rank=rank, world_size=world_size)
+                       pin_memory=pin_memory, prefetch=prefetch, rank=rank, world_size=world_size,
+                       batch_tokens=cfg.data.batch_tokens)
 
 
 def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
