@@ -301,6 +301,18 @@ def block_backward_bytes(a: ModelArgs, s: Setup) -> float:
     return (act * q + 4 * q + expanded + 2 * act * kv + 2 * res * d) * s.tokens
 
 
+def ring_attention_bytes(a: ModelArgs, s: Setup) -> float:
+    """Context parallelism (`optrush.parallel.context`): one layer's ring attention holds, beside what a local
+    attention would, an fp32 accumulator of its output (forward) or of dq (backward), the key/value block
+    arriving from the next rank, and in backward the fp32 key/value gradients travelling with the block held and
+    with the one arriving."""
+    if s.context_degree == 1:
+        return 0.0
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    act = COMPUTE_BYTES[s.precision]
+    return (4 * q + 2 * act * kv + 2 * 2 * 4 * kv) * s.tokens
+
+
 def head_bytes(a: ModelArgs, s: Setup) -> float:
     """The final RMSNorm's saved tensors and the output head's input (compiled with the model: only its input
     and the norm's rstd)."""
@@ -359,10 +371,10 @@ def estimate_memory(a: ModelArgs, s: Setup) -> Memory:
     # The last block's backward: every saved activation still held, the block recomputed, its gradient buffers
     at_backward_start = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
                          "activations": activation_bytes(a, s), "recompute": recompute_bytes(a, s),
-                         "block_backward": block_backward_bytes(a, s)}
+                         "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
     # The first block's backward: the activations are gone, almost every gradient is there
     at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads, "recompute": recompute_bytes(a, s),
-                       "block_backward": block_backward_bytes(a, s)}
+                       "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
     moments = {"loss": at_loss, "backward_start": at_backward_start, "backward_end": at_backward_end}
     phases = {name: sum(terms.values()) for name, terms in moments.items()}
     return Memory(terms=moments[max(phases, key=phases.get)], phases=phases)

@@ -127,7 +127,7 @@ def config_validates(setup: Setup, base_overrides: tuple[str, ...]) -> bool:
 
 
 def describe(setup: Setup) -> str:
-    """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp`."""
+    """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp cp=2`."""
     parts = [setup.precision] + ([setup.peft] if setup.peft != "none" else [])
     parts += [setup.quantize] if setup.quantize != "none" else []
     parts += [f"compile={setup.compile}"] if setup.compile != "none" else ["eager"]
@@ -137,6 +137,7 @@ def describe(setup: Setup) -> str:
     parts += ["offload"] if setup.offload else []
     parts.append(f"mb={setup.micro_batch}")
     parts += [setup.strategy] if setup.strategy != "none" else []
+    parts += [f"cp={setup.context_degree}"] if setup.context_degree > 1 else []
     return " ".join(parts)
 
 
