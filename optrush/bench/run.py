@@ -34,7 +34,7 @@ from optrush.models.presets import get_preset
 from optrush.objectives import build_objective
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
-from optrush.parallel.context import apply_context_parallel, batch_sharder, context_group, data_parallel_position
+from optrush.parallel.context import data_parallel_position, setup_context_parallel
 from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distributed, teardown
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
@@ -79,10 +79,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
     else:
         batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=data_rank, world_size=data_world)
         model = build(cfg, vocab_size=vocab_size, device=device)
-    context = context_group(cfg.context.degree)
-    if context is not None:
-        model = apply_context_parallel(model, cfg, context)
-    shard = batch_sharder(cfg, context, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
+    model, shard = setup_context_parallel(model, cfg, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
     batches = [[shard(b) for b in step] for step in batches]
     model = apply_optimizations(model, cfg)
     objective = build_objective(cfg.objective)

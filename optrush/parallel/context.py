@@ -1,9 +1,9 @@
 """Long context: context parallelism (ring attention over a process group) and context extension (RoPE scaling).
 
     model = apply_context_extension(model, cfg)                # model.rope_scaling / model.max_seq_len, at build
-    model = apply_context_parallel(model, cfg, group)          # cfg.context: degree (= group size), layout
-    local = shard_batch(batch, rank=group.rank(), world=group.size(), layout=cfg.context.layout)
-    loss_sum, _ = objective(model, local.to(device))           # this rank's tokens only; see "Training" below
+    model, shard = setup_context_parallel(model, cfg, pad_id=0)  # cfg.context: degree, layout; this rank's group
+    loss_sum, _ = objective(model, shard(batch).to(device))     # this rank's tokens only; see "Training" below
+    # the parts: apply_context_parallel(model, cfg, group) and shard_batch(batch, rank=, world=, layout=)
 
 Ring attention (https://arxiv.org/abs/2310.01889): the queries stay where they are; the keys and values travel
 around the ring, one hop per step, so after `world` steps every query block has met every key block. Each step's
@@ -75,12 +75,16 @@ def data_parallel_position(degree: int) -> tuple[int, int]:
     return rank // degree, world // degree
 
 
-def batch_sharder(cfg: Config, group: dist.ProcessGroup | None, *, pad_id: int) -> Callable[[Batch], Batch]:
-    """Batch -> this rank's part of its sequence dimension (the identity without context parallelism)."""
+def setup_context_parallel(model: nn.Module, cfg: Config, *, pad_id: int) -> tuple[nn.Module, Callable[[Batch], Batch]]:
+    """Ring attention on `model` over this rank's context group (collective: every rank calls it), and the map of a
+    batch to this rank's part of its sequence dimension; without context parallelism the model as it is and the
+    identity. The training loop and `optrush bench` both start from it."""
+    group = context_group(cfg.context.degree)
     if group is None:
-        return lambda batch: batch
-    return functools.partial(shard_batch, rank=group.rank(), world=group.size(), layout=cfg.context.layout,
-                             pad_id=pad_id)
+        return model, lambda batch: batch
+    shard = functools.partial(shard_batch, rank=group.rank(), world=group.size(), layout=cfg.context.layout,
+                              pad_id=pad_id)
+    return apply_context_parallel(model, cfg, group), shard
 
 
 def causal_rows_only(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,

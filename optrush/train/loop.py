@@ -40,8 +40,7 @@ from optrush.peft import has_adapters, save_adapter, save_merged
 from optrush.optim.schedule import build_scheduler
 from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, teardown, \
     world_size
-from optrush.parallel.context import apply_context_extension, apply_context_parallel, batch_sharder, \
-    context_group, data_parallel_position
+from optrush.parallel.context import apply_context_extension, data_parallel_position, setup_context_parallel
 from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager, TrainState, restore
 from optrush.train.float8 import require_float8
@@ -97,10 +96,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # ring attention binds the model to a process group (which cannot be copied)
     plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
     # context parallelism: each rank of a group holds a share of every row and attends around a ring
-    context = context_group(cfg.context.degree)
-    if context is not None:
-        model = apply_context_parallel(model, cfg, context)
-    shard = batch_sharder(cfg, context, pad_id=tokenizer.pad_token_id)
+    model, shard = setup_context_parallel(model, cfg, pad_id=tokenizer.pad_token_id)
     model = apply_optimizations(model, cfg)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
                                 lora_plus_ratio=cfg.peft.lora_plus_ratio)
