@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's optrush, installed or not
 
+from optrush.bench.ladder import run_child  # noqa: E402
 from optrush.bench.provenance import provenance, provenance_line, write_result  # noqa: E402
 from optrush.data.pack import plan_batches  # noqa: E402
 
@@ -125,25 +126,12 @@ def epoch_batches(lengths: list[int], *, packing: str, max_length: int, batch_to
                             batch_tokens=batch_tokens))
 
 
-def run_case(name: str, overrides: list[str], *, warmup: int, steps: int, timeout_s: float) -> dict:
-    """`optrush bench` (config's own data) in a fresh process; its record, or why it did not run."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        path = Path(handle.name)
+def run_case(name: str, overrides: list[str], *, warmup: int, steps: int, timeout_s: float, logs: Path) -> dict:
+    """`optrush bench` (config's own data) in a fresh process, as a ladder rung runs: its record, or why it did not
+    run (its output in `logs/<name>.log`)."""
     command = [sys.executable, "-m", "optrush", "bench", *overrides, "--warmup", str(warmup), "--steps", str(steps),
-               "--name", name, "--json-out", str(path)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    try:
-        proc = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout_s, capture_output=True, text=True,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "status": "failed", "reason": f"timed out after {timeout_s:.0f}s"}
-    finally:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        path.unlink(missing_ok=True)
-    if not text:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"name": name, "status": "failed", "reason": f"exit {proc.returncode}: {tail[0][:300]}"}
-    return json.loads(text)
+               "--name", name]
+    return run_child(command, name=name, timeout_s=timeout_s, logs=logs)
 
 
 def epoch_loss(record: dict) -> float:
@@ -264,7 +252,7 @@ def main() -> int:
     n = args.examples or spec["examples"]
     lengths = peer_lengths(scale=2048 // spec["max_length"])[:n]
     work = Path(args.work or tempfile.mkdtemp(prefix="optrush-length-mix-"))
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     data_path, tokenizer_dir = write_corpus(work, lengths, vocab=spec["vocab"], seed=1)
     common = common_overrides(spec, data_path=data_path, tokenizer_dir=tokenizer_dir, work=work)
     record = {"model": spec["preset"], "common": common, "cases": [], "peers": {}, "provenance": provenance(),
@@ -301,7 +289,7 @@ def main() -> int:
                                 batch_tokens=spec["batch_tokens"], seed=0)
         print(f"== {name}: {batches} micro-batches in the epoch ({time.perf_counter() - started:.0f}s)", flush=True)
         result = run_case(name, [*common, *CASES[name]], warmup=args.warmup, steps=batches - args.warmup,
-                          timeout_s=args.timeout_s)
+                          timeout_s=args.timeout_s, logs=work / "logs")
         if result.get("status") == "ok" and sum(result["step_units"]) != sum(lengths):
             result = {"name": name, "status": "failed", "reason": f"trained {sum(result['step_units'])} tokens, "
                       f"not the epoch's {sum(lengths)}: the case did not see exactly the same examples"}
@@ -315,7 +303,7 @@ def main() -> int:
     same = all(loss["same_loss"] for loss in record["summary"]["loss"].values())
     ran = all(result.get("status") == "ok" for result in record["cases"])
     print(f"wrote {out} ({time.perf_counter() - started:.0f}s); all cases ran: {ran}; same loss: {same}")
-    if args.work is None:
+    if args.work is None and ran:  # a failed case's log (named in its reason) stays
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ran and same else 1
 
