@@ -3,6 +3,8 @@
     python benchmarks/qlora.py --out benchmarks/results --name qlora_h100     # one H100/H200, ~15 minutes
     python benchmarks/qlora.py --only "r=16 B=4" --case-timeout-s 240 ...      # a subset, each case bounded
     python benchmarks/qlora.py --smoke --out /tmp/qlora                      # CPU run of the script itself (~1 min)
+    python benchmarks/qlora.py --case "peer hf+peft+bnb qlora r=16 B=4 (gc)" --case "optrush qlora nf4 r=16 B=4 (ac +
+        offload, fused loss, compiled blocks, fused dequantize)" --repeats 3                # exact cases, 3 rounds
 
 Writes <name>.json (every number, the settings, the provenance record) and <name>.md (the tables), after every
 case, so a run cut short keeps the cases it finished (the most telling ones run first).
@@ -23,11 +25,17 @@ included) excluded, then `--steps` steps of forward + backward + optimizer step 
 torch.cuda.synchronize; tokens/s = B * S * steps / time; peak = torch.cuda.max_memory_allocated over the timed
 steps and the warm-up; "weights GiB" = memory allocated after loading and transforming the model. A case that fails
 (out of memory, a missing package) is recorded with its error instead of a number.
+
+`--repeats N` runs the selected cases N times, round-robin (case 1, case 2, ..., case 1, ...), each in a fresh
+process, so slow drifts of the machine fall on every case alike; the .md then adds a table of each case's median
+and of its ratio to the peer of the same batch, computed per repeat (each optrush run against the peer run of the
+same round) and summarised by the median and the range.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -219,16 +227,50 @@ def run_case(case: dict, args) -> dict:
 
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# QLoRA / LoRA benchmark ({meta['device']})", "",
-             f"Steps timed: {meta['steps']} after {meta['warmup']} warm-up; provenance in the JSON.", "",
-             "| case | tokens/s | peak GiB | weights GiB | trainable params |", "|---|---|---|---|---|"]
+             f"Steps timed: {meta['steps']} after {meta['warmup']} warm-up, {meta.get('repeats', 1)} repeat(s); "
+             "provenance in the JSON.", "",
+             "| case | repeat | tokens/s | peak GiB | weights GiB | trainable params |", "|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['name']} | {r.get('repeat', 0)} | error: {r['error']} | | | |")
         else:
             fmt = lambda v: "-" if v is None else f"{v:.2f}"
-            lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {fmt(r['peak_gib'])} | {fmt(r['weights_gib'])} "
-                         f"| {r.get('trainable_params', '-')} |")
+            lines.append(f"| {r['name']} | {r.get('repeat', 0)} | {r['tokens_per_s']:,.0f} | {fmt(r['peak_gib'])} "
+                         f"| {fmt(r['weights_gib'])} | {r.get('trainable_params', '-')} |")
+    if meta.get("repeats", 1) > 1:
+        lines += ["", *summary_table(results)]
     return "\n".join(lines) + "\n"
+
+
+def summary_table(results: list[dict]) -> list[str]:
+    """Median over repeats, and each optrush case against the peer of the same batch in the same round."""
+    ok = [r for r in results if "error" not in r]
+    peers = {(r["batch"], r.get("repeat", 0)): r for r in ok if r["kind"] == "peer"}
+    lines = ["| case | runs | median tokens/s | vs peer (median, min-max) | max peak GiB | peak vs peer |",
+             "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in ok):
+        runs = [r for r in ok if r["name"] == name]
+        speed = statistics.median(r["tokens_per_s"] for r in runs)
+        peak = max((r["peak_gib"] for r in runs if r["peak_gib"]), default=None)  # None on CPU
+        pairs = [(r, peers[r["batch"], r.get("repeat", 0)]) for r in runs
+                 if r["kind"] != "peer" and (r["batch"], r.get("repeat", 0)) in peers]
+        ratio, vs_peak = "", ""
+        if pairs:
+            ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in pairs]
+            ratio = f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
+            peer_peak = min((p["peak_gib"] for _, p in pairs if p["peak_gib"]), default=None)  # None on CPU
+            vs_peak = f"{peak / peer_peak:.3f}x" if peak and peer_peak else ""
+        lines.append(f"| {name} | {len(runs)} | {speed:,.0f} | {ratio} | {'-' if peak is None else f'{peak:.2f}'} | {vs_peak} |")
+    return lines
+
+
+def select_cases(every: list[dict], *, only: str | None, exact: list[str]) -> list[dict]:
+    names = [c["name"] for c in every]
+    unknown = [name for name in exact if name not in names]
+    if unknown:
+        raise SystemExit(f"--case {unknown[0]!r} is not a case name; the cases are:\n  " + "\n  ".join(names))
+    return [c for c in every if (not exact or c["name"] in exact)
+            and (not only or any(part in c["name"] for part in only.split(",")))]
 
 
 def main() -> None:
@@ -238,8 +280,10 @@ def main() -> None:
     parser.add_argument("--ckpt", default="/tmp/rand8b", help="the 8B random checkpoint (shared with the peer)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="run the selected cases this many times, round-robin")
     parser.add_argument("--smoke", action="store_true", help="debug-size cases on CPU: checks the script runs")
     parser.add_argument("--only", help="comma-separated substrings: run the cases whose name contains one")
+    parser.add_argument("--case", action="append", default=[], help="run the case of exactly this name (repeatable)")
     parser.add_argument("--case-timeout-s", type=float, default=None, help="record a case as failed after this")
     parser.add_argument("--case-json", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
@@ -254,16 +298,15 @@ def main() -> None:
     from optrush.bench.provenance import provenance
 
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "steps": args.steps,
-            "warmup": args.warmup, "smoke": args.smoke, "provenance": provenance(),
+            "warmup": args.warmup, "repeats": args.repeats, "smoke": args.smoke, "provenance": provenance(),
             "peer_reference": "issue #6: HF+PEFT+bnb NF4 double quant, gc: B=1 4,877 tok/s 9.31 GiB; "
                               "B=4 6,084 tok/s 19.72 GiB (H100)"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    selected = [c for c in cases(args.smoke)
-                if not args.only or any(part in c["name"] for part in args.only.split(","))]
+    selected = select_cases(cases(args.smoke), only=args.only, exact=args.case)
     results = []
-    for case in selected:
-        results.append(run_case(case, args))
+    for repeat, case in ((repeat, case) for repeat in range(args.repeats) for case in selected):
+        results.append({**run_case(case, args), "repeat": repeat})
         print(json.dumps(results[-1]), flush=True)
         # written after every case: a device command cut short keeps what it measured
         (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
