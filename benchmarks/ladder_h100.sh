@@ -21,7 +21,9 @@
 # rungs and peers finished into <out>/finished.jsonl are kept; the saved model is reused): e.g.
 #   benchmarks/ladder_h100.sh qlora8b            # device call 1: cut off by the time limit after some rungs
 #   benchmarks/ladder_h100.sh qlora8b --resume   # device call 2, with call 1's <out>/finished.jsonl in place
-# (on a fresh machine only finished.jsonl needs carrying over; the shared model is saved again)
+# (on a fresh machine only finished.jsonl needs carrying over; the shared model is saved again). The script execs
+# the bench, so a `timeout -s INT` on it reaches the bench, which then stops the rung it is running (no GPU process
+# outlives the command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: benchmarks/ladder_h100.sh 1b|qlora8b|--smoke}
@@ -30,14 +32,14 @@ common=(train.device=cuda objective=causal_lm train.schedule=constant train.max_
 options=(--synthetic --warmup 3 --steps 8 "${@:2}")  # e.g. --resume
 case "$what" in
   1b)
-    python -m optrush bench model.preset=llama3.2-1b train.micro_batch_size=4 data.max_length=2048 train.lr=1e-5 \
+    exec python -m optrush bench model.preset=llama3.2-1b train.micro_batch_size=4 data.max_length=2048 train.lr=1e-5 \
       "${common[@]}" "${options[@]}" --ladder default --out benchmarks/results/ladder_1b_h100 --peers ;;
   qlora8b)
-    python -m optrush bench model.preset=llama3.1-8b train.micro_batch_size=1 data.max_length=2048 train.lr=1e-4 \
+    exec python -m optrush bench model.preset=llama3.1-8b train.micro_batch_size=1 data.max_length=2048 train.lr=1e-4 \
       "${common[@]}" "${options[@]}" --ladder benchmarks/ladders/qlora_8b.yaml \
       --out benchmarks/results/ladder_qlora8b_h100 --peers hf_peft_qlora ;;
   --smoke)
-    python -m optrush bench model.preset=debug train.device=cpu train.micro_batch_size=2 data.max_length=64 \
+    exec python -m optrush bench model.preset=debug train.device=cpu train.micro_batch_size=2 data.max_length=64 \
       objective=causal_lm train.max_steps=1000 output_dir=/tmp/optrush-ladder-smoke --synthetic --warmup 1 \
       --steps 2 --ladder benchmarks/ladders/qlora_8b.yaml --out /tmp/optrush-ladder-smoke --peers hf_default ;;
   *) echo "unknown ladder '$what': use 1b, qlora8b or --smoke" >&2; exit 2 ;;
