@@ -188,22 +188,30 @@ def target(cases: dict, ratios: dict, losses: dict) -> dict | None:
             "met": vs_sorted >= 1.8 and vs_padded >= 4 and same}
 
 
+def slowest_step(result: dict) -> str:
+    """The slowest timed step against the median one: a recompilation inside the timed epoch stands out here."""
+    timed = result.get("step_seconds", [])[result["warmup"]:]
+    if not timed:
+        return "n/a"
+    return f"{max(timed):.2f} s ({max(timed) / float(np.median(timed)):.1f}x median)"
+
+
 def markdown(record: dict) -> str:
     summary, stats = record["summary"], record["length_mix"]
     bases = sorted({base for r in summary["ratios"].values() for base in r}, key=lambda b: ("HF" in b, b))
     lines = [f"# Real length mix: padded vs sorted vs packed, {record['model']} shape, {stats['batch_tokens']}-token "
              "budget", "",
-             "| case | non-pad tokens/s | padding | peak GiB | steps | epoch loss | Δ loss vs padded | "
-             + " | ".join(bases) + " |", "|" + "---|" * (7 + len(bases))]
+             "| case | non-pad tokens/s | padding | peak GiB | steps | slowest timed step | epoch loss | "
+             "Δ loss vs padded | " + " | ".join(bases) + " |", "|" + "---|" * (8 + len(bases))]
     for result in record["cases"]:
         if result.get("status") != "ok":
             lines.append(f"| {result['name']} | {result.get('status')}: {result.get('reason', '')[:150]} |"
-                         + " |" * (5 + len(bases)))
+                         + " |" * (6 + len(bases)))
             continue
         name, loss = result["name"], summary["loss"].get(result["name"], {})
         delta = f"{loss['delta_vs_padded']:+.2e}" if loss else "n/a"
         cells = [name, f"{result['real_tokens_per_s']:,.0f}", f"{result['padding_fraction']:.1%}",
-                 f"{result['peak_mem_gib']:.1f}", f"{result['warmup']}+{result['steps']}",
+                 f"{result['peak_mem_gib']:.1f}", f"{result['warmup']}+{result['steps']}", slowest_step(result),
                  f"{result['epoch_loss']:.5f}", delta]
         cells += [f"{summary['ratios'][name][b]:.2f}" if b in summary["ratios"][name] else "n/a" for b in bases]
         lines.append("| " + " | ".join(cells) + " |")

@@ -124,6 +124,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
         "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "cpu_peak_rss",
         "time_to_first_step_s": seconds[0],
         "step_s": timed_s / steps,
+        "step_seconds": seconds,  # every step, warm-up included: a recompilation shows as a slow step
         "setup_s": setup_s,
         "loss": losses[-1],
         "losses": losses,
