@@ -72,7 +72,8 @@ VARIANTS = [{}, {"sliding_window": 16, "qk_norm": True}]
 def test_varlen_segments_follow_rows_documents_and_padding():
     docs = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1]])  # row 1 starts with doc 0 right after padding
     mask = varlen_mask(docs, seq_len=6)
-    assert mask.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12] and mask.max_len == 4 and mask.window == (-1, 0)
+    # max_len is the row length, a bound that stays the same from batch to batch (no recompiles, no host sync)
+    assert mask.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12] and mask.max_len == 6 and mask.window == (-1, 0)
     assert varlen_mask(torch.zeros(2, 6, dtype=torch.int32), seq_len=6).cu_seqlens.tolist() == [0, 6, 12]
     assert varlen_mask(None, seq_len=6, sliding_window=3).window == (2, 0)
 
@@ -169,3 +170,24 @@ def test_gpu_backend_matches_sdpa_bf16(backend, variant):
         assert relative_error(logits, ref_logits) < 2e-2
         for name, grad in grads.items():
             assert relative_error(grad, ref_grads[name]) < 5e-2, name
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", [FLEX, VARLEN], ids=lambda b: b.name)
+def test_compiled_blocks_take_new_document_layouts_without_recompiling(backend):
+    """Packed batches differ in how many documents they hold and how long the longest is: a compiled block must
+    not recompile for that (on the H100 length-mix run varlen recompiled twice inside the timed epoch)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(device="cuda", dtype=torch.bfloat16, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256)
+    model.set_attention_backend(backend)
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, fullgraph=True)  # what compile.mode=blocks does
+    layouts = [[[50, 60, 70], [120, 80]], [[200], [10, 20, 30, 40, 100]], [[199, 1], [66, 67, 67]]]
+    for n, rows in enumerate(layouts):
+        ids, pos, docs = packed_batch(rows, seq_len=200, device="cuda")
+        model(ids, position_ids=pos, document_ids=docs, labels=ids, reduction="sum").backward()
+        if n == 0:
+            compiled = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == compiled, "a new document layout recompiled the blocks"

@@ -79,15 +79,22 @@ class VarlenMask:
     cu_seqlens: torch.Tensor | None
     """int32 (segments + 1,) start offsets of each segment plus the total; None = one segment per row."""
     max_len: int
-    """Longest segment in tokens."""
+    """An upper bound on the longest segment in tokens (the row length: see `varlen_mask`)."""
     window: tuple[int, int]
     """varlen_attn's (left, right) window: (-1, 0) is causal; (W - 1, 0) sees the last W keys."""
 
 
-@torch.compiler.disable  # data-dependent sizes (nonzero, max) and host syncs: run eagerly, once per forward
+@torch.compiler.disable  # data-dependent sizes (nonzero): run eagerly, once per forward
 def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,
                 device: torch.device | str | None = None) -> VarlenMask:
-    """Segments for (B, T) document ids: a new segment starts at each row start and each change of id."""
+    """Segments for (B, T) document ids: a new segment starts at each row start and each change of id.
+
+    Built for compiled blocks to take batch after batch without recompiling: `cu_seqlens` is marked dynamic in its
+    length (the number of documents changes from batch to batch), and `max_len` is the row length `seq_len`, an
+    upper bound that never changes, rather than the longest segment (a new value for every batch, each a guard
+    failure, and a device-to-host sync to read it). On the H100 length-mix run the exact maximum cost two
+    recompilations inside the timed epoch; the bound only launches thread blocks past a segment's end, which exit
+    at once."""
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     if document_ids is None:
         return VarlenMask(cu_seqlens=None, max_len=seq_len, window=window)
@@ -96,8 +103,8 @@ def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_wind
     offsets = starts.flatten().nonzero().flatten()
     total = torch.tensor([document_ids.numel()], device=offsets.device, dtype=offsets.dtype)
     cu_seqlens = torch.cat([offsets, total]).to(torch.int32)
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return VarlenMask(cu_seqlens=cu_seqlens, max_len=max_len, window=window)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    return VarlenMask(cu_seqlens=cu_seqlens, max_len=seq_len, window=window)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: VarlenMask) -> torch.Tensor:
