@@ -1,12 +1,18 @@
 """Issue #5 GPU benchmark: optrush training speed and memory on the Llama-3.2-1B shape against plain HF.
 
     python benchmarks/train_speed.py --hf-baseline .shared_gpu/baseline-hf.py --out benchmarks/results
+    python benchmarks/train_speed.py --shape 8b          # Llama-3.1-8B shape, S=4096: bf16 vs FP8 (one H200)
 
 Llama-3.2-1B architecture, random init, B=4 rows x S=2048 synthetic tokens, full fine-tune, bf16 weights and
 AdamW states (`precision.mode=bf16_pure`, as the HF baseline: bf16 model, fused AdamW), one GPU. Each config runs
 `optrush.bench.run.bench` (the training loop's own step) in its own subprocess, so peak memory and compile caches
 of one cannot leak into the next. The HF baseline script runs first, in the same command, on the same GPU. Output:
 `train_speed_<gpu>.json` (every field, provenance included) and `.md` (the table, ratios over the best HF variant).
+
+`--shape 8b`: the Llama-3.1-8B shape, B=1 x S=4096, full checkpointing, compiled blocks, fused loss; pure bf16
+with AdamW (what fits one H200), then bf16 autocast and FP8 (`precision.mode=fp8`, torchao float8 on the block
+linears), both over fp32 master weights with 8-bit AdamW, so the FP8 / bf16 ratio compares the matmul precision
+alone. Written to `train_speed_8b_<gpu>.json` / `.md`.
 
 A config whose feature is not available (its config key rejected, or torchao missing for fp8) is reported as
 skipped; one that fails (e.g. out of memory) as failed; configs left when `--budget-s` runs out are not started.
@@ -45,6 +51,17 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile_model+fused_loss+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
                                                "activations.checkpointing=selective"]),
 ]
+
+BASE_8B = ["model.preset=llama3.1-8b", "train.micro_batch_size=1", "data.max_length=4096", "train.device=cuda",
+           "objective=causal_lm", "train.lr=1e-5", "train.schedule=constant", "train.max_steps=1000",
+           "output_dir=/tmp/optrush-bench", *FUSED, "activations.checkpointing=full"]
+CONFIGS_8B: list[tuple[str, list[str]]] = [
+    ("bf16_pure adamw", ["precision.mode=bf16_pure"]),
+    ("bf16_mixed adamw8bit", ["precision.mode=bf16_mixed", "optim.name=adamw8bit"]),
+    ("fp8 adamw8bit", ["precision.mode=fp8", "optim.name=adamw8bit"]),
+]
+SHAPES = {"1b": ("Llama-3.2-1B shape, B=4 x S=2048", BASE, CONFIGS),
+          "8b": ("Llama-3.1-8B shape, B=1 x S=4096", BASE_8B, CONFIGS_8B)}
 
 
 def run_child(name: str, overrides: list[str], *, warmup: int, steps: int, result_path: str) -> None:
@@ -99,11 +116,11 @@ def run_hf(script: str, *, variants: str, timeout_s: float) -> dict:
         os.unlink(path)
 
 
-def markdown(results: list[dict], hf: dict, *, warmup: int, steps: int) -> str:
+def markdown(results: list[dict], hf: dict, *, warmup: int, steps: int, shape: str = "1b") -> str:
     hf_rows = [r for r in hf.get("rows", []) if "tok_s" in r]
     best_hf = max(hf_rows, key=lambda r: r["tok_s"]) if hf_rows else None
     ours = [r for r in results if "tokens_per_s" in r]
-    lines = ["# Training speed: Llama-3.2-1B shape, B=4 x S=2048, full fine-tune, one GPU", "",
+    lines = [f"# Training speed: {SHAPES[shape][0]}, full fine-tune, one GPU", "",
              "| stack | config | tokens/s | MFU | peak GiB | first step s | loss | x best HF |",
              "|---|---|---|---|---|---|---|---|"]
     for row in hf.get("rows", []):
@@ -135,13 +152,21 @@ def markdown(results: list[dict], hf: dict, *, warmup: int, steps: int) -> str:
             f"- each config: its own process, {warmup} warm-up steps (the first compiles: 'first step s') then "
             f"{steps} timed steps, one repeat; HF: 3 warm-up + 8 timed steps (`baseline-hf.py`, same command)",
             f"- model: {first['params']:,} parameters, random init, synthetic uniform tokens (no padding), "
-            "bf16 weights and AdamW states (fused AdamW), grad-norm clipping at 1.0 (HF baseline: none)",
+            + ("bf16 weights and AdamW states (fused AdamW)" if shape == "1b" else
+               "precision and optimizer as each config's name says (its overrides are in the JSON)")
+            + ", grad-norm clipping at 1.0 (HF baseline: none)",
             "- MFU = tokens/s x (6 x params + 6 x layers x S x hidden) / 989e12 (dense bf16 peak; fp8 rows use "
             "1979e12, the FP8 peak), the formula of `baseline-hf.py`",
             f"- fastest: {fastest['name']} ({fastest['tokens_per_s']:,.0f} tokens/s, MFU {fmt(fastest['mfu'], '.3f')}, "
             f"{fastest['peak_mem_gib']:.1f} GiB); least memory: {leanest['name']} ({leanest['peak_mem_gib']:.1f} "
             f"GiB, {leanest['tokens_per_s']:,.0f} tokens/s)",
         ]
+        by_name = {r["name"]: r for r in ours}
+        if "fp8 adamw8bit" in by_name and "bf16_mixed adamw8bit" in by_name:
+            fp8, bf16 = by_name["fp8 adamw8bit"], by_name["bf16_mixed adamw8bit"]
+            lines.append(f"- FP8 / bf16 (same fp32 master weights and 8-bit AdamW, same command): "
+                         f"{fp8['tokens_per_s'] / bf16['tokens_per_s']:.2f}x the tokens/s, "
+                         f"{fp8['peak_mem_gib'] / bf16['peak_mem_gib']:.2f}x the peak memory")
         if best_hf:
             lines.append(f"- best HF: {best_hf['variant']} ({best_hf['tok_s']:,} tokens/s, MFU {best_hf['mfu']}); "
                          f"fastest optrush / best HF = {fastest['tokens_per_s'] / best_hf['tok_s']:.2f}x")
@@ -167,6 +192,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=420, help="start no config after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="debug model on CPU (checks the script, not speed)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape and its configs (default: 1b)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-overrides", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -179,9 +205,10 @@ def main() -> int:
     started = time.perf_counter()
     hf = run_hf(args.hf_baseline, variants=args.hf_variants, timeout_s=300) if args.hf_baseline else {"rows": []}
     wanted = set(args.only.split(",")) if args.only else None
-    base = SMOKE if args.smoke else BASE
+    _, base, configs = SHAPES[args.shape]
+    base = SMOKE if args.smoke else base
     results = []
-    for name, overrides in CONFIGS:
+    for name, overrides in configs:
         if wanted is not None and name not in wanted:
             continue
         left = args.budget_s - (time.perf_counter() - started)
@@ -197,11 +224,12 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "train_speed_smoke" if args.smoke else f"train_speed_{gpu_tag(results)}"
-    record = {"benchmark": "issue #5 training speed, Llama-3.2-1B shape", "base_overrides": base,
+    shape_tag = "" if args.shape == "1b" else f"{args.shape}_"
+    stem = f"train_speed_{shape_tag}smoke" if args.smoke else f"train_speed_{shape_tag}{gpu_tag(results)}"
+    record = {"benchmark": f"issue #5 training speed, {SHAPES[args.shape][0]}", "base_overrides": base,
               "warmup": args.warmup, "steps": args.steps, "hf_baseline": hf, "optrush": results}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    table = markdown(results, hf, warmup=args.warmup, steps=args.steps)
+    table = markdown(results, hf, warmup=args.warmup, steps=args.steps, shape=args.shape)
     (out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
