@@ -9,10 +9,9 @@ AdamW states (`precision.mode=bf16_pure`, as the HF baseline: bf16 model, fused 
 of one cannot leak into the next. The HF baseline script runs first, in the same command, on the same GPU. Output:
 `train_speed_<gpu>.json` (every field, provenance included) and `.md` (the table, ratios over the best HF variant).
 
-`--shape 8b`: the Llama-3.1-8B shape, B=1 x S=4096, full checkpointing, compiled blocks, fused loss; pure bf16
-with AdamW (what fits one H200), then bf16 autocast and FP8 (`precision.mode=fp8`, torchao float8 on the block
-linears), both over fp32 master weights with 8-bit AdamW, so the FP8 / bf16 ratio compares the matmul precision
-alone. Written to `train_speed_8b_<gpu>.json` / `.md`.
+`--shape 8b`: the Llama-3.1-8B shape, B=1 x S=4096, full checkpointing, compiled blocks, fused loss; bf16 autocast
+and FP8 (`precision.mode=fp8`, torchao float8 on the block linears), both over fp32 master weights with 8-bit
+AdamW (what fits one H200), so the FP8 / bf16 ratio compares the matmul precision alone; then pure bf16 with AdamW. Written to `train_speed_8b_<gpu>.json` / `.md`.
 
 A config whose feature is not available (its config key rejected, or torchao missing for fp8) is reported as
 skipped; one that fails (e.g. out of memory) as failed; configs left when `--budget-s` runs out are not started.
@@ -56,9 +55,9 @@ BASE_8B = ["model.preset=llama3.1-8b", "train.micro_batch_size=1", "data.max_len
            "objective=causal_lm", "train.lr=1e-5", "train.schedule=constant", "train.max_steps=1000",
            "output_dir=/tmp/optrush-bench", *FUSED, "activations.checkpointing=full"]
 CONFIGS_8B: list[tuple[str, list[str]]] = [
-    ("bf16_pure adamw", ["precision.mode=bf16_pure"]),
     ("bf16_mixed adamw8bit", ["precision.mode=bf16_mixed", "optim.name=adamw8bit"]),
     ("fp8 adamw8bit", ["precision.mode=fp8", "optim.name=adamw8bit"]),
+    ("bf16_pure adamw", ["precision.mode=bf16_pure"]),
 ]
 SHAPES = {"1b": ("Llama-3.2-1B shape, B=4 x S=2048", BASE, CONFIGS),
           "8b": ("Llama-3.1-8B shape, B=1 x S=4096", BASE_8B, CONFIGS_8B)}
