@@ -201,8 +201,8 @@ def markdown(record: dict) -> str:
     bases = sorted({base for r in summary["ratios"].values() for base in r}, key=lambda b: ("HF" in b, b))
     lines = [f"# Real length mix: padded vs sorted vs packed, {record['model']} shape, {stats['batch_tokens']}-token "
              "budget", "",
-             "| case | non-pad tokens/s | padding | peak GiB | steps | slowest timed step | epoch loss | "
-             "Δ loss vs padded | " + " | ".join(bases) + " |", "|" + "---|" * (8 + len(bases))]
+             "| " + " | ".join(["case", "non-pad tokens/s", "padding", "peak GiB", "steps", "slowest timed step",
+                                "epoch loss", "Δ loss vs padded", *bases]) + " |", "|" + "---|" * (8 + len(bases))]
     for result in record["cases"]:
         if result.get("status") != "ok":
             lines.append(f"| {result['name']} | {result.get('status')}: {result.get('reason', '')[:150]} |"

@@ -74,12 +74,19 @@ def markdown(results: list[dict]) -> str:
         "kernel's fp32 dq accumulator, residual-stream gradients; and the moment when every saved activation is "
         "still held) were added after the 131,072-token long-context row came out 23% under; and bf16_mixed got "
         "its own speed family after the 1B ladder rows ran about 15% below bf16_pure.",
-        "- Known gap: LoRA/QLoRA under selective checkpointing (the ladder's `+LoRA`, `+QLoRA`, `+8-bit "
-        "optimizer` rows) used 14-27% more memory than predicted. The likely cause, found afterwards: the "
-        "selective policy kept every matmul output, so each adapter's (x A) B, as large as the base linear's "
-        "output (5.75 GiB at this shape), was kept too. The policy now recomputes these low-rank products "
-        "(`optrush.parallel.checkpointing.low_rank_product`), as the model assumes; the rows await re-measurement. "
-        "`optrush plan` prints a note for such rows and `tests/test_plan.py` bounds the other rows only.",
+        "- Stale rows: the 1B ladder's LoRA/QLoRA rungs under selective checkpointing (ladder_1b_h100: `+LoRA`, "
+        "`+QLoRA`, `+8-bit optimizer`) ran code the policy no longer runs: it kept each adapter's (x A) B, as "
+        "large as the base linear's output (5.75 GiB at this shape), and QLoRA's base matmul was then an "
+        "autograd.Function whose matmul it saw and kept. The policy now recomputes the low-rank products "
+        "(`optrush.parallel.checkpointing.low_rank_product`) and QLoRA's opaque quantized matmul, and the model "
+        "follows it: the 8B QLoRA ladder's `selective checkpointing` rung (ladder_qlora8b_h100), measured with "
+        "the current code, is predicted within 0.2%. The stale rows await a rerun of the 1B ladder; "
+        "`tests/test_plan.py` leaves them out.",
+        "- Changed after seeing the newest rows (so these rows check them only loosely): the fused loss holds two "
+        "buffers per chunk (6 bytes per logit in bf16, not 8) and its cast of a bf16_mixed head is freed per "
+        "chunk (the 8B QLoRA ladder at B=1 came out 14% over); `data.batch_tokens` sets the rows of a "
+        "micro-batch (the length-mix rows were predicted with `train.micro_batch_size`'s 8 rows: 39-44% over); "
+        "QLoRA under selective checkpointing keeps only attention's output (+57% over before).",
         "- Known gap: the two FSDP2 rows of fsdp_scaling_h200.json (8B full fine-tune, bf16 weights and AdamW "
         "states, `parallel.reduce_dtype=fp32`) used 7.1 GiB (1 GPU) and 4.8 GiB (2 GPUs) more than predicted, at "
         "the end of backward. The likely cause, not yet modelled: FSDP2 reduce-scatters each group's gradients in "

@@ -91,11 +91,15 @@ def test_activation_and_loss_terms_by_hand():
     assert mem.block_activation_bytes(DEBUG, compiled, policy="none") == 256 + 256 + 256 + 128 + 16 + 768 + 384 + 8
     assert mem.block_activation_bytes(DEBUG, compiled, policy="selective") == 128 + 256 + 128 + 16 + 128 + 768
     assert mem.block_activation_bytes(DEBUG, compiled, policy="full") == 128
+    # QLoRA: the quantized matmuls recompute; the block input, attention's output and lse, each adapter's x A (r=8)
+    qlora = compiled.replace(peft="lora", quantize="nf4", lora_rank=8)
+    assert mem.block_activation_bytes(DEBUG, qlora, policy="selective") == 128 + 128 + 16 + 2 * 8 * 7
     assert mem.activation_bytes(DEBUG, eager) == 2 * 128 * 3032
     tokens, vocab = 128, 512
     assert mem.loss_bytes(DEBUG, eager) == 12 * tokens * vocab  # fp32 logits, log-softmax, their gradient
     fused = eager.replace(fused_loss=True, loss_chunk_tokens=32)
-    assert mem.loss_bytes(DEBUG, fused) == 4 * vocab * 64 + 2 * tokens * 64 + (2 + 4 + 2) * 32 * vocab
+    # per chunk two buffers at a time: bf16 logits + their fp32 copy, then that copy + the bf16 gradient
+    assert mem.loss_bytes(DEBUG, fused) == 4 * vocab * 64 + 2 * tokens * 64 + (2 + 4) * 32 * vocab
     packed = eager.replace(document_mask=True)
     assert mem.attention_mask_bytes(DEBUG, packed) == 2 * 64 * 64
 
@@ -147,13 +151,18 @@ def test_committed_measurements_are_predicted_within_ten_percent():
     measured = load_measurements()
     if not measured:
         pytest.skip("no committed GPU bench records")
-    # LoRA/QLoRA under selective checkpointing were measured (1B ladder, H100) before the policy recomputed the
-    # adapters' low-rank products, 14-27% above the model, which counts them recomputed; reported in
-    # plan_accuracy.md, flagged by `optrush plan`, and bounded here once re-measured (issue #10).
-    # The FSDP2 rows (the root group's fp32 gradient reduce-scatter buffers, not modelled: 10-13% under) and the
-    # context-parallel row (20% over) are the other known gaps, described in plan_accuracy.md.
-    covered = [m for m in measured if not (m.setup.peft != "none" and m.setup.checkpointing == "selective")
-               and not m.source.startswith("fsdp_scaling") and m.setup.context_degree == 1]
+    # Left out, each described in plan_accuracy.md:
+    # - the 1B ladder's LoRA/QLoRA rungs under selective checkpointing: measured with code the policy no longer
+    #   runs (it kept the adapters' low-rank products, and QLoRA's base matmul was visible to it then); the 8B
+    #   QLoRA ladder's selective rung measures the current policy and is covered;
+    # - the FSDP2 rows (the root group's fp32 gradient reduce-scatter buffers, not modelled: 10-13% under);
+    # - the context-parallel row (20% over).
+    def stale(m) -> bool:
+        return (m.source == "ladder_1b_h100/ladder.json" and m.setup.peft != "none"
+                and m.setup.checkpointing == "selective")
+
+    covered = [m for m in measured if not stale(m) and not m.source.startswith("fsdp_scaling")
+               and m.setup.context_degree == 1]
     errors = {f"{m.source}: {m.name}": estimate_memory(m.args, m.setup).peak_gib / m.peak_gib - 1 for m in covered}
     assert len(errors) >= 10 and max(abs(e) for e in errors.values()) <= 0.10, errors
 
@@ -304,3 +313,14 @@ def test_context_parallelism_divides_the_activations_and_round_trips():
     again = load_config(None, ["model.preset=llama3.1-8b", "data.packing=none", *config_overrides(ring)],
                         synthetic_data=True)
     assert setup_from_config(again, n_gpus=2) == ring
+
+
+def test_token_budget_sets_the_rows_of_a_micro_batch():
+    """data.batch_tokens replaces train.micro_batch_size: bfd rows = budget // max_length; padded micro-batches
+    hold up to the budget in tokens, planned as that many full rows."""
+    for packing in ("bfd", "none", "sorted"):
+        cfg = load_config(None, ["model.preset=debug", "data.max_length=64", "data.batch_tokens=256",
+                                 "train.micro_batch_size=8", f"data.packing={packing}"], synthetic_data=True)
+        assert setup_from_config(cfg).micro_batch == 4
+    plain = load_config(None, ["model.preset=debug", "train.micro_batch_size=8"], synthetic_data=True)
+    assert setup_from_config(plain).micro_batch == 8

@@ -215,7 +215,8 @@ def autocast_cache_bytes(a: ModelArgs, s: Setup) -> float:
     head's copy); under FSDP the gathered bf16 weights replace the copies (see `fsdp_gathered_bytes`)."""
     if s.precision not in ("bf16_mixed", "fp8") or s.strategy in ("fsdp", "hsdp"):
         return 0.0
-    head = a.vocab_size * a.dim * 2
+    # the fused loss computes its gradients inside its own forward: its cast of the head is freed per chunk
+    head = 0 if s.fused_loss else a.vocab_size * a.dim * 2
     blocks = a.n_layers * block_linear_params(a) * 2 if s.precision == "bf16_mixed" and s.quantize == "none" else 0
     return head + blocks
 
@@ -248,6 +249,11 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         if s.peft in ("lora", "dora") else 0
     if policy == "full":
         return res * d
+    if policy == "selective" and s.quantize != "none":
+        # the quantized base's matmuls are recomputed (see optrush.parallel.checkpointing.SAVED_OPS): the block
+        # input, attention's output and log-sum-exp, the adapters' x A (measured on the 8B QLoRA ladder at B=1:
+        # +0.5 GiB over full checkpointing)
+        return res * d + act * q + lse + adapters
     if policy == "selective":  # matmul and attention outputs plus the block input; pointwise ops recomputed
         kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + mlp * 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
@@ -335,8 +341,10 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     gradients of both: 3 fp32 (tokens x vocab) buffers (11.7 GiB at 8192 x 128256, kernels_h100.md). Under
     whole-model compile: the working-dtype logits kept plus fp32 and working-dtype gradients (not measured).
     Fused loss (`optrush.kernels.fused_loss`): an fp32 accumulator for the head's gradient (when trained), the
-    hidden-state gradient, and per chunk the working-dtype logits, their fp32 copy and the gradient in the working
-    dtype; whole-model compile fuses the fp32 pass away (measured: -1.6 GiB on the 1B rows)."""
+    hidden-state gradient, and per chunk two buffers at a time: the working-dtype logits with their fp32 copy, then
+    that fp32 buffer (the gradient is built in place) with the gradient cast to the working dtype (measured on the
+    8B QLoRA ladder at B=1, one chunk of 2,048 x 128,256: 1.5 GiB for the loss, 6 bytes per logit in bf16);
+    whole-model compile fuses the fp32 pass away (measured: -1.6 GiB on the 1B rows)."""
     n, v = s.tokens, a.vocab_size
     act = COMPUTE_BYTES[s.precision]
     if not s.fused_loss:
@@ -344,7 +352,7 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     chunk = min(s.loss_chunk_tokens, n)
     head_grad = 4 * v * a.dim if s.peft == "none" else 0  # a frozen head needs no weight gradient
     hidden_grad = (PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2) * n * a.dim
-    per_chunk = 2 * act if s.compile == "model" else (4 if act == 4 else 2 * act + 4)
+    per_chunk = 2 * act if s.compile == "model" else (4 if act == 4 else act + 4)
     return head_grad + hidden_grad + per_chunk * chunk * v
 
 

@@ -73,11 +73,17 @@ class Setup:
         return dataclasses.replace(self, **changes)
 
 
+def micro_batch_rows(cfg: Config) -> int:
+    """Full rows a micro-batch holds at most: `data.batch_tokens` (when set) replaces `train.micro_batch_size`; its
+    padded micro-batches (none/sorted) hold up to that many tokens, so they count as that many full rows."""
+    return max(1, cfg.data.batch_tokens // cfg.data.max_length) if cfg.data.batch_tokens else cfg.train.micro_batch_size
+
+
 def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | None = None) -> Setup:
     """The Setup `cfg` runs. `document_mask`: None = packed real data (data.packing=bfd) has document masks."""
     targets = ALL_LINEAR if cfg.peft.target_modules == "all-linear" else tuple(cfg.peft.target_modules)
     return Setup(
-        seq_len=cfg.data.max_length, micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+        seq_len=cfg.data.max_length, micro_batch=micro_batch_rows(cfg), grad_accum=cfg.train.grad_accum,
         precision=cfg.precision.mode, optimizer=cfg.optim.name, state_dtype=cfg.optim.state_dtype,
         optimizer_offload=cfg.optim.offload, low_bit_min_numel=cfg.optim.low_bit_min_numel,
         kahan=cfg.optim.bf16_update == "kahan", peft=cfg.peft.method,

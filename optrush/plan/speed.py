@@ -84,7 +84,8 @@ def load_measurements(paths: list[Path] | None = None) -> list[Measured]:
     out = []
     for path in paths:
         for record in bench_records(json.loads(Path(path).read_text(encoding="utf-8"))):
-            measured = measured_from_record(record, source=Path(path).name)
+            source = Path(path).relative_to(RESULTS_DIR) if Path(path).is_relative_to(RESULTS_DIR) else Path(path)
+            measured = measured_from_record(record, source=source.as_posix())
             if measured is not None:
                 out.append(measured)
     return out
