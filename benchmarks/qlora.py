@@ -260,7 +260,8 @@ def summary_table(results: list[dict]) -> list[str]:
             ratio = f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
             peer_peak = min((p["peak_gib"] for _, p in pairs if p["peak_gib"]), default=None)  # None on CPU
             vs_peak = f"{peak / peer_peak:.3f}x" if peak and peer_peak else ""
-        lines.append(f"| {name} | {len(runs)} | {speed:,.0f} | {ratio} | {'-' if peak is None else f'{peak:.2f}'} | {vs_peak} |")
+        shown_peak = "-" if peak is None else f"{peak:.2f}"
+        lines.append(f"| {name} | {len(runs)} | {speed:,.0f} | {ratio} | {shown_peak} | {vs_peak} |")
     return lines
 
 

@@ -11,7 +11,8 @@ of one cannot leak into the next. The HF baseline script runs first, in the same
 
 `--shape 8b`: the Llama-3.1-8B shape, B=1 x S=4096, full checkpointing, compiled blocks, fused loss; bf16 autocast
 and FP8 (`precision.mode=fp8`, torchao float8 on the block linears), both over fp32 master weights with 8-bit
-AdamW (what fits one H200), so the FP8 / bf16 ratio compares the matmul precision alone; then pure bf16 with AdamW. Written to `train_speed_8b_<gpu>.json` / `.md`.
+AdamW (what fits one H200), so the FP8 / bf16 ratio compares the matmul precision alone; then pure bf16 with
+AdamW. Written to `train_speed_8b_<gpu>.json` / `.md`.
 
 A config whose feature is not available (its config key rejected, or torchao missing for fp8) is reported as
 skipped; one that fails (e.g. out of memory) as failed; configs left when `--budget-s` runs out are not started.

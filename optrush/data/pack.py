@@ -25,8 +25,8 @@ shuffles the micro-batches); `bfd` rows are all `max_length` wide, so the budget
 rows per micro-batch.
 
 The last micro-batch of an unpacked plan may hold fewer rows; that of a `bfd` plan is filled up with rows of
-padding, so packed micro-batches have one shape from the first to the last (no recompilation). Examples longer than `max_length` are rejected here: the
-dataset truncates or drops them first (`data.too_long`).
+padding, so packed micro-batches have one shape from the first to the last (no recompilation). Examples longer
+than `max_length` are rejected here: the dataset truncates or drops them first (`data.too_long`).
 """
 from __future__ import annotations
 

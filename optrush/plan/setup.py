@@ -76,7 +76,9 @@ class Setup:
 def micro_batch_rows(cfg: Config) -> int:
     """Full rows a micro-batch holds at most: `data.batch_tokens` (when set) replaces `train.micro_batch_size`; its
     padded micro-batches (none/sorted) hold up to that many tokens, so they count as that many full rows."""
-    return max(1, cfg.data.batch_tokens // cfg.data.max_length) if cfg.data.batch_tokens else cfg.train.micro_batch_size
+    if not cfg.data.batch_tokens:
+        return cfg.train.micro_batch_size
+    return max(1, cfg.data.batch_tokens // cfg.data.max_length)
 
 
 def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | None = None) -> Setup:
