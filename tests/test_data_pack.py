@@ -309,3 +309,18 @@ def test_token_budget_epoch_loss_is_the_same_padded_or_packed():
     assert totals["none"][1] == totals["sorted"][1] == totals["bfd"][1] == sum(e.num_trained for e in examples)
     assert totals["sorted"][0] == pytest.approx(totals["none"][0], rel=1e-5)
     assert totals["bfd"][0] == pytest.approx(totals["none"][0], rel=1e-5)
+
+
+def test_data_parallel_loader_counts_what_each_epoch_leaves_out():
+    """Ranks take whole micro-batches in turn; the plan's tail beyond a multiple of the ranks is left out and
+    counted (the training loop reports it), and every other example is taken by exactly one rank."""
+    lengths = lognormal_lengths(101, median=12, sigma=0.7, max_length=64, seed=3)
+    examples = make_examples(lengths)
+    kw = dict(strategy="none", rows=4, max_length=64, pad_id=PAD, seed=0)
+    plan = plan_batches(lengths, strategy="none", rows=4, max_length=64, order_seed=0)
+    assert len(plan) == 26  # 101 examples in rows of 4: 25 full micro-batches and one of 1
+    ranks = [BatchLoader(examples, rank=r, world_size=3, **kw) for r in range(3)]
+    assert all(loader.left_out == (2, 5) for loader in ranks)  # micro-batches 24 and 25: 4 + 1 examples
+    taken = sorted(i for loader in ranks for micro in loader.plan for row in micro for i in row)
+    assert taken == sorted(i for micro in plan[:24] for row in micro for i in row)
+    assert BatchLoader(examples, **kw).left_out == (0, 0)

@@ -82,6 +82,8 @@ class BatchLoader:
         plan = plan_batches(self.lengths, strategy=self.strategy, rows=self.rows, max_length=self.max_length,
                             order_seed=self.seed + epoch if self.shuffle else None, batch_tokens=self.batch_tokens)
         usable = len(plan) - len(plan) % self.world_size
+        # what this epoch leaves out, reported at start-up: data is never skipped silently
+        self.left_out = (len(plan) - usable, sum(len(row) for micro in plan[usable:] for row in micro))
         return plan[self.rank:usable:self.world_size]
 
     def __iter__(self) -> "BatchLoader":

@@ -108,6 +108,11 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle,
                          pin_memory=device.type == "cuda", prefetch=cfg.data.prefetch, rank=data_rank,
                          world_size=data_world)
+    batches_left_out, examples_left_out = loader.left_out
+    if batches_left_out and is_main():
+        print(f"data parallel: every one of the {data_world} replicas takes the same number of micro-batches, so "
+              f"the plan's last {batches_left_out} are left out of epoch 0 ({examples_left_out} examples; each "
+              "epoch reshuffles, so other examples fall there next time)", flush=True)
 
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     base_model_path=cfg.model.path)
