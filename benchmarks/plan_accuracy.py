@@ -80,11 +80,11 @@ def markdown(results: list[dict]) -> str:
         "autograd.Function whose matmul it saw and kept. The policy now recomputes the low-rank products "
         "(`optrush.parallel.checkpointing.low_rank_product`) and QLoRA's opaque quantized matmul, and the model "
         "follows it: the 8B QLoRA ladder's `selective checkpointing` rung (ladder_qlora8b_h100), measured with "
-        "the current code, is predicted within 0.2%. The stale rows await a rerun of the 1B ladder; "
+        "the current code, is predicted within 5%. The stale rows await a rerun of the 1B ladder; "
         "`tests/test_plan.py` leaves them out.",
-        "- Changed after seeing the newest rows (so these rows check them only loosely): the fused loss holds two "
-        "buffers per chunk (6 bytes per logit in bf16, not 8) and its cast of a bf16_mixed head is freed per "
-        "chunk (the 8B QLoRA ladder at B=1 came out 14% over); `data.batch_tokens` sets the rows of a "
+        "- Changed after seeing the newest rows (so these rows check them only loosely): the fused loss's cast of "
+        "a bf16_mixed head is freed per chunk, not kept for backward (the 8B QLoRA ladder's fused-loss rungs came "
+        "out 14% over, now 4-5%); `data.batch_tokens` sets the rows of a "
         "micro-batch (the length-mix rows were predicted with `train.micro_batch_size`'s 8 rows: 39-44% over); "
         "QLoRA under selective checkpointing keeps only attention's output (+57% over before).",
         "- Known gap: the two FSDP2 rows of fsdp_scaling_h200.json (8B full fine-tune, bf16 weights and AdamW "

@@ -98,8 +98,7 @@ def test_activation_and_loss_terms_by_hand():
     tokens, vocab = 128, 512
     assert mem.loss_bytes(DEBUG, eager) == 12 * tokens * vocab  # fp32 logits, log-softmax, their gradient
     fused = eager.replace(fused_loss=True, loss_chunk_tokens=32)
-    # per chunk two buffers at a time: bf16 logits + their fp32 copy, then that copy + the bf16 gradient
-    assert mem.loss_bytes(DEBUG, fused) == 4 * vocab * 64 + 2 * tokens * 64 + (2 + 4) * 32 * vocab
+    assert mem.loss_bytes(DEBUG, fused) == 4 * vocab * 64 + 2 * tokens * 64 + (2 + 4 + 2) * 32 * vocab
     packed = eager.replace(document_mask=True)
     assert mem.attention_mask_bytes(DEBUG, packed) == 2 * 64 * 64
 

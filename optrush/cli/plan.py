@@ -51,7 +51,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
            for c in shown):
         console.print("[yellow]note[/]: LoRA (unquantized base) with selective checkpointing measured 14% above "
                       "these estimates before the adapters' low-rank products were recomputed; not re-measured "
-                      "since (QLoRA was: within 1%; benchmarks/results/plan_accuracy.md): keep --margin 0.3 for "
+                      "since (QLoRA was: within 5%; benchmarks/results/plan_accuracy.md): keep --margin 0.3 for "
                       "those rows")
     if fitting and args.out:
         text = config_yaml(fitting[0], base_overrides=base, gpu=gpu, n_gpus=n_gpus, path=args.out)

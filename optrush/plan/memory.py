@@ -341,10 +341,8 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     gradients of both: 3 fp32 (tokens x vocab) buffers (11.7 GiB at 8192 x 128256, kernels_h100.md). Under
     whole-model compile: the working-dtype logits kept plus fp32 and working-dtype gradients (not measured).
     Fused loss (`optrush.kernels.fused_loss`): an fp32 accumulator for the head's gradient (when trained), the
-    hidden-state gradient, and per chunk two buffers at a time: the working-dtype logits with their fp32 copy, then
-    that fp32 buffer (the gradient is built in place) with the gradient cast to the working dtype (measured on the
-    8B QLoRA ladder at B=1, one chunk of 2,048 x 128,256: 1.5 GiB for the loss, 6 bytes per logit in bf16);
-    whole-model compile fuses the fp32 pass away (measured: -1.6 GiB on the 1B rows)."""
+    hidden-state gradient, and per chunk the working-dtype logits, their fp32 copy and the gradient in the working
+    dtype; whole-model compile fuses the fp32 pass away (measured: -1.6 GiB on the 1B rows)."""
     n, v = s.tokens, a.vocab_size
     act = COMPUTE_BYTES[s.precision]
     if not s.fused_loss:
@@ -352,7 +350,7 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     chunk = min(s.loss_chunk_tokens, n)
     head_grad = 4 * v * a.dim if s.peft == "none" else 0  # a frozen head needs no weight gradient
     hidden_grad = (PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2) * n * a.dim
-    per_chunk = 2 * act if s.compile == "model" else (4 if act == 4 else act + 4)
+    per_chunk = 2 * act if s.compile == "model" else (4 if act == 4 else 2 * act + 4)
     return head_grad + hidden_grad + per_chunk * chunk * v
 
 
