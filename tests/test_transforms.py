@@ -140,6 +140,29 @@ def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():
     assert backward_ops(selective, batch)["aten::mm"] == backward_ops(plain, batch)["aten::mm"] + adapted
 
 
+def test_selective_checkpointing_recomputes_qlora_quantized_matmuls():
+    """Under QLoRA, selective checkpointing keeps attention's output and recomputes every quantized base matmul
+    (optrush::dequantized_matmul is not in SAVED_OPS: keeping its outputs would spend what quantizing saved), as
+    full checkpointing does; `optrush.plan.memory` models exactly this."""
+    from optrush.config.schema import PeftConfig
+    from optrush.peft.lora import apply_lora
+    from optrush.peft.quant import apply_quantize
+
+    batch = packed_batch(0)
+
+    def qlora_model(policy):
+        torch.manual_seed(0)
+        model = apply_lora(build_model(ARGS, seed=0), PeftConfig(method="lora", r=4, target_modules="all-linear"))
+        model = apply_quantize(model, config(peft__quantize="nf4"))
+        return apply_activation_checkpointing(model, config(activations__checkpointing=policy))
+
+    ops = {policy: backward_ops(qlora_model(policy), batch) for policy in ("none", "selective", "full")}
+    recomputed = {policy: calls["optrush::dequantized_matmul"] for policy, calls in ops.items()}
+    assert recomputed == {"none": 0, "selective": ARGS.n_layers * 7, "full": ARGS.n_layers * 7}
+    attention = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert ops["selective"][attention] == 0 < ops["full"][attention]  # kept, not recomputed
+
+
 def test_offload_moves_block_activations_to_the_offload_hooks():
     batch = packed_batch(0)
     plain, offloaded = build_model(ARGS, seed=0), build_model(ARGS, seed=0)
