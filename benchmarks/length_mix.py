@@ -31,10 +31,10 @@ step still runs in full: its cost does not depend on the learning rate. The exac
 `tests/test_models.py::test_packed_forward_equals_each_document_alone`).
 
 Peer (`--peer PATH` to `baseline-peers.py`, skipped when missing; `.shared_gpu/` holds a copy of
-`../shared/gpu/baseline-peers.py` that travels to the device when carried): its `lengthmix_random` and `lengthmix_sorted`
-sections (HF LlamaForCausalLM, eager SDPA, same lengths and budget, 8 warm-up + 40 timed batches), each in its own
-process in this same command (first, then the packed cases, then the rest: `--budget-s` stops starting cases
-when the time is spent), so the ratios are measured on one machine in one run. Issue #5's target: bfd +
+`../shared/gpu/baseline-peers.py` that travels to the device when carried): its `lengthmix_random` and
+`lengthmix_sorted` sections (HF LlamaForCausalLM, eager SDPA, same lengths and budget, 8 warm-up + 40 timed
+batches), each in its own process in this same command (first, then the packed cases, then the rest:
+`--budget-s` stops starting cases when the time is spent), so the ratios are measured on one machine in one run. Issue #5's target: bfd +
 varlen or flex >= 1.8x the sorted peer and >= 4x the padded peer, with the same loss as unpacked.
 Output: `<out>/length_mix_<gpu>.json` (every record, provenance included) and `.md`, rewritten after each case.
 """
@@ -229,7 +229,7 @@ def markdown(record: dict) -> str:
     lines += [f"- lengths: the first {stats['examples']} of baseline-peers.py's draws (lognormal, clipped to "
               f"[{stats['min']}, {stats['max']}]): mean {stats['mean']:.0f}, max {stats['max']} tokens, "
               f"{stats['tokens']:,} tokens; every case trains exactly this one epoch ({stats['tokens']:,} trained "
-              "tokens) and times all but its 3 warm-up steps",
+              f"tokens) and times all but its {record.get('warmup', 3)} warm-up steps",
               f"- same loss: epoch mean loss per token, weights held still by a 1e-9 lr (lost in bf16 weights); "
               f"|Δ| <= {summary['loss_tolerance']:g} counts as the same",
               "- each case `optrush bench` in its own process: " + " ".join(f"`{o}`" for o in record["common"])]
@@ -263,7 +263,8 @@ def main() -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     data_path, tokenizer_dir = write_corpus(work, lengths, vocab=spec["vocab"], seed=1)
     common = common_overrides(spec, data_path=data_path, tokenizer_dir=tokenizer_dir, work=work)
-    record = {"model": spec["preset"], "common": common, "cases": [], "peers": {}, "provenance": provenance(),
+    record = {"model": spec["preset"], "common": common, "warmup": args.warmup, "cases": [], "peers": {},
+              "provenance": provenance(),
               "length_mix": {"examples": n, "mean": sum(lengths) / n, "min": min(lengths), "max": max(lengths),
                              "tokens": sum(lengths), "batch_tokens": spec["batch_tokens"],
                              "max_length": spec["max_length"]}}

@@ -96,7 +96,8 @@ def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | Non
         loss_chunk_tokens=cfg.kernels.loss_chunk_tokens, attention=cfg.model.attention,
         document_mask=cfg.data.packing == "bfd" if document_mask is None else document_mask,
         strategy=cfg.parallel.strategy, n_gpus=n_gpus if cfg.parallel.strategy != "none" else 1,
-        context_degree=cfg.context.degree, reshard_after_forward=cfg.parallel.reshard_after_forward, fsdp_cpu_offload=cfg.parallel.cpu_offload)
+        context_degree=cfg.context.degree, reshard_after_forward=cfg.parallel.reshard_after_forward,
+        fsdp_cpu_offload=cfg.parallel.cpu_offload)
 
 
 def config_overrides(setup: Setup) -> list[str]:

@@ -82,10 +82,10 @@ def load_measurements(paths: list[Path] | None = None) -> list[Measured]:
     (default: all JSON files under benchmarks/results), whose model shape can be rebuilt from its config."""
     paths = sorted(RESULTS_DIR.rglob("*.json")) if paths is None else paths
     out = []
-    for path in paths:
-        for record in bench_records(json.loads(Path(path).read_text(encoding="utf-8"))):
-            source = Path(path).relative_to(RESULTS_DIR) if Path(path).is_relative_to(RESULTS_DIR) else Path(path)
-            measured = measured_from_record(record, source=source.as_posix())
+    for path in map(Path, paths):
+        source = (path.relative_to(RESULTS_DIR) if path.is_relative_to(RESULTS_DIR) else path).as_posix()
+        for record in bench_records(json.loads(path.read_text(encoding="utf-8"))):
+            measured = measured_from_record(record, source=source)
             if measured is not None:
                 out.append(measured)
     return out
