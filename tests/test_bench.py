@@ -2,6 +2,11 @@
 `--ladder` runs rungs and an HF peer in their own processes and reports skipped and failed rungs as such."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -247,3 +252,22 @@ def test_ladder_resume_keeps_what_an_earlier_run_finished(tmp_path, monkeypatch)
     ran.clear()
     ladder_module.run_ladder(None, overrides, ladder=Ladder(rungs=changed, reference="base"), **common)
     assert ran == ["base", "broken", "+bf16"]  # without --resume everything runs again
+
+
+def test_interrupted_bench_stops_the_rung_it_is_running(tmp_path):
+    """SIGINT to a ladder (what `timeout -s INT` sends to benchmarks/ladder_h100.sh, which execs the bench) stops
+    the rung's process too: none may outlive the bench and keep its GPU."""
+    pid_file = tmp_path / "rung.pid"
+    sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    bench = (f"import sys; from pathlib import Path; from optrush.bench.ladder import run_child; "
+             f"run_child([sys.executable, '-c', {sleeper!r}, {str(pid_file)!r}], name='rung', timeout_s=None, "
+             f"logs=Path({str(tmp_path)!r}))")
+    parent = subprocess.Popen([sys.executable, "-c", bench])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rung = int(pid_file.read_text())
+    parent.send_signal(signal.SIGINT)
+    assert parent.wait(timeout=60) != 0  # interrupted
+    with pytest.raises(ProcessLookupError):
+        os.kill(rung, 0)

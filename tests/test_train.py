@@ -159,3 +159,22 @@ def test_verify_runs_the_fast_checks_before_training(debug_overrides, tmp_path):
                                                          "checkpoint.save_final=false"]))
     report = json.loads((tmp_path / "run" / "check.json").read_text())
     assert summary["steps"] == 2 and report["passed"] is True
+
+
+def test_training_reports_what_data_parallel_leaves_out_of_an_epoch(debug_overrides, monkeypatch, capsys):
+    """With W data-parallel replicas the plan's last len(plan) % W micro-batches are left out of the epoch; the run
+    says how many, and how many examples they hold (here rank 0 of 7 replicas, simulated in one process)."""
+    import optrush.train.loop as loop
+
+    loaders, make_loader = [], loop.make_loader
+
+    def recording_make_loader(*args, **kwargs):
+        loaders.append(make_loader(*args, **kwargs))
+        return loaders[-1]
+
+    monkeypatch.setattr(loop, "data_parallel_position", lambda degree: (0, 7))
+    monkeypatch.setattr(loop, "make_loader", recording_make_loader)
+    train(load_config(None, [*debug_overrides, "train.max_steps=2"]))
+    batches, examples = loaders[0].left_out
+    assert 0 < batches < 7 and examples >= batches
+    assert f"the plan's last {batches} are left out of epoch 0 ({examples} examples" in capsys.readouterr().out
