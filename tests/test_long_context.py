@@ -20,6 +20,7 @@ from optrush.models.io import build_model
 from optrush.models.layers import rope_inv_freq, rope_tables
 from optrush.models.presets import get_preset
 from optrush.parallel.checkpointing import BlockOffloader, apply_activation_checkpointing, split_sizes
+from optrush.parallel.compile import apply_compile
 from optrush.parallel.context import (apply_context_extension, apply_context_parallel, block_backward, block_forward,
                                      chunk_ids, ring_attention, shard_batch)
 
@@ -87,6 +88,33 @@ def test_offloader_copies_block_inputs_and_prefetches_the_previous_block():
     loss.backward()
     assert offloader.pending == {}  # every record was claimed by its backward: nothing is kept across steps
     assert fetched[0] == 1 and set(fetched) == {-1, 0, 1}  # backward of block i prefetches block i-1
+
+
+def test_offloaded_tensors_come_back_with_their_layout():
+    """Compiled blocks assert the strides of what they saved: attention's output is saved as a transposed view."""
+    offloader = BlockOffloader(torch.device("cpu"))
+    base = torch.randn(2, 6, 4, 3)
+    dense = (base, base.transpose(1, 2), base[1:].transpose(1, 2), base[1:], base.permute(3, 0, 2, 1))
+    for tensor in dense:  # a dense tensor comes back with its own layout
+        back = offloader.unpack(offloader.pack(tensor, index=0, params=frozenset()), index=0)
+        assert torch.equal(back, tensor) and back.stride() == tensor.stride(), tensor.stride()
+    for strided in (base[..., ::2], base[:, 1:].transpose(1, 2)):  # not dense: copied, and back contiguous
+        back = offloader.unpack(offloader.pack(strided, index=0, params=frozenset()), index=0)
+        assert torch.equal(back, strided) and back.is_contiguous()
+
+
+def test_compiled_selective_checkpointing_with_offload_matches_eager():
+    """Selective checkpointing keeps attention's output; offloaded and reloaded, compiled blocks accept it."""
+    inputs = batch()
+    ref_loss, ref_grads = loss_and_grads(build_model(ARGS, seed=0), inputs)
+    cfg = activations(checkpointing="selective", offload=True)
+    cfg.compile.mode = "blocks"
+    model = apply_compile(apply_activation_checkpointing(build_model(ARGS, seed=0), cfg), cfg)
+    for _ in range(2):
+        loss, grads = loss_and_grads(model, inputs)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_pinned_pieces_are_powers_of_two_and_add_up():

@@ -138,13 +138,13 @@ def chunk_feed_forward(feed_forward: nn.Module, *, chunk_tokens: int) -> None:
 # --------------------------------------------------------------------------------------------------- offload
 
 class _Offloaded:
-    """One saved tensor in CPU memory (flat pieces), the event that marks its copy done, and its prefetched
-    device copy."""
-    __slots__ = ("pieces", "shape", "dtype", "copied", "prefetched", "arrived", "__weakref__")
+    """One saved tensor in CPU memory (flat pieces in the tensor's memory order), its layout, the event that marks
+    its copy done, and its prefetched device copy."""
+    __slots__ = ("pieces", "shape", "stride", "dtype", "copied", "prefetched", "arrived", "__weakref__")
 
-    def __init__(self, pieces: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype,
+    def __init__(self, pieces: list[torch.Tensor], shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype,
                  copied: torch.cuda.Event | None):
-        self.pieces, self.shape, self.dtype, self.copied = pieces, shape, dtype, copied
+        self.pieces, self.shape, self.stride, self.dtype, self.copied = pieces, shape, stride, dtype, copied
         self.prefetched: torch.Tensor | None = None
         self.arrived: torch.cuda.Event | None = None
 
@@ -211,7 +211,7 @@ class BlockOffloader:
         if known is not None and known[0]() is tensor and known[1] == tensor._version \
                 and (record := known[2]()) is not None:
             return record
-        flat = tensor.detach().reshape(-1)
+        flat, stride = memory_order(tensor.detach())
         pieces = [torch.empty(n, dtype=tensor.dtype, pin_memory=self.stream is not None)
                   for n in split_sizes(flat.numel())]
         copied = None
@@ -224,7 +224,7 @@ class BlockOffloader:
                 copied = self.stream.record_event()
             # the caching allocator must not hand this memory to the compute stream before the copy has read it
             tensor.record_stream(self.stream)
-        record = _Offloaded(pieces, tensor.shape, tensor.dtype, copied)
+        record = _Offloaded(pieces, tensor.shape, stride, tensor.dtype, copied)
         self.pending.setdefault(index, []).append(weakref.ref(record))
         self.shared = {key: entry for key, entry in self.shared.items() if entry[0]() is not None}
         self.shared[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(record))
@@ -265,9 +265,22 @@ class BlockOffloader:
 
     def to_device(self, record: _Offloaded) -> torch.Tensor:
         """A device copy of `record`, enqueued on the current stream (non-blocking from pinned memory)."""
-        flat = torch.empty(sum(p.numel() for p in record.pieces), dtype=record.dtype, device=self.device)
-        copy_pieces(flat, record.pieces, to_pieces=False)
-        return flat.view(record.shape)
+        tensor = torch.empty_strided(record.shape, record.stride, dtype=record.dtype, device=self.device)
+        copy_pieces(memory_order(tensor)[0], record.pieces, to_pieces=False)
+        return tensor
+
+
+def memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A 1-D view of `tensor`'s elements in the order they lie in memory, and the strides that order restores.
+
+    Compiled code asserts the exact strides of what it saved (attention's output is a transposed view), so a
+    dense tensor comes back with its own layout; any other (a strided slice) is copied and comes back contiguous."""
+    by_stride = sorted(range(tensor.dim()), key=lambda d: (tensor.stride(d), tensor.size(d)), reverse=True)
+    dense = tensor.permute(by_stride)
+    if dense.is_contiguous():
+        return dense.view(-1), tensor.stride()
+    flat = tensor.reshape(-1)
+    return flat, flat.view(tensor.shape).stride()
 
 
 def copy_pieces(flat: torch.Tensor, pieces: list[torch.Tensor], *, to_pieces: bool = True) -> None:
