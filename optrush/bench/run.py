@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -61,46 +62,18 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
 
 def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int, steps: int, name: str) -> dict:
     device = parallel.device
-    if cfg.precision.mode == "fp8":
-        require_float8(device)
-    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-
     started = time.perf_counter()
-    n_steps = warmup + steps
-    # the ranks of one context-parallel group read the same rows and each keeps its share of every row
-    data_rank, data_world = data_parallel_position(cfg.context.degree)
-    if synthetic:
-        vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
-        model = build(cfg, vocab_size=vocab_size, device=device)
-        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=data_rank)
-    else:
-        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=data_rank, world_size=data_world)
-        model = build(cfg, vocab_size=vocab_size, device=device)
-    model, shard = setup_context_parallel(model, cfg, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
-    batches = [[shard(b) for b in step] for step in batches]
-    model = apply_optimizations(model, cfg)
-    objective = build_objective(cfg.objective)
-    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
-                                lora_plus_ratio=cfg.peft.lora_plus_ratio)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    autocast = precision_context(cfg, device)
+    run = prepare(cfg, parallel, synthetic=synthetic, n_steps=warmup + steps)
+    model, batches = run.model, run.batches
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     setup_s = time.perf_counter() - started
 
-    model.train()
     losses, seconds, step_units = [], [], []
     for micro_batches in batches:
         step_started = time.perf_counter()
-        loss_sum, units = accumulate_gradients(model, objective, micro_batches, device=device, autocast=autocast)
-        clip_gradients(model, cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, units = train_step(run, micro_batches, max_grad_norm=cfg.train.max_grad_norm)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - step_started)
@@ -144,6 +117,57 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
         "config": to_dict(cfg),
         "provenance": provenance(),
     }
+
+
+class Prepared(NamedTuple):
+    """What one benchmarked training step needs, built as `optrush train` builds it."""
+    model: torch.nn.Module
+    batches: list[list[Batch]]
+    objective: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    autocast: object
+    device: torch.device
+
+
+def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int) -> Prepared:
+    """The model (every optimization applied), `n_steps` steps of this rank's micro-batches, objective,
+    optimizer, scheduler and precision context of `cfg`; the model is left in train mode."""
+    device = parallel.device
+    if cfg.precision.mode == "fp8":
+        require_float8(device)
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    # the ranks of one context-parallel group read the same rows and each keeps its share of every row
+    data_rank, data_world = data_parallel_position(cfg.context.degree)
+    if synthetic:
+        vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
+        model = build(cfg, vocab_size=vocab_size, device=device)
+        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=data_rank)
+    else:
+        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=data_rank, world_size=data_world)
+        model = build(cfg, vocab_size=vocab_size, device=device)
+    model, shard = setup_context_parallel(model, cfg, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
+    batches = [[shard(b) for b in step] for step in batches]
+    model = apply_optimizations(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
+                                lora_plus_ratio=cfg.peft.lora_plus_ratio)
+    model.train()
+    return Prepared(model, batches, build_objective(cfg.objective), optimizer, build_scheduler(optimizer, cfg.train),
+                    precision_context(cfg, device), device)
+
+
+def train_step(run: Prepared, micro_batches: list[Batch], *, max_grad_norm: float) -> tuple[float, int]:
+    """One optimizer step of the training loop over `micro_batches`: (summed loss, trained units)."""
+    loss_sum, units = accumulate_gradients(run.model, run.objective, micro_batches, device=run.device,
+                                           autocast=run.autocast)
+    clip_gradients(run.model, max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, units
 
 
 def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
