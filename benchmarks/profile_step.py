@@ -70,9 +70,11 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def device_events(prof) -> list:
-    """The profiler's device-side events: kernels, copies and fills."""
-    return [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+def device_events(events) -> list:
+    """The device-side events: kernels, copies and fills. User annotations (`Optimizer.step#AdamW.step`) are
+    mirrored onto the device timeline as spans over the kernels they launched: counted, they would count twice."""
+    return [e for e in events
+            if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
 
 
 def summarize(events: list, *, steps: int, wall_s: float, tokens: int, matmul_flops: float,
@@ -131,7 +133,7 @@ def profile_step(overrides: list[str], *, warmup: int, steps: int, profile_steps
         per_token = training_flops_per_token(run.model, cfg.data.max_length)
         args = run.model.args
         attention_per_token = 6 * args.n_layers * cfg.data.max_length * args.dim
-        summary = summarize(device_events(prof), steps=profile_steps, wall_s=profiled_s, tokens=tokens,
+        summary = summarize(device_events(prof.events()), steps=profile_steps, wall_s=profiled_s, tokens=tokens,
                             matmul_flops=tokens * (per_token - attention_per_token),
                             attention_flops=tokens * attention_per_token)
         step_s = sorted(seconds)[len(seconds) // 2]

@@ -9,13 +9,15 @@ import sys
 import time
 
 import pytest
+import torch
 
 from optrush.bench.ladder import (DEFAULT_LADDER, Ladder, Rung, add_loss_deltas, best_over_peers, load_ladder,
                                   median_run, override, plan_ladder)
 from optrush.bench.peers import PadCollator, peer_rows, peer_skip_reason
-from optrush.bench.run import bench, markdown_table
+from optrush.bench.run import bench, markdown_table, prepare, train_step
 from optrush.cli.main import main
 from optrush.config import ConfigError, load_config
+from optrush.parallel.distributed import init_distributed
 
 
 def test_bench_cli_synthetic_debug_writes_json_and_markdown(tmp_path, capsys):
@@ -271,3 +273,25 @@ def test_interrupted_bench_stops_the_rung_it_is_running(tmp_path):
     assert parent.wait(timeout=60) != 0  # interrupted
     with pytest.raises(ProcessLookupError):
         os.kill(rung, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("extra", [["kernels.fused_loss=true"], ["kernels.fused_loss=true", "compile.mode=model"]],
+                         ids=["eager", "compiled"])
+def test_a_training_step_never_waits_for_the_gpu(extra):
+    """The step queues forward, backward, clipping and the optimizer without a host sync (a loss `.item()` or the
+    grad norm read mid-step left the GPU idle while the host queued the next phase): CUDA's sync debug mode
+    raises on any sync."""
+    cfg = load_config(None, TINY + ["train.device=cuda", "precision.mode=bf16_pure", *extra], synthetic_data=True)
+    parallel = init_distributed(cfg.parallel, device=torch.device("cuda"))
+    run = prepare(cfg, parallel, synthetic=True, n_steps=3)
+    for micro_batches in run.batches[:2]:  # first use: compilation, lazy initialisation
+        train_step(run, micro_batches, max_grad_norm=1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, units = train_step(run, run.batches[2], max_grad_norm=1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(loss)) and units == cfg.train.micro_batch_size * cfg.data.max_length

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
 
@@ -38,9 +39,18 @@ def test_busy_time_counts_overlapping_kernels_once(script):
     assert script.union_us([]) == 0
 
 
+def event(name, start, end, *, device=True, annotation=False):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation,
+                           device_type=torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU)
+
+
+def test_device_events_leave_out_host_events_and_annotations(script):
+    kernel = event("nvjet_a", 0, 1)
+    events = [kernel, event("aten::mm", 0, 1, device=False), event("Optimizer.step#AdamW.step", 0, 9, annotation=True)]
+    assert script.device_events(events) == [kernel]
+
+
 def test_summary_per_step(script):
-    def event(name, start, end):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
     events = [event("nvjet_a", 0, 600), event("flash_fwd", 600, 800), event("nvjet_a", 1000, 1600),
               event("triton_poi_fused_0", 1500, 1700)]  # two steps; the Triton kernel overlaps a matmul
     summary = script.summarize(events, steps=2, wall_s=1e-3, tokens=100, matmul_flops=6e9, attention_flops=1e9)

@@ -47,7 +47,7 @@ def test_accumulated_gradients_equal_large_batch():
         model = build_model(args, dtype=torch.float32, device="cpu", seed=0)
         loss, units = accumulate_gradients(model, build_objective("causal_lm"), micro_batches, device="cpu",
                                            autocast=nullcontext())
-        return loss / units, {n: p.grad.clone() for n, p in model.named_parameters()}
+        return float(loss) / units, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     big_loss, big = grads([padded_batch(inputs, labels)])
     acc_loss, acc = grads([padded_batch([i], [l]) for i, l in zip(inputs, labels)])

@@ -77,7 +77,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - step_started)
-        losses.append(loss_sum / max(units, 1))
+        losses.append(float(loss_sum) / max(units, 1))
         step_units.append(units)
 
     timed = batches[warmup:]
@@ -159,8 +159,8 @@ def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int
                     precision_context(cfg, device), device)
 
 
-def train_step(run: Prepared, micro_batches: list[Batch], *, max_grad_norm: float) -> tuple[float, int]:
-    """One optimizer step of the training loop over `micro_batches`: (summed loss, trained units)."""
+def train_step(run: Prepared, micro_batches: list[Batch], *, max_grad_norm: float) -> tuple[torch.Tensor, int]:
+    """One optimizer step of the training loop over `micro_batches`: (summed loss on the device, trained units)."""
     loss_sum, units = accumulate_gradients(run.model, run.objective, micro_batches, device=run.device,
                                            autocast=run.autocast)
     clip_gradients(run.model, max_grad_norm)

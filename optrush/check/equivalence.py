@@ -76,7 +76,7 @@ def check_accumulation(ctx: CheckContext) -> list[CheckResult]:
     grads = grads_of(model)
     detail = f"{steps} micro-batches of {cfg.train.micro_batch_size} rows vs one of {len(rows)} rows"
     switch = "train.grad_accum=1"
-    return [compare("accumulation: loss", relative(loss_sum / max(units, 1), ref_loss), ctx.tolerance.loss,
+    return [compare("accumulation: loss", relative(float(loss_sum) / max(units, 1), ref_loss), ctx.tolerance.loss,
                     switch=switch, detail=detail),
             compare("accumulation: gradients", grad_difference(grads, ref_grads), ctx.tolerance.grad, switch=switch,
                     detail=detail)]

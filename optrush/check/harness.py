@@ -186,7 +186,7 @@ class Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.losses.append(loss_sum / max(units, 1))
+        self.state.losses.append(float(loss_sum) / max(units, 1))
         return self.state.losses[-1]
 
     def losses(self, steps: int) -> list[float]:

@@ -22,7 +22,7 @@ def check_numerics(ctx: CheckContext) -> list[CheckResult]:
     model = model_for(ctx, cfg)
     loss_sum, units = loop.accumulate_gradients(model, build_objective(cfg.objective), micro_batches,
                                                 device=ctx.device, autocast=loop.precision_context(cfg, ctx.device))
-    loss = loss_sum / max(units, 1)
+    loss = float(loss_sum) / max(units, 1)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     non_finite = sum(int((~torch.isfinite(p.grad)).sum()) for _, p in trainable if p.grad is not None)
     params = dict(trainable)

@@ -141,7 +141,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                 ema.update(model)
 
             state.step += 1
-            loss = step_loss / max(units, 1)
+            loss = float(step_loss) / max(units, 1)  # the first wait for the GPU in this step
             state.losses.append(loss)
             tokens = sum(b.input_ids.numel() for b in micro_batches)
             padding = sum(b.num_padding for b in micro_batches)
@@ -152,7 +152,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             throughput.update(tokens=tokens, real_tokens=real_tokens, seconds=time.perf_counter() - started)
             if state.step % cfg.logging.every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(state.step, {
-                    "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
                     "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units, **objective.pop_metrics()})
@@ -211,19 +211,22 @@ def with_adapters(plain: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     return apply_peft(plain, cfg) if cfg.peft.method != "none" else plain
 
 
-def accumulate_gradients(model, objective, micro_batches, *, device, autocast) -> tuple[float, int]:
+def accumulate_gradients(model, objective, micro_batches, *, device, autocast) -> tuple[torch.Tensor, int]:
     """Backward over this rank's micro-batches of one optimizer step, each summed loss divided by the step's total
     units over all ranks, times the world size because ddp/fsdp average the ranks' gradients (so the result is the
-    gradient of the global batch's mean loss). Returns (summed loss, units), both over all ranks."""
+    gradient of the global batch's mean loss). Returns (summed loss, units), both over all ranks; the loss stays a
+    device tensor, so that the optimizer step is queued before anything waits for the GPU (`float()` it after)."""
     units = int(all_reduce_sum([sum(objective.units(b) for b in micro_batches)], device=device)[0])
     ranks = world_size()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for batch in micro_batches:
         with autocast:
             loss_sum, _ = objective(model, batch.to(device, non_blocking=True))
         (loss_sum / max(units, 1) * ranks).backward()
-        total += loss_sum.item()
-    return all_reduce_sum([total], device=device)[0], units
+        total += loss_sum.detach()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total, units
 
 
 def verify(cfg: Config, output_dir: Path) -> None:
@@ -311,15 +314,16 @@ def precision_context(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip to global norm `max_norm` (0: only measure); returns the norm before clipping. Under fsdp/hsdp the
-    gradients are DTensor shards and the norm is reduced over the mesh."""
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to global norm `max_norm` (0: only measure); returns the norm before clipping, a device tensor (reading
+    it waits for the GPU: do that after the optimizer step is queued). Under fsdp/hsdp the gradients are DTensor
+    shards and the norm is reduced over the mesh."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 @torch.no_grad()
