@@ -17,7 +17,10 @@ then `--profile-steps` more run under torch.profiler. Reported per profiled step
 - model FLOPs over kernel time for matmul and attention: the MFU formula's two terms (6 x params per token, and
   6 x layers x seq x dim) divided by those kernels' time. Recomputation (activation checkpointing) runs matmuls
   the formula does not count, so under checkpointing this understates the hardware's rate;
-- the slowest kernels by total time.
+- the slowest kernels by total time;
+- the idle gaps of the compute stream (the stream with the most kernel time): their total per step, and the
+  largest, each with the kernels before and after it and what ran on other streams meanwhile (offload copies),
+  to tell a GPU waiting for the host (launch overhead, syncs) from one waiting for copies.
 `--sdpa-backend` runs everything inside `torch.nn.attention.sdpa_kernel(BACKEND)`, to compare SDPA's kernels.
 Output: `<out>/<name>.json` (every number, provenance included) and `.md`.
 """
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -75,6 +80,33 @@ def device_events(events) -> list:
     mirrored onto the device timeline as spans over the kernels they launched: counted, they would count twice."""
     return [e for e in events
             if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+
+
+def compute_gaps(trace_events: list[dict], *, steps: int, top: int = 10) -> dict:
+    """Idle gaps between consecutive kernels of the compute stream, from a Chrome trace's device events: total
+    per step, and the `top` largest with their neighbours and the device time other streams used meanwhile."""
+    device = [e for e in trace_events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not device:
+        return {"idle_s_per_step": 0.0, "largest": []}
+    time_on: dict[int, float] = defaultdict(float)
+    for e in device:
+        if e["cat"] == "kernel":
+            time_on[e["args"].get("stream", -1)] += e["dur"]
+    compute = max(time_on, key=time_on.get)
+    kernels = sorted((e for e in device if e["cat"] == "kernel" and e["args"].get("stream", -1) == compute),
+                     key=lambda e: e["ts"])
+    others = [e for e in device if e["args"].get("stream", -1) != compute]
+    gaps = []
+    for before, after in zip(kernels, kernels[1:]):
+        start, end = before["ts"] + before["dur"], after["ts"]
+        if end > start:
+            gaps.append((end - start, start, before["name"], after["name"]))
+    largest = []
+    for us, start, before, after in sorted(gaps, reverse=True)[:top]:
+        meanwhile = sum(max(0.0, min(e["ts"] + e["dur"], start + us) - max(e["ts"], start)) for e in others)
+        largest.append({"us": us, "before": before, "after": after, "other_streams_us": meanwhile})
+    return {"compute_stream": compute, "idle_s_per_step": sum(g[0] for g in gaps) / 1e6 / steps,
+            "gaps_per_step": len(gaps) / steps, "largest": largest}
 
 
 def summarize(events: list, *, steps: int, wall_s: float, tokens: int, matmul_flops: float,
@@ -129,6 +161,9 @@ def profile_step(overrides: list[str], *, warmup: int, steps: int, profile_steps
                 train_step(run, next(batches), max_grad_norm=cfg.train.max_grad_norm)
             sync(device)
             profiled_s = (time.perf_counter() - started) / profile_steps
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            trace = json.loads(Path(f"{tmp}/trace.json").read_text(encoding="utf-8"))
         tokens = sum(b.input_ids.numel() for b in run.batches[0])
         per_token = training_flops_per_token(run.model, cfg.data.max_length)
         args = run.model.args
@@ -136,6 +171,7 @@ def profile_step(overrides: list[str], *, warmup: int, steps: int, profile_steps
         summary = summarize(device_events(prof.events()), steps=profile_steps, wall_s=profiled_s, tokens=tokens,
                             matmul_flops=tokens * (per_token - attention_per_token),
                             attention_flops=tokens * attention_per_token)
+        summary["gaps"] = compute_gaps(trace.get("traceEvents", []), steps=profile_steps)
         step_s = sorted(seconds)[len(seconds) // 2]
         return {**summary, "step_s_median": step_s, "step_seconds": seconds, "tokens_per_s": tokens / step_s,
                 "peak_mem_gib": peak_memory_gib(device), "config": to_dict(cfg), "overrides": overrides,
@@ -160,6 +196,12 @@ def markdown(record: dict, name: str) -> str:
     for cat, v in record["categories"].items():
         tflops = "" if v["model_tflops"] is None else f"{v['model_tflops']:.0f}"
         lines.append(f"| {cat} | {v['s_per_step'] * 1e3:.1f} | {v['share_of_kernel_time']:.1%} | {tflops} |")
+    gaps = record["gaps"]
+    lines += ["", f"Compute stream idle: {gaps['idle_s_per_step'] * 1e3:.1f} ms per step "
+              f"({gaps.get('gaps_per_step', 0):g} gaps per step). Largest gaps:", "",
+              "| gap us | other streams busy us | kernel before | kernel after |", "|---:|---:|---|---|"]
+    for g in gaps["largest"]:
+        lines.append(f"| {g['us']:.0f} | {g['other_streams_us']:.0f} | `{g['before'][:60]}` | `{g['after'][:60]}` |")
     lines += ["", "| slowest kernels | category | ms per step | calls per step |", "|---|---|---:|---:|"]
     for k in record["top_kernels"]:
         lines.append(f"| `{k['name'][:90]}` | {k['category']} | {k['s_per_step'] * 1e3:.2f} | "

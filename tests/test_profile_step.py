@@ -72,3 +72,17 @@ def test_smoke_run_writes_the_report(script, tmp_path):
     assert len(record["step_seconds"]) == 2 and record["tokens_per_step"] == 2 * 64
     assert record["config"]["model"]["preset"] == "debug" and record["provenance"]["torch"]
     assert "# Step profile `smoke` (cpu)" in (tmp_path / "smoke.md").read_text()
+
+
+def test_compute_stream_gaps(script):
+    def device(name, ts, dur, stream, cat="kernel"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+    trace = [device("a", 0, 100, 7), device("b", 150, 100, 7), device("c", 400, 100, 7),  # gaps of 50 and 150 us
+             device("Memcpy HtoD", 260, 100, 20, cat="gpu_memcpy"),  # during the second gap: 100 of its 150 us
+             device("small", 0, 10, 3), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]
+    gaps = script.compute_gaps(trace, steps=2)
+    assert gaps["compute_stream"] == 7 and gaps["gaps_per_step"] == 1
+    assert gaps["idle_s_per_step"] == pytest.approx(100e-6)
+    assert gaps["largest"][0] == {"us": 150, "before": "b", "after": "c", "other_streams_us": 100}
+    assert gaps["largest"][1]["us"] == 50 and gaps["largest"][1]["other_streams_us"] == 0
+    assert script.compute_gaps([], steps=1) == {"idle_s_per_step": 0.0, "largest": []}
