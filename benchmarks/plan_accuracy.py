@@ -74,19 +74,17 @@ def markdown(results: list[dict]) -> str:
         "kernel's fp32 dq accumulator, residual-stream gradients; and the moment when every saved activation is "
         "still held) were added after the 131,072-token long-context row came out 23% under; and bf16_mixed got "
         "its own speed family after the 1B ladder rows ran about 15% below bf16_pure.",
-        "- Stale rows: the 1B ladder's LoRA/QLoRA rungs under selective checkpointing (ladder_1b_h100: `+LoRA`, "
-        "`+QLoRA`, `+8-bit optimizer`) ran code the policy no longer runs: it kept each adapter's (x A) B, as "
-        "large as the base linear's output (5.75 GiB at this shape), and QLoRA's base matmul was then an "
-        "autograd.Function whose matmul it saw and kept. The policy now recomputes the low-rank products "
-        "(`optrush.parallel.checkpointing.low_rank_product`) and QLoRA's opaque quantized matmul, and the model "
-        "follows it: the 8B QLoRA ladder's `selective checkpointing` rung (ladder_qlora8b_h100), measured with "
-        "the current code, is predicted within 5%. The stale rows await a rerun of the 1B ladder; "
-        "`tests/test_plan.py` leaves them out.",
+        "- The 1B ladder was rerun (2026-11-24) with the current checkpointing policy: selective checkpointing "
+        "recomputes the adapters' low-rank products (`optrush.parallel.checkpointing.low_rank_product`) and "
+        "QLoRA's opaque quantized matmul. Its QLoRA rungs, which had come out 59% under with the old policy's "
+        "rows, are now predicted within 1%.",
         "- Changed after seeing the newest rows (so these rows check them only loosely): the fused loss's cast of "
         "a bf16_mixed head is freed per chunk, not kept for backward (the 8B QLoRA ladder's fused-loss rungs came "
         "out 14% over, now 4-5%); `data.batch_tokens` sets the rows of a "
         "micro-batch (the length-mix rows were predicted with `train.micro_batch_size`'s 8 rows: 39-44% over); "
-        "QLoRA under selective checkpointing keeps only attention's output (+57% over before).",
+        "QLoRA under selective checkpointing keeps only attention's output (+57% over before); autocast caches "
+        "the bf16 casts of trained weights only, so a frozen LoRA base's casts are kept by its matmuls and dropped "
+        "by checkpointing (the rerun 1B ladder's `+LoRA` rung: +11% over before, now -0.4%).",
         "- Known gap: the two FSDP2 rows of fsdp_scaling_h200.json (8B full fine-tune, bf16 weights and AdamW "
         "states, `parallel.reduce_dtype=fp32`) used 7.1 GiB (1 GPU) and 4.8 GiB (2 GPUs) more than predicted, at "
         "the end of backward. The likely cause, not yet modelled: FSDP2 reduce-scatters each group's gradients in "

@@ -217,7 +217,10 @@ def autocast_cache_bytes(a: ModelArgs, s: Setup) -> float:
         return 0.0
     # the fused loss computes its gradients inside its own forward: its cast of the head is freed per chunk
     head = 0 if s.fused_loss else a.vocab_size * a.dim * 2
-    blocks = a.n_layers * block_linear_params(a) * 2 if s.precision == "bf16_mixed" and s.quantize == "none" else 0
+    # autocast caches only the casts of weights that train; a frozen (adapter-trained) base's copy is what each
+    # matmul saves for backward instead, so a checkpointed block drops it and casts again when it recomputes
+    layers = a.n_layers if s.peft == "none" else layer_policies(a, s).count("none")
+    blocks = layers * block_linear_params(a) * 2 if s.precision == "bf16_mixed" and s.quantize == "none" else 0
     return head + blocks
 
 
