@@ -74,6 +74,11 @@ def markdown(results: list[dict]) -> str:
         "kernel's fp32 dq accumulator, residual-stream gradients; and the moment when every saved activation is "
         "still held) were added after the 131,072-token long-context row came out 23% under; and bf16_mixed got "
         "its own speed family after the 1B ladder rows ran about 15% below bf16_pure.",
+        "- Regression rows: the whole-model compile rows of train_speed_h100_rerun.json and profile_h100/ were "
+        "measured while the fused loss wrote its per-chunk losses into a preallocated buffer, which under "
+        "whole-model compile kept each chunk's fp32 logits copy alive (+1.45 GiB, 5.9-11.1% under the "
+        "prediction). Bisected and fixed the same day: train_speed_h100_fused_loss_fix.json measures the fixed code "
+        "at 19.77 GiB, as before the regression; `tests/test_plan.py` leaves the regression rows out.",
         "- The 1B ladder was rerun (2026-11-24) with the current checkpointing policy: selective checkpointing "
         "recomputes the adapters' low-rank products (`optrush.parallel.checkpointing.low_rank_product`) and "
         "QLoRA's opaque quantized matmul. Its QLoRA rungs, which had come out 59% under with the old policy's "

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                if args.sdpa_backend != "default" else contextlib.nullcontext())
     with context:
         record = profile_step(overrides, warmup=args.warmup, steps=args.steps, profile_steps=args.profile_steps)
-    record.update(warmup=args.warmup, profile_steps=args.profile_steps, sdpa_backend=args.sdpa_backend,
+    record.update(name=args.name, warmup=args.warmup, profile_steps=args.profile_steps, sdpa_backend=args.sdpa_backend,
                   provenance=provenance())
     text = markdown(record, args.name)
     write_result(record, text, out=args.out, name=args.name)

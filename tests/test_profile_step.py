@@ -69,7 +69,7 @@ def test_smoke_run_writes_the_report(script, tmp_path):
     script.main(["--smoke", "--out", str(tmp_path), "--name", "smoke", "--warmup", "1", "--steps", "2",
                  "--profile-steps", "1"])
     record = json.loads((tmp_path / "smoke.json").read_text())
-    assert len(record["step_seconds"]) == 2 and record["tokens_per_step"] == 2 * 64
+    assert record["name"] == "smoke" and len(record["step_seconds"]) == 2 and record["tokens_per_step"] == 2 * 64
     assert record["config"]["model"]["preset"] == "debug" and record["provenance"]["torch"]
     assert "# Step profile `smoke` (cpu)" in (tmp_path / "smoke.md").read_text()
 
