@@ -47,12 +47,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not fitting:
         console.print("[bold red]nothing fits[/]: the least memory-hungry configurations are:")
     console.print(candidate_table(shown))
-    if any(c.setup.peft != "none" and c.setup.quantize == "none" and c.setup.checkpointing == "selective"
-           for c in shown):
-        console.print("[yellow]note[/]: LoRA (unquantized base) with selective checkpointing measured 14% above "
-                      "these estimates before the adapters' low-rank products were recomputed; not re-measured "
-                      "since (QLoRA was: within 5%; benchmarks/results/plan_accuracy.md): keep --margin 0.3 for "
-                      "those rows")
     if fitting and args.out:
         text = config_yaml(fitting[0], base_overrides=base, gpu=gpu, n_gpus=n_gpus, path=args.out)
         Path(args.out).write_text(text, encoding="utf-8")
