@@ -1,10 +1,21 @@
 """Shared fixtures: a tiny recipe corpus and a BPE tokenizer trained on it, built once per test session, offline."""
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_benchmark(name: str):
+    """The module of `benchmarks/<name>.py` (scripts, not a package), for tests of their pure functions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,17 @@
 """benchmarks/length_mix.py on CPU: the peer's length mix, a corpus whose examples are exactly those lengths through
 the real data pipeline, and GPU case configs that load (the GPU run itself is `python benchmarks/length_mix.py`)."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from optrush.config import load_config
 from optrush.data.dataset import build_datasets
 from optrush.data.tokenizer import load_tokenizer
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "length_mix.py"
-
-
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("length_mix", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("length_mix")
 
 
 def test_peer_length_mix_matches_the_issue(script):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import load_benchmark
 from optrush.config import load_config
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
@@ -279,13 +280,7 @@ def test_candidates_cover_the_levers():
 
 
 def test_gpu_validation_configs_are_valid_and_fit_an_h100():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_validation.py"
-    spec = importlib.util.spec_from_file_location("plan_validation", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("plan_validation")
     for name, overrides in script.CONFIGS:
         cfg = load_config(None, [*script.COMMON, *overrides], synthetic_data=True)
         s = setup_from_config(cfg, document_mask=False)

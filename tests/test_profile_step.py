@@ -1,22 +1,17 @@
 """benchmarks/profile_step.py on CPU: kernel categories, the GPU busy time as a union of intervals, the per-step
 summary from device events, and a smoke run through the real training step (the GPU run is the script itself)."""
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("profile_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_step")
 
 
 def test_kernel_names_fall_into_their_categories(script):
