@@ -18,6 +18,8 @@ peak for bf16 modes, twice that for fp8, TF32 for fp32), the formula of `../shar
 Peak memory is what PyTorch allocated on the GPU (weights, gradients, optimizer states and activations) since the
 model was built; on CPU it is the process's peak resident memory (`peak_mem_kind` says which).
 `optrush bench --ladder` (optrush.bench.ladder) runs many configs, each through this function in its own process.
+`prepare` (everything built, as `train` builds it) and `train_step` (one optimizer step) are the pieces, for tools
+that time or profile the very same step (`benchmarks/profile_step.py`).
 """
 from __future__ import annotations
 
