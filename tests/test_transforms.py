@@ -112,7 +112,7 @@ def test_checkpointing_policies_recompute_what_they_should_and_keep_parameter_na
 
 def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():
     """Each adapter's (x A) B is as large as the base linear's output: selective checkpointing recomputes it (one
-    extra small matmul per adapted linear in backward) instead of keeping it, with the same gradients."""
+    extra small matmul per adapted linear whose output backward needs) instead of keeping it, with the same gradients."""
     from optrush.config.schema import PeftConfig
     from optrush.peft.lora import apply_lora
 
@@ -136,8 +136,10 @@ def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():
     assert set(grads) == set(ref_grads) and len(grads) == 2 * ARGS.n_layers * 7
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    adapted = ARGS.n_layers * 7
-    assert backward_ops(selective, batch)["aten::mm"] == backward_ops(plain, batch)["aten::mm"] + adapted
+    # every adapter's product but the block's last (down_proj's, which only feeds the residual sum, so the
+    # recomputation stops before it)
+    recomputed = ARGS.n_layers * 6
+    assert backward_ops(selective, batch)["aten::mm"] == backward_ops(plain, batch)["aten::mm"] + recomputed
 
 
 def test_selective_checkpointing_recomputes_qlora_quantized_matmuls():

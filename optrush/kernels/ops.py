@@ -89,9 +89,10 @@ class FusedFeedForward(nn.Module):
     def __init__(self, ffn: layers.FeedForward):
         super().__init__()
         self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3
+        self.project = ffn.project
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(fused_swiglu(self.w1(x), self.w3(x)))
+        return self.w2(fused_swiglu(*self.project(x, self.w1, self.w3)))
 
 
 def apply_fused_ops(model: Transformer) -> Transformer:

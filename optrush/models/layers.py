@@ -44,6 +44,13 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to the same input `x` (attention's q, k, v; the MLP's gate and up). A plain
+    function held as a module attribute, so that a transform can substitute one that shares work between the
+    layers (optrush.peft.lora.project_shared_input reads x once for all their adapters)."""
+    return tuple(linear(x) for linear in linears)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x) (w1 = HF gate_proj, w3 = up_proj, w2 = down_proj)."""
 
@@ -52,9 +59,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.project = project
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------------------- RoPE

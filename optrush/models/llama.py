@@ -76,17 +76,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
-        # Plain attributes so optrush.kernels can swap in other implementations with the same signatures;
-        # `attend` is set together with the Transformer's mask builder by `Transformer.set_attention_backend`.
+        # Plain attributes so optrush.kernels and optrush.peft can swap in other implementations with the same
+        # signatures; `attend` is set together with the Transformer's mask builder by
+        # `Transformer.set_attention_backend`.
         self.rotary = layers.apply_rotary
         self.attend = layers.sdpa_attention
+        self.project = layers.project
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LayerKVCache | None = None, cache_position: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x, self.wq, self.wk, self.wv)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, cos, sin)

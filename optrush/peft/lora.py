@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optrush.config.schema import PeftConfig
+from optrush.models import layers
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight, linear
 
 # HF module names (what PEFT's target_modules use) -> the attribute names of our blocks
@@ -76,13 +77,25 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
             return linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        low_rank = F.linear(self.dropout(x), self.lora_A)
         if self.lora_magnitude is None:
-            return linear(x, self.weight, self.bias) + update
+            return self.add_update(x, low_rank)
+        update = F.linear(low_rank, self.lora_B) * self.scaling
         with torch.no_grad():  # detached (DoRA section 4.3), so the dequantized weight is not kept for backward
             norm = self.row_norm(self.base_weight() + self.delta_weight())
         out = (self.lora_magnitude / norm) * (linear(x, self.weight) + update)
         return out if self.bias is None else out + self.bias
+
+    def add_update(self, x: torch.Tensor, low_rank: torch.Tensor) -> torch.Tensor:
+        """The LoRA output (not DoRA) given `low_rank` = dropout(x) A^T."""
+        return linear(x, self.weight, self.bias) + F.linear(low_rank, self.lora_B) * self.scaling
+
+    @property
+    def shares_input(self) -> bool:
+        """Whether `project_shared_input` may compute this layer's x A^T together with its siblings': an active
+        LoRA (not DoRA) layer without dropout (a shared matmul would share the dropout mask too)."""
+        return (self.enabled and not self.merged and self.lora_magnitude is None
+                and isinstance(self.dropout, nn.Identity))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -119,6 +132,18 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, dora={self.lora_magnitude is not None}")
 
 
+def project_shared_input(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`optrush.models.layers.project` for LoRA layers that read the same input (q/k/v, gate/up): their A matrices
+    run as one matmul, so x is read once instead of once per layer in the forward pass, and backward computes one
+    input gradient and one A gradient for the group instead of one each and a sum. The same maths as calling each
+    layer; any layer that cannot share (`LoRALinear.shares_input`) makes the group fall back to that."""
+    if not all(isinstance(layer, LoRALinear) and layer.shares_input for layer in linears):
+        return layers.project(x, *linears)
+    low_rank = F.linear(x, torch.cat([layer.lora_A for layer in linears]))
+    parts = low_rank.split([layer.r for layer in linears], dim=-1)
+    return tuple(layer.add_update(x, part) for layer, part in zip(linears, parts))
+
+
 def target_names(targets: str | list[str]) -> set[str]:
     """Our attribute names for `peft.target_modules` (HF names, or `all-linear`)."""
     names = ALL_LINEAR if targets == "all-linear" else targets
@@ -145,6 +170,9 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
                 replaced += 1
     if replaced == 0:
         raise ValueError(f"peft.target_modules={p.target_modules!r} matched no linear layer of the model")
+    for module in model.modules():
+        if getattr(module, "project", None) is layers.project:
+            module.project = project_shared_input
     return model
 
 
@@ -172,17 +200,17 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block `model` computes its base model alone: every adapter is bypassed, no weight is copied."""
-    layers = list(lora_layers(model).values())
-    if not layers:
+    adapted = list(lora_layers(model).values())
+    if not adapted:
         raise ValueError("adapters_disabled: the model has no LoRA adapters (peft.method must be lora or dora)")
-    if any(layer.merged for layer in layers):
+    if any(layer.merged for layer in adapted):
         raise ValueError("adapters_disabled: the adapters are merged into the base weights; unmerge_lora first")
-    for layer in layers:
+    for layer in adapted:
         layer.enabled = False
     try:
         yield model
     finally:
-        for layer in layers:
+        for layer in adapted:
             layer.enabled = True
 
 
