@@ -326,22 +326,47 @@ def test_compiled_dequantize_equals_eager(method):
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
-def test_fused_dequantize_trains_like_the_eager_dequantization():
-    """kernels.fused_dequantize: compiled blocks with full checkpointing over NF4, the forward's dequantization
-    compiled inside the opaque op, give the same losses as the eager dequantization."""
+@pytest.mark.gpu
+def test_triton_nf4_dequantize_equals_the_reference():
+    """optrush.kernels.nf4 (kernels.fused_dequantize on CUDA) decodes every weight as the reference does, also for a
+    weight count that is not a multiple of the 64-weight block and more blocks than one double-quantization group;
+    the output starts poisoned (NaN), so an unwritten element fails."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from optrush.kernels import nf4
+
+    for shape in [(10, 100), (300, 1000), (1024, 4096)]:
+        q = quantize_weight(torch.randn(shape, device="cuda"), method="nf4")
+        for dtype in (torch.float32, torch.bfloat16):
+            expected = q.dequantize(dtype)
+            torch.full(shape, float("nan"), dtype=dtype, device="cuda")  # freed at once: the output reuses it
+            got = nf4.nf4_dequantize_triton(*q.stored(), *q.shape, dtype)
+            assert not got.isnan().any()
+            # equal up to rounding: the kernel may contract the block maxima's decode into a fused multiply-add
+            torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=0)
+
+
+NEEDS_CXX = pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=NEEDS_CXX), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_dequantize_trains_like_the_eager_dequantization(device):
+    """kernels.fused_dequantize: compiled blocks with full checkpointing over NF4, the dequantization compiled inside
+    the opaque op (CPU) or the Triton kernel (CUDA), give the same losses as the eager dequantization."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     losses = {}
     for fused in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)  # the LoRA A matrices draw from the global generator
-        cfg = load_config(None, ["model.preset=debug", "train.device=cpu", "precision.mode=fp32",
+        cfg = load_config(None, ["model.preset=debug", f"train.device={device}", "precision.mode=fp32",
                                  "data.max_length=64", "peft.method=lora", "peft.r=4", "peft.quantize=nf4",
                                  "activations.checkpointing=full", "compile.mode=blocks",
                                  f"kernels.fused_dequantize={str(fused).lower()}"], synthetic_data=True)
-        model = apply_optimizations(build_model(get_preset("debug", vocab_size=VOCAB), seed=0), cfg)
+        model = apply_optimizations(build_model(get_preset("debug", vocab_size=VOCAB), seed=0, device=device), cfg)
         assert all(w.fused_dequantize == fused for w in model.modules() if isinstance(w, QuantizedWeight))
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
         losses[fused] = []
         for _ in range(3):
             loss = model(ids, labels=ids)
@@ -456,3 +481,13 @@ def test_quantize_on_build_holds_about_one_block_in_full_precision(monkeypatch):
     assert unquantized >= 3 * block  # the observer sees the dense weights of earlier blocks
     assert block / 2 <= quantized <= block
     assert quantized_nbytes(model) < block  # 4 blocks in NF4 < one block in fp32
+
+
+def test_dequantize_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/dequantize.py --tiny: the script itself (reference paths, small shapes) writes its table."""
+    from conftest import load_benchmark
+
+    record = load_benchmark("dequantize").main(["--tiny", "--repeats", "2", "--out", str(tmp_path), "--name", "dq"])
+    assert {r["path"] for r in record["results"]} >= {"eager reference"}
+    assert all(r["max_abs_diff_vs_eager"] == 0 for r in record["results"] if r["path"] == "eager reference")
+    assert (tmp_path / "dq.md").read_text().count("| q_proj / o_proj |") >= 1

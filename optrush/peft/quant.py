@@ -17,8 +17,9 @@ int8: each output row is scaled by its absolute maximum / 127 and rounded (8 bit
 no full-precision copy of a weight outlives its matmul (F.linear on a dequantized weight would keep one per layer
 until the backward: a whole bf16 model). The matmul runs in the input's dtype, or autocast's (bf16). The op is opaque
 to torch.compile, so its forward dequantizes eagerly (a few elementwise kernels per weight) unless
-`kernels.fused_dequantize=true` compiles that into one kernel per weight shape; its backward is traced and fused by
-torch.compile in compiled blocks, and runs eagerly otherwise.
+`kernels.fused_dequantize=true` runs one kernel per weight (`dequantize_stored`: Triton for NF4 on CUDA, in forward
+and backward); otherwise its backward is traced and fused by torch.compile in compiled blocks, and runs eagerly
+outside them.
 
 Only the linear layers of the transformer blocks are quantized: the embedding, final norm and output head stay in
 the training dtype (as QLoRA and bitsandbytes' defaults do: the head is small next to the blocks of an 8B model and
@@ -40,6 +41,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from optrush.kernels import nf4
 
 BLOCK = 64
 """Weights per NF4 block (one absmax each)."""
@@ -194,14 +197,18 @@ def compiled_dequantize(method: str):
     return torch.compile(DEQUANTIZE[method], dynamic=False, fullgraph=True)
 
 
-def forward_dequantize(method: str, shape: torch.Size, dtype: torch.dtype, stored: list[torch.Tensor], *,
-                       fused: bool) -> torch.Tensor:
-    """The weight for the forward matmul. `fused` (kernels.fused_dequantize): one compiled kernel per weight shape
+def dequantize_stored(method: str, shape: torch.Size, dtype: torch.dtype, stored: list[torch.Tensor], *,
+                      fused: bool, backward: bool = False) -> torch.Tensor:
+    """The full-precision weight of a quantized matmul. `fused` (kernels.fused_dequantize): one kernel per weight
     instead of the eager chain of gather, scale and cast, which moves about 30 bytes per weight where one kernel
-    reads half a byte and writes two. It runs inside the opaque op, where no tracer sees it, with the recompile
-    limit lifted: the variants are the model's few weight shapes. The op's backward does not call it: under
-    torch.compile that backward is traced and fused anyway."""
-    if not fused:
+    reads half a byte and writes two. On CUDA, NF4 has a hand-written Triton kernel (optrush.kernels.nf4, a custom
+    op that compiled graphs call as it is); otherwise the reference formula is compiled, once per weight shape,
+    with the recompile limit lifted (the variants are the model's few weight shapes). The op's backward
+    (`backward=True`) uses the reference formula as it is: in compiled blocks torch.compile traces that backward
+    and fuses the formula into it."""
+    if fused and method == "nf4" and nf4.available(stored[0].device):
+        return nf4.nf4_dequantize_triton(*stored, *shape, dtype)
+    if not fused or backward:
         return DEQUANTIZE[method](shape, dtype, *stored)
     with torch._dynamo.utils.disable_cache_limit():
         return compiled_dequantize(method)(shape, dtype, *stored)
@@ -216,7 +223,7 @@ def forward_dequantize(method: str, shape: torch.Size, dtype: torch.dtype, store
 def dequantized_matmul(x: torch.Tensor, stored: list[torch.Tensor], method: str, out_features: int,
                        in_features: int, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """x @ dequantize(W)^T in `dtype`; the backward dequantizes W again instead of saving it (W is frozen)."""
-    weight = forward_dequantize(method, torch.Size((out_features, in_features)), dtype, stored, fused=fused)
+    weight = dequantize_stored(method, torch.Size((out_features, in_features)), dtype, stored, fused=fused)
     return F.linear(x.to(dtype), weight)
 
 
@@ -226,14 +233,15 @@ def _(x, stored, method, out_features, in_features, dtype, fused):
 
 
 def _save_quantized_weight(ctx, inputs, output) -> None:
-    x, stored, method, out_features, in_features, _, _ = inputs
+    x, stored, method, out_features, in_features, _, fused = inputs
     ctx.save_for_backward(*stored)  # the weight's storage (parameters and buffers), never the activation x
-    ctx.method, ctx.shape, ctx.x_dtype = method, (out_features, in_features), x.dtype
+    ctx.method, ctx.shape, ctx.x_dtype, ctx.fused = method, (out_features, in_features), x.dtype, fused
 
 
 def _dequantized_matmul_backward(ctx, grad: torch.Tensor):
     stored = ctx.saved_tensors  # read once: activation checkpointing allows a single unpack
-    weight = DEQUANTIZE[ctx.method](torch.Size(ctx.shape), grad.dtype, *stored)
+    weight = dequantize_stored(ctx.method, torch.Size(ctx.shape), grad.dtype, list(stored), fused=ctx.fused,
+                               backward=True)
     grad_x = (grad @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     return grad_x, [None] * len(stored), None, None, None, None, None
 
