@@ -82,6 +82,16 @@ def cases(smoke: bool) -> list[dict]:
              **nf4),
         dict(name="optrush qlora nf4 r=16 B=4 (ac + offload, fused loss, compiled blocks)", batch=4, r=16,
              extra=compiled + ["activations.offload=true"], **nf4),
+    ]
+    # the last blocks kept whole (activations.skip_last), paid for by smaller loss chunks: the loss sets the peak
+    out += [
+        dict(name=f"optrush qlora nf4 r=16 B=4 (ac + offload, last {kept} blocks kept, fused loss in {chunk}-token "
+                  "chunks, compiled blocks, fused dequantize)", batch=4, r=16,
+             extra=compiled + ["activations.offload=true", "kernels.fused_dequantize=true",
+                               f"activations.skip_last={kept}", f"kernels.loss_chunk_tokens={chunk}"], **nf4)
+        for kept, chunk in [(0, 1024), (1, 2048), (2, 2048), (2, 1024), (3, 1024)]
+    ]
+    out += [
         dict(name="peer hf+peft+bnb qlora r=16 B=1 (gc)", kind="peer", batch=1, r=16, gradient_checkpointing=True,
              **big),
         dict(name="optrush qlora nf4 r=16 B=1 (ac, fused loss, compiled blocks)", batch=1, r=16, extra=compiled, **nf4),

@@ -90,6 +90,26 @@ def test_offloader_copies_block_inputs_and_prefetches_the_previous_block():
     assert fetched[0] == 1 and set(fetched) == {-1, 0, 1}  # backward of block i prefetches block i-1
 
 
+def test_skipped_blocks_keep_their_tensors_and_prefetch_the_last_offloaded_one(monkeypatch):
+    """activations.skip_last=1: the last block copies nothing out, and its backward starts the copy back of the
+    block before it, so the first block of backward does not wait for a synchronous copy."""
+    offloaders, fetched_now = [], []
+    attach, fetch_now = BlockOffloader.attach, BlockOffloader.fetch_now
+    monkeypatch.setattr(BlockOffloader, "attach", lambda self, blocks: (offloaders.append(self), attach(self, blocks)))
+    monkeypatch.setattr(BlockOffloader, "fetch_now", lambda self, record: (fetched_now.append(len(offloaders) - 1),
+                                                                          fetch_now(self, record))[1])
+    for skip in (0, 1):
+        model = apply_activation_checkpointing(build_model(ARGS, seed=0),
+                                               activations(checkpointing="full", offload=True, skip_last=skip))
+        loss = model(**batch(), reduction="sum")
+        assert set(offloaders[-1].pending) == set(range(ARGS.n_layers - skip))
+        loss.backward()
+        assert offloaders[-1].pending == {}
+    # skip_last=0: the first block of backward fetches its hidden states and the shared RoPE tables now; both
+    # runs fetch those tables again for their second reader (block 0, whose records they are)
+    assert fetched_now.count(1) == fetched_now.count(0) - 3
+
+
 def test_offloaded_tensors_come_back_with_their_layout():
     """Compiled blocks assert the strides of what they saved: attention's output is saved as a transposed view."""
     offloader = BlockOffloader(torch.device("cpu"))

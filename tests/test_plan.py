@@ -15,7 +15,8 @@ from optrush.plan import memory as mem
 from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
-from optrush.plan.speed import Calibration, calibrate, estimate_speed, executed_flops_per_token, load_measurements
+from optrush.plan.speed import (Calibration, calibrate, estimate_speed, executed_flops_per_token, load_measurements,
+                                offload_bytes_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
@@ -145,6 +146,23 @@ def test_levers_lower_their_terms():
         < estimate_memory(a, base).peak_bytes
     long_rows = base.replace(seq_len=8192, micro_batch=1)
     assert mem.activation_bytes(a, long_rows.replace(mlp_chunk_tokens=1024)) < mem.activation_bytes(a, long_rows)
+
+
+def test_skip_last_keeps_its_blocks_and_saves_their_recompute_and_copies():
+    a = get_preset("llama3.2-1b")
+    offload = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", checkpointing="full",
+                    offload=True)
+    skip = offload.replace(skip_last=2)
+    plain_block = mem.block_activation_bytes(a, offload, policy="none") * offload.tokens
+    full_block = mem.block_activation_bytes(a, offload, policy="full") * offload.tokens
+    assert mem.activation_bytes(a, skip) == pytest.approx(mem.activation_bytes(a, offload) + 2 * plain_block)
+    flops = executed_flops_per_token(a, offload) - executed_flops_per_token(a, skip)
+    assert flops == pytest.approx(2 / a.n_layers * (executed_flops_per_token(a, offload)
+                                                    - executed_flops_per_token(a, offload.replace(checkpointing="none"))))
+    copies = offload_bytes_per_token(a, offload) - offload_bytes_per_token(a, skip)
+    assert copies == pytest.approx(2 * 2 * full_block / offload.tokens)
+    assert setup_from_config(load_config(None, ["model.preset=debug", "activations.skip_last=3"],
+                                         synthetic_data=True)).skip_last == 3
 
 
 def test_committed_measurements_are_predicted_within_ten_percent():

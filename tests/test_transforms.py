@@ -67,7 +67,8 @@ def saved_bytes(model, batch) -> int:
     dict(activations__checkpointing="full", activations__every=2),
     dict(activations__offload=True),
     dict(activations__checkpointing="selective", activations__offload=True),
-], ids=["full", "selective", "full-every-2", "offload", "selective+offload"])
+    dict(activations__checkpointing="full", activations__offload=True, activations__skip_last=2),
+], ids=["full", "selective", "full-every-2", "offload", "selective+offload", "full+offload-skip-last-2"])
 def test_checkpointing_matches_plain_model(sections):
     torch.manual_seed(0)
     batch = packed_batch(0)
@@ -108,6 +109,19 @@ def test_checkpointing_policies_recompute_what_they_should_and_keep_parameter_na
     assert ops["none"]["aten::rsqrt"] == 0
     assert ops["selective"]["aten::rsqrt"] > 0 and ops["selective"]["aten::mm"] == ops["none"]["aten::mm"]
     assert ops["full"]["aten::rsqrt"] > 0 and ops["full"]["aten::mm"] > ops["none"]["aten::mm"]
+
+
+def test_skip_last_leaves_the_last_blocks_unchecked():
+    """activations.skip_last=n: the last n blocks recompute nothing (each checkpointed block re-runs 6 of its 7
+    matmuls in backward: not down_proj, whose output backward does not need), and skipping every block is no
+    checkpointing at all."""
+    batch = packed_batch(0)
+    mm = {}
+    for skip in (0, 1, ARGS.n_layers, ARGS.n_layers + 5):
+        cfg = config(activations__checkpointing="full", activations__skip_last=skip)
+        mm[skip] = backward_ops(apply_activation_checkpointing(build_model(ARGS, seed=0), cfg), batch)["aten::mm"]
+    plain = backward_ops(build_model(ARGS, seed=0), batch)["aten::mm"]
+    assert mm[0] - mm[1] == 6 and mm[ARGS.n_layers] == mm[ARGS.n_layers + 5] == plain
 
 
 def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():

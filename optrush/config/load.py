@@ -196,7 +196,7 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     problems += [f"{key}={value}: must be >= 1" for key, value in positive.items() if value < 1]
     non_negative = {"train.warmup_steps": cfg.train.warmup_steps, "train.eval_every": cfg.train.eval_every,
                     "checkpoint.every": cfg.checkpoint.every, "train.max_grad_norm": cfg.train.max_grad_norm,
-                    "optim.weight_decay": cfg.optim.weight_decay}
+                    "optim.weight_decay": cfg.optim.weight_decay, "activations.skip_last": cfg.activations.skip_last}
     problems += [f"{key}={value}: must be >= 0" for key, value in non_negative.items() if value < 0]
     if cfg.train.lr <= 0:
         problems.append(f"train.lr={cfg.train.lr}: must be > 0")

@@ -244,6 +244,10 @@ class ActivationsConfig:
     `selective` saves matmul outputs and recomputes the cheap ops."""
     every: int = 1
     """Checkpoint every k-th block only (1 = all blocks)."""
+    skip_last: int = 0
+    """The last n blocks are neither checkpointed nor offloaded. Backward reaches them first, so what they keep is
+    held through the loss only, and they skip their recomputation and the copy round trip: a few blocks' worth
+    of memory for speed (e.g. freed by a smaller kernels.loss_chunk_tokens)."""
     offload: bool = False
     """Keep what each block saves for backward (its inputs, with `checkpointing: full`) in pinned CPU memory,
     copied on a side CUDA stream during the forward pass and prefetched one block ahead in backward."""

@@ -1,7 +1,7 @@
 """Activation checkpointing, asynchronous CPU offload of saved activations, and the chunked MLP, per block.
 
-    model = apply_activation_checkpointing(model, cfg)   # cfg.activations: checkpointing, every, offload,
-                                                         #                  mlp_chunk_tokens
+    model = apply_activation_checkpointing(model, cfg)   # cfg.activations: checkpointing, every, skip_last,
+                                                         #                  offload, mlp_chunk_tokens
 
 Policies (`activations.checkpointing`):
 - `full`: a block keeps only its inputs; backward reruns the whole block (about one extra forward: ~+33% compute).
@@ -9,6 +9,10 @@ Policies (`activations.checkpointing`):
   (norms, RoPE, SiLU, residual adds), which cost little time but hold most of the activation bytes in eager mode,
   and the low-rank products of LoRA adapters, whose outputs are as large as the base linear's.
 - `every: k` checkpoints blocks 0, k, 2k, ... only, trading memory back for speed.
+- `skip_last: n` leaves the last n blocks alone (no checkpointing, no offload): backward reaches them first, so
+  their activations live through the loss only. Where the loss's working memory sets the peak (the fused loss
+  of a large vocabulary), smaller loss chunks pay for them (8B QLoRA, H100:
+  `benchmarks/results/qlora_h100_skip_last.md`).
 
 `activations.offload` sends what each block saves for backward to pinned CPU memory (`BlockOffloader`): with
 `full` checkpointing that is the block's inputs, so GPU activation memory no longer grows with depth - the
@@ -64,12 +68,13 @@ def apply_activation_checkpointing(model: nn.Module, cfg: Config) -> nn.Module:
     if ac.mlp_chunk_tokens:
         for block in model.layers:
             chunk_feed_forward(block.feed_forward, chunk_tokens=ac.mlp_chunk_tokens)
+    handled = len(model.layers) - min(ac.skip_last, len(model.layers))  # the rest keep everything on the GPU
     if ac.checkpointing != "none":
-        for index, block in enumerate(model.layers):
+        for index, block in enumerate(model.layers[:handled]):
             if index % ac.every == 0:
                 checkpoint_block(block, selective=ac.checkpointing == "selective")
     if ac.offload:
-        BlockOffloader(next(model.parameters()).device).attach(model.layers)
+        BlockOffloader(next(model.parameters()).device, offloaded=handled).attach(model.layers)
     return model
 
 
@@ -170,10 +175,13 @@ class BlockOffloader:
     tensor that several blocks save (the RoPE cos/sin tables gathered once per forward) is copied once.
     Backward: the first time block i unpacks a tensor, all of block i-1's tensors start their copy back on the side
     stream; block i's own wait on their events (or are copied now if no prefetch ran: the first block of backward).
+    `offloaded=n`: only blocks 0..n-1 copy out; the later ones (activations.skip_last) keep what they save on the
+    GPU, and their backward starts block n-1's copy back, so that no block of backward waits for a whole copy.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, offloaded: int | None = None):
         self.device = torch.device(device)
+        self.offloaded = offloaded
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # per block index: the records of forwards whose backward has not reached that block yet (weak, so a
         # graph that is dropped without backward frees them)
@@ -205,8 +213,9 @@ class BlockOffloader:
         block.register_forward_hook(leave, always_call=True)
 
     def pack(self, tensor: torch.Tensor, *, index: int, params: frozenset[int]):
-        if tensor.device != self.device or tensor.untyped_storage().data_ptr() in params:
-            return tensor  # a weight or buffer (or a CPU tensor on a GPU model): nothing to gain
+        if tensor.device != self.device or tensor.untyped_storage().data_ptr() in params \
+                or (self.offloaded is not None and index >= self.offloaded):
+            return tensor  # a weight or buffer (or a CPU tensor on a GPU model, or a block that keeps its own)
         known = self.shared.get(id(tensor))
         if known is not None and known[0]() is tensor and known[1] == tensor._version \
                 and (record := known[2]()) is not None:
@@ -231,10 +240,10 @@ class BlockOffloader:
         return record
 
     def unpack(self, record, *, index: int) -> torch.Tensor:
-        if isinstance(record, torch.Tensor):
-            return record
         self.claim(index)  # this block's records are consumed now, so nothing prefetches them later
         self.prefetch(index - 1)
+        if isinstance(record, torch.Tensor):
+            return record
         if record.prefetched is None:
             return self.fetch_now(record)
         tensor, record.prefetched = record.prefetched, None  # a second unpack (retain_graph) copies again

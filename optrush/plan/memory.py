@@ -276,19 +276,25 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     return 2 * norm + rstd + act * (q + 2 * kv_saved) + act * q + lse + swiglu + rope + fp8_wo_input + adapters
 
 
+def handled_blocks(a: ModelArgs, s: Setup) -> int:
+    """Blocks that checkpointing and offload apply to: all but the last `skip_last`."""
+    return a.n_layers - min(s.skip_last, a.n_layers)
+
+
 def layer_policies(a: ModelArgs, s: Setup) -> list[str]:
-    """The checkpointing policy of each block (`every: k` checkpoints blocks 0, k, 2k, ...)."""
+    """The checkpointing policy of each block (`every: k` checkpoints blocks 0, k, 2k, ...; `skip_last` none)."""
     if s.checkpointing == "none":
         return ["none"] * a.n_layers
-    return [s.checkpointing if i % s.every == 0 else "none" for i in range(a.n_layers)]
+    return [s.checkpointing if i % s.every == 0 and i < handled_blocks(a, s) else "none" for i in range(a.n_layers)]
 
 
 def activation_bytes(a: ModelArgs, s: Setup) -> float:
     """What all blocks keep on the GPU for backward at the end of the forward pass. With offload the saved
-    tensors go to CPU memory; the last block's and the prefetched next one's stay on the GPU."""
+    tensors of the handled blocks go to CPU memory, but for the last one's and the prefetched next one's."""
     per_layer = [block_activation_bytes(a, s, policy=p) * s.tokens for p in layer_policies(a, s)]
     if s.offload:
-        return sum(sorted(per_layer)[-2:])
+        handled = handled_blocks(a, s)
+        return sum(sorted(per_layer[:handled])[-2:]) + sum(per_layer[handled:])
     return sum(per_layer)
 
 

@@ -45,6 +45,8 @@ class Setup:
     checkpointing: str = "none"
     """activations.checkpointing: none | full | selective."""
     every: int = 1
+    skip_last: int = 0
+    """activations.skip_last: the last blocks are neither checkpointed nor offloaded."""
     offload: bool = False
     mlp_chunk_tokens: int = 0
     """activations.mlp_chunk_tokens: the MLP runs over checkpointed chunks of this many tokens (0 = off)."""
@@ -91,7 +93,7 @@ def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | Non
         kahan=cfg.optim.bf16_update == "kahan", peft=cfg.peft.method,
         quantize=cfg.peft.quantize, lora_rank=cfg.peft.r, lora_targets=targets,
         virtual_tokens=cfg.peft.num_virtual_tokens, checkpointing=cfg.activations.checkpointing,
-        every=cfg.activations.every, offload=cfg.activations.offload,
+        every=cfg.activations.every, skip_last=cfg.activations.skip_last, offload=cfg.activations.offload,
         mlp_chunk_tokens=cfg.activations.mlp_chunk_tokens, compile=cfg.compile.mode, fused_loss=cfg.kernels.fused_loss,
         loss_chunk_tokens=cfg.kernels.loss_chunk_tokens, attention=cfg.model.attention,
         document_mask=cfg.data.packing == "bfd" if document_mask is None else document_mask,

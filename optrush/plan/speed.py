@@ -31,6 +31,7 @@ from optrush.plan.memory import (
     block_activation_bytes,
     block_linear_params,
     count_params,
+    handled_blocks,
     layer_policies,
     total_params,
     trainable_shapes,
@@ -170,7 +171,8 @@ def executed_flops_per_token(a: ModelArgs, s: Setup) -> float:
 def offload_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     """Host<->GPU copies: saved activations to the host in forward and back in backward (activations.offload);
     gradients to the host and updated weights back once per optimizer step (optim.offload)."""
-    activations = 2 * sum(block_activation_bytes(a, s, policy=p) for p in layer_policies(a, s)) if s.offload else 0
+    offloaded = layer_policies(a, s)[:handled_blocks(a, s)]
+    activations = 2 * sum(block_activation_bytes(a, s, policy=p) for p in offloaded) if s.offload else 0
     trainable = count_params(trainable_shapes(a, s))
     optimizer = 2 * trainable * PARAM_BYTES[s.precision] / (s.tokens * s.grad_accum) if s.optimizer_offload else 0
     return activations + optimizer
