@@ -2,6 +2,7 @@
 bits), int8 rounds within half a step, the matmul never keeps a dequantized weight, QLoRA trains only the adapters
 and resumes exactly, merged export == dequantized base + adapter, and a checkpoint loads straight into NF4 with
 peak memory of about the quantized model."""
+import importlib
 import shutil
 import weakref
 from collections import Counter
@@ -93,12 +94,23 @@ def test_nf4_round_trip_is_the_reference_definition(shape):
     assert ((got - w).abs() <= error_bound(w, method="nf4")).all()
 
 
+def torchao_to_nf4():
+    """torchao's NF4 constructor: in torchao.quantization, or torchao.dtypes.nf4tensor (0.15, on the GPU image)."""
+    for name in ("torchao.quantization", "torchao.dtypes.nf4tensor"):
+        try:
+            return importlib.import_module(name).to_nf4
+        except (ImportError, AttributeError):
+            pass
+    raise AssertionError("torchao has no to_nf4 in torchao.quantization nor torchao.dtypes.nf4tensor")
+
+
 def test_nf4_matches_torchao_where_installed():
-    ao = pytest.importorskip("torchao.quantization")
+    pytest.importorskip("torchao")
+    to_nf4 = torchao_to_nf4()
     torch.manual_seed(0)
     w = torch.randn(512, 256) * 0.02
     ours = quantize_weight(w, method="nf4").dequantize()
-    theirs = ao.to_nf4(w).get_original_weight()  # torchao rounds the levels to 4 decimals
+    theirs = to_nf4(w).get_original_weight()  # torchao rounds the levels to 4 decimals
     rel = lambda d: float((d - w).norm() / w.norm())
     assert rel(ours) <= rel(theirs) * 1.001
     assert float((ours - theirs).norm() / w.norm()) < 0.02
