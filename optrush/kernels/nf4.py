@@ -5,7 +5,7 @@
 
 The same function as `optrush.peft.quant.nf4_dequantize` (its arguments are an `NF4Weight`'s stored tensors): each
 program decodes whole NF4 blocks, 32 bytes of codes into 64 weights, with one vector load of the codes, one
-absmax per block, and contiguous 16-byte stores. Inductor's kernel for the reference formula computes each output
+absmax per block, one 8-byte table load per byte (both of its levels) and contiguous stores. Inductor's kernel for the reference formula computes each output
 element on its own (a byte load, a gather and an index division per element) and reached about 1.2 TB/s on an
 H100 in a QLoRA step (`benchmarks/results/profile_h100.md`), where the dequantization moves 2.5 bytes per weight
 and runs twice per linear layer and step; `benchmarks/dequantize.py` measures both.
@@ -24,8 +24,9 @@ try:
 except ImportError:  # CPU-only installs: the reference dequantization is used
     triton = None
 
-BLOCKS_PER_PROGRAM = 32
-"""NF4 blocks (of 64 weights) each program decodes: 4 KiB of bf16 output."""
+BLOCKS_PER_PROGRAM, WARPS = 128, 8
+"""NF4 blocks (of 64 weights) each program decodes (16 KiB of bf16 output), and its warps: the fastest of 16-128
+blocks x 4 or 8 warps at the 8B shapes on an H100 (about 13% above 32 x 4 on the MLP's weights)."""
 
 
 def available(device: torch.device) -> bool:
@@ -34,7 +35,7 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _nf4_dequantize_kernel(codes_ptr, absmax_q_ptr, scale_ptr, mean_ptr, pair_levels_ptr, out_ptr,
+    def _nf4_dequantize_kernel(codes_ptr, absmax_q_ptr, scale_ptr, mean_ptr, pair_bits_ptr, out_ptr,
                                n_blocks, numel, SCALE_BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
         blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
         in_range = blocks < n_blocks
@@ -43,9 +44,10 @@ if triton is not None:
         # the double-quantized block maximum, decoded as the reference does: int8 x group scale + mean, in fp32
         absmax = tl.load(absmax_q_ptr + blocks, mask=in_range, other=0).to(tl.float32) \
             * tl.load(scale_ptr + blocks // SCALE_BLOCK, mask=in_range, other=0.0) + tl.load(mean_ptr)
-        # pair_levels (256, 2) holds the two values of every byte, high nibble first
-        high = tl.load(pair_levels_ptr + codes * 2) * absmax[:, None]
-        low = tl.load(pair_levels_ptr + codes * 2 + 1) * absmax[:, None]
+        # one 8-byte gather per byte: its two fp32 levels, the high nibble's in the low half (little-endian)
+        pair = tl.load(pair_bits_ptr + codes)
+        high = pair.to(tl.int32).to(tl.float32, bitcast=True) * absmax[:, None]
+        low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * absmax[:, None]
         values = tl.interleave(high, low)
         offsets = blocks[:, None] * 64 + tl.arange(0, 64)[None, :]
         tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=offsets < numel)
@@ -60,8 +62,9 @@ def nf4_dequantize_triton(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_sc
     out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
     n_blocks = codes.shape[0]
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
-    _nf4_dequantize_kernel[grid](codes, absmax_q, absmax_scale, absmax_mean, pair_levels, out, n_blocks,
-                                 out.numel(), SCALE_BLOCK=SCALE_BLOCK, BLOCKS=BLOCKS_PER_PROGRAM)
+    pair_bits = pair_levels.view(torch.int64)  # (256, 2) fp32 -> (256, 1): a byte's two levels in one load
+    _nf4_dequantize_kernel[grid](codes, absmax_q, absmax_scale, absmax_mean, pair_bits, out, n_blocks,
+                                 out.numel(), SCALE_BLOCK=SCALE_BLOCK, BLOCKS=BLOCKS_PER_PROGRAM, num_warps=WARPS)
     return out
 
 
