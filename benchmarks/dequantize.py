@@ -88,7 +88,8 @@ def markdown(record: dict) -> str:
     lines = ["# NF4 dequantization to bf16, 8B weight shapes", "",
              provenance_line(record['provenance']),
              f"- median of {record['repeats']} calls, {record['rotate']} weights of each shape in turn", "",
-             "| weight | shape | path | ms | GB/s (minimal bytes) | max abs diff vs eager |", "|---|---|---|---:|---:|---:|"]
+             "| weight | shape | path | ms | GB/s (minimal bytes) | max abs diff vs eager |",
+             "|---|---|---|---:|---:|---:|"]
     for r in record["results"]:
         lines.append(f"| {r['weight']} | {r['shape'][0]} x {r['shape'][1]} | {r['path']} | {r['ms']:.4f} | "
                      f"{r['gb_per_s']:,.0f} | {r['max_abs_diff_vs_eager']:.3g} |")

@@ -5,10 +5,12 @@
 
 The same function as `optrush.peft.quant.nf4_dequantize` (its arguments are an `NF4Weight`'s stored tensors): each
 program decodes whole NF4 blocks, 32 bytes of codes into 64 weights, with one vector load of the codes, one
-absmax per block, one 8-byte table load per byte (both of its levels) and contiguous stores. Inductor's kernel for the reference formula computes each output
-element on its own (a byte load, a gather and an index division per element) and reached about 1.2 TB/s on an
-H100 in a QLoRA step (`benchmarks/results/profile_h100.md`), where the dequantization moves 2.5 bytes per weight
-and runs twice per linear layer and step; `benchmarks/dequantize.py` measures both.
+absmax per block, one 8-byte table load per byte (both of its levels) and contiguous stores. Inductor's kernel for
+the reference formula computes each output element on its own (a byte load, a gather and an index division per
+element) and reached about 1.2 TB/s on an H100 in a QLoRA step (`benchmarks/results/profile_h100.md`), where the
+dequantization moves 2.5 bytes per weight and runs twice per linear layer and step; `benchmarks/dequantize.py`
+measures both (`benchmarks/results/dequantize_h100.md`: 1.1-1.2x the compiled reference's speed at the 8B shapes
+with the first version of this kernel; the committed one is faster again, `dequantize_variants_h100.json`).
 
 A custom op, so that torch.compile treats it as one opaque call inside a compiled backward graph (the quantized
 matmul's backward dequantizes again), with a fake implementation for tracing. Only CUDA has it; callers check

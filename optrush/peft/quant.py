@@ -203,9 +203,9 @@ def dequantize_stored(method: str, shape: torch.Size, dtype: torch.dtype, stored
     instead of the eager chain of gather, scale and cast, which moves about 30 bytes per weight where one kernel
     reads half a byte and writes two. On CUDA, NF4 has a hand-written Triton kernel (optrush.kernels.nf4, a custom
     op that compiled graphs call as it is); otherwise the reference formula is compiled, once per weight shape,
-    with the recompile limit lifted (the variants are the model's few weight shapes). The op's backward
-    (`backward=True`) uses the reference formula as it is: in compiled blocks torch.compile traces that backward
-    and fuses the formula into it."""
+    with the recompile limit lifted (the variants are the model's few weight shapes), except in the op's backward
+    (`backward=True`), which takes the reference formula as it is: in compiled blocks torch.compile traces that
+    backward and fuses the formula into it."""
     if fused and method == "nf4" and nf4.available(stored[0].device):
         return nf4.nf4_dequantize_triton(*stored, *shape, dtype)
     if not fused or backward:
