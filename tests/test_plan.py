@@ -239,7 +239,8 @@ def test_setup_round_trips_through_config():
                  checkpointing="full", every=2, optimizer="adamw8bit", strategy="fsdp", n_gpus=2)
     qlora = Setup(seq_len=512, precision="bf16_pure", peft="dora", quantize="nf4", lora_rank=8,
                   lora_targets=("q_proj", "v_proj"), state_dtype="fp32", mlp_chunk_tokens=128)
-    for s in (fsdp, qlora, qlora.replace(compile="blocks")):
+    kept = qlora.replace(checkpointing="full", offload=True, skip_last=2)
+    for s in (fsdp, qlora, qlora.replace(compile="blocks"), kept):
         cfg = load_config(None, ["model.preset=debug", *config_overrides(s)], synthetic_data=True)
         assert setup_from_config(cfg, n_gpus=s.n_gpus, document_mask=False) == s
         # the planner asks for the one-kernel dequantization of a compiled QLoRA step (measured faster)

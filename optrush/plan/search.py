@@ -133,7 +133,8 @@ def describe(setup: Setup) -> str:
     parts += [f"compile={setup.compile}"] if setup.compile != "none" else ["eager"]
     parts += ["fused_loss"] if setup.fused_loss else []
     if setup.checkpointing != "none":
-        parts.append(f"ac={setup.checkpointing}" + (f"/{setup.every}" if setup.every > 1 else ""))
+        parts.append(f"ac={setup.checkpointing}" + (f"/{setup.every}" if setup.every > 1 else "")
+                     + (f" skip_last={setup.skip_last}" if setup.skip_last else ""))
     parts += ["offload"] if setup.offload else []
     parts.append(f"mb={setup.micro_batch}")
     parts += [setup.strategy] if setup.strategy != "none" else []
