@@ -4,7 +4,8 @@
     python benchmarks/qlora.py --only "r=16 B=4" --case-timeout-s 240 ...      # a subset, each case bounded
     python benchmarks/qlora.py --smoke --out /tmp/qlora                      # CPU run of the script itself (~1 min)
     python benchmarks/qlora.py --case "peer hf+peft+bnb qlora r=16 B=4 (gc)" --case "optrush qlora nf4 r=16 B=4 (ac +
-        offload, fused loss, compiled blocks, fused dequantize)" --repeats 3                # exact cases, 3 rounds
+        offload, last 2 blocks kept, fused loss in 1024-token chunks, compiled blocks, fused dequantize)" \
+        --repeats 3 --steps 10                          # exact cases, 3 rounds: issue #6's head-to-head
 
 Writes <name>.json (every number, the settings, the provenance record) and <name>.md (the tables), after every
 case, so a run cut short keeps the cases it finished (the most telling ones run first).
@@ -89,7 +90,7 @@ def cases(smoke: bool) -> list[dict]:
                   "chunks, compiled blocks, fused dequantize)", batch=4, r=16,
              extra=compiled + ["activations.offload=true", "kernels.fused_dequantize=true",
                                f"activations.skip_last={kept}", f"kernels.loss_chunk_tokens={chunk}"], **nf4)
-        for kept, chunk in [(0, 1024), (1, 2048), (2, 2048), (2, 1024), (3, 1024), (3, 512)]
+        for kept, chunk in [(1, 2048), (2, 1024), (3, 1024), (3, 512)]
     ]
     out += [
         dict(name="peer hf+peft+bnb qlora r=16 B=1 (gc)", kind="peer", batch=1, r=16, gradient_checkpointing=True,
