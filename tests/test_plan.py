@@ -294,6 +294,8 @@ def test_candidates_cover_the_levers():
     assert {s.strategy for s in setups} == {"fsdp", "ddp"}
     assert {(s.peft, s.quantize) for s in setups} == {("none", "none"), ("lora", "none"), ("lora", "nf4")}
     assert {s.checkpointing for s in setups} == {"none", "selective", "full"}
+    assert {s.skip_last for s in setups if s.offload} == {0, 2, 4, 8}
+    assert {s.skip_last for s in setups if not s.offload} == {0}
     assert "fp8" in {s.precision for s in setups}
     assert "fp8" not in {s.precision for s in candidate_setups(gpu=GPUS["A100"], n_gpus=1, seq_len=1024)}
 

@@ -32,9 +32,10 @@ from optrush.plan.speed import Calibration, Speed, calibrate, estimate_speed, lo
 # --peft: the (peft.method, peft.quantize) pairs searched
 PEFT_CHOICES = {"none": [("none", "none")], "lora": [("lora", "none")], "qlora": [("lora", "nf4")],
                 "any": [("none", "none"), ("lora", "none"), ("lora", "nf4")]}
-# (checkpointing, every, offload), least memory last
-CHECKPOINTING = [("none", 1, False), ("selective", 1, False), ("full", 2, False), ("full", 1, False),
-                 ("full", 1, True)]
+# (checkpointing, every, offload, skip_last), least memory last: the last blocks kept whole (no recomputation, no
+# copies) spend memory that offload freed on speed
+CHECKPOINTING = [("none", 1, False, 0), ("selective", 1, False, 0), ("full", 2, False, 0), ("full", 1, False, 0),
+                 ("full", 1, True, 8), ("full", 1, True, 4), ("full", 1, True, 2), ("full", 1, True, 0)]
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MARGIN = 0.05
 
@@ -81,10 +82,11 @@ def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none",
     grid = itertools.product(precisions, PEFT_CHOICES[peft], ("none", "blocks", "model"), (False, True),
                              CHECKPOINTING, micro_batches, strategies)
     setups = []
-    for precision, (method, quantize), compile_mode, fused, (policy, every, offload), micro_batch, strategy in grid:
+    for precision, (method, quantize), compile_mode, fused, (policy, every, offload, skip_last), micro_batch, \
+            strategy in grid:
         setups.append(Setup(seq_len=seq_len, micro_batch=micro_batch, precision=precision, optimizer=optimizer,
                             peft=method, quantize=quantize, checkpointing=policy, every=every, offload=offload,
-                            compile=compile_mode, fused_loss=fused, document_mask=document_mask, strategy=strategy,
+                            skip_last=skip_last, compile=compile_mode, fused_loss=fused, document_mask=document_mask, strategy=strategy,
                             n_gpus=n_gpus))
     return setups
 
@@ -168,14 +170,15 @@ def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
     changes = []
     if not setup.fused_loss:
         changes.append(("kernels.fused_loss=true", setup.replace(fused_loss=True)))
-    for policy, every, offload in CHECKPOINTING[1:]:
-        if (policy, every, offload) != (setup.checkpointing, setup.every, setup.offload):
+    for policy, every, offload, skip_last in CHECKPOINTING[1:]:
+        if (policy, every, offload, skip_last) != (setup.checkpointing, setup.every, setup.offload, setup.skip_last):
             text = f"activations.checkpointing={policy} activations.every={every}" + (
-                " activations.offload=true" if offload else "")
+                " activations.offload=true" if offload else "") + (
+                f" activations.skip_last={skip_last}" if skip_last != setup.skip_last else "")
             compile_mode = "blocks" if offload and setup.compile == "model" else setup.compile  # offload hooks
             text += " compile.mode=blocks" if compile_mode != setup.compile else ""
             changes.append((text, setup.replace(checkpointing=policy, every=every, offload=offload,
-                                                compile=compile_mode)))
+                                                skip_last=skip_last, compile=compile_mode)))
     if setup.micro_batch > 1:
         mb, accum = setup.micro_batch // 2, setup.grad_accum * 2
         changes.append((f"train.micro_batch_size={mb} train.grad_accum={accum}",
