@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 
@@ -41,7 +42,6 @@ def median_ms(fn, weights, *, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
             begin = time.perf_counter()
             fn(w)
             times.append((time.perf_counter() - begin) * 1e3)

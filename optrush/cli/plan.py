@@ -88,8 +88,8 @@ def candidate_table(candidates):
         policy = "none" if s.checkpointing == "none" else s.checkpointing + (f" every {s.every}" if s.every > 1 else "")
         peft = s.peft + (f"+{s.quantize}" if s.quantize != "none" else "")
         table.add_row(str(rank), s.precision, peft, s.compile, "yes" if s.fused_loss else "no",
-                      policy + (" + offload" if s.offload else "") + (f", last {s.skip_last} kept" if s.skip_last else ""),
-                      str(s.micro_batch),
+                      policy + (" + offload" if s.offload else "")
+                      + (f", last {s.skip_last} kept" if s.skip_last else ""), str(s.micro_batch),
                       s.strategy if s.strategy != "none" else "-", f"{c.memory.peak_gib:.1f}", f"{c.required_gib:.1f}",
                       f"{c.speed.tokens_per_s:,.0f}", f"{c.speed.mfu:.2f}", c.speed.basis)
     return table

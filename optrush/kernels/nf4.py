@@ -59,14 +59,13 @@ if triton is not None:
 def nf4_dequantize_triton(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
                           absmax_mean: torch.Tensor, pair_levels: torch.Tensor, rows: int, cols: int,
                           dtype: torch.dtype) -> torch.Tensor:
-    from optrush.peft.quant import SCALE_BLOCK
-
     out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
     n_blocks = codes.shape[0]
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
     pair_bits = pair_levels.view(torch.int64)  # (256, 2) fp32 -> (256, 1): a byte's two levels in one load
+    scale_block = absmax_q.numel() // absmax_scale.numel()  # block maxima per group (padded to whole groups)
     _nf4_dequantize_kernel[grid](codes, absmax_q, absmax_scale, absmax_mean, pair_bits, out, n_blocks,
-                                 out.numel(), SCALE_BLOCK=SCALE_BLOCK, BLOCKS=BLOCKS_PER_PROGRAM, num_warps=WARPS)
+                                 out.numel(), SCALE_BLOCK=scale_block, BLOCKS=BLOCKS_PER_PROGRAM, num_warps=WARPS)
     return out
 
 

@@ -285,7 +285,8 @@ def layer_policies(a: ModelArgs, s: Setup) -> list[str]:
     """The checkpointing policy of each block (`every: k` checkpoints blocks 0, k, 2k, ...; `skip_last` none)."""
     if s.checkpointing == "none":
         return ["none"] * a.n_layers
-    return [s.checkpointing if i % s.every == 0 and i < handled_blocks(a, s) else "none" for i in range(a.n_layers)]
+    handled = handled_blocks(a, s)
+    return [s.checkpointing if i % s.every == 0 and i < handled else "none" for i in range(a.n_layers)]
 
 
 def activation_bytes(a: ModelArgs, s: Setup) -> float:

@@ -86,7 +86,8 @@ def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none",
             strategy in grid:
         setups.append(Setup(seq_len=seq_len, micro_batch=micro_batch, precision=precision, optimizer=optimizer,
                             peft=method, quantize=quantize, checkpointing=policy, every=every, offload=offload,
-                            skip_last=skip_last, compile=compile_mode, fused_loss=fused, document_mask=document_mask, strategy=strategy,
+                            skip_last=skip_last, compile=compile_mode, fused_loss=fused, document_mask=document_mask,
+                            strategy=strategy,
                             n_gpus=n_gpus))
     return setups
 
