@@ -50,6 +50,9 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile_model+fused_loss", ["compile.mode=model", "kernels.fused_loss=true"]),
     ("compile_model+fused_loss+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
                                                "activations.checkpointing=selective"]),
+    ("compile_model+fused_loss+ac_selective+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
+                                                         "activations.checkpointing=selective",
+                                                         "optim.name=adamw8bit"]),
 ]
 
 BASE_8B = ["model.preset=llama3.1-8b", "train.micro_batch_size=1", "data.max_length=4096", "train.device=cuda",

@@ -440,6 +440,62 @@ def test_low_bit_steps_224_adapter_sized_tensors_in_fewer_kernels_than_tensors_o
         assert type(opt.state[w]["exp_avg"]) is torch.Tensor and opt.state[w]["exp_avg"].dtype == dtype
 
 
+LAYERS = {f"{kind}{i}": shape for i in range(4) for kind, shape in (("wide", (64, 128)), ("tall", (128, 64)))}
+
+
+def layer_weights(dtype=torch.float32, device="cpu") -> nn.ParameterDict:
+    g = torch.Generator(device=device).manual_seed(0)
+    return nn.ParameterDict({k: nn.Parameter(torch.randn(shape, generator=g, device=device).to(dtype))
+                             for k, shape in LAYERS.items()})
+
+
+def layer_steps(weights: nn.ParameterDict, opt: torch.optim.Optimizer, steps: int) -> None:
+    g = torch.Generator(device=weights["wide0"].device).manual_seed(1)
+    for _ in range(steps):
+        for w in weights.values():
+            w.grad = torch.randn(w.shape, generator=g, device=w.device).to(w.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_low_bit_wraps_its_compiled_step_once_with_torchaos_result(name, monkeypatch):
+    """torchao calls torch.compile for every tensor on every step (a new wrapper each time: 3x the dispatch cost);
+    ours wraps once per optimizer, with the same per-tensor result (both run eagerly here; the GPU test below
+    compiles them)."""
+    import torchao.optim
+
+    calls = []
+
+    def counting_compile(fn, **kwargs):
+        calls.append(fn.__name__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    ours, theirs = layer_weights(), layer_weights()
+    torchao_class = torchao.optim.AdamW8bit if name == "adamw8bit" else torchao.optim.AdamW4bit
+    layer_steps(theirs, torchao_class(param_groups(theirs, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.95)), 3)
+    assert calls == ["single_param_adam"] * 3 * len(LAYERS)
+    calls.clear()
+    layer_steps(ours, low_bit(ours, name, low_bit_min_numel=4096), 3)
+    assert calls == ["single_param_adam"]
+    for k in LAYERS:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_bit_compiled_step_equals_torchaos_on_cuda(dtype):
+    import torchao.optim
+
+    ours, theirs = layer_weights(dtype, "cuda"), layer_weights(dtype, "cuda")
+    layer_steps(theirs, torchao.optim.AdamW8bit(param_groups(theirs, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.95)), 3)
+    layer_steps(ours, build_optimizer(ours, OptimConfig(name="adamw8bit", weight_decay=0.1, low_bit_min_numel=4096),
+                                      lr=1e-2, device_type="cuda"), 3)
+    for k in LAYERS:  # the same compiled graphs
+        assert torch.equal(ours[k], theirs[k]), k
+
+
 def test_lion_matches_a_hand_computed_step():
     p = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
     g1, g2 = torch.tensor([0.3, -0.2, 0.0, 1.0]), torch.tensor([-0.5, -0.1, 0.2, 0.05])

@@ -18,7 +18,7 @@ from optrush.models.io import build_model, load_model
 from optrush.models.presets import get_preset
 from optrush.objectives import build_objective
 from optrush.train import train
-from optrush.train.loop import accumulate_gradients
+from optrush.train.loop import accumulate_gradients, clip_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,56 @@ def test_accumulated_gradients_equal_large_batch():
     assert abs(big_loss - acc_loss) < 1e-6
     for name in big:
         assert torch.allclose(big[name], acc[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_adamw_clips_inside_its_step_with_clip_grad_norms_result(dtype, device):
+    """With torch's fused AdamW, clip_gradients only measures the norm and the kernel divides the gradients by the
+    clipping factor; the weights, moments and (written back by the kernel) gradients equal clip_grad_norm_ followed
+    by the same optimizer. Max norm 0.05: every step clips. bf16: one step, as a rounding difference in one step's
+    gradient moves the next steps' weights by whole bf16 ulps."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    args = get_preset("debug")
+    ids = torch.randint(0, args.vocab_size, (2, 33))
+    batch = padded_batch(ids[:, :-1].tolist(), ids[:, 1:].tolist())
+    runs = {}
+    for in_step in (True, False):
+        model = build_model(args, dtype=dtype, device=device, seed=0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        for _ in range(4 if dtype == torch.float32 else 1):
+            accumulate_gradients(model, build_objective("causal_lm"), [batch], device=device, autocast=nullcontext())
+            if in_step:
+                norm = clip_gradients(model, 0.05, optimizer)
+                assert optimizer.grad_scale > 1
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            optimizer.step()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            optimizer.zero_grad(set_to_none=True)
+        runs[in_step] = norm, grads, dict(model.named_parameters()), optimizer.state
+    (norm, grads, params, state), (ref_norm, ref_grads, ref_params, ref_state) = runs[True], runs[False]
+    # fp32: a few ulps (divide vs multiply); bf16: clip_grad_norm_ rounds the clipped gradient to bf16, the kernel
+    # does not, so the moments differ by up to half a bf16 ulp of the gradient, the weights by a fraction of lr
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(norm, ref_norm, **tolerance)
+    for name in params:
+        torch.testing.assert_close(grads[name], ref_grads[name], **tolerance)
+        torch.testing.assert_close(params[name], ref_params[name], **tolerance)
+        torch.testing.assert_close(state[params[name]]["exp_avg"], ref_state[ref_params[name]]["exp_avg"], **tolerance)
+
+
+def test_clip_gradients_keeps_clip_grad_norm_for_other_optimizers():
+    model = build_model(get_preset("debug"), dtype=torch.float32, device="cpu", seed=0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    norm = clip_gradients(model, 1.0, optimizer)
+    assert not hasattr(optimizer, "grad_scale") and norm > 1
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    torch.testing.assert_close(total, torch.tensor(1.0), rtol=1e-5, atol=0)
 
 
 def test_training_reduces_loss_and_saves_hf_checkpoint(debug_overrides, tmp_path):

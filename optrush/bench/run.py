@@ -165,7 +165,7 @@ def train_step(run: Prepared, micro_batches: list[Batch], *, max_grad_norm: floa
     """One optimizer step of the training loop over `micro_batches`: (summed loss on the device, trained units)."""
     loss_sum, units = accumulate_gradients(run.model, run.objective, micro_batches, device=run.device,
                                            autocast=run.autocast)
-    clip_gradients(run.model, max_grad_norm)
+    clip_gradients(run.model, max_grad_norm, run.optimizer)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

@@ -181,7 +181,7 @@ class Run:
         self.order.append(fingerprint(micro_batches))
         loss_sum, units = loop.accumulate_gradients(self.model, self.objective, micro_batches,
                                                     device=self.ctx.device, autocast=self.autocast)
-        loop.clip_gradients(self.model, self.cfg.train.max_grad_norm)
+        loop.clip_gradients(self.model, self.cfg.train.max_grad_norm, self.optimizer)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
