@@ -111,20 +111,17 @@ def test_checkpointing_policies_recompute_what_they_should_and_keep_parameter_na
     assert ops["full"]["aten::rsqrt"] > 0 and ops["full"]["aten::mm"] > ops["none"]["aten::mm"]
 
 
-def test_skip_last_blocks_recompute_pointwise_ops_only():
-    """activations.skip_last=n: the last n blocks recompute no matmul (each fully checkpointed block re-runs 6 of its
-    7 in backward: not down_proj, whose output backward does not need), only pointwise ops such as RMSNorm's
-    rsqrt; skipping every block recomputes no matmul at all. (What compiled kept blocks save:
-    tests/test_quant.py.)"""
+def test_skip_last_leaves_the_last_blocks_unchecked():
+    """activations.skip_last=n: the last n blocks recompute nothing (each checkpointed block re-runs 6 of its 7
+    matmuls in backward: not down_proj, whose output backward does not need), and skipping every block is no
+    checkpointing at all."""
     batch = packed_batch(0)
-    ops = {}
+    mm = {}
     for skip in (0, 1, ARGS.n_layers, ARGS.n_layers + 5):
         cfg = config(activations__checkpointing="full", activations__skip_last=skip)
-        ops[skip] = backward_ops(apply_activation_checkpointing(build_model(ARGS, seed=0), cfg), batch)
-    plain = build_model(ARGS, seed=0)
-    mm = {skip: calls["aten::mm"] for skip, calls in ops.items()}
-    assert mm[0] - mm[1] == 6 and mm[ARGS.n_layers] == mm[ARGS.n_layers + 5] == backward_ops(plain, batch)["aten::mm"]
-    assert ops[ARGS.n_layers]["aten::rsqrt"] > 0
+        mm[skip] = backward_ops(apply_activation_checkpointing(build_model(ARGS, seed=0), cfg), batch)["aten::mm"]
+    plain = backward_ops(build_model(ARGS, seed=0), batch)["aten::mm"]
+    assert mm[0] - mm[1] == 6 and mm[ARGS.n_layers] == mm[ARGS.n_layers + 5] == plain
 
 
 def test_selective_checkpointing_recomputes_lora_low_rank_products_exactly():
@@ -178,17 +175,6 @@ def test_selective_checkpointing_recomputes_qlora_quantized_matmuls():
     ops = {policy: backward_ops(qlora_model(policy), batch) for policy in ("none", "selective", "full")}
     recomputed = {policy: calls["optrush::dequantized_matmul"] for policy, calls in ops.items()}
     assert recomputed == {"none": 0, "selective": ARGS.n_layers * 7, "full": ARGS.n_layers * 7}
-    # the blocks that activations.skip_last exempts keep them: no quantized matmul runs again, with equal gradients
-    kept = apply_activation_checkpointing(qlora_model("none"), config(activations__checkpointing="full",
-                                                                      activations__skip_last=ARGS.n_layers))
-    assert backward_ops(kept, batch)["optrush::dequantized_matmul"] == 0
-    kept.zero_grad(set_to_none=True)  # backward_ops left gradients
-    reference = qlora_model("none")
-    for model in (reference, kept):
-        model(**batch, reduction="sum").backward()
-    for (name, param), kept_param in zip(reference.named_parameters(), kept.parameters()):
-        if param.requires_grad:
-            torch.testing.assert_close(kept_param.grad, param.grad, rtol=1e-5, atol=1e-6, msg=name)
     attention = "aten::_scaled_dot_product_flash_attention_for_cpu"
     assert ops["selective"][attention] == 0 < ops["full"][attention]  # kept, not recomputed
 

@@ -9,13 +9,10 @@ Policies (`activations.checkpointing`):
   (norms, RoPE, SiLU, residual adds), which cost little time but hold most of the activation bytes in eager mode,
   and the low-rank products of LoRA adapters, whose outputs are as large as the base linear's.
 - `every: k` checkpoints blocks 0, k, 2k, ... only, trading memory back for speed.
-- `skip_last: n` exempts the last n blocks from the policy and from offload: backward reaches them first, so
-  their activations live through the loss only. They recompute no matmul: they keep every matmul and attention
-  output (QLoRA's quantized base matmuls included, `KEPT_OPS`) and recompute only the pointwise ops, which keeps
-  about a third less than no checkpointing at all under compile (the normalised inputs and SwiGLU's product that
-  the adapters' gradients read are recomputed, not kept; 8B QLoRA at B=4 x 2048, H100:
-  `benchmarks/results/qlora_h100_kept.md`). Where the loss's working memory sets the peak (the fused loss of a
-  large vocabulary), smaller loss chunks pay for them (`benchmarks/results/qlora_h100_skip_last.md`).
+- `skip_last: n` leaves the last n blocks alone (no checkpointing, no offload): backward reaches them first, so
+  their activations live through the loss only. Where the loss's working memory sets the peak (the fused loss
+  of a large vocabulary), smaller loss chunks pay for them (8B QLoRA, H100:
+  `benchmarks/results/qlora_h100_skip_last.md`).
 
 `activations.offload` sends what each block saves for backward to pinned CPU memory (`BlockOffloader`): with
 `full` checkpointing that is the block's inputs, so GPU activation memory no longer grows with depth - the
@@ -63,8 +60,6 @@ SAVED_OPS = frozenset({
     "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "torch_attn::_varlen_attn", "flex_attention",
 })
-# What the blocks exempted by `skip_last` keep: every output that costs a matmul to recompute.
-KEPT_OPS = SAVED_OPS | {"optrush::dequantized_matmul"}
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: Config) -> nn.Module:
@@ -73,23 +68,20 @@ def apply_activation_checkpointing(model: nn.Module, cfg: Config) -> nn.Module:
     if ac.mlp_chunk_tokens:
         for block in model.layers:
             chunk_feed_forward(block.feed_forward, chunk_tokens=ac.mlp_chunk_tokens)
-    handled = len(model.layers) - min(ac.skip_last, len(model.layers))  # the rest stay on the GPU
+    handled = len(model.layers) - min(ac.skip_last, len(model.layers))  # the rest keep everything on the GPU
     if ac.checkpointing != "none":
-        for index, block in enumerate(model.layers):
-            if index >= handled:
-                checkpoint_block(block, saved_ops=KEPT_OPS)
-            elif index % ac.every == 0:
-                checkpoint_block(block, saved_ops=SAVED_OPS if ac.checkpointing == "selective" else None)
+        for index, block in enumerate(model.layers[:handled]):
+            if index % ac.every == 0:
+                checkpoint_block(block, selective=ac.checkpointing == "selective")
     if ac.offload:
         BlockOffloader(next(model.parameters()).device, offloaded=handled).attach(model.layers)
     return model
 
 
-def checkpoint_block(block: nn.Module, *, saved_ops: frozenset[str] | None) -> None:
-    """Make `block.forward` a non-reentrant checkpoint of itself: full (`saved_ops=None`), or selective, keeping
-    the outputs of `saved_ops` but LoRA's low-rank products."""
+def checkpoint_block(block: nn.Module, *, selective: bool) -> None:
+    """Make `block.forward` a non-reentrant checkpoint of itself (full, or selective with `SAVED_OPS` kept)."""
     forward = block.forward
-    context_fn = None if saved_ops is None else functools.partial(selective_contexts, saved_ops)
+    context_fn = selective_contexts if selective else None
 
     @functools.wraps(forward)
     def checkpointed_forward(*args, **kwargs):
@@ -103,6 +95,12 @@ def checkpoint_block(block: nn.Module, *, saved_ops: frozenset[str] | None) -> N
     block.forward = checkpointed_forward
 
 
+def save_costly_ops(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func.name() not in SAVED_OPS or low_rank_product(func.name(), args):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
+
+
 def low_rank_product(name: str, args: tuple) -> bool:
     """A matmul whose inner dimension is at most 1/8 of its output width: a LoRA adapter's (x A) B. Keeping it
     costs as much memory as the base linear's output (measured on the 1B ladder: LoRA/QLoRA under selective
@@ -114,13 +112,8 @@ def low_rank_product(name: str, args: tuple) -> bool:
     return left.shape[-1] * 8 <= right.shape[-1]
 
 
-def selective_contexts(saved_ops: frozenset[str]):
-    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-        if func.name() not in saved_ops or low_rank_product(func.name(), args):
-            return CheckpointPolicy.PREFER_RECOMPUTE
-        return CheckpointPolicy.MUST_SAVE
-
-    return create_selective_checkpoint_contexts(policy)
+def selective_contexts():
+    return create_selective_checkpoint_contexts(save_costly_ops)
 
 
 # ------------------------------------------------------------------------------------------------- chunked MLP

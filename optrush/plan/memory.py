@@ -238,8 +238,7 @@ def fsdp_gathered_bytes(a: ModelArgs, s: Setup) -> float:
 # --------------------------------------------------------------------------------------------- activations
 
 def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
-    """Bytes per token that one block keeps for backward under checkpointing `policy` (none/selective/full, or
-    kept: a block exempted by `skip_last`, which keeps every matmul's output, quantized or not)."""
+    """Bytes per token that one block keeps for backward under checkpointing `policy` (none/selective/full)."""
     d, f, q, kv = a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
     res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2  # residual stream: fp32 under autocast
@@ -258,7 +257,7 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         # input, attention's output and log-sum-exp, the adapters' x A (measured on the 8B QLoRA ladder at B=1:
         # +0.5 GiB over full checkpointing)
         return res * d + act * q + lse + adapters
-    if policy in ("selective", "kept"):  # matmul and attention outputs plus the block input; pointwise recomputed
+    if policy == "selective":  # matmul and attention outputs plus the block input; pointwise ops recomputed
         kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + mlp * 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
@@ -283,12 +282,11 @@ def handled_blocks(a: ModelArgs, s: Setup) -> int:
 
 
 def layer_policies(a: ModelArgs, s: Setup) -> list[str]:
-    """The checkpointing policy of each block (`every: k` checkpoints blocks 0, k, 2k, ...; the last `skip_last`
-    are kept)."""
+    """The checkpointing policy of each block (`every: k` checkpoints blocks 0, k, 2k, ...; `skip_last` none)."""
     if s.checkpointing == "none":
         return ["none"] * a.n_layers
     handled = handled_blocks(a, s)
-    return ["kept" if i >= handled else s.checkpointing if i % s.every == 0 else "none" for i in range(a.n_layers)]
+    return [s.checkpointing if i % s.every == 0 and i < handled else "none" for i in range(a.n_layers)]
 
 
 def activation_bytes(a: ModelArgs, s: Setup) -> float:
