@@ -79,6 +79,9 @@ def markdown(results: list[dict]) -> str:
         "whole-model compile kept each chunk's fp32 logits copy alive (+1.45 GiB, 5.9-11.1% under the "
         "prediction). Bisected and fixed the same day: train_speed_h100_fused_loss_fix.json measures the fixed code "
         "at 19.77 GiB, as before the regression; `tests/test_plan.py` leaves the regression rows out.",
+        "- Reverted code: a results file whose `meta.reverted` names a commit (qlora_h100_kept.json) measured code "
+        "that no longer exists; `optrush.plan.speed.load_measurements` leaves it out of this table and of the "
+        "speed calibration.",
         "- The 1B ladder was rerun (2026-11-24) with the current checkpointing policy: selective checkpointing "
         "recomputes the adapters' low-rank products (`optrush.parallel.checkpointing.low_rank_product`) and "
         "QLoRA's opaque quantized matmul. Its QLoRA rungs, which had come out 59% under with the old policy's "

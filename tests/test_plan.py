@@ -15,8 +15,8 @@ from optrush.plan import memory as mem
 from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
-from optrush.plan.speed import (Calibration, calibrate, estimate_speed, executed_flops_per_token, load_measurements,
-                                offload_bytes_per_token)
+from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token,
+                                load_measurements, offload_bytes_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
@@ -180,6 +180,17 @@ def test_committed_measurements_are_predicted_within_ten_percent():
                and not regressed(m)]
     errors = {f"{m.source}: {m.name}": estimate_memory(m.args, m.setup).peak_gib / m.peak_gib - 1 for m in covered}
     assert len(errors) >= 10 and max(abs(e) for e in errors.values()) <= 0.10, errors
+
+
+def test_results_of_reverted_code_are_not_measurements(tmp_path):
+    kept = RESULTS_DIR / "qlora_h100_kept.json"
+    if not kept.exists():
+        pytest.skip("no committed record to copy")
+    document = json.loads(kept.read_text())
+    assert document["meta"]["reverted"]
+    del document["meta"]["reverted"]
+    (tmp_path / "live.json").write_text(json.dumps(document))
+    assert load_measurements([kept]) == [] < load_measurements([tmp_path / "live.json"])
 
 
 def test_speed_model_is_calibrated_from_measured_rows():

@@ -80,12 +80,16 @@ class Speed:
 
 def load_measurements(paths: list[Path] | None = None) -> list[Measured]:
     """Every GPU bench record (a dict with config, tokens_per_s, peak_mem_gib and a CUDA device) in `paths`
-    (default: all JSON files under benchmarks/results), whose model shape can be rebuilt from its config."""
+    (default: all JSON files under benchmarks/results), whose model shape can be rebuilt from its config. A file
+    whose `meta` names a `reverted` commit measured code that no longer exists and is left out."""
     paths = sorted(RESULTS_DIR.rglob("*.json")) if paths is None else paths
     out = []
     for path in map(Path, paths):
         source = (path.relative_to(RESULTS_DIR) if path.is_relative_to(RESULTS_DIR) else path).as_posix()
-        for record in bench_records(json.loads(path.read_text(encoding="utf-8"))):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(document, dict) and isinstance(document.get("meta"), dict) and document["meta"].get("reverted"):
+            continue
+        for record in bench_records(document):
             measured = measured_from_record(record, source=source)
             if measured is not None:
                 out.append(measured)
