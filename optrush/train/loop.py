@@ -320,9 +320,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float, optimizer: torch.opt
     shards and the norm is reduced over the mesh.
 
     torch's fused AdamW clips inside its step instead: its kernel divides every gradient by the optimizer's
-    `grad_scale` tensor (the hook AMP's GradScaler unscales through), which saves a separate multiply pass that
-    reads and writes every gradient (about 1.7 ms of a 1B model's 127 ms step on an H100). Same result up to
-    rounding: the gradient is divided in fp32 inside the kernel instead of multiplied in its own dtype."""
+    `grad_scale` tensor (the hook AMP's GradScaler unscales through) instead of a separate multiply pass over every
+    gradient. The kernel writes the divided gradient back, so only part of that pass is saved: +0.3% tokens/s on
+    the 1B step (H100, benchmarks/results/train_speed_h100_clip_ab.md). Same result up to rounding: the gradient
+    is divided in fp32 inside the kernel instead of multiplied in its own dtype."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0 and clips_in_step(optimizer, params):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
