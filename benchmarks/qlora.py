@@ -92,6 +92,15 @@ def cases(smoke: bool) -> list[dict]:
                                f"activations.skip_last={kept}", f"kernels.loss_chunk_tokens={chunk}"], **nf4)
         for kept, chunk in [(1, 2048), (2, 1024), (3, 1024), (3, 512)]
     ]
+    # the frozen embedding table (1 GiB) in host memory pays for one more kept block
+    out += [
+        dict(name=f"optrush qlora nf4 r=16 B=4 (ac + offload, last {kept} blocks kept, fused loss in {chunk}-token "
+                  "chunks, compiled blocks, fused dequantize, embedding on host)", batch=4, r=16,
+             extra=compiled + ["activations.offload=true", "kernels.fused_dequantize=true",
+                               f"activations.skip_last={kept}", f"kernels.loss_chunk_tokens={chunk}",
+                               "peft.embedding_on_host=true"], **nf4)
+        for kept, chunk in [(2, 1024), (3, 1024), (3, 2048), (4, 1024)]
+    ]
     out += [
         dict(name="peer hf+peft+bnb qlora r=16 B=1 (gc)", kind="peer", batch=1, r=16, gradient_checkpointing=True,
              **big),

@@ -413,6 +413,13 @@ def peft_problems(cfg: Config) -> list[str]:
     if p.quantize != "none" and p.method not in ("lora", "dora"):
         problems.append(f"peft.quantize={p.quantize} quantizes a frozen base under LoRA adapters (QLoRA): set "
                         f"peft.method=lora or dora (got {p.method}), or peft.quantize=none")
+    if p.embedding_on_host and p.method not in ("lora", "dora"):
+        problems.append(f"peft.embedding_on_host=true keeps a frozen embedding table in host memory: set "
+                        f"peft.method=lora or dora (got {p.method}), or peft.embedding_on_host=false")
+    if p.embedding_on_host and cfg.parallel.strategy != "none":
+        problems.append(f"peft.embedding_on_host=true works on one GPU (NCCL cannot broadcast or shard host "
+                        f"memory): set parallel.strategy=none (got {cfg.parallel.strategy}), or "
+                        "peft.embedding_on_host=false")
     if p.method == "prompt_tuning":
         return problems + prompt_tuning_problems(cfg)
     if p.method == "none":

@@ -293,6 +293,10 @@ class PeftConfig:
     `nf4` 4-bit NormalFloat with double-quantized scales (4.127 bits/weight), `int8` per-row absmax; dequantized
     per matmul, computed in the training dtype. Embeddings and the output head stay unquantized
     (optrush.peft.quant)."""
+    embedding_on_host: bool = False
+    """Keep the frozen token embedding table in pinned host memory, read over PCIe by the GPU's embedding kernel
+    (method lora or dora, one GPU, untied head): frees vocab x dim of GPU memory (1 GiB at Llama 3 8B) for a few
+    ms per step (optrush.peft.host_embedding)."""
     num_virtual_tokens: int = 20
     """Prompt tuning: learned embeddings prepended to every sequence."""
     prompt_init: Literal["vocab", "random"] = "vocab"

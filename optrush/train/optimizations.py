@@ -2,15 +2,17 @@
 
     model = apply_optimizations(model, cfg)
 
-peft -> quantize (float8 training linears) -> kernels -> activation checkpointing/offload -> compile -> shard.
+peft -> quantize (float8 training linears, frozen embedding to host memory) -> kernels -> activation
+checkpointing/offload -> compile -> shard.
 The order is forced: kernels and float8 replace modules that checkpointing must then wrap; checkpointing must be
 inside the compiled graph so the compiler plans the recomputation; sharding wraps the final blocks (as in
 torchtitan's `parallelize_llama`). Each transform is an `apply_x(model, cfg) -> model` that changes modules in
 place, keeping the parameter names of the weights it does not add. Each one that the config switches on is
 logged once. PEFT wraps the targeted linears in LoRA adapters and freezes the rest (optrush.peft.lora); weight
-quantization stores the frozen block linears in NF4 or int8 under the adapters (QLoRA, optrush.peft.quant); prompt
-tuning prepends a learned soft prompt (optrush.peft.prompt); sharding (ddp, fsdp, hsdp over
-the ranks torchrun launched) is optrush.parallel.fsdp.
+quantization stores the frozen block linears in NF4 or int8 under the adapters (QLoRA, optrush.peft.quant), and
+the frozen embedding table may move to pinned host memory (optrush.peft.host_embedding); prompt tuning prepends a
+learned soft prompt (optrush.peft.prompt); sharding (ddp, fsdp, hsdp over the ranks torchrun launched) is
+optrush.parallel.fsdp.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from optrush.parallel.checkpointing import apply_activation_checkpointing
 from optrush.parallel.compile import apply_compile
 from optrush.parallel.distributed import is_main, world_size
 from optrush.parallel.fsdp import apply_data_parallel
+from optrush.peft.host_embedding import apply_embedding_on_host
 from optrush.peft.lora import apply_lora
 from optrush.peft.prompt import apply_prompt_tuning
 from optrush.peft.quant import apply_quantize
@@ -62,6 +65,8 @@ def enabled_transforms(cfg: Config) -> list[tuple[str, Transform]]:
     if p.quantize != "none":
         steps.append((f"quantize: frozen block linears stored as {p.quantize}, dequantized per matmul "
                       "(embeddings and head unquantized)", apply_quantize))
+    if p.embedding_on_host:
+        steps.append(("frozen token embedding in pinned host memory, rows read over PCIe", apply_embedding_on_host))
     if cfg.precision.mode == "fp8":
         steps.append(("float8 training linears in the transformer blocks (torchao, tensorwise scaling)",
                       apply_float8))
