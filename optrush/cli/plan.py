@@ -86,7 +86,8 @@ def candidate_table(candidates):
     for rank, c in enumerate(candidates, 1):
         s = c.setup
         policy = "none" if s.checkpointing == "none" else s.checkpointing + (f" every {s.every}" if s.every > 1 else "")
-        peft = s.peft + (f"+{s.quantize}" if s.quantize != "none" else "")
+        peft = s.peft + (f"+{s.quantize}" if s.quantize != "none" else "") + (
+            ", embedding on host" if s.embedding_on_host else "")
         table.add_row(str(rank), s.precision, peft, s.compile, "yes" if s.fused_loss else "no",
                       policy + (" + offload" if s.offload else "")
                       + (f", last {s.skip_last} kept" if s.skip_last else ""), str(s.micro_batch),

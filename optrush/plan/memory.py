@@ -151,12 +151,18 @@ def shard(nbytes: float, s: Setup) -> float:
 
 def weights_bytes(a: ModelArgs, s: Setup) -> float:
     """Parameters in their storage dtype (fp32 master weights for bf16_mixed and fp8). peft.quantize stores the
-    block linears in NF4 or int8 and everything else in the parameter dtype; PEFT adds its own tensors."""
+    block linears in NF4 or int8 and everything else in the parameter dtype; PEFT adds its own tensors;
+    peft.embedding_on_host keeps an untied embedding table in host memory."""
     p = PARAM_BYTES[s.precision]
     linear = a.n_layers * block_linear_params(a)
-    rest = total_params(a) - linear
+    rest = total_params(a) - linear - (a.vocab_size * a.dim if host_embedding(a, s) else 0)
     adapters = count_params(adapter_shapes(a, s)) * p
     return shard(linear * base_linear_bytes(s) + rest * p + adapters, s)
+
+
+def host_embedding(a: ModelArgs, s: Setup) -> bool:
+    """Whether the embedding table is in host memory (a tied one cannot be: the transform refuses it)."""
+    return s.embedding_on_host and not a.tie_embeddings
 
 
 def rope_bytes(a: ModelArgs) -> float:
@@ -299,6 +305,14 @@ def activation_bytes(a: ModelArgs, s: Setup) -> float:
     return sum(per_layer)
 
 
+def kept_activation_bytes(a: ModelArgs, s: Setup) -> float:
+    """What the last `skip_last` blocks keep when the others are checkpointed or offloaded: their backward runs
+    first and frees it, before any earlier block recomputes."""
+    if s.checkpointing == "none" and not s.offload:
+        return 0.0
+    return (a.n_layers - handled_blocks(a, s)) * block_activation_bytes(a, s, policy="none") * s.tokens
+
+
 def recompute_bytes(a: ModelArgs, s: Setup) -> float:
     """During backward, a checkpointed block re-runs its forward and holds its full activation set again."""
     if s.checkpointing == "none" and not s.offload:
@@ -351,8 +365,11 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     gradients of both: 3 fp32 (tokens x vocab) buffers (11.7 GiB at 8192 x 128256, kernels_h100.md). Under
     whole-model compile: the working-dtype logits kept plus fp32 and working-dtype gradients (not measured).
     Fused loss (`optrush.kernels.fused_loss`): an fp32 accumulator for the head's gradient (when trained), the
-    hidden-state gradient, and per chunk the working-dtype logits, their fp32 copy and the gradient in the working
-    dtype; whole-model compile fuses the fp32 pass away (measured: -1.6 GiB on the 1B rows)."""
+    hidden-state gradient, and per chunk the working-dtype logits and their gradient: on CUDA the chunk is
+    compiled without an fp32 copy of the logits (the GPU test of the loss alone: 4.2-4.3 bytes per bf16 chunk
+    element). In a whole-model graph that is the measured peak; with the chunk compiled on its own, the 1B step
+    measured 1 GiB more (train_speed_h100_loss_chunk_ab.md: 20.36 GiB, 2 bytes per element more). Rows measured
+    before 5866a7b (2026-12-06) kept an fp32 copy: about 2 bytes per element more again."""
     n, v = s.tokens, a.vocab_size
     act = COMPUTE_BYTES[s.precision]
     if not s.fused_loss:
@@ -360,7 +377,7 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     chunk = min(s.loss_chunk_tokens, n)
     head_grad = 4 * v * a.dim if s.peft == "none" else 0  # a frozen head needs no weight gradient
     hidden_grad = (PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2) * n * a.dim
-    per_chunk = 2 * act if s.compile == "model" else (4 if act == 4 else 2 * act + 4)
+    per_chunk = 2 * act if s.compile == "model" else 2 * act + 1
     return head_grad + hidden_grad + per_chunk * chunk * v
 
 
@@ -384,13 +401,18 @@ def estimate_memory(a: ModelArgs, s: Setup) -> Memory:
     at_loss = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
                "activations": activation_bytes(a, s), "head": head_bytes(a, s),
                "attention_mask": attention_mask_bytes(a, s), "loss": loss_bytes(a, s)}
-    # The last block's backward: every saved activation still held, the block recomputed, its gradient buffers
+    kept, recompute = kept_activation_bytes(a, s), recompute_bytes(a, s)
+    # The last block's backward: every saved activation still held, the block recomputed (unless kept whole), its
+    # gradient buffers
     at_backward_start = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
-                         "activations": activation_bytes(a, s), "recompute": recompute_bytes(a, s),
+                         "activations": activation_bytes(a, s), "recompute": 0.0 if kept else recompute,
                          "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
+    # The last checkpointed block's recompute, after the kept blocks' backward freed their activations
+    at_first_recompute = {**at_backward_start, "activations": activation_bytes(a, s) - kept, "recompute": recompute}
     # The first block's backward: the activations are gone, almost every gradient is there
-    at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads, "recompute": recompute_bytes(a, s),
+    at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads, "recompute": recompute,
                        "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
-    moments = {"loss": at_loss, "backward_start": at_backward_start, "backward_end": at_backward_end}
+    moments = {"loss": at_loss, "backward_start": at_backward_start, "first_recompute": at_first_recompute,
+               "backward_end": at_backward_end}
     phases = {name: sum(terms.values()) for name, terms in moments.items()}
     return Memory(terms=moments[max(phases, key=phases.get)], phases=phases)

@@ -75,20 +75,23 @@ def evaluate(args: ModelArgs, setup: Setup, *, gpu: GPU, calibration: Calibratio
 
 
 def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none", optimizer: str = "adamw",
-                     micro_batches: tuple[int, ...] = MICRO_BATCHES, document_mask: bool = True) -> list[Setup]:
-    """Every combination the planner considers (before validation and the memory check)."""
+                     micro_batches: tuple[int, ...] = MICRO_BATCHES, document_mask: bool = True,
+                     untied: bool = True) -> list[Setup]:
+    """Every combination the planner considers (before validation and the memory check); `untied`: the model has
+    an embedding table apart from its head, which a frozen-embedding setup may keep in host memory."""
     precisions = ["bf16_pure", "bf16_mixed"] + (["fp8"] if gpu.fp8_flops else [])  # validation drops fp8 + LoRA
     strategies = ["none"] if n_gpus == 1 else ["fsdp", "ddp"]
     grid = itertools.product(precisions, PEFT_CHOICES[peft], ("none", "blocks", "model"), (False, True),
-                             CHECKPOINTING, micro_batches, strategies)
+                             CHECKPOINTING, micro_batches, strategies, (False, True))
     setups = []
     for precision, (method, quantize), compile_mode, fused, (policy, every, offload, skip_last), micro_batch, \
-            strategy in grid:
+            strategy, host_embedding in grid:
+        if host_embedding and (method == "none" or not untied or strategy != "none"):
+            continue  # a trained, tied or replicated table stays on the GPU
         setups.append(Setup(seq_len=seq_len, micro_batch=micro_batch, precision=precision, optimizer=optimizer,
-                            peft=method, quantize=quantize, checkpointing=policy, every=every, offload=offload,
-                            skip_last=skip_last, compile=compile_mode, fused_loss=fused, document_mask=document_mask,
-                            strategy=strategy,
-                            n_gpus=n_gpus))
+                            peft=method, quantize=quantize, embedding_on_host=host_embedding, checkpointing=policy,
+                            every=every, offload=offload, skip_last=skip_last, compile=compile_mode,
+                            fused_loss=fused, document_mask=document_mask, strategy=strategy, n_gpus=n_gpus))
     return setups
 
 
@@ -100,7 +103,7 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
     calibration = calibrate(load_measurements()) if calibration is None else calibration
     micro_batches = MICRO_BATCHES if micro_batch is None else (micro_batch,)
     setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=seq_len, peft=peft, optimizer=optimizer,
-                              micro_batches=micro_batches)
+                              micro_batches=micro_batches, untied=not args.tie_embeddings)
     pinned = dict(parse_override(p) for p in pins)
     out = [evaluate(args, s, gpu=gpu, calibration=calibration, margin=margin) for s in setups
            if agrees(s, pinned) and is_valid(s, base_overrides + pins)]
@@ -133,6 +136,7 @@ def describe(setup: Setup) -> str:
     """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp cp=2`."""
     parts = [setup.precision] + ([setup.peft] if setup.peft != "none" else [])
     parts += [setup.quantize] if setup.quantize != "none" else []
+    parts += ["embedding-on-host"] if setup.embedding_on_host else []
     parts += [f"compile={setup.compile}"] if setup.compile != "none" else ["eager"]
     parts += ["fused_loss"] if setup.fused_loss else []
     if setup.checkpointing != "none":
@@ -180,6 +184,8 @@ def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
             text += " compile.mode=blocks" if compile_mode != setup.compile else ""
             changes.append((text, setup.replace(checkpointing=policy, every=every, offload=offload,
                                                 skip_last=skip_last, compile=compile_mode)))
+    if setup.peft != "none" and not setup.embedding_on_host:
+        changes.append(("peft.embedding_on_host=true", setup.replace(embedding_on_host=True)))
     if setup.micro_batch > 1:
         mb, accum = setup.micro_batch // 2, setup.grad_accum * 2
         changes.append((f"train.micro_batch_size={mb} train.grad_accum={accum}",

@@ -38,6 +38,8 @@ class Setup:
     """peft.method: none | lora | dora | prompt_tuning."""
     quantize: str = "none"
     """peft.quantize: frozen block linears stored as none | nf4 (QLoRA) | int8."""
+    embedding_on_host: bool = False
+    """peft.embedding_on_host: the frozen token embedding table lives in pinned host memory."""
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ALL_LINEAR
     virtual_tokens: int = 20
@@ -91,7 +93,7 @@ def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | Non
         precision=cfg.precision.mode, optimizer=cfg.optim.name, state_dtype=cfg.optim.state_dtype,
         optimizer_offload=cfg.optim.offload, low_bit_min_numel=cfg.optim.low_bit_min_numel,
         kahan=cfg.optim.bf16_update == "kahan", peft=cfg.peft.method,
-        quantize=cfg.peft.quantize, lora_rank=cfg.peft.r, lora_targets=targets,
+        quantize=cfg.peft.quantize, embedding_on_host=cfg.peft.embedding_on_host, lora_rank=cfg.peft.r, lora_targets=targets,
         virtual_tokens=cfg.peft.num_virtual_tokens, checkpointing=cfg.activations.checkpointing,
         every=cfg.activations.every, skip_last=cfg.activations.skip_last, offload=cfg.activations.offload,
         mlp_chunk_tokens=cfg.activations.mlp_chunk_tokens, compile=cfg.compile.mode, fused_loss=cfg.kernels.fused_loss,
@@ -111,6 +113,8 @@ def config_overrides(setup: Setup) -> list[str]:
            f"activations.checkpointing={setup.checkpointing}", f"activations.every={setup.every}",
            f"activations.offload={str(setup.offload).lower()}", f"model.attention={setup.attention}",
            f"parallel.strategy={setup.strategy}"]
+    if setup.embedding_on_host:
+        out.append("peft.embedding_on_host=true")
     if setup.state_dtype is not None:
         out.append(f"optim.state_dtype={setup.state_dtype}")
     if setup.optimizer_offload:

@@ -32,6 +32,7 @@ from optrush.plan.memory import (
     block_linear_params,
     count_params,
     handled_blocks,
+    host_embedding,
     layer_policies,
     total_params,
     trainable_shapes,
@@ -174,12 +175,14 @@ def executed_flops_per_token(a: ModelArgs, s: Setup) -> float:
 
 def offload_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     """Host<->GPU copies: saved activations to the host in forward and back in backward (activations.offload);
-    gradients to the host and updated weights back once per optimizer step (optim.offload)."""
+    gradients to the host and updated weights back once per optimizer step (optim.offload); each token's
+    embedding row read from host memory (peft.embedding_on_host)."""
     offloaded = layer_policies(a, s)[:handled_blocks(a, s)]
     activations = 2 * sum(block_activation_bytes(a, s, policy=p) for p in offloaded) if s.offload else 0
     trainable = count_params(trainable_shapes(a, s))
     optimizer = 2 * trainable * PARAM_BYTES[s.precision] / (s.tokens * s.grad_accum) if s.optimizer_offload else 0
-    return activations + optimizer
+    embedding = a.dim * PARAM_BYTES[s.precision] if host_embedding(a, s) else 0
+    return activations + optimizer + embedding
 
 
 def dequantize_bytes_per_token(a: ModelArgs, s: Setup) -> float:
