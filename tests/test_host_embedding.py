@@ -85,3 +85,26 @@ def test_host_table_trains_saves_and_loads_like_the_gpu_table(compile_mode):
     model.load_state_dict({**model.state_dict(), "tok_embeddings.weight": replacement})
     assert model.tok_embeddings.weight.data_ptr() == table.data_ptr()  # loaded into the host memory, in place
     assert torch.equal(model.state_dict()["tok_embeddings.weight"].cpu(), replacement.cpu())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_training_run_with_the_host_table_equals_one_without(debug_overrides, tmp_path, device):
+    """`optrush train` as a user runs it (recipe data, LoRA, a checkpoint mid-run, the merged model and adapter
+    saved at the end): the same losses and the same saved model with the table in host memory."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from safetensors.torch import load_file
+
+    from optrush.train import train
+
+    base = [o for o in debug_overrides if not o.startswith(("output_dir", "train.device"))]
+    base += [f"train.device={device}", "peft.method=lora", "peft.r=4", "train.max_steps=4", "checkpoint.every=2",
+             "train.deterministic=true"]
+    runs = {}
+    for on_host in (False, True):
+        out = tmp_path / str(on_host)
+        summary = train(load_config(None, base + [f"output_dir={out}",
+                                                  f"peft.embedding_on_host={str(on_host).lower()}"]))
+        runs[on_host] = summary["losses"], load_file(out / "final" / "model.safetensors")
+    assert runs[True][0] == runs[False][0]
+    assert_same_weights(runs[True][1], runs[False][1])
