@@ -44,6 +44,10 @@ from pathlib import Path
 
 import torch
 
+# Run as a script, this folder leads sys.path, and its kernels.py would stand in for the `kernels` package that
+# transformers (5.x) imports when it finds one: the peer's model load would fail on it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 GIB = 2 ** 30
 OPTIMIZED = ["activations.checkpointing=full", "kernels.fused_loss=true"]
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +296,16 @@ def test_a_training_step_never_waits_for_the_gpu(extra):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(float(loss)) and units == cfg.train.micro_batch_size * cfg.data.max_length
+
+
+def test_qlora_benchmark_smoke_runs_every_case_and_the_peer(tmp_path):
+    """`benchmarks/qlora.py --smoke`: the optrush cases and the transformers + PEFT peer, each in its own process
+    as on the GPU, all finish (the peer once failed on CPU: the script's folder shadowed the `kernels` package)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "qlora.py"), "--smoke", "--out", str(tmp_path),
+                           "--name", "smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "smoke.json").read_text())["results"]
+    assert [r.get("error") for r in results] == [None] * len(results)
+    assert {r["kind"] for r in results} == {"optrush", "peer"}
+    assert all(r["tokens_per_s"] > 0 for r in results)
