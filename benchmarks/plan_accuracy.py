@@ -20,14 +20,27 @@ from optrush.plan.search import describe
 from optrush.plan.speed import RESULTS_DIR, calibrate, estimate_speed, load_measurements
 
 TARGET = 0.10
-# results measured since the fused loss's chunk, compiled on its own, stopped keeping an fp32 logits copy (5866a7b)
-NEW_LOSS_CHUNK = {"qlora_h100_host_embedding.json", "qlora_h100_confirm2.json",
-                  "train_speed_h100_loss_chunk_ab/after.json"}
+# Results of the fused loss's chunk that, compiled on its own (every compile mode but `model`), kept an fp32 copy
+# of its logits: everything measured before 5866a7b (2026-12-06). Results added since measure the current chunk.
+OLD_LOSS_CHUNK = {
+    "fsdp_scaling_h200.json", "ladder_1b_h100/ladder.json", "ladder_fsdp2_h200/ladder.json",
+    "ladder_qlora8b_h100/ladder.json", "length_mix_h100.json", "length_mix_h100_before_fix.json",
+    "length_mix_h200.json", "length_mix_varlen_h100.json", "long_context_1b_h100.json", "long_context_400k_h100.json",
+    "long_context_cp_h200.json", "long_context_h100.json", "profile_h100/profile_qlora8b_h100.json",
+    "profile_h100/profile_qlora8b_offload_h100.json", "profile_h100/profile_qlora8b_offload_shared.json",
+    "profile_h100/profile_qlora8b_selective_offload_h100.json", "qlora_h100.json",
+    *(f"qlora_h100_ab/{ab}_{i}.json" for ab in ("shared_input_new", "shared_input_old", "triton_dequantize_mid",
+                                                 "triton_dequantize_new") for i in (0, 1)),
+    "qlora_h100_confirm.json", "qlora_h100_fused.json", "qlora_h100_repeats.json", "qlora_h100_selective.json",
+    "qlora_h100_shared_input.json", "qlora_h100_skip_last.json", "qlora_h100_skip_last_sweep.json",
+    "train_speed_8b_h200.json", "train_speed_8b_h200_repeats.json", "train_speed_h100.json",
+    "train_speed_h100_loss_chunk_ab/before.json", "train_speed_h100_rerun.json",
+}
 
 
 def measured_old_loss_chunk(m) -> bool:
     """A row measured while the fused loss's chunk (compiled alone) kept an fp32 copy of its logits."""
-    return m.setup.fused_loss and m.setup.compile != "model" and m.source not in NEW_LOSS_CHUNK
+    return m.setup.fused_loss and m.setup.compile != "model" and m.source in OLD_LOSS_CHUNK
 
 
 def predicted_gib(m) -> float:
@@ -102,8 +115,7 @@ def markdown(results: list[dict]) -> str:
         "its own (every compile mode but `model`) ran a chunk that kept an fp32 copy of its logits; the planner "
         "models the current chunk (2 x 2 + 1 bytes per bf16 chunk element, from the loss-chunk A/B of the 1B step "
         "and the 8B QLoRA rows of the new code), so those rows are predicted with the copy's 3 bytes per element "
-        "added back at the loss moment (`predicted_gib`). Rows of the new code: "
-        + ", ".join(sorted(NEW_LOSS_CHUNK)) + ".",
+        "added back at the loss moment (`predicted_gib`; the files: `OLD_LOSS_CHUNK`).",
         "- Kept blocks (`activations.skip_last`): their backward runs before any checkpointed block recomputes, "
         "so the recompute is counted after their activations are freed (the `first_recompute` moment), not on "
         "top of them; the kept-block rows came out 8-16% over before.",
