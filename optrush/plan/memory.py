@@ -367,9 +367,10 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     Fused loss (`optrush.kernels.fused_loss`): an fp32 accumulator for the head's gradient (when trained), the
     hidden-state gradient, and per chunk the working-dtype logits and their gradient: on CUDA the chunk is
     compiled without an fp32 copy of the logits (the GPU test of the loss alone: 4.2-4.3 bytes per bf16 chunk
-    element). In a whole-model graph that is the measured peak; with the chunk compiled on its own, the 1B step
-    measured 1 GiB more (train_speed_h100_loss_chunk_ab.md: 20.36 GiB, 2 bytes per element more). Rows measured
-    before 5866a7b (2026-12-06) kept an fp32 copy: about 2 bytes per element more again."""
+    element), which whole-model compile keeps to. With the chunk compiled on its own, the steps measured since
+    came out between about 4.5 (8B QLoRA, qlora_h100_confirm2.md) and 6 bytes per element (the 1B step,
+    train_speed_h100_loss_chunk_ab.md): modelled as 2 x the working dtype + 1. Before 5866a7b (2026-12-06) the
+    chunk kept an fp32 copy: 3 bytes per element more (benchmarks/plan_accuracy.py checks those rows with it)."""
     n, v = s.tokens, a.vocab_size
     act = COMPUTE_BYTES[s.precision]
     if not s.fused_loss:
