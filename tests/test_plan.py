@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
-from optrush.config import load_config
+from optrush.config import load_config, to_dict
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
 from optrush.plan import GPUS, Setup, estimate_memory, model_args, oom_advice, parse_gpus, plan
@@ -17,7 +17,7 @@ from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
 from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token,
-                                load_measurements, offload_bytes_per_token)
+                                load_measurements, measured_from_record, offload_bytes_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
@@ -227,6 +227,22 @@ def test_speed_model_is_calibrated_from_measured_rows():
     assert executed_flops_per_token(a, lora) < executed_flops_per_token(a, s)
     if load_measurements():
         assert calibrate(load_measurements()).efficiency  # the committed rows calibrate something
+
+
+def test_compiled_qlora_rows_without_the_fused_dequantization_do_not_calibrate_the_plan():
+    """The planner's compiled QLoRA configs always dequantize with one kernel, so a row that did not (1.18x
+    slower) is left out of the efficiency of its family."""
+    def row(fused: bool, tokens_per_s: float) -> dict:
+        cfg = load_config(None, ["model.preset=llama3.1-8b", "peft.method=lora", "peft.quantize=nf4",
+                                 "precision.mode=bf16_pure", "compile.mode=blocks", "kernels.fused_loss=true",
+                                 "activations.checkpointing=full", "train.micro_batch_size=4",
+                                 f"kernels.fused_dequantize={str(fused).lower()}"], synthetic_data=True)
+        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 10.0,
+                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+
+    fused, eager = (measured_from_record(row(f, t), source="test") for f, t in ((True, 11_000.0), (False, 9_000.0)))
+    assert calibrate([fused, eager]).efficiency == calibrate([fused]).efficiency
+    assert calibrate([eager]).efficiency == {}
 
 
 def test_gpus_parse_and_agree_with_the_mfu_table():

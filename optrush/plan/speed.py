@@ -226,6 +226,7 @@ def peak_flops(gpu: GPU, s: Setup) -> float:
 def calibrate(measured: list[Measured]) -> Calibration:
     """Efficiency per family from rows without offload; then the PCIe bandwidth that explains the offload rows'
     extra time (their family's compute time subtracted)."""
+    measured = [m for m in measured if plannable(m)]
     by_family: dict[tuple, list[float]] = {}
     for m in measured:
         if not m.setup.offload:
@@ -243,6 +244,14 @@ def calibrate(measured: list[Measured]) -> Calibration:
                 bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
     pcie = statistics.mean(bandwidths) if bandwidths else PCIE_BYTES_PER_S
     return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured))
+
+
+def plannable(m: Measured) -> bool:
+    """Whether the planner could emit the measured config's speed-relevant kernels: it always dequantizes a
+    compiled quantized base with one kernel (`config_overrides`), so rows without that (1.18x slower, measured)
+    would calibrate its QLoRA families low."""
+    s = m.setup
+    return s.quantize == "none" or s.compile == "none" or m.cfg.kernels.fused_dequantize
 
 
 def lookup_efficiency(efficiency: dict[tuple, float], s: Setup) -> tuple[float, str]:
