@@ -306,6 +306,20 @@ def test_oom_advice_names_a_change_that_fits():
     assert "No single or paired change fits" in oom_advice(huge, gpu=GPUS["4090"], calibration=CAL)
 
 
+def test_oom_advice_offers_smaller_loss_chunks_and_the_host_table():
+    from optrush.plan.search import advice_changes
+
+    fused = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", fused_loss=True, peft="lora")
+    changes = dict(advice_changes(fused))
+    smaller = changes["kernels.loss_chunk_tokens=1024"]
+    a = get_preset("llama3.1-8b")
+    assert mem.loss_bytes(a, smaller) < mem.loss_bytes(a, fused)
+    assert mem.weights_bytes(a, changes["peft.embedding_on_host=true"]) < mem.weights_bytes(a, fused)
+    assert "kernels.loss_chunk_tokens=1024" in config_overrides(smaller)  # the written config keeps it
+    written = load_config(None, ["model.preset=debug", *config_overrides(smaller)], synthetic_data=True)
+    assert setup_from_config(written, document_mask=False) == smaller
+
+
 def test_model_args_from_a_model_directory(tmp_path):
     from optrush.models.hf import hf_config_from_args
 

@@ -175,6 +175,8 @@ def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
     changes = []
     if not setup.fused_loss:
         changes.append(("kernels.fused_loss=true", setup.replace(fused_loss=True)))
+    elif setup.loss_chunk_tokens > 1024:  # same speed on the 8B QLoRA step (qlora_h100_host_embedding.md)
+        changes.append(("kernels.loss_chunk_tokens=1024", setup.replace(loss_chunk_tokens=1024)))
     for policy, every, offload, skip_last in CHECKPOINTING[1:]:
         if (policy, every, offload, skip_last) != (setup.checkpointing, setup.every, setup.offload, setup.skip_last):
             text = f"activations.checkpointing={policy} activations.every={every}" + (

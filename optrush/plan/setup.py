@@ -129,6 +129,8 @@ def config_overrides(setup: Setup) -> list[str]:
         out.append(f"activations.mlp_chunk_tokens={setup.mlp_chunk_tokens}")
     if setup.skip_last:
         out.append(f"activations.skip_last={setup.skip_last}")
+    if setup.loss_chunk_tokens != Setup.loss_chunk_tokens:
+        out.append(f"kernels.loss_chunk_tokens={setup.loss_chunk_tokens}")
     if setup.peft in ("lora", "dora"):
         targets = "all-linear" if setup.lora_targets == ALL_LINEAR else "[" + ",".join(setup.lora_targets) + "]"
         out += [f"peft.method={setup.peft}", f"peft.r={setup.lora_rank}", f"peft.target_modules={targets}"]
