@@ -224,8 +224,8 @@ def peak_flops(gpu: GPU, s: Setup) -> float:
 
 
 def calibrate(measured: list[Measured]) -> Calibration:
-    """Efficiency per family from rows without offload; then the PCIe bandwidth that explains the offload rows'
-    extra time (their family's compute time subtracted)."""
+    """Efficiency per family from the `plannable` rows without offload; then the PCIe bandwidth that explains the
+    offload rows' extra time (their family's compute time subtracted)."""
     measured = [m for m in measured if plannable(m)]
     by_family: dict[tuple, list[float]] = {}
     for m in measured:
