@@ -315,6 +315,7 @@ def test_oom_advice_offers_smaller_loss_chunks_and_the_host_table():
     a = get_preset("llama3.1-8b")
     assert mem.loss_bytes(a, smaller) < mem.loss_bytes(a, fused)
     assert mem.weights_bytes(a, changes["peft.embedding_on_host=true"]) < mem.weights_bytes(a, fused)
+    assert "peft.embedding_on_host=true" not in dict(advice_changes(fused, untied=False))  # the transform refuses it
     assert "kernels.loss_chunk_tokens=1024" in config_overrides(smaller)  # the written config keeps it
     written = load_config(None, ["model.preset=debug", *config_overrides(smaller)], synthetic_data=True)
     assert setup_from_config(written, document_mask=False) == smaller

@@ -168,10 +168,10 @@ def config_yaml(candidate: Candidate, *, base_overrides: list[str], gpu: GPU, n_
 
 # ------------------------------------------------------------------------------------------------ OOM advice
 
-def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
+def advice_changes(setup: Setup, *, untied: bool = True) -> list[tuple[str, Setup]]:
     """Single changes that lower memory. All but the last two keep the training math (halving the micro-batch
     doubles the accumulation, so the optimizer step sees the same tokens); bf16_pure weights and an 8-bit AdamW
-    change the numerics a little."""
+    change the numerics a little. `untied`, as in `candidate_setups`: only an untied table may move to the host."""
     changes = []
     if not setup.fused_loss:
         changes.append(("kernels.fused_loss=true", setup.replace(fused_loss=True)))
@@ -186,7 +186,7 @@ def advice_changes(setup: Setup) -> list[tuple[str, Setup]]:
             text += " compile.mode=blocks" if compile_mode != setup.compile else ""
             changes.append((text, setup.replace(checkpointing=policy, every=every, offload=offload,
                                                 skip_last=skip_last, compile=compile_mode)))
-    if setup.peft != "none" and not setup.embedding_on_host:
+    if setup.peft != "none" and untied and not setup.embedding_on_host:  # a tied table stays on the GPU
         changes.append(("peft.embedding_on_host=true", setup.replace(embedding_on_host=True)))
     if setup.micro_batch > 1:
         mb, accum = setup.micro_batch // 2, setup.grad_accum * 2
@@ -221,9 +221,10 @@ def advice(cfg: Config, *, gpu: GPU, n_gpus: int, calibration: Calibration) -> s
     base = tuple(model_overrides(cfg.model.preset or cfg.model.path))
     now = evaluate(args, setup, gpu=gpu, calibration=calibration)
     options: dict[Setup, str] = {}
-    for text, changed in advice_changes(setup):
+    untied = not args.tie_embeddings
+    for text, changed in advice_changes(setup, untied=untied):
         options.setdefault(changed, text)
-        for text2, changed2 in advice_changes(changed):
+        for text2, changed2 in advice_changes(changed, untied=untied):
             if text2.split("=")[0] not in text:
                 options.setdefault(changed2, f"{text} {text2}")
     fitting = [(text, c) for s, text in options.items()
