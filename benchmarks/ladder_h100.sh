@@ -4,9 +4,10 @@
 #   benchmarks/ladder_h100.sh 1b         Llama-3.2-1B shape, B=4 x S=2048, the built-in ladder (--ladder default)
 #                                        + HF Trainer (default, torch.compile, Liger) and TRL SFTTrainer peers
 #                                        -> benchmarks/results/ladder_1b_h100/ (ladder.json, .md, ladder_*.png)
-#   benchmarks/ladder_h100.sh qlora8b    Llama-3.1-8B shape, B=1 x S=2048, benchmarks/ladders/qlora_8b.yaml
+#   benchmarks/ladder_h100.sh qlora8b    Llama-3.1-8B shape, B=4 x S=2048, benchmarks/ladders/qlora_8b.yaml
 #                                        + the HF + PEFT + bitsandbytes QLoRA peer (needs bitsandbytes==0.50.2)
-#                                        -> benchmarks/results/ladder_qlora8b_h100/
+#                                        -> benchmarks/results/ladder_qlora8b_b4_h100/
+#                                        (ladder_qlora8b_h100/ is an earlier B=1 run of an earlier ladder file)
 #                                        (with a peer, the 8B model is saved once in bf16: about 16 GB of disk)
 #   benchmarks/ladder_h100.sh --smoke    the QLoRA ladder file + the HF peer on the debug model on CPU, in
 #                                        /tmp/optrush-ladder-smoke (checks this script; about 3 minutes)
@@ -35,9 +36,9 @@ case "$what" in
     exec python -m optrush bench model.preset=llama3.2-1b train.micro_batch_size=4 data.max_length=2048 train.lr=1e-5 \
       "${common[@]}" "${options[@]}" --ladder default --out benchmarks/results/ladder_1b_h100 --peers ;;
   qlora8b)
-    exec python -m optrush bench model.preset=llama3.1-8b train.micro_batch_size=1 data.max_length=2048 train.lr=1e-4 \
+    exec python -m optrush bench model.preset=llama3.1-8b train.micro_batch_size=4 data.max_length=2048 train.lr=1e-4 \
       "${common[@]}" "${options[@]}" --ladder benchmarks/ladders/qlora_8b.yaml \
-      --out benchmarks/results/ladder_qlora8b_h100 --peers hf_peft_qlora ;;
+      --out benchmarks/results/ladder_qlora8b_b4_h100 --peers hf_peft_qlora ;;
   --smoke)
     exec python -m optrush bench model.preset=debug train.device=cpu train.micro_batch_size=2 data.max_length=64 \
       objective=causal_lm train.max_steps=1000 output_dir=/tmp/optrush-ladder-smoke --synthetic --warmup 1 \
