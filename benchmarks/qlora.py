@@ -65,6 +65,8 @@ def cases(smoke: bool) -> list[dict]:
             dict(name="optrush full fine-tune B=2", kind="optrush", batch=2, r=0, quantize="none", extra=[], **small),
             dict(name="peer hf+peft lora r=16 B=2 (no bitsandbytes on CPU)", kind="peer", batch=2, r=16,
                  gradient_checkpointing=True, **small),
+            dict(name="peer hf+peft lora r=16 B=2 (bf16 autocast, no bitsandbytes on CPU)", kind="peer", batch=2,
+                 r=16, gradient_checkpointing=True, autocast=True, **small),
         ]
     big = dict(model="llama3.1-8b", seq=2048)
     compiled = OPTIMIZED + ["compile.mode=blocks"]
@@ -74,6 +76,10 @@ def cases(smoke: bool) -> list[dict]:
         dict(name="optrush qlora nf4 r=16 B=4 (ac, fused loss, compiled blocks)", batch=4, r=16, extra=compiled, **nf4),
         dict(name="peer hf+peft+bnb qlora r=16 B=4 (gc)", kind="peer", batch=4, r=16, gradient_checkpointing=True,
              **big),
+        # the same peer under bf16 autocast, as the HF Trainer runs it with bf16=True (the QLoRA ladder's peer):
+        # the fp32 LoRA adapters then multiply in bf16
+        dict(name="peer hf+peft+bnb qlora r=16 B=4 (gc, bf16 autocast)", kind="peer", batch=4, r=16,
+             gradient_checkpointing=True, autocast=True, **big),
         dict(name="optrush qlora nf4 r=16 B=4 (ac, fused loss, compiled blocks, fused dequantize)", batch=4, r=16,
              extra=compiled + ["kernels.fused_dequantize=true"], **nf4),
         dict(name="optrush qlora nf4 r=16 B=4 (ac + offload, fused loss, compiled blocks, fused dequantize)", batch=4,
@@ -213,8 +219,11 @@ def run_peer(case: dict, path: Path, *, steps: int, warmup: int) -> dict:
     weights_gib = torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None
     ids = torch.randint(0, model.config.vocab_size, (case["batch"], case["seq"]), device=device)
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.get("autocast", False))
+
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -274,26 +283,36 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def summary_table(results: list[dict]) -> list[str]:
-    """Median over repeats, and each optrush case against the peer of the same batch in the same round."""
+    """Median over repeats, and each optrush case against the peer of the same batch in the same round: the
+    issue's peer (no autocast) and, where it ran, the same peer under bf16 autocast."""
     ok = [r for r in results if "error" not in r]
-    peers = {(r["batch"], r.get("repeat", 0)): r for r in ok if r["kind"] == "peer"}
-    lines = ["| case | runs | median tokens/s | vs peer (median, min-max) | max peak GiB | peak vs peer |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| case | runs | median tokens/s | vs peer (median, min-max) | vs peer with bf16 autocast "
+             "| max peak GiB | peak vs peer |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in ok):
         runs = [r for r in ok if r["name"] == name]
         speed = statistics.median(r["tokens_per_s"] for r in runs)
         peak = max((r["peak_gib"] for r in runs if r["peak_gib"]), default=None)  # None on CPU
-        pairs = [(r, peers[r["batch"], r.get("repeat", 0)]) for r in runs
-                 if r["kind"] != "peer" and (r["batch"], r.get("repeat", 0)) in peers]
-        ratio, vs_peak = "", ""
-        if pairs:
-            ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in pairs]
-            ratio = f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
-            peer_peak = min((p["peak_gib"] for _, p in pairs if p["peak_gib"]), default=None)  # None on CPU
-            vs_peak = f"{peak / peer_peak:.3f}x" if peak and peer_peak else ""
+        ratio, pairs = ratio_to_peer(runs, ok, autocast=False)
+        autocast_ratio, _ = ratio_to_peer(runs, ok, autocast=True)
+        peer_peak = min((p["peak_gib"] for _, p in pairs if p["peak_gib"]), default=None)  # None on CPU
+        vs_peak = f"{peak / peer_peak:.3f}x" if peak and peer_peak else ""
         shown_peak = "-" if peak is None else f"{peak:.2f}"
-        lines.append(f"| {name} | {len(runs)} | {speed:,.0f} | {ratio} | {shown_peak} | {vs_peak} |")
+        lines.append(f"| {name} | {len(runs)} | {speed:,.0f} | {ratio} | {autocast_ratio} | {shown_peak} "
+                     f"| {vs_peak} |")
     return lines
+
+
+def ratio_to_peer(runs: list[dict], ok: list[dict], *, autocast: bool) -> tuple[str, list[tuple[dict, dict]]]:
+    """'median (min-max)' of the optrush `runs` over the peer (with or without autocast) of the same batch and
+    round, and the (run, peer run) pairs; empty for peers themselves."""
+    peers = {(r["batch"], r.get("repeat", 0)): r for r in ok
+             if r["kind"] == "peer" and r.get("autocast", False) == autocast}
+    pairs = [(r, peers[r["batch"], r.get("repeat", 0)]) for r in runs
+             if r["kind"] != "peer" and (r["batch"], r.get("repeat", 0)) in peers]
+    if not pairs:
+        return "", pairs
+    ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in pairs]
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})", pairs
 
 
 def select_cases(every: list[dict], *, only: str | None, exact: list[str]) -> list[dict]:

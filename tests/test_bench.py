@@ -299,13 +299,18 @@ def test_a_training_step_never_waits_for_the_gpu(extra):
 
 
 def test_qlora_benchmark_smoke_runs_every_case_and_the_peer(tmp_path):
-    """`benchmarks/qlora.py --smoke`: the optrush cases and the transformers + PEFT peer, each in its own process
-    as on the GPU, all finish (the peer once failed on CPU: the script's folder shadowed the `kernels` package)."""
+    """`benchmarks/qlora.py --smoke --repeats 2`: the optrush cases and the transformers + PEFT peers (with and
+    without bf16 autocast), each in its own process as on the GPU, all finish (the peer once failed on CPU: the
+    script's folder shadowed the `kernels` package), and every optrush case gets a ratio over each peer."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "qlora.py"), "--smoke", "--out", str(tmp_path),
-                           "--name", "smoke"], capture_output=True, text=True, timeout=300)
+                           "--name", "smoke", "--repeats", "2"], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "smoke.json").read_text())["results"]
     assert [r.get("error") for r in results] == [None] * len(results)
     assert {r["kind"] for r in results} == {"optrush", "peer"}
+    assert sorted(r.get("autocast", False) for r in results if r["kind"] == "peer") == [False, False, True, True]
     assert all(r["tokens_per_s"] > 0 for r in results)
+    summary = (tmp_path / "smoke.md").read_text().split("| case | runs |")[1]
+    optrush_rows = [line for line in summary.splitlines() if line.startswith("| optrush")]
+    assert optrush_rows and all(line.count("x (") == 2 for line in optrush_rows)
