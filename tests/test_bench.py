@@ -314,3 +314,32 @@ def test_qlora_benchmark_smoke_runs_every_case_and_the_peer(tmp_path):
     summary = (tmp_path / "smoke.md").read_text().split("| case | runs |")[1]
     optrush_rows = [line for line in summary.splitlines() if line.startswith("| optrush")]
     assert optrush_rows and all(line.count("x (") == 2 for line in optrush_rows)
+
+
+def test_memory_peak_replay_finds_the_highest_moment_and_what_was_live():
+    """benchmarks/memory_peak.py's replay of allocator trace events: the peak is the highest running total, and
+    the blocks live then are grouped by their innermost non-torch frame (then optrush's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from memory_peak import frame_key, grouped, peak_allocations
+    finally:
+        sys.path.pop(0)
+    graph = [{"filename": "/x/torch/nn/f.py", "line": 1, "name": "f"},
+             {"filename": "/tmp/torchinductor_u/ab/cab.py", "line": 7, "name": "call"},
+             {"filename": "/r/optrush/parallel/checkpointing.py", "line": 9, "name": "recompute"}]
+    loss = [{"filename": "/r/optrush/kernels/fused_loss.py", "line": 3, "name": "chunk"}]
+
+    def alloc(addr, size, frames):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+    def free(addr):
+        return {"action": "free_completed", "addr": addr}
+
+    events = [alloc(1, 100, loss), alloc(2, 50, graph), free(1), alloc(3, 120, graph), alloc(4, 10, graph),
+              free(3), alloc(5, 40, loss)]
+    peak = peak_allocations(events)
+    assert peak["peak_bytes"] == 180 and peak["peak_index"] == 4
+    assert sorted(b["addr"] for b in peak["live"]) == [2, 3, 4]
+    assert frame_key(graph) == "cab.py:7 call < checkpointing.py:9 recompute"
+    assert frame_key(loss) == "fused_loss.py:3 chunk" and frame_key([]) == "(no Python frame)"
+    assert [(g["where"], g["count"]) for g in grouped(peak["live"])] == [(frame_key(graph), 3)]
