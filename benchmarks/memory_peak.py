@@ -14,6 +14,7 @@ CUDA only; `peak_allocations` (the replay) is tested on CPU.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from collections import defaultdict
@@ -34,8 +35,9 @@ def frame_key(frames: list[dict]) -> str:
 
 
 def peak_allocations(events: list[dict]) -> dict:
-    """Replay allocator trace events ('alloc' adds a block, 'free_completed' removes it): the highest total
-    reached, the event index where it was reached, and the blocks live at that moment."""
+    """Replay allocator trace events ('alloc' adds a block, 'free_requested' removes it: the allocator's
+    allocated-bytes statistic drops at the request, even while a side stream's use defers the block's reuse): the
+    highest total reached, the event index where it was reached, and the blocks live at that moment."""
     live: dict[int, dict] = {}
     total = peak = 0
     peak_index = -1
@@ -45,13 +47,13 @@ def peak_allocations(events: list[dict]) -> dict:
             total += event["size"]
             if total > peak:
                 peak, peak_index = total, index
-        elif event["action"] == "free_completed" and event["addr"] in live:
+        elif event["action"] == "free_requested" and event["addr"] in live:
             total -= live.pop(event["addr"])["size"]
     live = {}
     for event in events[:peak_index + 1]:
         if event["action"] == "alloc":
             live[event["addr"]] = event
-        elif event["action"] == "free_completed":
+        elif event["action"] == "free_requested":
             live.pop(event["addr"], None)
     return {"peak_bytes": peak, "peak_index": peak_index, "live": list(live.values())}
 
@@ -102,7 +104,7 @@ def measure(overrides: list[str], *, warmup: int, steps: int) -> dict:
             "events": len(events), "peak_reached_at": frame_key(at_peak.get("frames", [])),
             "live_at_peak": grouped(peak["live"]),
             "planner_moments_gib": {k: v / GIB for k, v in memory.phases.items()},
-            "planner_terms_gib": {k: v / GIB for k, v in memory.terms.items()}}
+            "planner_terms_gib": {k: v / GIB for k, v in memory.terms.items()}, "trace": events}
 
 
 def markdown(name: str, r: dict) -> str:
@@ -130,8 +132,13 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/memory_peak")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--trace", help="also write the raw trace events (JSON, gzip) to this file")
     args = parser.parse_args()
     result = measure(args.overrides, warmup=args.warmup, steps=args.steps)
+    if args.trace:
+        with gzip.open(args.trace, "wt", encoding="utf-8") as trace:
+            json.dump(result.pop("trace"), trace)
+    result.pop("trace", None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
