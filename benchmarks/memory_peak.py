@@ -136,6 +136,7 @@ def main() -> int:
     args = parser.parse_args()
     result = measure(args.overrides, warmup=args.warmup, steps=args.steps)
     if args.trace:
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(args.trace, "wt", encoding="utf-8") as trace:
             json.dump(result.pop("trace"), trace)
     result.pop("trace", None)
