@@ -119,6 +119,12 @@ def markdown(results: list[dict]) -> str:
         "- Kept blocks (`activations.skip_last`): their backward runs before any checkpointed block recomputes, "
         "so the recompute is counted after their activations are freed (the `first_recompute` moment), not on "
         "top of them; the kept-block rows came out 8-16% over before.",
+        "- A recomputed block's backward, compiled over a quantized base (`recomputed_block_backward_bytes`): "
+        "the B=4 8B QLoRA ladder's offload rungs without kept blocks came out 16-19% under once the loss chunk "
+        "no longer set their peak. A snapshot of the allocator at that peak (`benchmarks/memory_peak.py`, "
+        "memory_peak/qlora8b_offload_chunk2048.md) found it in the first block's backward, with 12 ffn-wide "
+        "buffers live where the model counted 3 and attention's gradients; the MLP's backward is now counted "
+        "(those rows: +2%).",
         "- Speed calibration uses the configurations `optrush plan` can emit: it always dequantizes a compiled "
         "quantized base with one kernel, so compiled QLoRA rows without `kernels.fused_dequantize` (1.18x slower) "
         "are predicted but do not calibrate (`optrush.plan.speed.plannable`); this brought the left-out speed "

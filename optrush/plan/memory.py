@@ -331,6 +331,22 @@ def block_backward_bytes(a: ModelArgs, s: Setup) -> float:
     return (act * q + 4 * q + expanded + 2 * act * kv + 2 * res * d) * s.tokens
 
 
+def recomputed_block_backward_bytes(a: ModelArgs, s: Setup) -> float:
+    """The transient buffers of a block's backward when it recomputes its forward: `block_backward_bytes`, or
+    with blocks compiled over a quantized base (QLoRA) the MLP's backward if larger. Inductor's backward graph of
+    such a block held 12 ffn-wide buffers at its peak (recomputed base matmul outputs, the adapters' sums, the
+    SiLU product and their gradients) and the two residual-stream gradients
+    (benchmarks/results/memory_peak/qlora8b_offload_chunk2048.md); `recompute_bytes` counts 3 of those buffers.
+    The other setups' MLP backward was not seen to set a peak, and is not modelled."""
+    attention = block_backward_bytes(a, s)
+    if s.quantize == "none" or s.compile == "none":
+        return attention
+    act = COMPUTE_BYTES[s.precision]
+    res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2
+    mlp_tokens = min(s.mlp_chunk_tokens, s.tokens) if s.mlp_chunk_tokens else s.tokens
+    return max(attention, 9 * act * a.ffn_dim * mlp_tokens + 2 * res * a.dim * s.tokens)
+
+
 def ring_attention_bytes(a: ModelArgs, s: Setup) -> float:
     """Context parallelism (`optrush.parallel.context`): one layer's ring attention holds, beside what a local
     attention would, an fp32 accumulator of its output (forward) or of dq (backward), the key/value block
@@ -403,16 +419,20 @@ def estimate_memory(a: ModelArgs, s: Setup) -> Memory:
                "activations": activation_bytes(a, s), "head": head_bytes(a, s),
                "attention_mask": attention_mask_bytes(a, s), "loss": loss_bytes(a, s)}
     kept, recompute = kept_activation_bytes(a, s), recompute_bytes(a, s)
+    backward = block_backward_bytes(a, s)
+    recomputed_backward = recomputed_block_backward_bytes(a, s) if recompute else backward
     # The last block's backward: every saved activation still held, the block recomputed (unless kept whole), its
     # gradient buffers
     at_backward_start = {**persistent, "gradients": grads if s.grad_accum > 1 else 0.0,
                          "activations": activation_bytes(a, s), "recompute": 0.0 if kept else recompute,
-                         "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
+                         "block_backward": backward if kept else recomputed_backward,
+                         "ring_attention": ring_attention_bytes(a, s)}
     # The last checkpointed block's recompute, after the kept blocks' backward freed their activations
-    at_first_recompute = {**at_backward_start, "activations": activation_bytes(a, s) - kept, "recompute": recompute}
+    at_first_recompute = {**at_backward_start, "activations": activation_bytes(a, s) - kept, "recompute": recompute,
+                          "block_backward": recomputed_backward}
     # The first block's backward: the activations are gone, almost every gradient is there
     at_backward_end = {**persistent, "autocast_cache": 0.0, "gradients": grads, "recompute": recompute,
-                       "block_backward": block_backward_bytes(a, s), "ring_attention": ring_attention_bytes(a, s)}
+                       "block_backward": recomputed_backward, "ring_attention": ring_attention_bytes(a, s)}
     moments = {"loss": at_loss, "backward_start": at_backward_start, "first_recompute": at_first_recompute,
                "backward_end": at_backward_end}
     phases = {name: sum(terms.values()) for name, terms in moments.items()}
