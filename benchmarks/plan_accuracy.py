@@ -128,9 +128,12 @@ def markdown(results: list[dict]) -> str:
         "- Speed calibration uses the configurations `optrush plan` can emit: it always dequantizes a compiled "
         "quantized base with one kernel, so compiled QLoRA rows without `kernels.fused_dequantize` (1.18x slower) "
         "are predicted but do not calibrate (`optrush.plan.speed.plannable`); this brought the left-out speed "
-        "predictions within 10% from 38 to 56 of 131 rows (QLoRA rows: from 8 to 23 of 63). QLoRA rows still "
-        "come out 10-27% under: their family's efficiency mixes code generations (each faster QLoRA commit) "
-        "that the configuration does not tell apart.",
+        "predictions within 10% from 38 to 56 of 131 rows (QLoRA rows: from 8 to 23 of 63).",
+        "- Speed families are keyed by model width too (`optrush.plan.speed.family`; another width falls back "
+        "to the nearest measured one): the 8B rows had borrowed the 1B rows' efficiency, which put the 8B QLoRA "
+        "rows 10-27% under. Left-out speed predictions within 10%: from 57 to 90 of 146 rows (QLoRA: 18 to 52 of "
+        "74). The misses left: micro-batch-1 rows (predicted over: their families' efficiency was measured at "
+        "B=4), the eager 8B rows at B=4 (under), and the eager long-context rows (19-28% under).",
         "- Reverted code: a results file whose `meta.reverted` names a commit (qlora_h100_kept.json) measured code "
         "that no longer exists; `optrush.plan.speed.load_measurements` leaves it out of this table and of the "
         "speed calibration.",

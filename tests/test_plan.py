@@ -17,14 +17,15 @@ from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
 from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token,
-                                load_measurements, measured_from_record, offload_bytes_per_token)
+                                load_measurements, lookup_efficiency, measured_from_record, offload_bytes_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
 # embedding 512x64, head 512x64, final norm 64
 BLOCK_LINEAR = 4096 + 2048 + 2048 + 4096 + 3 * 12288
 TOTAL = 2 * (BLOCK_LINEAR + 128) + 2 * 32768 + 64
-CAL = Calibration(efficiency={("blocks", True, "none", "bf16"): 0.5, ("none", False, "none", "bf16"): 0.3},
+CAL = Calibration(efficiency={("blocks", True, "none", "bf16", 2048): 0.5,
+                              ("none", False, "none", "bf16", 2048): 0.3},
                   pcie_bytes_per_s=20e9, rows=2)
 
 
@@ -418,3 +419,14 @@ def test_a_recomputed_compiled_qlora_block_counts_its_mlp_backward():
     chunked = s.replace(mlp_chunk_tokens=2048, micro_batch=8)  # the MLP's buffers span one chunk only
     mlp = 9 * 2 * a.ffn_dim * 2048 + 2 * 2 * a.dim * chunked.tokens
     assert mem.recomputed_block_backward_bytes(a, chunked) == max(mlp, mem.block_backward_bytes(a, chunked))
+
+
+def test_speed_efficiency_is_per_model_width_and_falls_back_to_the_nearest():
+    cal = {("blocks", True, "full", "bf16", 2048): 0.4, ("blocks", True, "full", "bf16", 4096): 0.6}
+    s = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", fused_loss=True,
+              checkpointing="full")
+    assert lookup_efficiency(cal, s, get_preset("llama3.1-8b")) == (0.6, "measured")
+    assert lookup_efficiency(cal, s, get_preset("llama3.2-1b")) == (0.4, "measured")
+    three_b = get_preset("llama3.2-3b")  # 3072 wide: nearer 4096 than 2048 in ratio
+    assert three_b.dim == 3072 and lookup_efficiency(cal, s, three_b)[0] == 0.6
+    assert lookup_efficiency(cal, s.replace(checkpointing="selective"), three_b)[0] == 0.6  # prefix, then width

@@ -17,6 +17,7 @@ extrapolations (same efficiency, that GPU's peak).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,11 +211,14 @@ def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     return (gathers * weights + trainable * 4) * ring / s.tokens
 
 
-def family(s: Setup) -> tuple:
-    """Setups expected to run at one efficiency. bf16_mixed is its own: its fp32 master weights are cast to bf16
-    at every use (measured on the 1B ladder: about 15% below bf16_pure's efficiency)."""
+def family(s: Setup, a: ModelArgs) -> tuple:
+    """Setups expected to run at one efficiency: (compile, fused loss, checkpointing, matmul precision, model
+    width). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use (measured on the 1B
+    ladder: about 15% below bf16_pure's efficiency). The width, because wider matmuls run closer to the peak and
+    the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
+    left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md)."""
     matmuls = {"fp8": "fp8", "fp32": "tf32", "bf16_mixed": "bf16_mixed"}.get(s.precision, "bf16")
-    return (s.compile, s.fused_loss, s.checkpointing, matmuls)
+    return (s.compile, s.fused_loss, s.checkpointing, matmuls, a.dim)
 
 
 def peak_flops(gpu: GPU, s: Setup) -> float:
@@ -231,14 +235,14 @@ def calibrate(measured: list[Measured]) -> Calibration:
     for m in measured:
         if not m.setup.offload:
             per_gpu = m.tokens_per_s / m.setup.n_gpus
-            by_family.setdefault(family(m.setup), []).append(
+            by_family.setdefault(family(m.setup, m.args), []).append(
                 per_gpu * executed_flops_per_token(m.args, m.setup) / peak_flops(m.gpu, m.setup))
     efficiency = {key: statistics.mean(values) for key, values in by_family.items()}
     bandwidths = []
     for m in measured:
         if m.setup.offload and efficiency:
             compute_s = executed_flops_per_token(m.args, m.setup) / (
-                peak_flops(m.gpu, m.setup) * lookup_efficiency(efficiency, m.setup)[0])
+                peak_flops(m.gpu, m.setup) * lookup_efficiency(efficiency, m.setup, m.args)[0])
             extra_s = m.setup.n_gpus / m.tokens_per_s - compute_s
             if extra_s > 0:
                 bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
@@ -254,23 +258,26 @@ def plannable(m: Measured) -> bool:
     return s.quantize == "none" or s.compile == "none" or m.cfg.kernels.fused_dequantize
 
 
-def lookup_efficiency(efficiency: dict[tuple, float], s: Setup) -> tuple[float, str]:
+def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) -> tuple[float, str]:
     """(efficiency, basis): the setup's own family if measured, else the mean over the measured families that
-    share the longest prefix of (compile, fused loss, checkpointing), preferring the same matmul precision."""
-    key = family(s)
+    share the longest prefix of (compile, fused loss, checkpointing), preferring the same matmul precision and
+    then the nearest model width."""
+    key = family(s, a)
     if not efficiency:  # e.g. an installed package without the repository's benchmarks/results
         return 1.0, "uncalibrated: no bench rows, peak FLOP/s"
     if key in efficiency:
         return efficiency[key], "measured"
-    length = max(n for n in range(4) if any(k[:n] == key[:n] for k in efficiency))  # n = 0 matches every family
+    length = max(n for n in range(5) if any(k[:n] == key[:n] for k in efficiency))  # n = 0 matches every family
     same = [k for k in efficiency if k[:length] == key[:length]]
     same = [k for k in same if k[3] == key[3]] or same
+    nearest_width = min(abs(math.log(k[4] / key[4])) for k in same)
+    same = [k for k in same if abs(math.log(k[4] / key[4])) == nearest_width]
     names = ", ".join("/".join(str(x) for x in k) for k in same[:2]) + (f" (+{len(same) - 2})" if len(same) > 2 else "")
     return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
 
 
 def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -> Speed:
-    efficiency, basis = lookup_efficiency(calibration.efficiency, s)
+    efficiency, basis = lookup_efficiency(calibration.efficiency, s, a)
     if s.peft != "none" and basis == "measured":
         basis = "measured full-FT family"
     compute_s = executed_flops_per_token(a, s) / (peak_flops(gpu, s) * efficiency)
