@@ -243,11 +243,16 @@ def fsdp_gathered_bytes(a: ModelArgs, s: Setup) -> float:
 
 # --------------------------------------------------------------------------------------------- activations
 
+def residual_bytes(s: Setup) -> int:
+    """Bytes per element of the residual stream and its gradient: the weights' dtype (fp32 under autocast)."""
+    return PARAM_BYTES[s.precision]
+
+
 def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     """Bytes per token that one block keeps for backward under checkpointing `policy` (none/selective/full)."""
     d, f, q, kv = a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
-    res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2  # residual stream: fp32 under autocast
+    res = residual_bytes(s)
     mm_in = 1 if s.precision == "fp8" else act  # float8 linears save their inputs in fp8
     # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
     kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
@@ -326,7 +331,7 @@ def block_backward_bytes(a: ModelArgs, s: Setup) -> float:
     attention kernel's fp32 dq accumulator, and the residual-stream gradients entering and leaving the block."""
     d, q, kv = a.dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
-    res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2
+    res = residual_bytes(s)
     expanded = 2 * act * q if q != kv else 0
     return (act * q + 4 * q + expanded + 2 * act * kv + 2 * res * d) * s.tokens
 
@@ -342,7 +347,7 @@ def recomputed_block_backward_bytes(a: ModelArgs, s: Setup) -> float:
     if s.quantize == "none" or s.compile == "none":
         return attention
     act = COMPUTE_BYTES[s.precision]
-    res = PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2
+    res = residual_bytes(s)
     mlp_tokens = min(s.mlp_chunk_tokens, s.tokens) if s.mlp_chunk_tokens else s.tokens
     return max(attention, 9 * act * a.ffn_dim * mlp_tokens + 2 * res * a.dim * s.tokens)
 
@@ -362,7 +367,7 @@ def ring_attention_bytes(a: ModelArgs, s: Setup) -> float:
 def head_bytes(a: ModelArgs, s: Setup) -> float:
     """The final RMSNorm's saved tensors and the output head's input (compiled with the model: only its input
     and the norm's rstd)."""
-    act, res = COMPUTE_BYTES[s.precision], (2 if s.precision == "bf16_pure" else PARAM_BYTES[s.precision])
+    act, res = COMPUTE_BYTES[s.precision], residual_bytes(s)
     head_input = 0 if s.fused_loss else act
     if s.compile == "model":
         return (res + head_input) * a.dim * s.tokens
@@ -393,7 +398,7 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
         return (2 * act + 4) * n * v if s.compile == "model" else 12 * n * v
     chunk = min(s.loss_chunk_tokens, n)
     head_grad = 4 * v * a.dim if s.peft == "none" else 0  # a frozen head needs no weight gradient
-    hidden_grad = (PARAM_BYTES[s.precision] if s.precision != "bf16_pure" else 2) * n * a.dim
+    hidden_grad = residual_bytes(s) * n * a.dim
     per_chunk = 2 * act if s.compile == "model" else 2 * act + 1
     return head_grad + hidden_grad + per_chunk * chunk * v
 
