@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         low_rank = F.linear(self.dropout(x), self.lora_A)
         if self.lora_magnitude is None:
             return self.add_update(x, low_rank)
-        update = F.linear(low_rank, self.lora_B) * self.scaling
+        update = F.linear(self.scaled(low_rank), self.lora_B)
         with torch.no_grad():  # detached (DoRA section 4.3), so the dequantized weight is not kept for backward
             norm = self.row_norm(self.base_weight() + self.delta_weight())
         out = (self.lora_magnitude / norm) * (linear(x, self.weight) + update)
@@ -88,7 +88,14 @@ class LoRALinear(nn.Module):
 
     def add_update(self, x: torch.Tensor, low_rank: torch.Tensor) -> torch.Tensor:
         """The LoRA output (not DoRA) given `low_rank` = dropout(x) A^T."""
-        return linear(x, self.weight, self.bias) + F.linear(low_rank, self.lora_B) * self.scaling
+        return linear(x, self.weight, self.bias) + F.linear(self.scaled(low_rank), self.lora_B)
+
+    def scaled(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """`low_rank` times the LoRA scaling. Scaling the r-wide product rather than the layer-wide update keeps the
+        output's gradient the one the base matmul gets: scaled after B, the backward writes a second, scaled copy
+        of every adapted layer's output gradient (two ffn-wide buffers more at a QLoRA MLP's backward peak,
+        benchmarks/results/memory_peak.md)."""
+        return low_rank if self.scaling == 1 else low_rank * self.scaling
 
     @property
     def shares_input(self) -> bool:
