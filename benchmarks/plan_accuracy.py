@@ -122,9 +122,10 @@ def markdown(results: list[dict]) -> str:
         "- A recomputed block's backward, compiled over a quantized base (`recomputed_block_backward_bytes`): "
         "the B=4 8B QLoRA ladder's offload rungs without kept blocks came out 16-19% under once the loss chunk "
         "no longer set their peak. A snapshot of the allocator at that peak (`benchmarks/memory_peak.py`, "
-        "memory_peak/qlora8b_offload_chunk2048.md) found it in the first block's backward, with 12 ffn-wide "
-        "buffers live where the model counted 3 and attention's gradients; the MLP's backward is now counted "
-        "(those rows: +2%).",
+        "memory_peak.md) found it in the first block's backward, with 11 ffn-wide buffers live where the model "
+        "counted 3 and attention's gradients; the MLP's backward is now counted, as the 9 buffers left after the "
+        "LoRA scaling moved to the r-wide product (d36390b; memory_peak/bench_offload_chunk2048_scaled_low_rank: "
+        "+0.3%; the ladder rows of the code before: -3 to -6%).",
         "- Speed calibration uses the configurations `optrush plan` can emit: it always dequantizes a compiled "
         "quantized base with one kernel, so compiled QLoRA rows without `kernels.fused_dequantize` (1.18x slower) "
         "are predicted but do not calibrate (`optrush.plan.speed.plannable`); this brought the left-out speed "

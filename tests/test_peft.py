@@ -129,6 +129,26 @@ def test_rslora_scaling_and_dropout_identity_at_zero():
     assert isinstance(LoRALinear(base, r=4, alpha=8).dropout, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("alpha", [4.0, 7.0])  # scaling 1 (skips the multiply) and 1.75
+def test_lora_output_and_gradients_equal_the_formula(alpha):
+    """y = x W^T + b + s x A^T B^T, and its gradients, whatever side of B the scaling s is applied on."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    layer = LoRALinear(base, r=4, alpha=alpha)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    reference = x_ref @ base.weight.T + base.bias + (alpha / 4) * (x_ref @ a.T @ b.T)
+    grad = torch.randn(3, 6)
+    layer(x).backward(grad)
+    reference.backward(grad)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-6, atol=1e-6)
+    for ours, theirs in ((x.grad, x_ref.grad), (layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 def test_dora_forward_equals_its_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 6)

@@ -339,17 +339,17 @@ def block_backward_bytes(a: ModelArgs, s: Setup) -> float:
 def recomputed_block_backward_bytes(a: ModelArgs, s: Setup) -> float:
     """The transient buffers of a block's backward when it recomputes its forward: `block_backward_bytes`, or
     with blocks compiled over a quantized base (QLoRA) the MLP's backward if larger. Inductor's backward graph of
-    such a block held 12 ffn-wide buffers at its peak (recomputed base matmul outputs, the adapters' sums, the
-    SiLU product and their gradients) and the two residual-stream gradients
-    (benchmarks/results/memory_peak/qlora8b_offload_chunk2048.md); `recompute_bytes` counts 3 of those buffers.
-    The other setups' MLP backward was not seen to set a peak, and is not modelled."""
+    such a block holds 9 ffn-wide buffers at its peak (the recomputed base matmul outputs and adapter updates of
+    gate and up, the SiLU product, and the gradients of both paths) and the two residual-stream gradients
+    (benchmarks/results/memory_peak.md: 11 before the LoRA scaling moved to the r-wide product); `recompute_bytes`
+    counts 3 of them. The other setups' MLP backward was not seen to set a peak, and is not modelled."""
     attention = block_backward_bytes(a, s)
     if s.quantize == "none" or s.compile == "none":
         return attention
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
     mlp_tokens = min(s.mlp_chunk_tokens, s.tokens) if s.mlp_chunk_tokens else s.tokens
-    return max(attention, 9 * act * a.ffn_dim * mlp_tokens + 2 * res * a.dim * s.tokens)
+    return max(attention, 6 * act * a.ffn_dim * mlp_tokens + 2 * res * a.dim * s.tokens)
 
 
 def ring_attention_bytes(a: ModelArgs, s: Setup) -> float:
