@@ -270,8 +270,8 @@ def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) ->
     length = max(n for n in range(5) if any(k[:n] == key[:n] for k in efficiency))  # n = 0 matches every family
     same = [k for k in efficiency if k[:length] == key[:length]]
     same = [k for k in same if k[3] == key[3]] or same
-    nearest_width = min(abs(math.log(k[4] / key[4])) for k in same)
-    same = [k for k in same if abs(math.log(k[4] / key[4])) == nearest_width]
+    width_distance = {k: abs(math.log(k[4] / key[4])) for k in same}
+    same = [k for k in same if width_distance[k] == min(width_distance.values())]
     names = ", ".join("/".join(str(x) for x in k) for k in same[:2]) + (f" (+{len(same) - 2})" if len(same) > 2 else "")
     return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
 
