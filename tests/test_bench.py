@@ -155,12 +155,25 @@ def test_plan_carries_rungs_that_apply_and_skips_the_rest():
     assert all(p.skipped for p in on_data) and "data.tokenizer must name a tokenizer" in on_data[0].skipped
 
 
-def test_default_ladder_on_cpu_skips_gpu_only_rungs():
-    plan = {p.rung.name: p.skipped for p in plan_ladder(None, TINY, DEFAULT_LADDER, synthetic=True, gpus=0)}
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_default_ladder_on_cpu_skips_gpu_only_rungs(device):
+    base = [o for o in TINY if not o.startswith("train.device=")] + [f"train.device={device}"]
+    plan = {p.rung.name: p.skipped for p in plan_ladder(None, base, DEFAULT_LADDER, synthetic=True, gpus=0)}
     assert list(plan) == [r.name for r in DEFAULT_LADDER.rungs] and len(plan) == 12
     assert plan["baseline"] is None and plan["+bf16"] is None and plan["+torch.compile"] is None
     assert "model.attention=varlen needs a CUDA GPU" in plan["+efficient attention"]
     assert plan["+FSDP2"] == "needs 2 GPUs, 0 visible"
+    assert [name for name, reason in plan.items() if reason] == ["+packing", "+efficient attention", "+FSDP2"]
+
+
+def test_train_device_auto_is_checked_against_this_machine():
+    from optrush.config.machine import load_config_for_machine
+
+    flex = ["model.preset=debug", "model.attention=flex", "data.packing=bfd"]
+    assert load_config_for_machine(None, flex, gpus=1, synthetic_data=True).train.device == "auto"
+    with pytest.raises(ConfigError, match="model.attention=flex needs a CUDA GPU"):
+        load_config_for_machine(None, flex, gpus=0, synthetic_data=True)
+    assert load_config(None, flex, synthetic_data=True).train.device == "auto"  # any machine's config: accepted
 
 
 def test_load_ladder_from_yaml_and_its_errors(tmp_path):

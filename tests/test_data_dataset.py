@@ -82,3 +82,28 @@ def test_errors_name_the_file_and_line(tmp_path, tok):
         build_datasets(DataConfig(path=str(empty)), tok, seed=0)
     with pytest.raises(DataError, match="data.path is not set"):
         build_datasets(DataConfig(), tok, seed=0)
+
+
+@pytest.mark.parametrize("eval_fraction", [0.0, 0.02])
+def test_max_length_too_small_reports_the_drops_not_the_eval_split(tmp_path, tok, eval_fraction):
+    rows = [{"prompt": "Recipe: Soup with a long title\n", "completion": "Stir."}] * 10
+    path = write(tmp_path / "pc.jsonl", rows)
+    cfg = DataConfig(path=str(path), format="prompt_completion", max_length=5, eval_fraction=eval_fraction)
+    with pytest.raises(DataError, match=r"pc.jsonl: read 10 records; 10 dropped as no_trained_tokens: the prompt "
+                                        r"alone reaches data.max_length=5.*raise data.max_length") as err:
+        build_datasets(cfg, tok, seed=0)
+    assert "eval_fraction" not in str(err.value)
+    cfg = DataConfig(path=str(path), format="prompt_completion", max_length=5, too_long="drop", eval_fraction=0.5)
+    with pytest.raises(DataError, match=r"10 dropped as too_long: longer than data.max_length=5 "
+                                        r"\(data.too_long=drop\)"):
+        build_datasets(cfg, tok, seed=0)
+
+
+def test_preference_pairs_too_long_report_max_length_not_the_eval_split(tmp_path, tok):
+    from optrush.data.preference import build_preference_datasets
+
+    path = write(tmp_path / "pairs.jsonl", [{"prompt": "Recipe: Soup", "chosen": "Stir.", "rejected": "No."}] * 4)
+    cfg = DataConfig(path=str(path), format="preference", max_length=5, eval_fraction=0.5)
+    with pytest.raises(DataError, match=r"pairs.jsonl: read 4 records; all 4 pairs are longer than "
+                                        r"data.max_length=5 .*raise data.max_length"):
+        build_preference_datasets(cfg, tok, seed=0)

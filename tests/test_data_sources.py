@@ -141,3 +141,26 @@ def test_hub_dataset_rows_train_like_a_local_file(monkeypatch, tok, tmp_path):
     assert train == build_datasets(DataConfig(path=str(local), **kw), tok, seed=0)[0] and report.train.records == 5
     assert calls[0] == ("o/soups", None, "validation", None) and report.train.cache == "written"
     assert build_datasets(DataConfig(path=hub, **kw), tok, seed=0)[2].train.cache == "hit"
+
+
+def test_jsonl_errors_give_the_column_within_the_line(tmp_path):
+    unclosed = '{"prompt": "Recipe: Soup", "completion": "Stir it twice."'  # 57 characters, no closing brace
+    (tmp_path / "open.jsonl").write_text(json.dumps(ROWS[0]) + "\n" + unclosed + "\n")
+    # the decoder places this error on the newline (it used to be reported as column 1)
+    with pytest.raises(DataError, match=r"open\.jsonl:2: not valid JSON \(Expecting ',' delimiter at the end of the "
+                                        r"line, column 58: is a closing brace"):
+        list(iter_records(tmp_path / "open.jsonl"))
+    (tmp_path / "mid.jsonl").write_text('{"prompt": "a", "completion": }\n')
+    with pytest.raises(DataError, match=r"mid\.jsonl:1: not valid JSON \(Expecting value at column 31\)"):
+        list(iter_records(tmp_path / "mid.jsonl"))
+
+
+def test_reject_messages_do_not_suggest_the_setting_already_on(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    (tmp_path / "d.csv").write_text("prompt,completion\na,b\nc,d,e\n")
+    for name in ("d.jsonl", "d.csv"):
+        with pytest.raises(DataError, match="set data.on_error=skip"):
+            list(iter_records(tmp_path / name))
+        rejects = Rejects(tmp_path / f"{name}.rejects.jsonl")
+        list(iter_records(tmp_path / name, rejects=rejects))
+        assert rejects.count == 1 and "on_error" not in rejects.messages[0]

@@ -38,3 +38,17 @@ def test_one_beam_is_greedy_and_eos_ends(models):
     assert beam_search(native, [1, 2, 3], num_beams=1, max_new_tokens=10) == greedy
     out = beam_search(native, [1, 2, 3], num_beams=1, max_new_tokens=10, eos_id=greedy[4])
     assert out == greedy[:greedy.index(greedy[4]) + 1]
+
+
+def test_prompt_may_be_a_tensor_and_an_empty_one_is_refused(models):
+    from optrush.generate.contrastive import contrastive_search
+
+    _, native = models
+    prompt = [5, 9, 2]
+    for search, kwargs in ((beam_search, dict(num_beams=2)), (contrastive_search, dict(penalty_alpha=0.6, top_k=3))):
+        expected = search(native, prompt, max_new_tokens=4, **kwargs)
+        assert search(native, torch.tensor([prompt]), max_new_tokens=4, **kwargs) == expected
+        assert search(native, torch.tensor(prompt), max_new_tokens=4, **kwargs) == expected
+        for bad in ([], torch.zeros(2, 3, dtype=torch.long)):
+            with pytest.raises(ValueError, match="give one non-empty prompt"):
+                search(native, bad, max_new_tokens=4, **kwargs)

@@ -210,6 +210,11 @@ def test_cli_export_gguf_and_clear_errors(tmp_path, tokenizer_dir, monkeypatch):
     (other / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
     with pytest.raises(ValueError, match="gemma2.*supported: llama, mistral, qwen2, qwen3"):
         export_gguf(other, tmp_path / "x.gguf")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="LoRA adapter.*--merge --out MERGED"):
+        export_gguf(adapter, tmp_path / "x.gguf")
     config = json.loads((path / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     with pytest.raises(ValueError, match="config.json.*attention_bias"):

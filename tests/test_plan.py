@@ -344,12 +344,22 @@ def test_cli_writes_a_loadable_config_and_measures_on_cpu(tmp_path, capsys):
                  "--measure-json", str(rows)])
     printed = capsys.readouterr().out
     assert code == 0 and "wrote the fastest configuration" in printed and "predicted GiB" in printed
+    assert "tokens/s are extrapolated" in printed  # the debug model is far narrower than any measured one
     cfg = load_config(out)  # validates as `optrush train` would (the tokenizer defaults to model.path)
     assert (cfg.model.path, cfg.objective, cfg.data.max_length, cfg.compile.mode) == (str(model_dir), "sft", 64, "none")
     measured = json.loads(rows.read_text())
     assert measured[0]["measured_tokens_per_s"] > 0 and measured[0]["device"] == "cpu"
     assert measured[0]["predicted_gib"] == pytest.approx(
         estimate_memory(DEBUG, setup_from_config(cfg, document_mask=True)).peak_gib)
+
+
+def test_extrapolation_warning_only_far_from_the_measured_widths():
+    from optrush.plan.speed import Calibration, extrapolation_warning
+
+    calibration = Calibration(efficiency={("none", True, "none", "bf16", 2048): 0.5,
+                                          ("none", True, "none", "bf16", 4096): 0.6}, pcie_bytes_per_s=1e10, rows=2)
+    for dim, warned in ((1024, False), (8192, False), (1000, True), (8200, True), (64, True)):
+        assert (extrapolation_warning(calibration, dataclasses.replace(DEBUG, dim=dim)) is not None) == warned, dim
 
 
 def test_candidates_cover_the_levers():

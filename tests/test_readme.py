@@ -28,3 +28,17 @@ def test_demo_runs_end_to_end_quickly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "two sampled recipes" in out and "from_pretrained" in out and "demo finished" in out
     assert (tmp_path / "demo" / "run" / "final" / "config.json").is_file()
+
+
+def test_readme_python_imports_resolve():
+    """Every `from X import Y` of the README's Python examples names something that exists."""
+    import importlib
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    imports = [m for block in blocks for m in re.findall(r"^from ([\w.]+) import ([\w, ]+)$", block, flags=re.M)]
+    assert imports
+    for module, names in imports:
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(importlib.import_module(module), name), f"README: from {module} import {name}"
+    assert not re.search(r"\boptrush\.[a-z_]+\(", "\n".join(blocks)), "README calls a top-level optrush function"

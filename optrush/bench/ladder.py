@@ -54,7 +54,8 @@ from pathlib import Path
 
 import yaml
 
-from optrush.config import ConfigError, load_config, to_dict
+from optrush.config import ConfigError, to_dict
+from optrush.config.machine import load_config_for_machine, visible_gpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,8 @@ def plan_ladder(config_path: str | None, base_overrides: Sequence[str], ladder: 
                      "config's data, without --synthetic, to measure them)"
         else:
             try:
-                resolved = to_dict(load_config(config_path, [*base_overrides, *overrides], synthetic_data=synthetic))
+                resolved = to_dict(load_config_for_machine(config_path, [*base_overrides, *overrides], gpus=gpus,
+                                                           synthetic_data=synthetic))
             except ConfigError as err:
                 reason = f"not available with this config or machine: {err}"
             else:
@@ -176,12 +178,6 @@ def plan_ladder(config_path: str | None, base_overrides: Sequence[str], ladder: 
     return planned
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 # --------------------------------------------------------------------------------------------- one rung (child)
 
 def measure_rung(config_path: str | None, overrides: Sequence[str], *, name: str, synthetic: bool, warmup: int,
@@ -191,7 +187,7 @@ def measure_rung(config_path: str | None, overrides: Sequence[str], *, name: str
     from optrush.bench.run import bench
 
     try:
-        cfg = load_config(config_path, list(overrides), synthetic_data=synthetic)
+        cfg = load_config_for_machine(config_path, overrides, synthetic_data=synthetic)
         return {"status": "ok", **bench(cfg, synthetic=synthetic, warmup=warmup, steps=steps, name=name)}
     except ConfigError as err:
         return {"name": name, "status": "skipped", "reason": f"not available with this config or machine: {err}"}
@@ -226,7 +222,7 @@ def run_ladder(config_path: str | None, overrides: Sequence[str], *, ladder: Lad
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     base = list(overrides)
-    cfg = load_config(config_path, base, synthetic_data=synthetic)
+    cfg = load_config_for_machine(config_path, base, synthetic_data=synthetic)
     model_dir = None
     if peers and cfg.model.path is None:  # one model for everyone: rungs and peers load the same saved weights
         model_dir = out_dir / "model"

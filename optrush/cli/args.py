@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from optrush.config import Config, load_config
+from optrush.config import Config
+from optrush.config.machine import load_config_for_machine
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -21,4 +22,5 @@ def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str
 
 
 def config_from_args(args: argparse.Namespace, **kwargs) -> Config:
-    return load_config(*config_and_overrides(args), **kwargs)
+    """The config as this machine runs it (`optrush.config.machine`): a config that needs a GPU stops here."""
+    return load_config_for_machine(*config_and_overrides(args), **kwargs)

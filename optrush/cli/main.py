@@ -1,48 +1,66 @@
 """The `optrush` command line: the whole surface on one screen.
 
-    optrush train CONFIG [key=value ...] [--nproc N]
-                                                  train (every key of the config can be overridden); --nproc:
-                                                  N processes through torchrun (parallel.strategy ddp/fsdp/hsdp)
-    optrush config show CONFIG [key=value ...]    print the resolved config
-    optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
-                     [--ladder default|FILE] [--peers [NAMES]] [--out DIR] [--repeats R]
-                                                  time training steps: tokens/s, MFU, peak memory, loss
-                                                  (writes <output_dir>/bench.json and bench.md); --ladder: each
-                                                  rung, and each peer stack, in its own process (ladder.json/md/png)
-    optrush check CONFIG [key=value ...] [--only GROUP ...] [--steps N] [--json PATH]
-                                                  equivalence checks of the config's optimizations vs plain
-                                                  references (writes <output_dir>/check.json; exit 1 on failure)
-    optrush data clean CONFIG [key=value ...] [--out DIR]
-                                                  apply data.clean.*: cleaned JSONL + report (md, json, PNG)
-    optrush data stats CONFIG [key=value ...]     padding, tokens per batch, batches for every data.packing
-    optrush data inspect CONFIG [key=value ...] [--n 2]
-                                                  examples with trained vs masked tokens marked
-    optrush score CKPT --data FILE [--column text] [--batch-size 16]
-                                                  print the reward of every text of a JSONL file under a reward
-                                                  model (the final/ directory of an objective=reward run)
-    optrush generate CKPT --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T] [--top-k K]
-                     [--top-p P] [--min-p M] [--repetition-penalty R] [--stop S]
-                                                  stream continuations (KV-cache decoding)
-    optrush chat CKPT [sampling options]          chat through the chat template, one stdin line a turn
-    optrush average CKPT CKPT ... --out DIR       arithmetic mean of the weights of checkpoints
-    optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
-                                                  perplexity on held-out data, recipe metrics, markdown report
-    optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
-                                                  a LoRA run's checkpoint (or final/) as a merged HF model or
-                                                  a PEFT adapter
-    optrush export MODEL_DIR --gguf FILE [--gguf-dtype f16|bf16|f32]
-                                                  an HF model directory as one GGUF file for llama.cpp
-    optrush plan --model M --gpus 1xH100 --seq N [--objective sft] [--peft lora] [--micro-batch N] [--out FILE]
-                 [--measure]                      the fastest configurations that fit (predicted memory and
-                                                  tokens/s), the best as a ready config file
-    optrush demo [--out DIR] [--steps N]          the offline recipe demo: data -> tokenizer -> tiny Llama -> samples
-    optrush tokenizer train --corpus FILE --vocab-size N --out DIR
+optrush train CONFIG [key=value ...] [--nproc N]
+                                              train; every config key can be overridden; --nproc N runs N
+                                              processes (one per GPU) through torchrun (see Multi-GPU)
+optrush config show CONFIG [key=value ...]    print the resolved config (defaults + file + overrides)
+optrush check CONFIG [key=value ...] [--only GROUP ...] [--steps N] [--json PATH]
+                                              equivalence checks of the config's optimizations against plain
+                                              references; writes <output_dir>/check.json, exits 1 on a failure
+optrush data clean CONFIG [key=value ...] [--out DIR]
+                                              apply data.clean.*; writes the cleaned JSONL and a report (markdown,
+                                              JSON, token-length histograms as PNG) to <output_dir>/data_clean
+optrush data stats CONFIG [key=value ...]     padding fraction, tokens per batch, batch count per data.packing
+optrush data inspect CONFIG [key=value ...] [--n 2]
+                                              show examples with trained and masked tokens marked
+optrush score CKPT --data FILE [--column text] [--batch-size 16]
+                                              reward of every text of a JSONL file under a reward model
+                                              (the final/ directory of an objective=reward run), one JSON line each
+optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
+                                              time the config: tokens/s (all, non-padding), MFU, peak memory,
+                                              time to first step, loss; JSON + markdown in <output_dir>
+optrush bench CONFIG [key=value ...] --ladder default|FILE [--peers [NAMES]] [--out DIR] [--repeats R] [--resume]
+                                              the optimization ladder, each rung in its own process, beside HF
+                                              Trainer / TRL peers: JSON, markdown table, PNG charts in <out>
+optrush bench CONFIG [key=value ...] --max-context [LIMIT]
+                                              the largest data.max_length that trains (batch 1, each try in its
+                                              own process): JSON + markdown in <output_dir>
+optrush plan --model M --gpus 1xH100 --seq N [--objective sft] [--peft none|lora|qlora|any] [--micro-batch N]
+             [--out FILE] [--measure]         the fastest configurations that fit (predicted memory, tokens/s);
+                                              the best as a ready config file (see "Plan a run")
+optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
+                                              a LoRA run's checkpoint (or final/) as a merged HF model or a
+                                              PEFT adapter (peft.PeftModel.from_pretrained loads it)
+optrush export MODEL_DIR --gguf FILE [--gguf-dtype f16|bf16|f32]
+                                              an HF model directory (a full fine-tune's or merged final/) as one
+                                              GGUF file for llama.cpp/ollama (Llama, Mistral, Qwen2/3; byte-level
+                                              BPE tokenizers; needs `pip install gguf`)
+optrush generate CKPT --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T] [--top-k K]
+                 [--top-p P] [--min-p M] [--repetition-penalty R] [--stop S] [--seed N] [--token-healing]
+                                              stream continuations (KV-cache decoding, batched in Python);
+                                              --token-healing completes a prompt cut mid-word
+optrush generate CKPT --prompt TEXT --penalty-alpha A --top-k K
+                                              contrastive search (SimCTG, transformers' definition)
+optrush chat CKPT [sampling options] [--system TEXT]
+                                              chat through the tokenizer's chat template, one stdin line a turn
+optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
+                                              perplexity on held-out data + recipe metrics of generated
+                                              samples (parses, ingredients used, repetition); markdown report
+optrush generate|chat|eval [BASE] --adapter DIR [--base BASE] ...
+                                              a LoRA/DoRA adapter (PEFT format) on top of its base model
+                                              (base: --base, BASE, or the adapter's base_model_name_or_path)
+optrush average CKPT CKPT ... --out DIR       arithmetic mean of the weights of checkpoints of one run
+optrush demo [--out DIR] [--steps N] [--records N]
+                                              the offline end-to-end recipe demo
+optrush tokenizer train --corpus FILE [--column text] --vocab-size N --out DIR
+                                              a byte-level BPE tokenizer in HF format
 
 Each command parses into a Config (or plain arguments) and calls the same library function a Python user calls.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,9 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from optrush.config import to_yaml
+    from optrush.config import load_config, to_yaml
 
-    print(to_yaml(config_from_args(args)), end="")
+    print(to_yaml(load_config(*config_and_overrides(args), complete=False)), end="")  # any machine, even unfinished
     return 0
 
 
@@ -207,19 +225,36 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like `parse_args`, but key=value overrides may also follow the flags (`optrush bench CFG --steps 2 a.b=1`)."""
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    if getattr(args, "only", None):  # `--only GROUP ...` takes every word after it, overrides included
+        extra = [item for item in args.only if "=" in item] + extra
+        args.only = [item for item in args.only if "=" not in item]
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        root.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as err:
         print(f"optrush: config error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:
+    except (OSError, ValueError) as err:
+        # Bad input (a missing file, a value out of range) is the user's to fix: its message, not our stack.
         from optrush.data.reader import DataError  # imported late: it loads torch, which `config show` never needs
 
-        if not isinstance(err, DataError):
+        if os.environ.get("OPTRUSH_TRACEBACK"):
             raise
-        print(f"optrush: data error: {err}", file=sys.stderr)
+        kind = "data error" if isinstance(err, DataError) else f"error ({type(err).__name__})"
+        print(f"optrush: {kind}: {err}\n(OPTRUSH_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from optrush.plan.gpus import parse_gpus
     from optrush.plan.search import config_yaml, model_args, plan
+    from optrush.plan.speed import calibrate, extrapolation_warning, load_measurements
 
     try:
         gpu, n_gpus = parse_gpus(args.gpus)
@@ -36,9 +37,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--measure runs candidates in this one process, on one device: plan for --gpus 1x... "
                           "or measure a multi-GPU config with `optrush bench CONFIG` under torchrun")
     base = base_overrides(args)
+    calibration = calibrate(load_measurements())
     candidates = plan(shape, gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
                       micro_batch=args.micro_batch, base_overrides=tuple(base), pins=tuple(args.pin),
-                      margin=args.margin)
+                      margin=args.margin, calibration=calibration)
     fitting = [c for c in candidates if c.fits]
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # full rows in logs
     console.print(f"{args.model} on {n_gpus}x{gpu.name} ({gpu.memory_gib:.0f} GiB each), {args.seq} tokens per row: "
@@ -47,6 +49,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not fitting:
         console.print("[bold red]nothing fits[/]: the least memory-hungry configurations are:")
     console.print(candidate_table(shown))
+    if warning := extrapolation_warning(calibration, shape):
+        console.print(f"[yellow]note[/]: {warning}")
     if fitting and args.out:
         text = config_yaml(fitting[0], base_overrides=base, gpu=gpu, n_gpus=n_gpus, path=args.out)
         Path(args.out).write_text(text, encoding="utf-8")

@@ -1,9 +1,10 @@
 """Build a `Config` from a YAML file plus dotted `key=value` overrides, and validate it.
 
-    cfg = load_config("recipes/demo.yaml", ["train.lr=2e-4", "data.packing=none"])
+    cfg = load_config("optrush/recipes/demo.yaml", ["train.lr=2e-4", "data.packing=none"])
+    cfg = load_config("optrush/recipes/demo.yaml", complete=False)   # a partial recipe, e.g. to print it
 
-Every failure raises `ConfigError` with the offending key, what was given and what is expected, so a bad run stops
-before any data is read or any model is built.
+Every failure raises `ConfigError` with the offending key (and, for a value from the YAML file, the file and line),
+what was given and what is expected, so a bad run stops before any data is read or any model is built.
 """
 from __future__ import annotations
 
@@ -20,36 +21,80 @@ from optrush.config.schema import Config, OptimConfig
 
 
 class ConfigError(ValueError):
-    """A configuration problem found at start-up; the message names the key and says what to do."""
+    """A configuration problem found at start-up; the message names the key and says what to do. `key`: the dotted
+    key at fault, when one is (lets the loader add the YAML line it came from)."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
-                synthetic_data: bool = False) -> Config:
+                synthetic_data: bool = False, complete: bool = True) -> Config:
     """The resolved config: defaults, then the YAML file, then the overrides (later wins). `synthetic_data`:
-    the caller feeds random tokens (`optrush bench --synthetic`), so no tokenizer is needed."""
-    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    the caller feeds random tokens (`optrush bench --synthetic`), so no tokenizer is needed. `complete=False`
+    skips the checks for what a run must still be given (a model.path or model.preset, a data.tokenizer), so a
+    partial recipe such as optrush/recipes/demo.yaml can be loaded and shown; every other check still runs."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
     cfg = build(Config, tree, prefix="")
-    validate(cfg, synthetic_data=synthetic_data)
+    validate(cfg, synthetic_data=synthetic_data, complete=complete)
     return cfg
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML file's tree, with its keys and value types checked, so that an error names the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (give the path to a YAML file, e.g. recipes/demo.yaml)")
+        raise ConfigError(f"config file not found: {path} (give the path to a YAML file, e.g. "
+                          "optrush/recipes/demo.yaml)")
+    text = path.read_text()
     try:
-        tree = yaml.safe_load(path.read_text())
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(yaml_error_message(path, err)) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...), "
                           f"got {type(tree).__name__}")
+    try:
+        build(Config, tree, prefix="")  # the overrides come later; this only places a bad key or value in the file
+    except ConfigError as err:
+        line = key_lines(node).get(err.key)
+        raise ConfigError(f"{path}:{line}: {err}" if line else f"{path}: {err}", key=err.key) from None
     return tree
+
+
+def yaml_error_message(path: Path, err: yaml.YAMLError) -> str:
+    """`path:line: not valid YAML (...)`, with where the unfinished construct began (an unclosed `[` is only
+    found where the file ends)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return f"{path}: not valid YAML: {err}"
+    mark, start = err.problem_mark, err.context_mark
+    what = f"{err.problem}, column {mark.column + 1}"
+    if err.context and start is not None:
+        what += f"; {err.context} that begins at line {start.line + 1}, column {start.column + 1}"
+    elif err.context:
+        what += f"; {err.context}"
+    return (f"{path}:{mark.line + 1}: not valid YAML ({what}); fix the syntax (e.g. a missing ']' or ':', or a tab "
+            "used for indentation)")
+
+
+def key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in a composed YAML document."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(key_lines(value_node, key + "."))
+    return lines
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -79,19 +124,23 @@ def build(cls: type, tree: Any, *, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and coercing/checking types."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}")
+        raise ConfigError(f"{where} must be a mapping of keys, got {tree!r}", key=prefix.rstrip(".") or None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in tree:
         if key not in fields:
-            raise ConfigError(unknown_key_message(prefix + str(key), [prefix + name for name in fields]))
+            raise ConfigError(unknown_key_message(prefix + str(key), [prefix + name for name in fields]),
+                              key=prefix + str(key))
     values = {}
     for name, value in tree.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             values[name] = build(kind, value, prefix=f"{prefix}{name}.")
-        else:
+            continue
+        try:
             values[name] = coerce(value, kind, key=prefix + name)
+        except ConfigError as err:
+            raise ConfigError(str(err), key=prefix + name) from None
     return cls(**values)
 
 
@@ -130,6 +179,8 @@ def coerce(value: Any, kind: Any, *, key: str) -> Any:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}.{hint}")
     if origin is list:
+        if isinstance(value, str) and args[0] is str:  # `key=q_proj` names one item, not a list of its letters
+            return [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list ({type_name(kind)}), e.g. [a, b]")
         return [coerce(v, args[0], key=key) for v in value]
@@ -178,14 +229,13 @@ def type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
-    """Reject values that are individually valid but wrong together, or out of range."""
-    problems = []
-    if (cfg.model.path is None) == (cfg.model.preset is None):
+def validate(cfg: Config, *, synthetic_data: bool = False, complete: bool = True) -> None:
+    """Reject values that are individually valid but wrong together, or out of range; with `complete`, also a
+    config that lacks what a run needs (see `load_config`)."""
+    problems = missing_problems(cfg, synthetic_data=synthetic_data) if complete else []
+    if cfg.model.path is not None and cfg.model.preset is not None:
         problems.append("set exactly one of model.path (an HF checkpoint directory) or model.preset "
                         f"(a built-in architecture); got path={cfg.model.path!r}, preset={cfg.model.preset!r}")
-    if cfg.model.preset is not None and cfg.data.tokenizer is None and not synthetic_data:
-        problems.append("model.preset builds a fresh model, so data.tokenizer must name a tokenizer directory")
     if cfg.objective == "sft" and cfg.data.format == "text":
         problems.append("objective=sft trains on completions only: set data.format to prompt_completion, recipe "
                         "or chat (or use objective=causal_lm for raw text)")
@@ -230,6 +280,17 @@ def validate(cfg: Config, *, synthetic_data: bool = False) -> None:
     problems += parallel_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def missing_problems(cfg: Config, *, synthetic_data: bool) -> list[str]:
+    """What a run must be given that recipes often leave to the command line."""
+    problems = []
+    if cfg.model.path is None and cfg.model.preset is None:
+        problems.append("set exactly one of model.path (an HF checkpoint directory) or model.preset "
+                        "(a built-in architecture); neither is set")
+    if cfg.model.preset is not None and cfg.data.tokenizer is None and not synthetic_data:
+        problems.append("model.preset builds a fresh model, so data.tokenizer must name a tokenizer directory")
+    return problems
 
 
 def clean_problems(cfg: Config) -> list[str]:
@@ -440,8 +501,9 @@ def peft_problems(cfg: Config) -> list[str]:
     elif p.target_modules != "all-linear":
         bad = [t for t in targets if t not in PEFT_TARGETS]
         if bad or not targets:
-            problems.append(f"peft.target_modules={p.target_modules!r}: use all-linear or a non-empty list of "
-                            f"{', '.join(PEFT_TARGETS)}")
+            given = f"unknown module name(s) {', '.join(map(repr, bad))}" if bad else "an empty list"
+            problems.append(f"peft.target_modules: {given}; use all-linear or a list of names from "
+                            f"{', '.join(PEFT_TARGETS)}, e.g. peft.target_modules=[q_proj, v_proj]")
     if cfg.precision.mode == "fp8":
         problems.append("peft.method=lora/dora with precision.mode=fp8 is not supported yet: the float8 transform "
                         "would replace the adapted linears; use bf16_mixed")

@@ -2,7 +2,8 @@
 
 A YAML file holds only the values that differ from these defaults; the CLI adds dotted overrides
 (`train.lr=2e-4 data.packing=bfd`). `optrush.config.load_config` builds a `Config` from both and rejects unknown
-keys, wrong types and incompatible combinations before any work starts. This module imports no torch.
+keys, wrong types and incompatible combinations before any work starts. A list field also takes one item alone
+(`data.json_columns=NER` is `[NER]`). This module imports no torch.
 """
 from __future__ import annotations
 
@@ -278,9 +279,9 @@ class PeftConfig:
     """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`)."""
     dropout: float = 0.0
     """Dropout on the adapter's input, in [0, 1); 0 costs nothing (no copy of the input)."""
-    target_modules: str | list[str] = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """`all-linear` (every attention and MLP projection) or a list of HF module names: q_proj, k_proj, v_proj,
-    o_proj, gate_proj, up_proj, down_proj."""
+    o_proj, gate_proj, up_proj, down_proj. One name alone (`q_proj`) means a one-element list."""
     rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(r) (arXiv:2312.03732)."""
     lora_plus_ratio: float = 1.0

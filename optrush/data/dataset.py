@@ -117,6 +117,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
     train_tally = Tally(path=str(cfg.path))
     train, clean_report = encode_source(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=train_tally,
                                         rules=rules_from_config(cfg, tokenizer), rejects_path=cfg.rejects_path)
+    if not train:  # before the eval split, which would otherwise blame data.eval_fraction
+        raise DataError(no_examples_message(cfg, train_tally))
     eval_tally = None
     if cfg.eval_path is not None:
         eval_tally = Tally(path=str(cfg.eval_path))
@@ -126,15 +128,31 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
         evals = Examples.from_examples([])
-    if not train:
-        dropped = ", ".join(f"{reason} {count}" for reason, count in train_tally.dropped.items()) or "none"
-        raise DataError(f"no training examples left from {cfg.path}: read {train_tally.records} records, dropped "
-                        f"{dropped}, held out {len(evals)} for eval; check the file, data.format, data.max_length "
-                        "(or data.too_long=truncate) and data.eval_fraction")
     report = DataReport(train=train_tally, eval=eval_tally, train_examples=len(train), eval_examples=len(evals),
                         max_length=cfg.max_length, too_long=cfg.too_long, tokens=train.num_tokens,
                         trained_tokens=train.num_trained, clean=clean_report)
     return train, evals, report
+
+
+DROP_ADVICE = {
+    "no_trained_tokens": "the prompt alone reaches data.max_length={max_length}, so truncation leaves no "
+                         "completion token to train on: raise data.max_length",
+    "too_long": "longer than data.max_length={max_length} (data.too_long=drop): raise data.max_length or set "
+                "data.too_long=truncate",
+    "empty": "rendered to no tokens: check data.format and the column names (data.text_column, ...)",
+}
+
+
+def no_examples_message(cfg: DataConfig, tally: Tally) -> str:
+    """Why a data file gave no training example: the drop counts, largest first, each with what to change."""
+    causes = [f"{count} dropped as {reason}: " + DROP_ADVICE[reason].format(max_length=cfg.max_length)
+              for reason, count in tally.dropped.most_common()]
+    if tally.rejected:
+        causes.append(f"{tally.rejected} malformed rows skipped (data.on_error=skip), written to "
+                      f"{tally.rejects_path}; first: {tally.reject_messages[0]}")
+    if not tally.records and not tally.rejected:
+        causes.append("the file holds no records")
+    return f"no training examples left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
 def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally, rules: list,

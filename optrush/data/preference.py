@@ -124,15 +124,17 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
         raise DataError("data.path is not set: give the preference data (a JSONL file), e.g. data.path=pairs.jsonl")
     report = PreferenceReport(path=str(cfg.path), records=0, train_pairs=0, eval_pairs=0)
     train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, report=report)
+    if not train:  # before the eval split, which would otherwise blame data.eval_fraction
+        too_long = report.dropped["too_long"]
+        why = (f"all {too_long} pairs are longer than data.max_length={cfg.max_length} (chosen + rejected): raise "
+               "data.max_length" if too_long else "check the file")
+        raise DataError(f"no training pairs left from {cfg.path}: read {report.records} records; {why}")
     if cfg.eval_path is not None:
         evals = read_pairs(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, report=report)
     elif cfg.eval_fraction > 0:
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
         evals = []
-    if not train:
-        raise DataError(f"no training pairs left from {cfg.path} (records {report.records}, dropped "
-                        f"{dict(report.dropped)}); check the file and data.max_length")
     for i, pair in enumerate(train + evals):
         pair.index = i
     report.train_pairs, report.eval_pairs = len(train), len(evals)

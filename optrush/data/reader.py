@@ -42,8 +42,9 @@ def read_jsonl(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[
                 record = json.loads(line)
                 problem = None
             except json.JSONDecodeError as err:
-                problem = (f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno}); each line must "
-                           "hold one complete JSON object: fix or delete this line (or set data.on_error=skip)")
+                skip = "" if rejects is not None else " (or set data.on_error=skip)"
+                problem = (f"{path}:{line_no}: not valid JSON ({json_error_place(err)}); each line must hold "
+                           f"one complete JSON object: fix or delete this line{skip}")
             except UnicodeDecodeError as err:
                 problem = f"{path}:{line_no}: not UTF-8 text ({err.reason}); re-encode the file as UTF-8"
             if problem is None and not isinstance(record, dict):
@@ -55,6 +56,17 @@ def read_jsonl(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[
                 rejects.add(f"{path}:{line_no}", problem, line.decode("utf-8", errors="replace").rstrip("\n"))
                 continue
             yield line_no, record
+
+
+def json_error_place(err: json.JSONDecodeError) -> str:
+    """What went wrong where, within one JSONL line. The decoder counts the line's own newline as the start of a
+    second line, so an object left open was reported at "column 1" (of that empty second line): an error past the
+    line's last character is reported at the end of the line instead."""
+    text = err.doc.rstrip("\r\n")
+    what = err.msg.removesuffix(" at")  # "Unterminated string starting at" + the place
+    if err.pos >= len(text):
+        return f"{what} at the end of the line, column {len(text) + 1}: is a closing brace, bracket or quote missing?"
+    return f"{what} at column {err.colno}"
 
 
 def read_json(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[int, dict]]:

@@ -182,11 +182,12 @@ def read_csv(path: Path, rejects: Rejects | None, *, delimiter: str = ",") -> It
     import pyarrow.csv as pcsv
 
     bad: list[tuple[str, str]] = []
+    skip = "" if rejects is not None else " or set data.on_error=skip"
 
     def on_invalid(row) -> str:
         line = f"{path} line {row.number}" if row.number is not None else str(path)
         bad.append((line, f"{line}: {row.actual_columns} fields, the header has {row.expected_columns}; fix the "
-                          f"row (quote fields holding '{delimiter}') or set data.on_error=skip"))
+                          f"row (quote fields holding '{delimiter}'){skip}"))
         if rejects is not None:
             rejects.add(line, bad[-1][1], row.text)
         return "skip"

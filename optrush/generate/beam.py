@@ -15,16 +15,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from optrush.generate.decode import check_fits, eos_set
+from optrush.generate.decode import check_fits, eos_set, one_prompt
 from optrush.models.kv_cache import KVCache
 
 
 @torch.no_grad()
-def beam_search(model: nn.Module, prompt: Sequence[int], *, num_beams: int, max_new_tokens: int,
+def beam_search(model: nn.Module, prompt: torch.Tensor | Sequence[int], *, num_beams: int, max_new_tokens: int,
                 eos_id: int | Sequence[int] | None = None, length_penalty: float = 1.0) -> list[int]:
     """The new token ids of the best hypothesis (EOS included when it ended with one)."""
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"num_beams={num_beams}, max_new_tokens={max_new_tokens}: both must be at least 1")
+    prompt = one_prompt(prompt)
     device = model.tok_embeddings.weight.device
     P = len(prompt)
     max_len = P + max_new_tokens

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optrush.generate.decode import check_fits, eos_set
+from optrush.generate.decode import check_fits, eos_set, one_prompt
 from optrush.models.kv_cache import KVCache
 
 
@@ -32,14 +32,13 @@ def degeneration_penalty(context: torch.Tensor, candidates: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def contrastive_search(model: nn.Module, prompt: Sequence[int], *, penalty_alpha: float, top_k: int,
+def contrastive_search(model: nn.Module, prompt: torch.Tensor | Sequence[int], *, penalty_alpha: float, top_k: int,
                        max_new_tokens: int, eos_id: int | Sequence[int] | None = None) -> list[int]:
     """The new token ids (EOS included when reached). The model is in eval mode meanwhile."""
     if not 0 <= penalty_alpha <= 1 or top_k < 1 or max_new_tokens < 1:
         raise ValueError(f"penalty_alpha={penalty_alpha}, top_k={top_k}, max_new_tokens={max_new_tokens}: use an "
                          "alpha in [0, 1], top_k >= 1 and max_new_tokens >= 1")
-    if not prompt:
-        raise ValueError("give a prompt of at least one token")
+    prompt = one_prompt(prompt)
     device = model.tok_embeddings.weight.device
     P = len(prompt)
     check_fits(model, prompt_len=P, max_new_tokens=max_new_tokens)

@@ -181,5 +181,16 @@ def check_fits(model: nn.Module, *, prompt_len: int, max_new_tokens: int) -> Non
                          "tokens")
 
 
+def one_prompt(prompt: torch.Tensor | Sequence[int]) -> list[int]:
+    """One prompt's token ids from a list, a (T,) or a (1, T) tensor: the forms tokenizers hand out."""
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise ValueError(f"the prompt has shape {tuple(ids.shape)}: give one non-empty prompt, as a list of token "
+                         "ids, a (T,) or a (1, T) tensor")
+    return ids.tolist()
+
+
 def eos_set(eos_id: int | Sequence[int] | None) -> set[int]:
     return set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)

@@ -1,12 +1,14 @@
 """Load a model to generate from: an HF checkpoint, or a base model with a LoRA/DoRA adapter on top.
 
     model, tokenizer = load_for_generation("runs/x/final")                       # full (or merged) checkpoint
+    model, tokenizer = load_for_generation("runs/x/checkpoints/step_00000100")   # a training checkpoint
     model, tokenizer = load_for_generation(adapter="runs/x/final/adapter")       # base from adapter_config.json
     model, tokenizer = load_for_generation("Llama-3.2-1B", adapter="out/adapter")  # base given explicitly
 
 The adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors, as `optrush.peft.export` and
 `peft` write it). `ckpt` itself may be one, or a run's final/ or step directory that holds only `adapter/`
-(peft.save=adapter). The base is `base`, else `ckpt` when it is a full checkpoint, else the adapter config's
+(peft.save=adapter). A step directory of a full-model run stands for its `model/` folder, which holds the tokenizer
+too. The base is `base`, else `ckpt` when it is a full checkpoint, else the adapter config's
 `base_model_name_or_path`. The adapters are merged into the base weights once loaded: decoding then costs what
 the base costs. The tokenizer is the first directory holding one among the adapter, its parent and the base.
 """
@@ -26,6 +28,9 @@ from optrush.peft.lora import merge_lora
 def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
             base: str | Path | None) -> tuple[Path, Path | None, Path]:
     """(model directory, adapter directory or None, tokenizer directory) for the arguments above."""
+    # imported here: optrush.train imports the objectives, and GRPO's imports this package
+    from optrush.train.checkpoint import checkpoint_model_dir
+
     ckpt = None if ckpt is None else Path(ckpt)
     if adapter is None and ckpt is not None:
         if (ckpt / ADAPTER_CONFIG).is_file():
@@ -35,6 +40,7 @@ def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
     if adapter is None:
         if ckpt is None:
             raise ConfigError("no model given: pass a checkpoint directory, or --adapter DIR (with --base)")
+        ckpt = checkpoint_model_dir(ckpt)
         return ckpt, None, ckpt
     adapter = Path(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():

@@ -1,15 +1,18 @@
 """Checkpoint averaging: the arithmetic mean of the weights of several checkpoints of one run.
 
-    average_checkpoints(["run/step_800", "run/step_900", "run/final"], out="run/averaged")
-    optrush average run/step_800 run/step_900 run/final --out run/averaged
+    average_checkpoints(["run/checkpoints/step_00000800", "run/checkpoints/step_00000900", "run/final"],
+                        out="run/averaged")
+    optrush average run/checkpoints/step_00000800 run/checkpoints/step_00000900 run/final --out run/averaged
 
 Averaging the last few checkpoints of a run smooths out the noise of the final steps and often evaluates a little
 better than any one of them (lecture 002; https://arxiv.org/abs/1803.05407 for the idea). The mean is accumulated in
-fp32 and written in the first checkpoint's dtype, with the first checkpoint's tokenizer files beside it.
+fp32 and written in the first checkpoint's dtype, with the tokenizer files of the first checkpoint holding one beside
+it. A training checkpoint's step directory stands for its `model/` folder (which holds the run's tokenizer).
 """
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +30,9 @@ def average_checkpoints(paths: Sequence[str | Path], *, out: str | Path) -> Tran
     """Save the mean of the checkpoints in `paths` (same architecture) to `out` and return it."""
     if len(paths) < 1:
         raise ValueError("give at least one checkpoint to average")
-    paths = [Path(p) for p in paths]
+    from optrush.train.checkpoint import checkpoint_model_dir  # optrush.train builds on optrush.models
+
+    paths = [checkpoint_model_dir(p) for p in paths]
     first_config = read_config(paths[0])
     model = load_model(paths[0])
     if not isinstance(model, Transformer):
@@ -46,7 +51,17 @@ def average_checkpoints(paths: Sequence[str | Path], *, out: str | Path) -> Tran
     for name, param in model.named_parameters():
         param.copy_((total[name] / len(paths)).to(dtype))
     save_model(model, out)
-    for name in TOKENIZER_FILES:
-        if (paths[0] / name).is_file():
-            shutil.copy2(paths[0] / name, Path(out) / name)
+    copy_tokenizer(paths, Path(out))
     return model
+
+
+def copy_tokenizer(paths: Sequence[Path], out: Path) -> None:
+    """The tokenizer files of the first of `paths` holding a tokenizer, copied into `out`."""
+    source = next((p for p in paths if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()), None)
+    if source is None:
+        warnings.warn(f"none of the averaged checkpoints holds a tokenizer: copy the run's tokenizer files into "
+                      f"{out} before generating from it", stacklevel=3)
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)

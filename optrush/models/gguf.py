@@ -69,6 +69,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in DTYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if (model_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{model_dir} holds a LoRA adapter, not a whole model: merge it first (optrush export "
+                         f"{model_dir} --merge --out MERGED), then export MERGED with --gguf")
     cfg = read_config(model_dir)
     if cfg.get("model_type") not in ARCHITECTURES:
         raise ValueError(f"{model_dir / 'config.json'}: model_type {cfg.get('model_type')!r} has no GGUF export in "

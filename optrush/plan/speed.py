@@ -276,6 +276,16 @@ def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) ->
     return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
 
 
+def extrapolation_warning(calibration: Calibration, a: ModelArgs) -> str | None:
+    """Why the tokens/s are a guess when the model is over 2x narrower or wider than every measured one."""
+    widths = sorted({key[4] for key in calibration.efficiency})
+    if not widths or widths[0] / 2 <= a.dim <= widths[-1] * 2:
+        return None
+    return (f"tokens/s are extrapolated: the speed measurements cover models {widths[0]} to {widths[-1]} wide, "
+            f"this one is {a.dim} wide; trust the memory column and the order, not the numbers (--measure times "
+            "the top candidates on this machine)")
+
+
 def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -> Speed:
     efficiency, basis = lookup_efficiency(calibration.efficiency, s, a)
     if s.peft != "none" and basis == "measured":

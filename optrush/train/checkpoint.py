@@ -1,13 +1,15 @@
 """Resumable training checkpoints, written atomically.
 
-Layout: `<output_dir>/checkpoints/step_00000040/` holds the model in HF format (config.json + safetensors, loadable by
-transformers and `optrush.load_model`) and `trainer_state.pt` (optimizer, scheduler, RNG states, data-loader
-position, step). A checkpoint is first written to a hidden temporary directory and renamed into place, so a directory
-named `step_*` is always complete: a process killed mid-write leaves only a temporary directory, which the next
-start deletes, and the previous checkpoint stays usable.
+Layout: `<output_dir>/checkpoints/step_00000040/` holds `model/`, the model in HF format with the run's tokenizer
+beside it (like the run's `final/`: loadable by transformers, `optrush.load_model`, `optrush generate` and
+`optrush average`, which take the step directory itself too), and `trainer_state.pt` (optimizer, scheduler, RNG
+states, data-loader position, step, and the settings a resume compares). A checkpoint is first written to a hidden
+temporary directory and renamed into place, so a directory named `step_*` is always complete: a process killed
+mid-write leaves only a temporary directory, which the next start deletes, and the previous checkpoint stays usable.
 
 With adapters (peft.method lora/dora, over a quantized base too, or prompt_tuning) a checkpoint holds `adapter/`
-(PEFT format, every trainable tensor exactly) instead of `model/`: the frozen base is rebuilt from the config on resume, so it is never rewritten.
+(PEFT format, every trainable tensor exactly) instead of `model/`, and the tokenizer beside it in the step directory
+(as in `final/`): the frozen base is rebuilt from the config on resume, so it is never rewritten.
 
 Distributed runs (parallel.strategy ddp/fsdp/hsdp, any world size) write a sharded torch.distributed.checkpoint
 (DCP) instead: `dcp/` holds the trainable weights and the optimizer state, each rank writing its own shards in
@@ -46,6 +48,7 @@ from optrush.peft.export import has_adapters, load_adapter_weights, save_adapter
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
 Extras = dict[str, Any] | None
 DCP_DIR = "dcp"
 # frozen weights (a LoRA run's base) are rebuilt from the config on resume, as in single-process checkpoints
@@ -61,6 +64,9 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The run's schedule and global-batch settings (`loop.run_settings`), saved so that a resume can name what
+    changed; empty in checkpoints written before they were recorded."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,11 +85,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int, base_model_path: str | None = None):
+    def __init__(self, directory: str | Path, *, keep_last: int, base_model_path: str | None = None,
+                 tokenizer=None):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.base_model_path = base_model_path
         """Written into a LoRA checkpoint's adapter_config.json (`optrush export` finds the base there)."""
+        # the run's HF tokenizer, serialised once: each save then writes these bytes into the checkpoint (so that it
+        # is generated from like final/) instead of serialising the tokenizer again
+        self.tokenizer_files = tokenizer_files(tokenizer) if tokenizer is not None else {}
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -118,8 +128,10 @@ class CheckpointManager:
         try:
             if has_adapters(model):  # LoRA/DoRA (over a quantized base too) or a soft prompt
                 save_adapter(model, tmp / "adapter", base_model_path=self.base_model_path)
+                self.write_tokenizer(tmp)  # beside adapter/, as in final/
             else:
-                save_model(model, tmp / "model")
+                save_model(model, tmp / MODEL_DIR)
+                self.write_tokenizer(tmp / MODEL_DIR)
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "loader": loader.state_dict(), "rng": rng_state(), "train": vars(state).copy(),
                              **extra_states(extras)}
@@ -166,9 +178,39 @@ class CheckpointManager:
             raise
         return final
 
+    def write_tokenizer(self, directory: Path) -> None:
+        for name, data in self.tokenizer_files.items():
+            (directory / name).write_bytes(data)
+
     def prune(self) -> None:
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """{file name: contents} of what `tokenizer.save_pretrained` writes: the same files as the run's final/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+
+
+def checkpoint_model_dir(path: str | Path) -> Path:
+    """The HF model directory to load for `path`: a training checkpoint's step directory resolves to its `model/`
+    folder (which holds the tokenizer too); any other path is returned as is. Raises, saying what to do instead,
+    for step directories that hold no HF model (LoRA adapters, sharded checkpoints of distributed runs)."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / STATE_FILE).is_file():
+        return path
+    if (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    if (path / "adapter").is_dir():
+        raise ConfigError(f"{path} is a LoRA/adapter checkpoint (it holds adapter/, not a full model): merge it "
+                          f"into its base first with `optrush export {path} --merge --out DIR`")
+    if (path / DCP_DIR).is_dir():
+        raise ConfigError(f"{path} is a sharded checkpoint of a distributed run (it holds {DCP_DIR}/, not an HF "
+                          "model): use the run's final/ directory, or write one by resuming it with "
+                          f"checkpoint.resume={path} and train.max_steps set to its step (nothing is trained)")
+    raise ConfigError(f"{path} holds {STATE_FILE} but no {MODEL_DIR}/config.json: the checkpoint is incomplete")
 
 
 def extra_states(extras: dict[str, Any]) -> dict[str, Any]:

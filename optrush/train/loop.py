@@ -115,7 +115,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
               "epoch reshuffles, so other examples fall there next time)", flush=True)
 
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                    base_model_path=cfg.model.path)
+                                    base_model_path=cfg.model.path, tokenizer=tokenizer)
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)
 
@@ -126,8 +126,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     throughput = Throughput()
     final_eval, eval_step = {}, None
     model.train()
-    with MetricsLogger(output_dir=output_dir, cfg=cfg.logging, total_steps=cfg.train.max_steps,
-                       start_step=state.step, enabled=is_main()) as metrics:
+    with MetricsLogger(output_dir=output_dir, cfg=cfg.logging, total_steps=cfg.train.max_steps, start_step=state.step,
+                       sample_prompts=cfg.train.sample_prompts, enabled=is_main()) as metrics:
         while state.step < cfg.train.max_steps:
             started = time.perf_counter()
             micro_batches = [shard(next(loader)) for _ in range(cfg.train.grad_accum)]
@@ -135,6 +135,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                                                     autocast=autocast)
             grad_norm = clip_gradients(model, cfg.train.max_grad_norm, optimizer)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the lr this step used: scheduler.step() sets the next step's
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -152,7 +153,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             throughput.update(tokens=tokens, real_tokens=real_tokens, seconds=time.perf_counter() - started)
             if state.step % cfg.logging.every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(state.step, {
-                    "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
                     "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units, **objective.pop_metrics()})
@@ -290,22 +291,69 @@ def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory
 
 
 def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
+    """The restored training state per checkpoint.resume, or a fresh one; either records this run's settings,
+    which its checkpoints then save."""
     resume = cfg.checkpoint.resume
     if is_main():
         for partial in checkpoints.remove_partial():
             print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
     barrier()
-    if resume == "never":
-        return TrainState()
-    path = checkpoints.latest() if resume == "auto" else Path(resume)
+    settings = run_settings(cfg)
+    path = None if resume == "never" else checkpoints.latest() if resume == "auto" else Path(resume)
     if path is None:
-        return TrainState()
+        return TrainState(settings=settings)
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
     state = restore(path, **live)
+    if state.step > cfg.train.max_steps:
+        # training cannot go back: finishing "done" would label step-N weights as a shorter run's
+        raise ConfigError(f"checkpoint {path} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
+                          f"set train.max_steps above {state.step} to train on, resume an earlier checkpoint "
+                          "(checkpoint.resume=PATH), or start fresh with checkpoint.resume=never")
     if is_main():
         print(f"resumed from {path} at step {state.step}", flush=True)
+        if state.step == cfg.train.max_steps:
+            print(f"the run is already complete (train.max_steps={cfg.train.max_steps}): nothing left to train; "
+                  "raise train.max_steps to train on", flush=True)
+        if changes := describe_changes(state.settings, settings):
+            print(f"warning: resuming {path} with settings that differ from the run that saved it:\n{changes}\n"
+                  "Resume with the saved values to continue that run exactly.", file=sys.stderr, flush=True)
+    state.settings = settings
     return state
+
+
+SCHEDULE_KEYS = ("train.max_steps", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
+                 "train.decay_fraction")
+BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum", "data-parallel replicas")
+
+
+def run_settings(cfg: Config) -> dict:
+    """What fixes a run's learning-rate schedule and its global batch (micro_batch_size x grad_accum x replicas);
+    checkpoints save it so that a resume can say what changed."""
+    t = cfg.train
+    return {"train.max_steps": t.max_steps, "train.lr": t.lr, "train.schedule": t.schedule,
+            "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio,
+            "train.decay_fraction": t.decay_fraction, "train.micro_batch_size": t.micro_batch_size,
+            "train.grad_accum": t.grad_accum,
+            "data-parallel replicas": data_parallel_position(cfg.context.degree)[1]}
+
+
+def describe_changes(saved: dict, current: dict) -> str:
+    """One line per setting that differs, with what the change does; "" when none does (or none was saved)."""
+    lines = []
+    for key in (k for k in current if k in saved and saved[k] != current[k]):
+        if key == "train.lr":  # the optimizer's and the scheduler's saved states hold the peak lr
+            effect = "not applied: the resumed run keeps the checkpoint's peak lr"
+        elif key in SCHEDULE_KEYS:
+            effect = "the learning-rate schedule changes shape from the resumed step on"
+        else:
+            effect = f"the global batch changes from {global_batch(saved)} to {global_batch(current)} rows per step"
+        lines.append(f"  {key}: {saved[key]} -> {current[key]} ({effect})")
+    return "\n".join(lines)
+
+
+def global_batch(settings: dict) -> int:
+    return math.prod(settings[key] for key in BATCH_KEYS)
 
 
 def precision_context(cfg: Config, device: torch.device):

@@ -10,20 +10,25 @@ throughput / MFU / memory numbers that go into them.
         log.summary({"provenance": provenance()})
 
 Every `log` call appends one JSON object per line to `<output_dir>/metrics.jsonl` (`{"step": .., "elapsed_s": ..,
-**metrics}`); the caller decides the cadence (`logging.every`). The file is opened for appending, so a resumed run
-continues it; rows with a repeated step come from a resume, and the later one is the one that counts. Known keys
-(see `FORMATS`) are also shown: in a rich progress bar when `logging.progress` is on and stdout is a terminal,
-otherwise as one short text line per call, so CI logs show the loss falling.
+**metrics}`); the caller decides the cadence (`logging.every`). A fresh run (`start_step=0`) starts a new file; a
+resumed run keeps the rows up to the step it resumes from and continues the file, dropping the rows the
+interrupted run wrote after that checkpoint (those steps are trained again), so every step appears once.
+TensorBoard gets the same treatment through its `purge_step`. Known keys (see `FORMATS`) are also shown: in a rich
+progress bar when `logging.progress` is on and stdout is a terminal, otherwise as one short text line per call, so
+CI logs show the loss falling. Text metrics (the `sample_<i>` continuations of `train.sample_prompts`) are printed
+below their step's line, after their prompt.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
 import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
@@ -132,7 +137,11 @@ FORMATS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "tokens_per_s": ("tok/s", _si),
     "mfu": ("mfu", lambda v: f"{100 * v:.1f}%"),
     "peak_mem_gib": ("mem", lambda v: f"{v:.2f} GiB"),
+    "sample_repetition": ("sample repetition", lambda v: f"{v:.2f}"),
+    "sample_parses": ("parses", lambda v: f"{v:.2f}"),
+    "sample_ingredient_use": ("ingredient use", lambda v: f"{v:.2f}"),
 }
+SAMPLE_KEY = re.compile(r"^sample_(\d+)$")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -140,14 +149,46 @@ def format_metrics(metrics: dict[str, Any]) -> str:
                       if metrics.get(key) is not None)
 
 
+def format_texts(metrics: dict[str, Any], prompts: Sequence[str]) -> list[str]:
+    """The text metrics as indented blocks, one per key; a sample continuation is shown after its prompt."""
+    blocks = []
+    for key, value in metrics.items():
+        if not isinstance(value, str):
+            continue
+        sample = SAMPLE_KEY.match(key)
+        if sample and int(sample.group(1)) < len(prompts):
+            label, text = f"sample {sample.group(1)}", prompts[int(sample.group(1))] + value
+        else:
+            label, text = key, value
+        lines = text.rstrip().splitlines() or [""]
+        blocks.append("\n".join([f"  {label}: {lines[0]}", *(f"    {line}" for line in lines[1:])]))
+    return blocks
+
+
+def open_metrics_file(path: Path, start_step: int):
+    """`path` opened for appending: emptied for a fresh run (start_step 0), else cut to the rows up to
+    `start_step` (a row half-written when the interrupted run was killed is dropped too)."""
+    if start_step == 0 or not path.is_file():
+        return open(path, "w", encoding="utf-8")
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)  # a crash here leaves the old file whole
+    return open(path, "a", encoding="utf-8")
+
+
 class MetricsLogger:
     """Writes `metrics.jsonl` (and TensorBoard events), shows progress, and writes `summary.json` at the end.
     With `enabled=False` (non-zero ranks) every method does nothing and nothing is created."""
 
     def __init__(self, *, output_dir: str | Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0,
-                 enabled: bool = True):
+                 sample_prompts: Sequence[str] = (), enabled: bool = True):
+        """`start_step`: the step a resumed run continues from (0: a fresh run); `sample_prompts`: the prompts of
+        the `sample_<i>` texts (train.sample_prompts), shown before them on the console."""
         self.output_dir = Path(output_dir)
         self.total_steps = total_steps
+        self.sample_prompts = list(sample_prompts)
         self.enabled = enabled
         self.started = time.perf_counter()
         self.last_step = start_step
@@ -160,9 +201,9 @@ class MetricsLogger:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.file = open_metrics_file(self.output_dir / "metrics.jsonl", start_step)
         if cfg.tensorboard:
-            self.tensorboard = tensorboard_writer(self.output_dir / "tensorboard")
+            self.tensorboard = tensorboard_writer(self.output_dir / "tensorboard", purge_step=start_step + 1)
         if cfg.progress and sys.stdout.isatty():
             self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=20),
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -205,12 +246,15 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, step)
         text = format_metrics(metrics)
+        texts = format_texts(metrics, self.sample_prompts)
         if self.progress is None:
             width = len(str(self.total_steps))
-            print(f"step {step:>{width}}/{self.total_steps} | {text}", flush=True)
+            print("\n".join([f"step {step:>{width}}/{self.total_steps} | {text}", *texts]), flush=True)
             return
-        if any(key.startswith("eval_") for key in metrics):  # evals are rare: keep them on screen above the bar
-            self.console.print(f"step {step}/{self.total_steps} | {text}", highlight=False)
+        # evals and samples are rare: keep them on screen above the bar
+        if texts or any(key.startswith("eval_") for key in metrics):
+            self.console.print("\n".join([f"step {step}/{self.total_steps} | {text}", *texts]), highlight=False,
+                               markup=False)
         else:
             self.progress.update(self.task, completed=step, stats=text)
 
@@ -254,11 +298,13 @@ def summary_table(record: dict[str, Any]) -> Table:
     return table
 
 
-def tensorboard_writer(log_dir: Path):
+def tensorboard_writer(log_dir: Path, *, purge_step: int):
+    """`purge_step`: TensorBoard hides the events of earlier writers in `log_dir` from this step on (those of an
+    earlier run in the same directory, or of steps a resumed run trains again)."""
     # Imported here: tensorboard is an optional dependency, needed only with logging.tensorboard=true.
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
         raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set logging.tensorboard=false)") from error
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -1,0 +1,133 @@
+"""What a user sees of a run: checkpoints usable like a final model, the logged lr, metrics.jsonl across fresh and
+resumed runs, resume mistakes reported, and training-time samples on the console."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from optrush.cli.main import main
+from optrush.config import ConfigError, load_config
+from optrush.config.schema import LoggingConfig, TrainConfig
+from optrush.generate.load import load_for_generation
+from optrush.optim.schedule import lr_at
+from optrush.train import train
+from optrush.train.checkpoint import STATE_FILE, checkpoint_model_dir
+from optrush.train.metrics import MetricsLogger
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_steps(run: Path) -> list[int]:
+    return [row["step"] for row in metric_rows(run) if "loss" in row]
+
+
+def test_step_checkpoints_generate_and_average_like_final(debug_overrides, tmp_path, capsys):
+    train(load_config(None, debug_overrides + ["train.max_steps=4", "checkpoint.every=2"]))
+    run = tmp_path / "run"
+    steps = [run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000004"]
+    final_files = {f.name: f.read_bytes() for f in (run / "final").iterdir() if f.name.startswith(("tok", "chat"))}
+    assert "tokenizer.json" in final_files
+    for step in steps:  # the checkpoint's model folder carries the same tokenizer as final/
+        assert {name: (step / "model" / name).read_bytes() for name in final_files} == final_files
+
+    assert main(["generate", str(steps[0]), "--prompt", "Recipe:", "--max-new-tokens", "3"]) == 0
+    assert main(["average", *map(str, steps), "--out", str(tmp_path / "avg")]) == 0
+    assert (tmp_path / "avg" / "tokenizer.json").read_bytes() == final_files["tokenizer.json"]
+    assert main(["generate", str(tmp_path / "avg"), "--prompt", "Recipe:", "--max-new-tokens", "3"]) == 0
+    model, tokenizer = load_for_generation(steps[1])
+    final, _ = load_for_generation(run / "final")  # the last checkpoint is the final model
+    ids = torch.tensor([tokenizer.encode("Recipe: Soup")])
+    torch.testing.assert_close(model(ids), final(ids))
+
+
+def test_step_directory_without_an_hf_model_says_what_to_do(tmp_path):
+    adapter_run, sharded_run = tmp_path / "step_00000002", tmp_path / "step_00000004"
+    for step, inner in ((adapter_run, "adapter"), (sharded_run, "dcp")):
+        (step / inner).mkdir(parents=True)
+        (step / STATE_FILE).write_bytes(b"")
+    with pytest.raises(ConfigError, match="optrush export .* --merge"):
+        checkpoint_model_dir(adapter_run)
+    with pytest.raises(ConfigError, match="sharded checkpoint.*final/"):
+        checkpoint_model_dir(sharded_run)
+    assert checkpoint_model_dir(tmp_path) == tmp_path  # not a checkpoint: taken as is
+
+
+def test_logged_lr_is_the_one_the_step_used_and_samples_are_printed(debug_overrides, tmp_path, capsys):
+    overrides = ["train.max_steps=3", "train.warmup_steps=0", "train.lr=3e-3", "train.schedule=cosine",
+                 "train.sample_every=2", "train.sample_prompts=['Recipe: Soup']", "train.sample_max_new_tokens=4",
+                 "checkpoint.save_final=false"]
+    train(load_config(None, debug_overrides + overrides))
+    schedule = TrainConfig(max_steps=3, warmup_steps=0, schedule="cosine")
+    lrs = [row["lr"] for row in metric_rows(tmp_path / "run") if "lr" in row]
+    assert lrs[0] == pytest.approx(3e-3)
+    assert lrs == pytest.approx([3e-3 * lr_at(step, schedule) for step in range(3)])
+    out = capsys.readouterr().out
+    assert "step 2/3 | sample repetition" in out and "\n  sample 0: Recipe: Soup" in out
+
+
+def test_samples_are_shown_after_their_prompt(tmp_path, capsys):
+    with MetricsLogger(output_dir=tmp_path, cfg=LoggingConfig(progress=False), total_steps=4,
+                       sample_prompts=["Recipe: Soup"]) as logger:
+        logger.log(2, {"sample_0": "\n- 1 cup water\n- salt\n\n", "sample_repetition": 0.25})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["step 2/4 | sample repetition 0.25", "  sample 0: Recipe: Soup", "    - 1 cup water",
+                         "    - salt"]
+
+
+def test_fresh_run_starts_a_new_metrics_file_and_resume_keeps_each_step_once(debug_overrides, tmp_path):
+    base = debug_overrides + ["train.max_steps=4", "checkpoint.every=2", "checkpoint.save_final=false"]
+    run = tmp_path / "run"
+    train(load_config(None, base))
+    train(load_config(None, base + [f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}"]))
+    assert loss_steps(run) == [1, 2, 3, 4]  # steps 3 and 4 of the first run were trained again: logged once
+    train(load_config(None, base + ["train.max_steps=2", "checkpoint.resume=never"]))
+    assert loss_steps(run) == [1, 2]
+
+
+def test_metrics_file_on_resume_keeps_rows_up_to_the_resumed_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+                                            + '{"step": 4, "lo')  # the interrupted run died mid-row
+    with MetricsLogger(output_dir=tmp_path, cfg=LoggingConfig(), total_steps=4, start_step=2) as logger:
+        logger.log(3, {"loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in metric_rows(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+
+def test_tensorboard_hides_steps_a_resume_trains_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = LoggingConfig(tensorboard=True)
+    for start, losses in ((0, {1: 9.0, 2: 9.0, 3: 9.0}), (0, {1: 5.0, 2: 5.0}), (1, {2: 1.0})):
+        with MetricsLogger(output_dir=tmp_path, cfg=cfg, total_steps=3, start_step=start) as logger:
+            for step, loss in losses.items():
+                logger.log(step, {"loss": loss})
+        time.sleep(1.1)  # event files are named (and read) by their second
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 5.0), (2, 1.0)]
+
+
+def test_resume_reports_a_finished_run_a_passed_max_steps_and_changed_settings(debug_overrides, tmp_path, capsys):
+    base = debug_overrides + ["train.max_steps=4", "checkpoint.every=4", "checkpoint.save_final=false"]
+    train(load_config(None, base))
+    resume = base + ["checkpoint.resume=auto"]
+    with pytest.raises(ConfigError, match=r"at step 4, past train.max_steps=3: set train.max_steps above 4"):
+        train(load_config(None, resume + ["train.max_steps=3"]))
+    capsys.readouterr()
+
+    summary = train(load_config(None, resume))
+    assert summary["steps"] == 4
+    assert "the run is already complete (train.max_steps=4): nothing left to train" in capsys.readouterr().out
+
+    summary = train(load_config(None, resume + ["train.max_steps=5", "train.grad_accum=2", "train.lr=1.0"]))
+    assert summary["steps"] == 5
+    err = capsys.readouterr().err
+    assert "train.max_steps: 4 -> 5 (the learning-rate schedule changes" in err
+    assert "train.grad_accum: 1 -> 2 (the global batch changes from 2 to 4 rows per step)" in err
+    assert "train.lr: 0.01 -> 1.0 (not applied: the resumed run keeps the checkpoint's peak lr)" in err
+    assert "train.micro_batch_size" not in err
+    assert max(row["lr"] for row in metric_rows(tmp_path / "run") if "lr" in row) <= 1e-2  # indeed not applied
