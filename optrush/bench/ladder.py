@@ -1,7 +1,7 @@
 """The Optimization Rush ladder: one config, then optimizations switched on one at a time, each rung measured in
 its own process, side by side with peer stacks (HF Trainer, TRL) on the same model and data.
 
-    optrush bench recipes/demo.yaml model.preset=llama3.2-1b --synthetic --ladder default --peers --out runs/ladder
+    optrush bench optrush/recipes/demo.yaml model.preset=llama3.2-1b --synthetic --ladder default --peers --out runs/ladder
     record = run_ladder(None, ["model.preset=debug", "train.device=cpu"], ladder=DEFAULT_LADDER, synthetic=True,
                         warmup=1, steps=3, peers=["hf_default"], out_dir="runs/ladder")
 

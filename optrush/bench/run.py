@@ -1,6 +1,6 @@
 """`optrush bench`: time the real training step on one config and report speed, MFU, memory and loss.
 
-    optrush bench recipes/demo.yaml model.preset=llama3.2-1b --synthetic --warmup 3 --steps 8
+    optrush bench optrush/recipes/demo.yaml model.preset=llama3.2-1b --synthetic --warmup 3 --steps 8
     result = bench(load_config(path, overrides, synthetic_data=True), synthetic=True, warmup=3, steps=8)
     write_report([result], "runs/bench")            # bench.json + bench.md
 

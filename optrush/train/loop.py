@@ -2,7 +2,7 @@
 
     from optrush.config import load_config
     from optrush.train import train
-    summary = train(load_config("recipes/demo.yaml", ["train.max_steps=50"]))
+    summary = train(load_config("optrush/recipes/demo.yaml", ["train.max_steps=50"]))
 
 Read top to bottom: set up (device, process group, seed, tokenizer, data, model, optimizations, optimizer), maybe
 resume, then repeat: take `grad_accum` micro-batches, count the step's trained units, accumulate gradients of the
