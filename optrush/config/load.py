@@ -54,7 +54,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                           "optrush/recipes/demo.yaml)")
     text = path.read_text()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
         tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(yaml_error_message(path, err)) from None
@@ -66,7 +65,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         build(Config, tree, prefix="")  # the overrides come later; this only places a bad key or value in the file
     except ConfigError as err:
-        line = key_lines(node).get(err.key)
+        line = key_lines(yaml.compose(text, Loader=yaml.SafeLoader)).get(err.key)  # parsed again only to place it
         raise ConfigError(f"{path}:{line}: {err}" if line else f"{path}: {err}", key=err.key) from None
     return tree
 

@@ -7,10 +7,11 @@ is visible, `auto` is validated as `cpu`, and such a config is refused at start-
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from optrush.config.load import load_config
+from optrush.config.load import load_config, validate
 from optrush.config.schema import Config
 
 
@@ -25,5 +26,6 @@ def load_config_for_machine(path: str | Path | None = None, overrides: Sequence[
     """`load_config`, with `train.device=auto` resolved to `cpu` where `gpus` (default: those visible) is 0."""
     cfg = load_config(path, list(overrides), synthetic_data=synthetic_data)
     if cfg.train.device == "auto" and (visible_gpus() if gpus is None else gpus) == 0:
-        cfg = load_config(path, [*overrides, "train.device=cpu"], synthetic_data=synthetic_data)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+        validate(cfg, synthetic_data=synthetic_data)
     return cfg

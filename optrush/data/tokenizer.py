@@ -84,6 +84,11 @@ def _make_portable(out_dir: Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def holds_tokenizer(path: Path) -> bool:
+    """Whether directory `path` holds an HF tokenizer (tokenizer.json, or a sentencepiece tokenizer.model)."""
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
 def load_tokenizer(path: str | Path | None) -> "PreTrainedTokenizerFast":
     """The HF tokenizer in directory `path`, with a pad token distinct from EOS where it had none (a warning
     says which one was chosen, or that one was added)."""
@@ -95,7 +100,7 @@ def load_tokenizer(path: str | Path | None) -> "PreTrainedTokenizerFast":
     if not path.is_dir():
         raise DataError(f"tokenizer directory not found: {path} (expected a directory holding tokenizer.json and "
                         "tokenizer_config.json, e.g. one written by `optrush tokenizer train` or an HF checkpoint)")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+    if not holds_tokenizer(path):
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise DataError(f"{path} holds no tokenizer: expected tokenizer.json (or a sentencepiece tokenizer.model) "
                         f"with tokenizer_config.json; found: {found}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from optrush.data.tokenizer import holds_tokenizer
 from optrush.models.io import CONFIG_FILE, load_model, read_config, save_model
 from optrush.models.llama import Transformer
 
@@ -57,7 +58,7 @@ def average_checkpoints(paths: Sequence[str | Path], *, out: str | Path) -> Tran
 
 def copy_tokenizer(paths: Sequence[Path], out: Path) -> None:
     """The tokenizer files of the first of `paths` holding a tokenizer, copied into `out`."""
-    source = next((p for p in paths if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()), None)
+    source = next((p for p in paths if holds_tokenizer(p)), None)
     if source is None:
         warnings.warn(f"none of the averaged checkpoints holds a tokenizer: copy the run's tokenizer files into "
                       f"{out} before generating from it", stacklevel=3)
