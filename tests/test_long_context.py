@@ -448,6 +448,20 @@ def test_max_context_search_doubles_then_bisects():
                             log=lambda _: None)["max_length"] is None
 
 
+def test_max_context_from_a_short_start_searches_on_its_power_of_two():
+    tried = []
+
+    def try_length(length):
+        tried.append(length)
+        return {"fits": length <= 700, "tokens_per_s": 1.0, "peak_mem_gib": 0.1}
+
+    result = find_max_context(Config(), start=300, limit=1 << 20, try_length=try_length, log=lambda _: None)
+    assert result["multiple"] == 256 and tried == [256, 512, 1024, 768]
+    assert result["max_length"] == 512
+    with pytest.raises(ValueError, match=r"limit=100 \(--max-context LIMIT\).*data.max_length"):
+        find_max_context(Config(), start=300, limit=100, try_length=try_length, log=lambda _: None)
+
+
 def test_max_context_tells_memory_from_other_failures(tmp_path):
     assert outcome({"status": "failed", "reason": "OutOfMemoryError: CUDA out of memory"}) == {
         "fits": False, "reason": "OutOfMemoryError: CUDA out of memory"}

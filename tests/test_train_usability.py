@@ -131,3 +131,11 @@ def test_resume_reports_a_finished_run_a_passed_max_steps_and_changed_settings(d
     assert "train.lr: 0.01 -> 1.0 (not applied: the resumed run keeps the checkpoint's peak lr)" in err
     assert "train.micro_batch_size" not in err
     assert max(row["lr"] for row in metric_rows(tmp_path / "run") if "lr" in row) <= 1e-2  # indeed not applied
+
+
+def test_resume_with_another_micro_batch_size_names_the_key(debug_overrides, tmp_path):
+    base = debug_overrides + ["train.max_steps=4", "checkpoint.every=2", "checkpoint.save_final=false"]
+    train(load_config(None, base + ["train.max_steps=2"]))
+    with pytest.raises(ValueError, match=r"train.micro_batch_size differs from the checkpoint's: it saved rows=2, "
+                                         r"this run has 1"):
+        train(load_config(None, base + ["checkpoint.resume=auto", "train.micro_batch_size=1", "train.grad_accum=2"]))

@@ -42,10 +42,12 @@ def find_max_context(cfg: Config, *, start: int, limit: int, multiple: int = 102
     """Search the largest `data.max_length` in [start, limit] that trains; returns the record (JSON-able).
 
     `try_length` replaces the subprocess try (tests inject a predicate). Lengths are multiples of `multiple`
-    (`start` and `limit` are rounded to it)."""
-    if multiple < 1 or start < multiple or limit < start:
-        raise ValueError(f"need 1 <= multiple <= start <= limit; got multiple={multiple}, start={start}, "
-                         f"limit={limit}")
+    (`start` and `limit` are rounded down to it; `multiple` shrinks to a power of two when `start` is shorter)."""
+    if start < 1 or limit < start:
+        raise ValueError(f"the search needs 1 <= start <= limit; got start={start} (data.max_length), "
+                         f"limit={limit} (--max-context LIMIT): raise the limit or lower data.max_length")
+    if multiple > start:  # a short start length: search on the largest power of two it holds
+        multiple = 1 << (start.bit_length() - 1)
     start, limit = start // multiple * multiple, limit // multiple * multiple
     if try_length is None:
         try_length = subprocess_try(cfg, warmup=warmup, steps=steps, timeout_s=timeout_s)

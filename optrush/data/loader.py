@@ -45,7 +45,11 @@ from optrush.data.pack import collate, plan_batches
 
 # settings that must match between the saving and the resuming loader for the stream to continue exactly
 # (not rank and world_size: a position converts between world sizes, see load_state_dict)
-MUST_MATCH = ("strategy", "rows", "batch_tokens", "max_length", "seed", "shuffle", "num_examples", "lengths_crc32")
+# (each with what sets it, for the error message)
+MUST_MATCH = {"strategy": "data.packing", "rows": "train.micro_batch_size", "batch_tokens": "data.batch_tokens",
+              "max_length": "data.max_length", "seed": "train.seed", "shuffle": "shuffling",
+              "num_examples": "the number of training examples",
+              "lengths_crc32": "the training examples' token lengths"}
 SAVED_BEFORE = {"batch_tokens": 0}
 """Settings newer than some saved states, and the value a state saved without them had."""
 
@@ -108,11 +112,11 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.settings()
-        for key in MUST_MATCH:
+        for key, source in MUST_MATCH.items():
             saved = state.get(key, SAVED_BEFORE.get(key))
             if saved != mine[key]:
-                raise ValueError(f"the saved data-loader state has {key}={saved!r} but this run has "
-                                 f"{mine[key]!r}: resume with the same data and data/train settings, or start "
+                raise ValueError(f"{source} differs from the checkpoint's: it saved {key}={saved!r}, this run has "
+                                 f"{mine[key]!r}; resume with the same data and data/train settings, or start "
                                  "fresh (checkpoint.resume=never)")
         taken = int(state["batch_index"]) * int(state["world_size"])  # micro-batches of the epoch all ranks took
         if taken % self.world_size:
