@@ -139,3 +139,16 @@ def test_resume_with_another_micro_batch_size_names_the_key(debug_overrides, tmp
     with pytest.raises(ValueError, match=r"train.micro_batch_size differs from the checkpoint's: it saved rows=2, "
                                          r"this run has 1"):
         train(load_config(None, base + ["checkpoint.resume=auto", "train.micro_batch_size=1", "train.grad_accum=2"]))
+
+
+def test_train_sets_tf32_and_determinism_for_the_run_only(debug_overrides, monkeypatch):
+    from optrush.train import loop
+
+    def flags():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.are_deterministic_algorithms_enabled())
+
+    before, seen, real_run = flags(), [], loop.run
+    monkeypatch.setattr(loop, "run", lambda cfg, parallel: seen.append(flags()) or real_run(cfg, parallel))
+    train(load_config(None, debug_overrides + ["train.max_steps=1", "precision.tf32=true", "train.deterministic=true"]))
+    assert seen == [(True, True, True)] and flags() == before  # a caller's fp32 work afterwards runs as before

@@ -129,7 +129,7 @@ def run_peer(peer: str, cfg: Config, *, synthetic: bool, warmup: int, steps: int
     from optrush.train.metrics import mfu, peak_memory_gib
 
     device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, deterministic=False)
+    seed_everything(cfg.train.seed)
     started = time.perf_counter()
     model = load_peer_model(peer, cfg, device=device)
     n_steps, ga = warmup + steps, cfg.train.grad_accum

@@ -40,8 +40,8 @@ from optrush.optim.schedule import build_scheduler
 from optrush.parallel.context import data_parallel_position, setup_context_parallel
 from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distributed, teardown
 from optrush.train.float8 import require_float8
-from optrush.train.loop import (accumulate_gradients, build, clip_gradients, make_loader, precision_context,
-                                resolve_device, seed_everything)
+from optrush.train.loop import (accumulate_gradients, backend_flags, build, clip_gradients, make_loader,
+                                precision_context, resolve_device, seed_everything)
 from optrush.train.metrics import device_peak_flops, mfu, model_params, peak_memory_gib, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations
 
@@ -56,7 +56,8 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
     owns_group = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
     try:
-        return measure(cfg, parallel, synthetic=synthetic, warmup=warmup, steps=steps, name=name)
+        with backend_flags(cfg):
+            return measure(cfg, parallel, synthetic=synthetic, warmup=warmup, steps=steps, name=name)
     finally:
         if owns_group:
             teardown()
@@ -138,10 +139,7 @@ def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int
     device = parallel.device
     if cfg.precision.mode == "fp8":
         require_float8(device)
-    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    seed_everything(cfg.train.seed)
     # the ranks of one context-parallel group read the same rows and each keeps its share of every row
     data_rank, data_world = data_parallel_position(cfg.context.degree)
     if synthetic:

@@ -68,9 +68,6 @@ class CheckContext:
 def prepare(cfg: Config) -> CheckContext:
     """Tokenizer, training examples and data report exactly as `optrush.train.train` makes them."""
     device = loop.resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
     examples, _, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     key = tolerance_key(cfg, device)

@@ -131,18 +131,24 @@ def run_checks(cfg: Config, *, only: Iterable[str] | None = None, steps: int = D
     ctx = prepare(cfg)
     report = CheckReport(tolerance=ctx.tolerance, precision=ctx.precision,
                          context={"config": to_dict(cfg), "steps": steps, "provenance": provenance()})
-    for name in (n for n in GROUPS if n in names):
-        kwargs = {"steps": steps} if name in TRAINING_GROUPS else {}
-        try:
-            report.rows += GROUPS[name](ctx, **kwargs)
-        except Exception as err:  # noqa: BLE001 - reported as a failed row, with the traceback's last frame
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            report.rows.append(CheckResult(name=f"{name}: ran", passed=False,
-                                           detail=f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"))
-        finally:
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
+    with loop.backend_flags(cfg):
+        for name in (n for n in GROUPS if n in names):
+            report.rows += run_group(name, ctx, steps=steps)
     return report
+
+
+def run_group(name: str, ctx: CheckContext, *, steps: int) -> list[CheckResult]:
+    """One group's rows, or a failed row that names where it raised."""
+    kwargs = {"steps": steps} if name in TRAINING_GROUPS else {}
+    try:
+        return GROUPS[name](ctx, **kwargs)
+    except Exception as err:  # noqa: BLE001 - reported as a failed row, with the traceback's last frame
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        return [CheckResult(name=f"{name}: ran", passed=False,
+                            detail=f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})")]
+    finally:
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def run_fast_checks(cfg: Config) -> CheckReport:

@@ -59,7 +59,8 @@ def train(cfg: Config) -> dict:
         raise ConfigError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
     parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
     try:
-        return run(cfg, parallel)
+        with backend_flags(cfg):
+            return run(cfg, parallel)
     except torch.OutOfMemoryError:
         from optrush.plan import oom_advice  # the planner knows which switch frees the most memory
 
@@ -77,10 +78,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
         require_float8(device)  # before any data work: fail in seconds, not after tokenizing
     if cfg.train.verify:
         verify(cfg, output_dir)
-    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
     read_data = build_preference_datasets if cfg.objective in PAIRWISE else build_datasets
@@ -250,7 +248,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int, *, deterministic: bool) -> None:
+def seed_everything(seed: int) -> None:
     import random
 
     import numpy as np
@@ -258,8 +256,22 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
+
+
+@contextlib.contextmanager
+def backend_flags(cfg: Config):
+    """TF32 matmuls (`precision.tf32`) and deterministic algorithms (`train.deterministic`) while the block runs.
+    The flags are process-wide: they are put back after it, so a caller's own fp32 work after `train()` (or a
+    test's reference) runs as before."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+    torch.use_deterministic_algorithms(saved[2] or cfg.train.deterministic)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
 
 
 def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
