@@ -48,13 +48,3 @@ def debug_overrides(recipe_corpus, tokenizer_dir, tmp_path):
             "train.micro_batch_size=2", "train.max_steps=6", "train.lr=1e-2", "train.device=cpu",
             "logging.progress=false", "checkpoint.resume=never"]
 
-
-@pytest.fixture(autouse=True)
-def fresh_compile_cache(request):
-    """GPU tests compile from an empty dynamo cache: earlier tests' compilations count towards dynamo's recompile
-    limit, past which a compiled function silently runs eagerly (and a kernel-count or memory test then fails)."""
-    if request.node.get_closest_marker("gpu") is not None:
-        import torch
-
-        torch._dynamo.reset()
-    yield

@@ -264,14 +264,15 @@ def backend_flags(cfg: Config):
     The flags are process-wide: they are put back after it, so a caller's own fp32 work after `train()` (or a
     test's reference) runs as before."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled())
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-    torch.use_deterministic_algorithms(saved[2] or cfg.train.deterministic)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.use_deterministic_algorithms(saved[2])
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
