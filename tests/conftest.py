@@ -47,4 +47,3 @@ def debug_overrides(recipe_corpus, tokenizer_dir, tmp_path):
             "model.preset=debug", "objective=sft", "data.format=recipe", "data.max_length=256",
             "train.micro_batch_size=2", "train.max_steps=6", "train.lr=1e-2", "train.device=cpu",
             "logging.progress=false", "checkpoint.resume=never"]
-
