@@ -6,7 +6,7 @@ import torch
 
 from optrush.check import run_checks
 from optrush.cli.main import main
-from optrush.config import load_config
+from optrush.config import ConfigError, load_config
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.formats import Example
 from optrush.models import layers
@@ -246,3 +246,63 @@ def test_multi_gpu_row_catches_a_per_rank_loss_normalisation(debug_overrides, mo
     (row,) = run_checks(load_config(None, debug_overrides + ["parallel.strategy=ddp"]), only=["multi_gpu"],
                         steps=2).rows
     assert row.passed is False and row.switch_to_turn_off == "parallel.strategy=none", row
+
+
+def chat_overrides(debug_overrides, tmp_path, conversations=6):
+    """The debug overrides on a small chat file (the conftest tokenizer renders ChatML, <|im_end|> special)."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Soup number {i}?"},
+        {"role": "assistant", "content": f"Stir {i} times."}, {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Serve it hot."}]}) + "\n" for i in range(conversations)))
+    return [*debug_overrides, f"data.path={path}", "data.format=chat"]
+
+
+def test_chat_data_passes_the_data_checks_and_a_lost_end_of_turn_fails(debug_overrides, tmp_path, monkeypatch):
+    import optrush.data.dataset as dataset
+
+    cfg = load_config(None, chat_overrides(debug_overrides, tmp_path))
+    report = run_checks(cfg, only=["data", "truncation"])
+    assert report.passed, report.rows
+    assert {"data: end of turn trained at the end of every conversation", "data: end of turn kept in the batches",
+            "data: loss on assistant turns only"} <= {row.name for row in report.rows if row.passed}
+    chat_segments = dataset.chat_segments
+
+    def end_marker_masked(record, **kwargs):  # the planted fault: the model would never learn to stop
+        segments = []
+        for text, trained in chat_segments(record, **kwargs):
+            if trained and text.endswith("<|im_end|>"):
+                segments += [(text.removesuffix("<|im_end|>"), True), ("<|im_end|>", False)]
+            else:
+                segments.append((text, trained))
+        return segments
+
+    monkeypatch.setattr(dataset, "chat_segments", end_marker_masked)
+    assert set(failed(run_checks(cfg, only=["data"]))) == {
+        "data: end of turn trained at the end of every conversation", "data: end of turn kept in the batches",
+        "data: loss on assistant turns only"}
+
+
+def test_data_checks_read_the_data_as_training_does(debug_overrides, tmp_path):
+    """A Parquet source, a bad JSON line under data.on_error=skip, and data.clean rules (which drop the longest
+    records): the checks read what training read, so the loss mask is compared and the truncation count agrees."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"Soup {i}: ", "completion": "Stir well. " * (i % 4 + 1)} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pc.parquet")
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + "{not json\n")
+    for source in ("pc.parquet", "pc.jsonl"):
+        cfg = load_config(None, [*debug_overrides, f"data.path={tmp_path / source}", "data.format=prompt_completion",
+                                 "data.on_error=skip", "data.max_length=16", "data.clean.max_chars=40"])
+        report = run_checks(cfg, only=["data", "truncation"])
+        # every row ran and passed: half the kept records are truncated, the rest are compared token by token
+        assert all(row.passed for row in report.rows), (source, report.rows)
+
+
+def test_check_on_preference_data_says_what_it_checks(debug_overrides, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Soup?", "chosen": "Stir.", "rejected": "No."}) + "\n")
+    cfg = load_config(None, [*debug_overrides, f"data.path={path}", "data.format=preference", "objective=dpo"])
+    with pytest.raises(ConfigError, match=r"causal_lm/sft runs only \(objective=dpo\).*objective=sft"):
+        run_checks(cfg, only=["data"])

@@ -116,3 +116,68 @@ def test_training_streams_cleaning_in_one_pass_per_fitted_rule(tmp_path, tok, mo
     assert [r["title"] for r in kept] == ["Stew", "Pie", "Tea", "Jam"] and report.clean == expected
     plain, _, _ = build_datasets(DataConfig(path=str(write(tmp_path / "k.jsonl", kept)), format="recipe"), tok, seed=0)
     assert train == plain
+
+
+def test_data_clean_honours_on_error_skip_and_counts_the_rejects(tmp_path, tok):
+    from optrush.data.clean_report import clean_dataset
+
+    csv = tmp_path / "bad.csv"
+    csv.write_text('prompt,completion\nquestion: soup, yes good answer\nquestion: pasta, yes,extra field\n'
+                   '"question: unterminated, oops\nquestion: salt, yes good answer salt\n')
+    jsonl = write(tmp_path / "bad.jsonl", [{"prompt": "question: soup", "completion": " yes"}])
+    with open(jsonl, "a") as f:
+        f.write("{not json\n" + json.dumps({"prompt": "question: salt", "completion": " yes"}) + "\n")
+    for path, bad, kept in ((csv, 2, 1), (jsonl, 1, 2)):
+        cfg = DataConfig(path=str(path), format="prompt_completion", clean=DataCleanConfig(dedup=True))
+        with pytest.raises(DataError, match=rf"{path.name}.* line 3|{path.name}:2"):
+            clean_dataset(cfg, tokenizer=tok, out_dir=tmp_path / "error")
+        cfg.on_error = "skip"
+        out = tmp_path / f"clean_{path.suffix[1:]}"
+        paths = clean_dataset(cfg, tokenizer=tok, out_dir=out)
+        summary = json.loads(paths["json"].read_text())
+        assert summary["rejected"] == bad and summary["kept"] == kept, summary
+        assert paths["rejects"] == out / "bad.rejects.jsonl" and len(paths["rejects"].read_text().splitlines()) == bad
+        assert len(paths["data"].read_text().splitlines()) == kept
+        assert f"Skipped **{bad}** bad rows" in paths["markdown"].read_text()
+
+
+def test_null_in_a_nonempty_column_is_dropped_and_elsewhere_an_error_naming_file_and_row(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from optrush.data.clean_report import clean_dataset
+
+    rows = [{"prompt": f"question {i}", "completion": f" answer {i}"} for i in range(5)]
+    rows[3]["prompt"] = None
+    path = tmp_path / "pc.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+    def config(**kw):
+        return DataConfig(path=str(path), format="prompt_completion", **kw)
+
+    paths = clean_dataset(config(clean=DataCleanConfig(nonempty=["prompt", "completion"])), tokenizer=tok,
+                          out_dir=tmp_path / "nonempty")
+    summary = json.loads(paths["json"].read_text())
+    assert summary["dropped"] == {"empty": 1} and summary["kept"] == 4 and "'prompt' is null" in summary["examples"][
+        "empty"][0]
+    with pytest.raises(DataError, match=rf"{path} row 4: column 'prompt' is null; .*data.clean.nonempty: \[prompt\]"):
+        clean_dataset(config(), tokenizer=tok, out_dir=tmp_path / "error")
+    summary = json.loads(clean_dataset(config(on_error="skip"), tokenizer=tok, out_dir=tmp_path / "skip")["json"]
+                         .read_text())
+    assert summary["rejected"] == summary["unrenderable"] == 1 and summary["kept"] == 4
+    # training with a token-count rule: its fit pass leaves the row to encoding, which rejects it with its place
+    train, _, report = build_datasets(config(on_error="skip", rejects_path=str(tmp_path / "r.jsonl"),
+                                             clean=DataCleanConfig(max_tokens=100)), tok, seed=0)
+    assert len(train) == 4 and report.train.rejected == 1 and f"{path} row 4" in report.train.reject_messages[0]
+
+
+def test_text_rules_read_the_messages_of_chat_records():
+    def chat(user, assistant):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+    records = [chat("how do I boil an egg?", "Put it in boiling water for nine minutes."), chat("hi", "ok"),
+               chat("buy cheap pills now", "Visit the link for a discount on everything today.")]
+    cfg = DataConfig(format="chat", clean=DataCleanConfig(min_chars=20, drop_patterns=["cheap pills"]))
+    kept, report = clean_records(records, rules=rules_from_config(cfg))
+    assert kept == records[:1]  # the short chat by its length, the spam by its user turn; roles are not text
+    assert report.kept == 1

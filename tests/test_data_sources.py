@@ -164,3 +164,19 @@ def test_reject_messages_do_not_suggest_the_setting_already_on(tmp_path):
         rejects = Rejects(tmp_path / f"{name}.rejects.jsonl")
         list(iter_records(tmp_path / name, rejects=rejects))
         assert rejects.count == 1 and "on_error" not in rejects.messages[0]
+
+
+def test_only_readers_whose_callers_can_skip_suggest_on_error(tmp_path, capsys):
+    from optrush.cli.main import main
+    from optrush.data.reader import read_records
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n{not json\n")
+    with pytest.raises(DataError, match="set data.on_error=skip"):
+        list(iter_records(path))  # training and data clean honour data.on_error
+    with pytest.raises(DataError, match=r"texts\.jsonl:2: not valid JSON") as err:
+        list(read_records(path))
+    assert "on_error" not in str(err.value)
+    assert main(["score", str(tmp_path / "no_checkpoint"), "--data", str(path)]) == 2  # score has no data.on_error
+    message = capsys.readouterr().err
+    assert "texts.jsonl:2: not valid JSON" in message and "on_error" not in message

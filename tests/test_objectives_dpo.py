@@ -297,3 +297,17 @@ def test_orpo_log_odds_stay_exact_as_the_chosen_probability_nears_one(average_ch
     assert torch.isfinite(grad32).all()
     torch.testing.assert_close(loss32, loss64, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(grad32, grad64, rtol=1e-5, atol=1e-9)
+
+
+def test_dpo_skips_a_malformed_pair_under_on_error_skip(pairs, debug_overrides, tmp_path):
+    from optrush.cli.main import main
+
+    path, _, _ = pairs
+    lines = path.read_text().splitlines()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines[:3] + ['{"prompt": "question: soup", "chosen": " yes", '] + lines[3:10]) + "\n")
+    assert main(["train", *debug_overrides, f"data.path={data}", "objective=dpo", "data.format=preference",
+                 "data.max_length=256", "train.max_steps=1", "data.on_error=skip"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["train"]["rejected"] == 1 and summary["data"]["train_pairs"] == 10
+    assert json.loads((tmp_path / "pairs.jsonl.rejects.jsonl").read_text())["where"].endswith("pairs.jsonl:4")

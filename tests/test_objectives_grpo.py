@@ -161,3 +161,62 @@ def test_fused_loss_log_probs_equal_full_logits(toy):
     assert chunked_kl == pytest.approx(kl, rel=1e-5)
     for chunked, full in zip(chunked_grads, grads):
         torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-4)
+
+
+def returns_scalar(prompts, completions):
+    return 1.0
+
+
+def returns_one_too_few(prompts, completions):
+    return [0.5] * (len(completions) - 1)
+
+
+def returns_none(prompts, completions):
+    return None
+
+
+def returns_strings(prompts, completions):
+    return ["good"] * len(completions)
+
+
+def returns_nan(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+def raises(prompts, completions):
+    raise KeyError("score")
+
+
+@pytest.mark.parametrize("fn, problem", [(returns_scalar, "not a list"), (returns_none, "not a list"),
+                                         (returns_one_too_few, "3 value"), (returns_strings, "not a number"),
+                                         (returns_nan, "not finite")])
+def test_reward_function_results_are_checked(toy, fn, problem):
+    tok, batches = toy
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0).eval()
+    objective = GRPO(cfg=GRPOConfig(group_size=2, max_new_tokens=2, kl_beta=0.0), tokenizer=tok, reference=None,
+                     rewards=[vowel_share, fn])
+    with pytest.raises(ValueError, match=f"'test_objectives_grpo:{fn.__name__}' returned .*{problem}.*2 prompts "
+                                         r"x grpo.group_size=2\), and must return a list of 4 finite floats"):
+        objective(model, batches[0])
+
+
+def test_reward_function_exception_names_the_function(toy):
+    tok, batches = toy
+    model = build_model(get_preset("debug", vocab_size=len(tok)), seed=0).eval()
+    objective = GRPO(cfg=GRPOConfig(group_size=2, max_new_tokens=2, kl_beta=0.0), tokenizer=tok, reference=None,
+                     rewards=[raises])
+    with pytest.raises(KeyError) as caught:
+        objective(model, batches[0])
+    assert "reward function 'test_objectives_grpo:raises' of grpo.rewards" in "".join(caught.value.__notes__)
+
+
+def test_reward_import_from_a_file_and_the_pythonpath_hint(tmp_path, monkeypatch):
+    (tmp_path / "myrewards.py").write_text("def length(prompts, completions):\n"
+                                           "    return [float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("myrewards.py:length", f"{tmp_path / 'myrewards.py'}:length"):
+        assert import_reward(name)(["p"], ["abc"]) == [3.0]
+    with pytest.raises(ValueError, match=r"PYTHONPATH=.*grpo.rewards=\[path/to/myrewards.py:length\]"):
+        import_reward("myrewards:length")  # the working directory is not on the path
+    with pytest.raises(ValueError, match="does not exist .*working directory"):
+        import_reward("absent.py:length")

@@ -93,6 +93,8 @@ def test_reward_training_runs_end_to_end_and_scores_texts(pairs_file, debug_over
                              "train.lr=3e-3", "data.eval_fraction=0.1", "reward.margin=0.1"])
     summary = train(cfg)
     assert summary["steps"] == 3 and "eval_accuracy" in summary
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["pad_token_id"] == load_tokenizer(cfg.data.tokenizer).pad_token_id  # HF's batched scoring needs it
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("accuracy" in m for m in metrics)
 
@@ -120,3 +122,114 @@ def test_incompatible_alignment_settings_are_config_errors(overrides, message):
     base = ["model.preset=debug", "data.tokenizer=tok", "data.path=x.jsonl"]
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*base, *overrides])
+
+
+def pair_record(prompt="Recipe: Soup", chosen=" Boil water, add salt.", rejected=" salt water."):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def test_preference_bad_records_raise_with_their_line_or_are_skipped_and_written_out(tmp_path, tokenizer_dir):
+    from optrush.config.schema import DataConfig
+    from optrush.data.reader import DataError
+
+    tok = load_tokenizer(tokenizer_dir)
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(pair_record())] * 3 + ['{"prompt": "Recipe: Soup", "chosen": " yes", ',
+                                               json.dumps({"prompt": "Recipe: Soup", "chosen": " Stir."}),
+                                               json.dumps(pair_record(chosen="")),
+                                               json.dumps(pair_record(rejected="  "))] + [json.dumps(pair_record())] * 2
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(path=str(path), format="preference")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:4: not valid JSON .*data\.on_error=skip"):
+        build_preference_datasets(cfg, tok, seed=0)
+    for line in (5, 6, 7):  # a missing column, an empty chosen, a blank rejected completion
+        path.write_text("\n".join(lines[:3] + lines[line - 1:line]) + "\n")
+        with pytest.raises(DataError, match=rf"pairs\.jsonl:4: .*(missing or not a string|is empty)"):
+            build_preference_datasets(cfg, tok, seed=0)
+
+    path.write_text("\n".join(lines) + "\n")
+    train, _, report = build_preference_datasets(DataConfig(path=str(path), format="preference", on_error="skip"),
+                                                 tok, seed=0)
+    assert len(train) == 5 and report.train.rejected == 4
+    rejects = [json.loads(line) for line in (tmp_path / "pairs.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in rejects] == ["4", "5", "6", "7"]
+    assert "skipped 4 malformed rows (data.on_error=skip)" in report.format()
+    assert report.as_dict()["train"]["rejected"] == 4
+
+
+def test_shared_prompt_pairs_are_length_checked_as_packed(tmp_path, tokenizer_dir):
+    """data.shared_prompt=true stores the prompt once: a pair that fits that way is kept, not dropped or an error."""
+    from optrush.config.schema import DataConfig
+    from optrush.data.reader import DataError
+
+    tok = load_tokenizer(tokenizer_dir)
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl([pair_record(prompt="Recipe: Tomato soup with garlic and pepper")], path)
+    (pair,), _, _ = build_preference_datasets(DataConfig(path=str(path), format="preference"), tok, seed=0)
+    assert pair.shared_length < len(pair)
+    shared = DataConfig(path=str(path), format="preference", max_length=pair.shared_length, too_long="error",
+                        shared_prompt=True)
+    train, _, report = build_preference_datasets(shared, tok, seed=0)
+    assert len(train) == 1 and report.tokens == pair.shared_length
+    with pytest.raises(DataError, match=rf"pairs\.jsonl:1: the pair takes {len(pair)} tokens \(chosen \+ rejected\)"):
+        build_preference_datasets(DataConfig(path=str(path), format="preference", max_length=pair.shared_length,
+                                             too_long="error"), tok, seed=0)
+
+
+def test_pairs_whose_completions_are_identical_are_dropped_and_counted(tmp_path, tokenizer_dir):
+    from optrush.config.schema import DataConfig
+    from optrush.data.reader import DataError
+
+    tok = load_tokenizer(tokenizer_dir)
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl([pair_record(), pair_record(rejected=" Boil water, add salt.")], path)
+    train, _, report = build_preference_datasets(DataConfig(path=str(path), format="preference"), tok, seed=0)
+    assert len(train) == 1 and dict(report.train.dropped) == {"identical": 1}
+    assert "dropped 1 as identical (chosen and rejected encode alike: nothing to learn)" in report.format()
+    write_jsonl([pair_record(rejected=" Boil water, add salt.")] * 2, path)
+    with pytest.raises(DataError, match=r"read 2 records; all 2 pairs have chosen and rejected completions that "
+                                        r"encode alike"):
+        build_preference_datasets(DataConfig(path=str(path), format="preference"), tok, seed=0)
+
+
+@pytest.mark.parametrize("family", [{}, {"model_type": "qwen2", "qkv_bias": True}])
+def test_reward_model_saves_as_a_sequence_classifier_that_transformers_loads(family, tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from optrush.models.io import load_model, load_state_into, save_model
+    from optrush.objectives.reward import load_reward_model, score_texts
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = apply_reward_head(build_model(get_preset("debug", vocab_size=len(tok), **family), seed=0),
+                              pad_token_id=tok.pad_token_id)
+    save_model(model, tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    assert config["pad_token_id"] == tok.pad_token_id != tok.eos_token_id
+
+    texts = ["Recipe: Toast\nIngredients:\n- 1 slice bread", "Recipe: Tea", "Recipe: Soup\nDirections:\n1. Boil."]
+    ours = score_texts(load_reward_model(tmp_path / "rm"), tok, texts)
+    hf, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and hf.config.num_labels == 1
+    rows = [[tok.bos_token_id, *tok.encode(t, add_special_tokens=False), tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
+    with torch.no_grad():
+        theirs = hf(input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long()).logits[:, 0]
+    torch.testing.assert_close(theirs, torch.tensor(ours), atol=1e-5, rtol=1e-5)
+
+    load_state_into(apply_reward_head(build_model(get_preset("debug", vocab_size=len(tok), **family), seed=1)),
+                    tmp_path / "rm")  # a resume reads the new layout
+    old = tmp_path / "old"  # the layout written before: a causal-LM config whose lm_head is (1, dim)
+    old.mkdir()
+    tensors = load_file(tmp_path / "rm" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("score.weight")
+    save_file(tensors, old / "model.safetensors")
+    architecture = config["architectures"][0].replace("ForSequenceClassification", "ForCausalLM")
+    (old / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
+    assert score_texts(load_reward_model(old), tok, texts) == pytest.approx(ours, abs=1e-6)
+    for path in (tmp_path / "rm", old):
+        with pytest.raises(ValueError, match="reward model .*optrush score"):
+            load_model(path)  # what `optrush generate` loads

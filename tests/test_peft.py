@@ -245,8 +245,7 @@ def test_lora_training_resumes_exactly_and_saves_final(debug_overrides, tmp_path
     b = load_file(tmp_path / "b" / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
-    with pytest.raises(ConfigError, match="--base"):  # a preset run has no base model on disk
-        export_checkpoint(tmp_path / "a" / "final", out=tmp_path / "x", merge=True)
+    export_checkpoint(tmp_path / "a" / "final", out=tmp_path / "x", merge=True)  # base: the preset's, in a/base
 
 
 def test_prompt_tuning_peft_round_trip_and_loss_alignment(tmp_path):
@@ -293,3 +292,45 @@ def test_prompt_tuning_config_validation(debug_overrides):
     cfg = load_config(None, debug_overrides + ["peft.method=prompt_tuning", "peft.save=adapter", "data.packing=none",
                                                "peft.num_virtual_tokens=4"])
     assert cfg.peft.num_virtual_tokens == 4
+
+
+
+def test_adapter_names_its_base_by_absolute_path(tmp_path, monkeypatch):
+    from optrush.generate.load import resolve
+    from optrush.models.io import load_model
+
+    model = tiny_model()
+    monkeypatch.chdir(tmp_path)
+    save_model(model, "runs/base")
+    apply_lora(model, PeftConfig(method="lora", r=4))
+    randomize_adapters(model)
+    save_adapter(model, "runs/lora/adapter", base_model_path="runs/base")
+    export_checkpoint("runs/lora/adapter", out="runs/copy", merge=False, base="runs/base")
+    for adapter in ("runs/lora/adapter", "runs/copy"):
+        config = json.loads((tmp_path / adapter / ADAPTER_CONFIG).read_text())
+        assert config["base_model_name_or_path"] == str(tmp_path / "runs" / "base")
+    monkeypatch.chdir(tmp_path / "runs")  # elsewhere: the relative path would no longer resolve
+    base, adapter, _ = resolve(None, adapter=tmp_path / "runs" / "lora" / "adapter", base=None)
+    loaded = load_adapter(load_model(base), adapter).eval()
+    torch.testing.assert_close(logits(loaded, ids()), logits(model, ids()))
+
+
+@pytest.mark.parametrize("save", ["adapter", "both"])
+def test_preset_lora_run_saves_its_base_for_the_adapters(save, debug_overrides, tmp_path, monkeypatch):
+    from optrush.generate.load import load_for_generation
+    from optrush.train import train
+
+    cfg = load_config(None, debug_overrides + ["peft.method=lora", "peft.r=4", f"peft.save={save}",
+                                               "train.max_steps=2", "checkpoint.every=1", "checkpoint.keep_last=1"])
+    train(cfg)
+    run = tmp_path / "run"
+    assert (run / "base" / "config.json").is_file() and (run / "base" / "tokenizer.json").is_file()
+    for adapter in (run / "final" / "adapter", run / "checkpoints" / "step_00000002" / "adapter"):
+        assert json.loads((adapter / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(run / "base")
+    monkeypatch.chdir(tmp_path.parent)
+    model, _ = load_for_generation(run / "final")  # the merged model, or (adapter only) the adapter over base/
+    adapted, _ = load_for_generation(adapter=run / "final" / "adapter")
+    load_for_generation(run / "checkpoints" / "step_00000002")
+    if save == "both":  # the merged model trained from the same base
+        torch.testing.assert_close(logits(adapted, ids()), logits(model, ids()), atol=1e-5, rtol=1e-4)
+        assert (run / "final" / "model.safetensors").is_file()

@@ -152,3 +152,113 @@ def test_train_sets_tf32_and_determinism_for_the_run_only(debug_overrides, monke
     monkeypatch.setattr(loop, "run", lambda cfg, parallel: seen.append(flags()) or real_run(cfg, parallel))
     train(load_config(None, debug_overrides + ["train.max_steps=1", "precision.tf32=true", "train.deterministic=true"]))
     assert seen == [(True, True, True)] and flags() == before  # a caller's fp32 work afterwards runs as before
+
+
+def test_resume_warns_that_changed_optimizer_hyperparameters_are_not_applied(debug_overrides, tmp_path, capsys):
+    base = debug_overrides + ["train.max_steps=2", "checkpoint.every=2", "checkpoint.save_final=false"]
+    train(load_config(None, base))
+    capsys.readouterr()
+    changed = ["optim.betas=[0.5,0.6]", "optim.eps=1e-2", "optim.weight_decay=0.1"]
+    unused = ["peft.r=8", "optim.momentum=0.5"]  # settings of another peft method and optimizer: no effect here
+    train(load_config(None, base + ["checkpoint.resume=auto", "train.max_steps=4"] + changed + unused))
+    err = capsys.readouterr().err
+    assert "peft.r" not in err and "optim.momentum" not in err
+    effect = "(not applied: the resumed optimizer keeps the checkpoint's value)"
+    for change in ("optim.betas: [0.9, 0.95] -> [0.5, 0.6]", "optim.eps: 1e-08 -> 0.01",
+                   "optim.weight_decay: 0.0 -> 0.1"):
+        assert f"{change} {effect}" in err
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / STATE_FILE, weights_only=False)
+    assert saved["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)  # indeed not applied
+    # and the resumed run's checkpoint records the values in effect, so resuming it again with them still warns
+    assert saved["train"]["settings"]["optim.betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("optim.name=lion", r"optim.name differs from the checkpoint's \(adamw -> lion\)"),
+    ("optim.name=adafactor", r"optim.name differs from the checkpoint's \(adamw -> adafactor\)"),
+    ("peft.method=lora", r"peft.method differs from the checkpoint's \(none -> lora\); trainable parameters differs"),
+    ("model.preset=demo", r"model.preset differs from the checkpoint's \(debug -> demo\)"),
+])
+def test_resume_refuses_another_optimizer_model_or_adapters_before_loading(debug_overrides, tmp_path, change, message):
+    base = debug_overrides + ["train.max_steps=2", "checkpoint.every=2", "checkpoint.save_final=false"]
+    train(load_config(None, base))
+    with pytest.raises(ConfigError, match=message + r".*: resume with the same setting, or start fresh "
+                                                    r"\(checkpoint.resume=never\)"):
+        train(load_config(None, base + ["checkpoint.resume=auto", "train.max_steps=3", change]))
+
+
+def test_resume_of_a_checkpoint_that_did_not_save_a_setting_skips_its_comparison(debug_overrides, tmp_path, capsys):
+    base = debug_overrides + ["train.max_steps=2", "checkpoint.every=2", "checkpoint.save_final=false"]
+    train(load_config(None, base))
+    state_file = tmp_path / "run" / "checkpoints" / "step_00000002" / STATE_FILE
+    saved = torch.load(state_file, weights_only=False)
+    for key in ("optim.name", "optim.betas", "trainable parameters"):  # as written before they were recorded
+        del saved["train"]["settings"][key]
+    torch.save(saved, state_file)
+    capsys.readouterr()
+    summary = train(load_config(None, base + ["checkpoint.resume=auto", "train.max_steps=3", "optim.betas=[0.5,0.6]"]))
+    assert summary["steps"] == 3 and "optim.betas" not in capsys.readouterr().err
+
+
+def test_resume_from_a_final_directory_says_it_is_no_checkpoint(debug_overrides, tmp_path):
+    base = debug_overrides + ["train.max_steps=1"]
+    train(load_config(None, base))
+    final = tmp_path / "run" / "final"
+    with pytest.raises(ConfigError, match=rf"{final} is not a resumable training checkpoint .*checkpoints/step_N.*"
+                                          rf"model.path={final} and checkpoint.resume=never"):
+        train(load_config(None, base + [f"checkpoint.resume={final}"]))
+
+
+def test_eval_ppl_is_logged_for_language_modelling_only(recipe_corpus, debug_overrides, tmp_path):
+    from optrush.data.preference import recipe_preference_pairs
+    from optrush.data.recipes import write_jsonl
+
+    evaluated = ["train.max_steps=1", "data.eval_fraction=0.1", "train.eval_batches=1", "checkpoint.save_final=false"]
+    assert "eval_ppl" in train(load_config(None, debug_overrides + evaluated))
+    pairs = tmp_path / "pairs.jsonl"
+    short = [{**r, "ingredients": r["ingredients"][:3], "directions": r["directions"][:3]}
+             for r in recipe_corpus[1][:60]]  # pairs that fit data.max_length
+    write_jsonl(recipe_preference_pairs(short, seed=0), pairs)
+    summary = train(load_config(None, debug_overrides + evaluated + [
+        f"data.path={pairs}", "objective=reward", "data.format=preference", "data.max_length=512"]))
+    assert "eval_loss" in summary and "eval_accuracy" in summary and "eval_ppl" not in summary
+    assert not any("eval_ppl" in row for row in metric_rows(tmp_path / "run"))
+
+
+def test_ctrl_c_during_train_prints_one_line_naming_the_last_checkpoint(debug_overrides, tmp_path, monkeypatch,
+                                                                        capsys):
+    from optrush.train import loop
+
+    real_accumulate = loop.accumulate_gradients
+    calls = []
+
+    def interrupted_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", interrupted_at_step_3)
+    monkeypatch.delenv("OPTRUSH_TRACEBACK", raising=False)  # which asks for the stack instead
+    assert main(["train", *debug_overrides, "train.max_steps=4", "checkpoint.every=2"]) == 130
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert err == (f"optrush: interrupted after step 2; the last checkpoint is {checkpoint} "
+                   "(resume with checkpoint.resume=auto)\n")
+
+    monkeypatch.setattr(loop, "build", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["train", *debug_overrides]) == 130  # before the loop: no step to name
+    assert capsys.readouterr().err == "optrush: interrupted\n"
+
+
+def test_resume_of_a_lora_run_refuses_another_rank_and_keeps_the_lora_plus_ratio(debug_overrides, tmp_path, capsys):
+    base = debug_overrides + ["train.max_steps=2", "checkpoint.every=2", "checkpoint.save_final=false",
+                              "peft.method=lora", "peft.r=4"]
+    train(load_config(None, base))
+    resume = base + ["checkpoint.resume=auto", "train.max_steps=3"]
+    with pytest.raises(ConfigError, match=r"peft.r differs from the checkpoint's \(4 -> 8\)"):
+        train(load_config(None, resume + ["peft.r=8"]))
+    capsys.readouterr()
+    train(load_config(None, resume + ["peft.lora_plus_ratio=16"]))
+    assert ("peft.lora_plus_ratio: 1.0 -> 16.0 (not applied: the resumed optimizer keeps the checkpoint's value)"
+            in capsys.readouterr().err)

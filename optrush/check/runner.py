@@ -128,6 +128,9 @@ def run_checks(cfg: Config, *, only: Iterable[str] | None = None, steps: int = D
         raise ConfigError(f"unknown check group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     if steps < 2:
         raise ConfigError(f"--steps {steps}: the training checks need at least 2 steps")
+    if cfg.objective in ("reward", "dpo", "grpo"):
+        raise ConfigError(f"optrush check checks causal_lm/sft runs only (objective={cfg.objective}): check the same "
+                          "model and settings with objective=sft on prompt/completion data")
     ctx = prepare(cfg)
     report = CheckReport(tolerance=ctx.tolerance, precision=ctx.precision,
                          context={"config": to_dict(cfg), "steps": steps, "provenance": provenance()})

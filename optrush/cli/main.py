@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"optrush: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C is the user's choice, not a failure to debug: where it stopped (train says so), not the stack
+        if os.environ.get("OPTRUSH_TRACEBACK"):
+            raise
+        print(f"optrush: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except (OSError, ValueError) as err:
         # Bad input (a missing file, a value out of range) is the user's to fix: its message, not our stack.
         from optrush.data.reader import DataError  # imported late: it loads torch, which `config show` never needs

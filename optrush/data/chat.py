@@ -9,8 +9,10 @@ turns only.
 
 `data.chat_template` picks the text: `tokenizer` renders with the tokenizer's own Jinja `chat_template`
 (`apply_chat_template`); each assistant turn is found as the difference between the conversation rendered up to
-that turn with a generation prompt and rendered through it, so the template must render a prefix of a conversation
-as a prefix of its text (the common templates do; others get a clear error). The built-in templates:
+that turn with a generation prompt and rendered through it (for a conversation that opens with an assistant turn,
+the text the template puts before its content), so the template must render a prefix of a conversation as a prefix
+of its text (the common templates do; others get a clear error). The built-in templates, whose markers the
+tokenizer must hold as single tokens (`check_chat_template`, at start-up; else they would be trained as text):
 
 - `chatml`: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message
   (https://github.com/openai/openai-python/blob/release-v0.28.0/chatml.md)
@@ -25,12 +27,16 @@ already starts with it. No EOS is appended: the end-of-turn marker ends the docu
 """
 from __future__ import annotations
 
+import re
+
 from optrush.config.schema import DataConfig
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.formats import Example
 from optrush.data.reader import DataError
 
 ROLES = ("system", "user", "assistant")
+CONTENT_MARK = "OPTRUSH-CONTENT-MARK"
+"""Stands for a turn's content when the text a template puts before a turn is wanted."""
 QWEN_SYSTEM = "You are a helpful assistant."
 BUILT_IN = {  # template -> (text before everything, header of a role, end of a turn)
     "chatml": ("", "<|im_start|>{role}\n", "<|im_end|>\n"),
@@ -88,20 +94,49 @@ def _built_in_segments(messages: list[dict], *, template: str) -> list[tuple[str
     return segments + [(pending, False)]
 
 
-def _tokenizer_segments(messages: list[dict], *, tokenizer, where: str) -> list[tuple[str, bool]]:
-    if not tokenizer.chat_template:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat_template; set data.chat_template to "
-                        "llama3, chatml or qwen")
+def check_chat_template(cfg: DataConfig, tokenizer) -> None:
+    """Start-up check of data.chat_template against the tokenizer: `tokenizer` needs the tokenizer's own template,
+    a built-in one needs each of its markers to be one token of the tokenizer (else the marker is encoded as plain
+    text and the model learns to spell its end of turn)."""
+    if (problem := _template_problem(cfg.chat_template, tokenizer)) is None:
+        return
+    usable = [name for name in ("tokenizer", *BUILT_IN) if _template_problem(name, tokenizer) is None]
+    raise DataError(f"data.chat_template={cfg.chat_template}: tokenizer {tokenizer.name_or_path!r} {problem}; use "
+                    "the model's own tokenizer (data.tokenizer)"
+                    + (f", or a template this tokenizer can encode: data.chat_template={' or '.join(usable)}"
+                       if usable else ""))
 
-    def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+
+def _template_problem(template: str, tokenizer) -> str | None:
+    """Why `tokenizer` cannot encode `template`, or None when it can."""
+    if template == "tokenizer":
+        return None if tokenizer.chat_template else "has no chat_template"
+    markers = dict.fromkeys(re.findall(r"<\|[a-z_]+\|>", "".join(BUILT_IN[template])))
+    missing = [m for m in markers if len(tokenizer.encode(m, add_special_tokens=False)) != 1]
+    return (f"lacks the special tokens of that template ({', '.join(missing)} would be encoded as plain text, so "
+            "the model would learn to spell them)") if missing else None
+
+
+def _tokenizer_segments(messages: list[dict], *, tokenizer, where: str) -> list[tuple[str, bool]]:
+    from jinja2 import TemplateError  # apply_chat_template needs jinja2; optrush.data otherwise does not
+
+    def render(conversation: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except (TemplateError, ValueError) as err:  # e.g. a template that demands alternating user/assistant turns
+            raise DataError(f"{where}: the tokenizer's chat template cannot render this conversation ({err}); fix "
+                            "the record or set data.chat_template to llama3, chatml or qwen") from None
 
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = render(i, True), render(i + 1, False)
+        through = render(messages[:i + 1], False)
+        if i:
+            before = render(messages[:i], True)
+        else:  # nothing before the turn to render (transformers refuses an empty conversation): cut at its content
+            before = render([{**message, "content": CONTENT_MARK}], False).partition(CONTENT_MARK)[0]
         if not before.startswith(done) or not through.startswith(before):
             raise DataError(f"{where}: the tokenizer's chat template does not render a conversation's start as a "
                             "prefix of its text, so assistant turns cannot be located; set data.chat_template "
@@ -111,7 +146,7 @@ def _tokenizer_segments(messages: list[dict], *, tokenizer, where: str) -> list[
         trained = turn[:content_end] + _end_marker(turn[content_end:], tokenizer)
         segments += [(before[len(done):], False), (trained, True)]
         done = before + trained
-    full = render(len(messages), False)
+    full = render(messages, False)
     return segments + [(full[len(done):], False)]
 
 

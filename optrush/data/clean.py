@@ -71,7 +71,7 @@ class IndexSet:
 
 
 class NonEmpty(RecordRule):
-    """Drop records where a field is missing, blank, or an empty list."""
+    """Drop records where a field is missing, null (a Parquet/Arrow null, JSON null), blank, or an empty list."""
     name = "empty"
 
     def __init__(self, *, fields: Sequence[str] = ("title", "ingredients", "directions")):
@@ -79,9 +79,11 @@ class NonEmpty(RecordRule):
 
     def reject(self, index: int, record: dict) -> str | None:
         for name in self.fields:
-            value = record.get(name)
-            if value is None:
+            if name not in record:
                 return f"no {name!r} field"
+            value = record[name]
+            if value is None:
+                return f"{name!r} is null"
             if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
                 return f"{name!r} is empty"
         return None
@@ -229,29 +231,47 @@ class TokenBounds(Bounds):
         self.counts[np.frombuffer(indices, dtype=np.int64)] = np.frombuffer(lengths, dtype=np.int64)
 
     def reject(self, index: int, record: dict) -> str | None:
-        return self.check(int(self.counts[index]))
+        count = int(self.counts[index])
+        # a record data.format cannot render has no length: encoding reports it with its file and row (or, with
+        # data.on_error=skip, rejects it)
+        return None if count == UNRENDERABLE else self.check(count)
+
+
+UNRENDERABLE = -1
+"""`token_lengths` of a record that `data.format` cannot render (a missing or null column, a bad message list)."""
 
 
 def token_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer, chunk: int = 1024) -> list[int]:
-    """Positions each record takes as an Example (BOS + prompt + completion tokens), in record order."""
+    """Positions each record takes as an Example (BOS + prompt + completion tokens), in record order;
+    UNRENDERABLE for a record `data.format` cannot render (whoever encodes it reports why, naming file and row)."""
+    out: list[int] = []
+    for start in range(0, len(records), chunk):
+        out += _chunk_lengths(records[start:start + chunk], cfg=cfg, tokenizer=tokenizer)
+    return out
+
+
+def _chunk_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer) -> list[int]:
     from optrush.data.chat import chat_segments
     from optrush.data.dataset import chat_examples, tokenize
     from optrush.data.formats import render
 
-    bos = 0 if tokenizer.bos_token_id is None else 1
-    out: list[int] = []
-    for start in range(0, len(records), chunk):
-        if cfg.format == "chat":
-            segments = [chat_segments(r, cfg=cfg, tokenizer=tokenizer, where=f"record {start + k + 1}")
-                        for k, r in enumerate(records[start:start + chunk])]
-            out += [len(example) for example in chat_examples(segments, tokenizer)]
-            continue
-        texts = [render(r, cfg=cfg, where=f"record {start + k + 1}")
-                 for k, r in enumerate(records[start:start + chunk])]
+    rendered: dict[int, object] = {}
+    for k, record in enumerate(records):
+        try:
+            rendered[k] = (chat_segments(record, cfg=cfg, tokenizer=tokenizer, where="") if cfg.format == "chat"
+                           else render(record, cfg=cfg, where=""))
+        except DataError:
+            pass
+    texts = list(rendered.values())
+    if cfg.format == "chat":
+        lengths = [len(example) for example in chat_examples(texts, tokenizer)]
+    else:
+        bos = 0 if tokenizer.bos_token_id is None else 1
         prompts = tokenize([p for p, _ in texts], tokenizer)
         completions = tokenize([c for _, c in texts], tokenizer)
-        out += [bos + len(p) + len(c) for p, c in zip(prompts, completions)]
-    return out
+        lengths = [bos + len(p) + len(c) for p, c in zip(prompts, completions)]
+    by_record = dict(zip(rendered, lengths))
+    return [by_record.get(k, UNRENDERABLE) for k in range(len(records))]
 
 
 def rules_from_config(cfg: DataConfig, tokenizer=None) -> list[Rule]:
@@ -371,25 +391,26 @@ def clean_records(records: Sequence[dict], *, rules: Sequence[Rule] | None = Non
 
 
 def text_length(record: dict) -> int:
-    """Characters of text in a record: its strings and the strings in its lists."""
-    total = 0
-    for value in record.values():
-        if isinstance(value, str):
-            total += len(value)
-        elif isinstance(value, list):
-            total += sum(len(item) for item in value if isinstance(item, str))
-    return total
+    """Characters of text in a record (see `texts`)."""
+    return sum(map(len, texts(record)))
 
 
 def record_text(record: dict) -> str:
-    """The text of a record for pattern, charset and near-duplicate rules: its strings and list items, one a line."""
-    parts = []
+    """The text of a record for pattern, charset and near-duplicate rules (see `texts`), one string a line."""
+    return "\n".join(texts(record))
+
+
+def texts(record: dict) -> Iterator[str]:
+    """A record's strings, the strings in its lists, and the `content` of the messages in them (chat records)."""
     for value in record.values():
         if isinstance(value, str):
-            parts.append(value)
+            yield value
         elif isinstance(value, list):
-            parts += [item for item in value if isinstance(item, str)]
-    return "\n".join(parts)
+            for item in value:
+                if isinstance(item, dict):
+                    item = item.get("content")
+                if isinstance(item, str):
+                    yield item
 
 
 def preview(record: dict, width: int = 48) -> str:

@@ -5,7 +5,9 @@
 
 The report gives the rows in and out per rule, a few dropped examples per rule with the reason, and token-length
 statistics and histograms (as `data.format` renders the records) before and after cleaning. Training applies the
-same rules (`optrush.data.dataset.build_datasets`), so what the report shows is what `train` sees.
+same rules (`optrush.data.dataset.build_datasets`), so what the report shows is what `train` sees; data.on_error
+too: with `skip`, bad rows go to a rejects file (<out>/<name>.rejects.jsonl unless data.rejects_path is set) and
+the report counts them.
 """
 from __future__ import annotations
 
@@ -18,47 +20,97 @@ from pathlib import Path
 import numpy as np
 
 from optrush.config.schema import DataConfig
-from optrush.data.clean import Cleaner, CleanReport, rules_from_config, token_lengths
+from optrush.data.chat import chat_segments, check_chat_template
+from optrush.data.clean import UNRENDERABLE, Cleaner, CleanReport, rules_from_config, token_lengths
+from optrush.data.formats import render, single_example_formats_only
 from optrush.data.reader import DataError
-from optrush.data.sources import decode_json_columns, iter_records
 from optrush.data.recipes import write_jsonl
+from optrush.data.sources import Recounted, Rejects, decode_json_columns, iter_records
 
 
 def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examples: int = 3) -> dict[str, Path]:
-    """Clean `cfg.path` with `cfg.clean` and write {"data", "markdown", "json", "histogram"} under `out_dir`.
-    Raises DataError (after writing the report) when the rules leave no record. Records are streamed (one pass
-    for the token lengths, one per rule that needs fitting, one that writes the kept records): memory holds a
-    token count per record, not the records."""
+    """Clean `cfg.path` with `cfg.clean` and write {"data", "markdown", "json", "histogram"} (and "rejects" when
+    data.on_error=skip skipped rows) under `out_dir`. Raises DataError (after writing the report) when the rules
+    leave no record. Records are streamed (one pass for the token lengths, one per rule that needs fitting, one that
+    writes the kept records): memory holds a token count per record, not the records.
+
+    data.on_error applies as in training: a malformed row, or a kept record that data.format cannot render, raises
+    DataError naming file and row, or (skip) is written to data.rejects_path (default: `<out_dir>/<name>.rejects
+    .jsonl`) and counted in the report. A record the rules drop needs no rendering, so a null in a
+    data.clean.nonempty column is dropped by `empty`, never an error."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the data file to clean, e.g. data.path=train.jsonl")
+    if cfg.format == "preference":
+        raise DataError(single_example_formats_only(cfg.format))
+    if cfg.format == "chat":  # a template the tokenizer cannot encode is the config's fault, not every row's
+        check_chat_template(cfg, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name = Path(cfg.path).stem
+    rejects = Rejects(cfg.rejects_path or out / f"{name}.rejects.jsonl") if cfg.on_error == "skip" else None
 
-    def records() -> Iterator[dict]:
-        return (record for _, record in decode_json_columns(iter_records(cfg.path), cfg.json_columns))
+    def records(sink=Recounted() if rejects is not None else None) -> Iterator[tuple[str, dict]]:
+        return decode_json_columns(iter_records(cfg.path, rejects=sink), cfg.json_columns, sink)
 
-    stream = records()
+    stream = (record for _, record in records())
     before = np.asarray([n for chunk in iter(lambda: list(islice(stream, 4096)), [])
                          for n in token_lengths(chunk, cfg=cfg, tokenizer=tokenizer)], dtype=np.int64)
     rules = rules_from_config(cfg, tokenizer)
     cleaner = Cleaner(rules, keep_examples=keep_examples)
-    cleaner.fit(records)
+    cleaner.fit(lambda: (record for _, record in records()))
     kept_at: list[int] = []
-    paths = {"data": out / f"{Path(cfg.path).stem}.clean.jsonl", "markdown": out / "report.md",
+    paths = {"data": out / f"{name}.clean.jsonl", "markdown": out / "report.md",
              "json": out / "report.json", "histogram": out / "token_lengths.png"}
-    kept = cleaner.filter(enumerate(records()), record=itemgetter(1))
-    write_jsonl((kept_at.append(index) or record for index, record in kept), paths["data"])
+
+    def written() -> Iterator[dict]:
+        for index, (where, record) in cleaner.filter(enumerate(records(rejects)), record=lambda item: item[1][1]):
+            if before[index] == UNRENDERABLE and not _renders(where, record, cfg=cfg, tokenizer=tokenizer,
+                                                             rejects=rejects):
+                continue
+            kept_at.append(index)
+            yield record
+
+    try:
+        write_jsonl(written(), paths["data"])
+    finally:
+        if rejects is not None:
+            rejects.close()
     report = cleaner.report()
+    unrenderable = report.kept - len(kept_at)  # kept by the rules, then rejected (data.on_error=skip)
+    report.kept = len(kept_at)
     after = before[np.asarray(kept_at, dtype=np.int64)]
+    before = before[before != UNRENDERABLE]
     summary = {"source": str(cfg.path), "rules": [rule.name for rule in rules], **report.as_dict(),
+               "unrenderable": unrenderable, "rejected": 0 if rejects is None else rejects.count,
+               "rejects_path": None if rejects is None or not rejects.count else str(rejects.path),
+               "reject_messages": [] if rejects is None else rejects.messages,
                "tokens_before": length_stats(before), "tokens_after": length_stats(after)}
+    if summary["rejects_path"]:
+        paths["rejects"] = rejects.path
     paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     paths["markdown"].write_text(markdown(summary, report, histogram=paths["histogram"].name))
     plot_histograms(before, after, paths["histogram"])
     if not report.kept:
-        raise DataError(f"data.clean dropped every record of {cfg.path}:\n{report.format()}\nloosen the data.clean "
-                        f"rules that dropped the most (report: {paths['markdown']})")
+        skipped = f"; {summary['rejected']} bad rows skipped (data.on_error=skip)" if summary["rejected"] else ""
+        raise DataError(f"data.clean dropped every record of {cfg.path}{skipped}:\n{report.format()}\nloosen the "
+                        f"data.clean rules that dropped the most (report: {paths['markdown']})")
     return paths
+
+
+def _renders(where: str, record: dict, *, cfg: DataConfig, tokenizer, rejects: Rejects | None) -> bool:
+    """Whether `data.format` renders the record; if not, its error (naming the file and row) is raised or, with
+    data.on_error=skip, recorded in `rejects`."""
+    try:
+        if cfg.format == "chat":
+            chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where)
+        else:
+            render(record, cfg=cfg, where=where)
+    except DataError as err:
+        if rejects is None:
+            raise
+        rejects.add(where, str(err), record)
+        return False
+    return True
 
 
 def length_stats(lengths: np.ndarray) -> dict:
@@ -78,6 +130,14 @@ def markdown(summary: dict, report: CleanReport, *, histogram: str) -> str:
     for name, count in report.dropped.items():
         lines.append(f"| `{name}` | {rows:,} | {count:,} | {rows - count:,} |")
         rows -= count
+    if summary["unrenderable"]:
+        count = summary["unrenderable"]
+        lines.append(f"| rejected: data.format cannot render (data.on_error=skip) | {rows:,} | {count:,} | "
+                     f"{rows - count:,} |")
+    if summary["rejected"]:
+        lines += ["", f"Skipped **{summary['rejected']:,}** bad rows (data.on_error=skip; unreadable rows are not "
+                      f"among the {report.total:,} records read), written to `{summary['rejects_path']}`. First: "
+                      f"{summary['reject_messages'][0]}"]
     lines += ["", "## Token lengths", "", "| | records | mean | p50 | p90 | p99 | max | tokens |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for when in ("before", "after"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from itertools import islice
@@ -32,12 +33,12 @@ import numpy as np
 
 from optrush.config.schema import DataConfig
 from optrush.data import cache
-from optrush.data.chat import chat_segments, segments_example
+from optrush.data.chat import chat_segments, check_chat_template, segments_example
 from optrush.data.clean import Cleaner, CleanReport, rules_from_config
 from optrush.data.examples import Example, Examples
 from optrush.data.formats import build_example, render, special_ids
 from optrush.data.reader import DataError
-from optrush.data.sources import Rejects, decode_json_columns, iter_records, parse_hub_path
+from optrush.data.sources import Recounted, Rejects, decode_json_columns, iter_records, parse_hub_path
 
 CHUNK_RECORDS = 1024
 IN_FLIGHT_PER_PROCESS = 2
@@ -51,7 +52,8 @@ class Tally:
     records: int = 0
     dropped: Counter = field(default_factory=Counter)
     """Reason -> examples dropped: `too_long` (data.too_long=drop), `empty` (no tokens at all),
-    `no_trained_tokens` (truncation left only prompt tokens)."""
+    `no_trained_tokens` (truncation left only prompt tokens); preference pairs: `too_long`, `identical`
+    (`optrush.data.preference`)."""
     truncated: int = 0
     rejected: int = 0
     """Malformed rows skipped under data.on_error=skip (written to `rejects_path`)."""
@@ -59,6 +61,15 @@ class Tally:
     reject_messages: list[str] = field(default_factory=list)
     cache: str | None = None
     """data.cache_dir: `hit` (examples loaded from the cache) or `written`; None without a cache."""
+
+    def skipped(self) -> str:
+        """What data.on_error=skip skipped (call when `rejected`)."""
+        return (f"skipped {self.rejected} malformed rows (data.on_error=skip), written to {self.rejects_path}; "
+                f"first: {self.reject_messages[0]}")
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "records": self.records, "dropped": dict(self.dropped),
+                "truncated": self.truncated, "rejected": self.rejected, "rejects_path": self.rejects_path}
 
 
 @dataclass
@@ -89,23 +100,21 @@ class DataReport:
                 how = "loaded from" if tally.cache == "hit" else "saved to"
                 lines.append(f"  {tally.path}: tokenized examples {how} the cache (data.cache_dir)")
             if tally is not None and tally.rejected:
-                lines.append(f"  {tally.path}: skipped {tally.rejected} malformed rows (data.on_error=skip), written "
-                             f"to {tally.rejects_path}; first: {tally.reject_messages[0]}")
+                lines.append(f"  {tally.path}: {tally.skipped()}")
             if tally is not None and (tally.dropped or tally.truncated):
                 dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(tally.dropped.items())) or "none"
-                lines.append(f"  {tally.path}: dropped {dropped}; truncated {tally.truncated} "
+                # a no_trained_tokens drop was truncated too, but is counted once, as the drop
+                emptied = tally.dropped["no_trained_tokens"]
+                also = f" + {emptied} that truncation left with no trained token (no_trained_tokens)" if emptied else ""
+                lines.append(f"  {tally.path}: dropped {dropped}; truncated {tally.truncated} kept{also} "
                              f"(data.too_long={self.too_long}, data.max_length={self.max_length})")
         share = self.trained_tokens / max(self.tokens, 1)
         lines.append(f"  train tokens: {self.tokens:,} positions, {self.trained_tokens:,} trained ({share:.1%})")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        def tally(t: Tally | None) -> dict | None:
-            return None if t is None else {"path": t.path, "records": t.records, "dropped": dict(t.dropped),
-                                           "truncated": t.truncated, "rejected": t.rejected,
-                                           "rejects_path": t.rejects_path}
-
-        return {"train": tally(self.train), "eval": tally(self.eval), "train_examples": self.train_examples,
+        return {"train": self.train.as_dict(), "eval": None if self.eval is None else self.eval.as_dict(),
+                "train_examples": self.train_examples,
                 "eval_examples": self.eval_examples, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
                 "clean": None if self.clean is None else self.clean.as_dict()}
 
@@ -114,6 +123,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
     """(train examples, eval examples, report); see the module docstring."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
+    if cfg.format == "chat":
+        check_chat_template(cfg, tokenizer)
     train_tally = Tally(path=str(cfg.path))
     train, clean_report = encode_source(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=train_tally,
                                         rules=rules_from_config(cfg, tokenizer), rejects_path=cfg.rejects_path)
@@ -123,7 +134,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
     if cfg.eval_path is not None:
         eval_tally = Tally(path=str(cfg.eval_path))
         evals, _ = encode_source(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=eval_tally, rules=[],
-                                 rejects_path=cfg.rejects_path and f"{cfg.rejects_path}.eval.jsonl")
+                                 rejects_path=eval_rejects_path(cfg))
     elif cfg.eval_fraction > 0:
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
@@ -148,8 +159,7 @@ def no_examples_message(cfg: DataConfig, tally: Tally) -> str:
     causes = [f"{count} dropped as {reason}: " + DROP_ADVICE[reason].format(max_length=cfg.max_length)
               for reason, count in tally.dropped.most_common()]
     if tally.rejected:
-        causes.append(f"{tally.rejected} malformed rows skipped (data.on_error=skip), written to "
-                      f"{tally.rejects_path}; first: {tally.reject_messages[0]}")
+        causes.append(tally.skipped())
     if not tally.records and not tally.rejected:
         causes.append("the file holds no records")
     return f"no training examples left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
@@ -171,18 +181,13 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
             tally.dropped.update(meta["tally"]["dropped"])
             tally.cache = "hit"
             return examples, None if meta["clean"] is None else CleanReport(**meta["clean"])
-    rejects = None
-    if cfg.on_error == "skip":
-        hub = parse_hub_path(path)
-        tally.rejects_path = rejects_path or (hub.rejects_name if hub else f"{path}.rejects.jsonl")
-        rejects = Rejects(tally.rejects_path)
-    try:
+    with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
         numbered = read_source(path, cfg=cfg, rejects=rejects)
         cleaner = None
         if rules:
             cleaner = Cleaner(rules)
             # fit passes: bad rows are recorded once, by the final pass, so these passes ignore them
-            ignore = _Ignore() if rejects is not None else None
+            ignore = Recounted() if rejects is not None else None
             cleaner.fit(lambda: map(itemgetter(1), read_source(path, cfg=cfg, rejects=ignore)))
             numbered = cleaner.filter(numbered, record=itemgetter(1))
         if cfg.num_proc > 1:
@@ -196,10 +201,6 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
             if not report.kept:
                 raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the "
                                 "data.clean rules that dropped the most")
-    finally:
-        if rejects is not None:
-            rejects.close()
-            tally.rejected, tally.reject_messages = rejects.count, rejects.messages
     if key is not None:
         meta = {"tally": {"records": tally.records, "truncated": tally.truncated, "rejected": tally.rejected,
                           "rejects_path": tally.rejects_path, "reject_messages": tally.reject_messages,
@@ -210,17 +211,33 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
     return examples, report
 
 
+@contextmanager
+def collect_rejects(path: str | Path, *, cfg: DataConfig, tally: Tally,
+                    rejects_path: str | None) -> Iterator[Rejects | None]:
+    """data.on_error=skip: the sink for the bad rows of the source at `path` (written to `rejects_path`, by default
+    next to the source); their count and first messages go into `tally` on exit. None under data.on_error=error."""
+    if cfg.on_error != "skip":
+        yield None
+        return
+    hub = parse_hub_path(path)
+    tally.rejects_path = rejects_path or (hub.rejects_name if hub else f"{path}.rejects.jsonl")
+    rejects = Rejects(tally.rejects_path)
+    try:
+        yield rejects
+    finally:
+        rejects.close()
+        tally.rejected, tally.reject_messages = rejects.count, rejects.messages
+
+
+def eval_rejects_path(cfg: DataConfig) -> str | None:
+    """Where data.on_error=skip writes the bad rows of data.eval_path (None: next to that file)."""
+    return cfg.rejects_path and f"{cfg.rejects_path}.eval.jsonl"
+
+
 def read_source(path: str | Path, *, cfg: DataConfig, rejects) -> Iterator[tuple[str, dict]]:
     """(where, record) pairs of a data source with data.json_columns decoded; bad rows go to `rejects`."""
     numbered = iter_records(path, rejects=rejects)
     return decode_json_columns(numbered, cfg.json_columns, rejects) if cfg.json_columns else numbered
-
-
-class _Ignore:
-    """A Rejects stand-in that drops what it is given (the cleaning fit passes re-read rows already recorded)."""
-
-    def add(self, where: str, error: str, row: object = None) -> None:
-        pass
 
 
 class _Collect:

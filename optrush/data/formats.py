@@ -46,11 +46,23 @@ def render(record: dict, *, cfg: DataConfig, where: str) -> tuple[str, str]:
     if cfg.format == "recipe":
         for column, kind in RECIPE_COLUMNS.items():
             _check_column(record, column, where=where, key=None)
+            if record[column] is None:
+                raise null_value(where, column)
             if not isinstance(record[column], kind):
                 raise DataError(f"{where}: column {column!r} holds a {type(record[column]).__name__}, a recipe "
                                 f"needs a {kind.__name__} there (title: string; ingredients, directions: lists)")
         return recipe_prompt(record), recipe_completion(record)
-    raise ValueError(f"unknown data.format {cfg.format!r}")  # the config loader already rejects this
+    raise ValueError(single_example_formats_only(cfg.format))
+
+
+def single_example_formats_only(data_format: str) -> str:
+    """Why `render` cannot take a `data.format`: chat records have their own renderer, preference records are
+    pairs (a caller that reaches here with them is a command that handles single examples only)."""
+    if data_format == "preference":
+        return ("data.format=preference holds preference pairs, which only objective=reward or dpo training reads "
+                "(optrush.data.preference); this command takes single examples (data.format=text, "
+                "prompt_completion, recipe or chat)")
+    return f"data.format={data_format!r} is not rendered as a prompt and a completion (chat: optrush.data.chat)"
 
 
 def build_example(prompt_ids: list[int], completion_ids: list[int], *, bos_id: int | None,
@@ -75,10 +87,19 @@ def special_ids(tokenizer) -> tuple[int | None, int]:
 def _string_column(record: dict, column: str, *, where: str, key: str) -> str:
     _check_column(record, column, where=where, key=key)
     value = record[column]
+    if value is None:
+        raise null_value(where, column)
     if not isinstance(value, str):
         raise DataError(f"{where}: column {column!r} holds a {type(value).__name__}, expected a string; point "
                         f"{key} at a text column")
     return value
+
+
+def null_value(where: str, column: str) -> DataError:
+    """A null cell (Parquet/Arrow null, JSON null): the column is right, the row's value is missing. The message is
+    also what a rejects file records, so it states what data.on_error=skip does rather than suggesting it."""
+    return DataError(f"{where}: column {column!r} is null; fill it in, or drop such rows with data.clean.nonempty: "
+                     f"[{column}] (counted as empty); with data.on_error=skip they go to the rejects file")
 
 
 def _check_column(record: dict, column: str, *, where: str, key: str | None) -> None:

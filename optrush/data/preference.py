@@ -5,7 +5,10 @@
     write_jsonl(recipe_preference_pairs(generate_recipes(200, seed=0), seed=0), "pairs.jsonl")  # synthetic pairs
     pairs = next(loader)            # a PairBatch; pairs.batch is an ordinary packed `Batch`
 
-A record holds a prompt and two completions (`data.prompt_column`, `data.chosen_column`, `data.rejected_column`).
+A record holds a prompt and two completions (`data.prompt_column`, `data.chosen_column`, `data.rejected_column`),
+from any source `optrush.data.sources` reads. A record without them, or with an empty completion, is a malformed
+row (`data.on_error`: an error naming file and line, or skipped into the rejects file, as in `optrush.data.dataset`);
+a pair whose completions encode alike has no gradient and is dropped and counted (`identical`).
 Each side is encoded like a prompt/completion example, except that the EOS stays an *input* token as well:
 `input_ids = [bos] + prompt + completion + [eos]`, `labels[t]` the next token, masked on prompt targets and after
 the EOS. The summed log-prob of a completion is then exactly the SFT target sum, and a reward head reads the
@@ -15,8 +18,9 @@ Packing: a pair is the unit and is never split. `optrush.data.pack.plan_batches`
 `none` puts one pair per row (padded to the longest pair of the micro-batch) and `bfd` packs many pairs per row
 of `max_length` tokens. Either way chosen and rejected are separate documents of their row (document-causal
 attention, positions restarting at 0), and `sequence_ids` number the micro-batch's 2P sequences: 2p is pair p's
-chosen, 2p + 1 its rejected completion. A pair longer than `max_length` is dropped (or an error with
-`data.too_long=error`): truncating would cut the EOS the reward head reads.
+chosen, 2p + 1 its rejected completion. A pair longer than `max_length` as packed (under `shared_prompt`, its
+prompt counted once) is dropped (or an error with `data.too_long=error`): truncating would cut the EOS the reward
+head reads.
 
 Shared-prompt packing (`shared_prompt=True`, data.shared_prompt): a pair is laid out as
 `[shared prefix][chosen branch][rejected branch]` in one document. The prefix is BOS + the prompt but its last
@@ -27,17 +31,16 @@ rejected one. Log-probs and rewards equal those of separate sequences (tests/tes
 from __future__ import annotations
 
 import random
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from optrush.config.schema import DataConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.data.dataset import split_off, tokenize
+from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, read_source, split_off, tokenize
 from optrush.data.formats import Example, special_ids
 from optrush.data.loader import BatchLoader
-from optrush.data.reader import DataError, read_records
+from optrush.data.reader import DataError
 from optrush.data.recipes import recipe_completion, recipe_prompt
 
 
@@ -59,24 +62,43 @@ class PreferencePair:
         """Positions the pair takes with its prompt stored once."""
         return len(self) - self.shared
 
+    def positions(self, shared_prompt: bool) -> int:
+        """Positions the pair takes in a row: with its prompt stored once (`shared_prompt`) or twice."""
+        return self.shared_length if shared_prompt else len(self)
+
 
 @dataclass
 class PreferenceReport:
-    path: str
-    records: int
-    train_pairs: int
-    eval_pairs: int
-    dropped: Counter = field(default_factory=Counter)
+    """Counts per data file (`Tally`: records, pairs dropped by reason, malformed rows skipped) and the result."""
+    train: Tally
+    eval: Tally | None = None
+    train_pairs: int = 0
+    eval_pairs: int = 0
     tokens: int = 0
+    """Positions (input tokens) over all training pairs, as packed (data.shared_prompt: the prompt once)."""
 
     def format(self) -> str:
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (f"data: {self.records} preference records from {self.path} -> {self.train_pairs} train + "
-                f"{self.eval_pairs} eval pairs (dropped: {dropped}); {self.tokens:,} train tokens")
+        lines = [f"data: {self.train.records} preference records from {self.train.path} -> {self.train_pairs} "
+                 f"train + {self.eval_pairs} eval pairs; {self.tokens:,} train tokens"]
+        if self.eval is not None:
+            lines.append(f"  eval: {self.eval.records} records from {self.eval.path}")
+        for tally in filter(None, (self.train, self.eval)):
+            if tally.rejected:
+                lines.append(f"  {tally.path}: {tally.skipped()}")
+            if tally.dropped:
+                dropped = ", ".join(f"{count} as {reason} ({PAIR_DROPS[reason]})"
+                                    for reason, count in sorted(tally.dropped.items()))
+                lines.append(f"  {tally.path}: dropped {dropped}")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "records": self.records, "train_pairs": self.train_pairs,
-                "eval_pairs": self.eval_pairs, "dropped": dict(self.dropped), "tokens": self.tokens}
+        return {"train": self.train.as_dict(), "eval": None if self.eval is None else self.eval.as_dict(),
+                "train_pairs": self.train_pairs, "eval_pairs": self.eval_pairs, "tokens": self.tokens}
+
+
+PAIR_DROPS = {"too_long": "longer than data.max_length; a pair is never cut",
+              "identical": "chosen and rejected encode alike: nothing to learn"}
+"""Why pairs are dropped (counted in `Tally.dropped`)."""
 
 
 def encode_sequence(prompt_ids: list[int], completion_ids: list[int], *, bos_id: int | None,
@@ -87,34 +109,62 @@ def encode_sequence(prompt_ids: list[int], completion_ids: list[int], *, bos_id:
     return Example(input_ids=sequence, labels=[IGNORE_INDEX] * masked + sequence[masked + 1:] + [IGNORE_INDEX])
 
 
-def read_pairs(path: str, *, cfg: DataConfig, tokenizer, report: PreferenceReport) -> list[PreferencePair]:
-    bos_id, eos_id = special_ids(tokenizer)
+def pair_texts(record: dict, *, cfg: DataConfig, where: str) -> list[str]:
+    """[prompt, chosen, rejected] of a record. A missing or non-string column, or an empty completion (a pair needs
+    two answers to compare; an empty one is almost always a broken record), is a DataError naming `where`."""
     columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
-    numbered = list(read_records(path))
-    report.records += len(numbered)
-    texts = []
-    for number, record in numbered:
-        for column in columns:
-            if not isinstance(record.get(column), str):
-                found = ", ".join(repr(c) for c in record) or "none"
-                raise DataError(f"{path}:{number}: a preference record needs string columns {columns} (set "
-                                f"data.prompt_column, data.chosen_column, data.rejected_column); column {column!r} "
-                                f"is missing or not a string (columns found: {found})")
-        texts.append([record[column] for column in columns])
+    for column in columns:
+        if not isinstance(record.get(column), str):
+            found = ", ".join(repr(c) for c in record) or "none"
+            raise DataError(f"{where}: a preference record needs string columns {columns} (set "
+                            f"data.prompt_column, data.chosen_column, data.rejected_column); column {column!r} "
+                            f"is missing or not a string (columns found: {found})")
+    for column in columns[1:]:
+        if not record[column].strip():
+            raise DataError(f"{where}: column {column!r} is empty: a pair needs two completions to compare; fix "
+                            "the record or remove it")
+    return [record[column] for column in columns]
+
+
+def read_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally,
+               rejects_path: str | None) -> list[PreferencePair]:
+    """The pairs of the source at `path` (any format `optrush.data.sources` reads), counted into `tally`. A record
+    that is not a pair raises DataError, or under data.on_error=skip is written to the rejects file; pairs longer
+    than data.max_length (as packed) and pairs whose completions encode alike are dropped and counted."""
+    bos_id, eos_id = special_ids(tokenizer)
+    wheres, texts = [], []
+    with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
+        for where, record in read_source(path, cfg=cfg, rejects=rejects):
+            tally.records += 1
+            try:
+                texts.append(pair_texts(record, cfg=cfg, where=where))
+            except DataError as err:
+                if rejects is None:
+                    raise
+                rejects.add(where, str(err), record)
+                continue
+            wheres.append(where)
     prompts, chosen, rejected = (tokenize([t[i] for t in texts], tokenizer) for i in range(3))
     pairs = []
-    for (number, _), p, c, r in zip(numbered, prompts, chosen, rejected):
+    for where, p, c, r in zip(wheres, prompts, chosen, rejected):
+        if c == r:  # equal log-probs on both sides: the pair's loss has no gradient
+            tally.dropped["identical"] += 1
+            continue
         pair = PreferencePair(chosen=encode_sequence(p, c, bos_id=bos_id, eos_id=eos_id),
                               rejected=encode_sequence(p, r, bos_id=bos_id, eos_id=eos_id),
                               shared=max(0, len(p) + (bos_id is not None) - 1))
-        if len(pair) > cfg.max_length:
+        if (length := pair.positions(cfg.shared_prompt)) > cfg.max_length:
             if cfg.too_long == "error":
-                raise DataError(f"{path}:{number}: the pair takes {len(pair)} tokens (chosen + rejected) > "
+                raise DataError(f"{where}: the pair takes {length} tokens ({pair_layout(cfg)}) > "
                                 f"data.max_length={cfg.max_length}; raise data.max_length or set data.too_long=drop")
-            report.dropped["too_long"] += 1
+            tally.dropped["too_long"] += 1
             continue
         pairs.append(pair)
     return pairs
+
+
+def pair_layout(cfg: DataConfig) -> str:
+    return "prompt once + chosen + rejected" if cfg.shared_prompt else "chosen + rejected"
 
 
 def build_preference_datasets(cfg: DataConfig, tokenizer, *,
@@ -122,15 +172,14 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
     """(train pairs, eval pairs, report); eval from `data.eval_path` or `data.eval_fraction` as for SFT data."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the preference data (a JSONL file), e.g. data.path=pairs.jsonl")
-    report = PreferenceReport(path=str(cfg.path), records=0, train_pairs=0, eval_pairs=0)
-    train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, report=report)
+    report = PreferenceReport(train=Tally(path=str(cfg.path)))
+    train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=report.train, rejects_path=cfg.rejects_path)
     if not train:  # before the eval split, which would otherwise blame data.eval_fraction
-        too_long = report.dropped["too_long"]
-        why = (f"all {too_long} pairs are longer than data.max_length={cfg.max_length} (chosen + rejected): raise "
-               "data.max_length" if too_long else "check the file")
-        raise DataError(f"no training pairs left from {cfg.path}: read {report.records} records; {why}")
+        raise DataError(no_pairs_message(cfg, report.train))
     if cfg.eval_path is not None:
-        evals = read_pairs(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, report=report)
+        report.eval = Tally(path=str(cfg.eval_path))
+        evals = read_pairs(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=report.eval,
+                           rejects_path=eval_rejects_path(cfg))
     elif cfg.eval_fraction > 0:
         train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
     else:
@@ -138,8 +187,23 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
     for i, pair in enumerate(train + evals):
         pair.index = i
     report.train_pairs, report.eval_pairs = len(train), len(evals)
-    report.tokens = sum(len(pair) for pair in train)
+    report.tokens = sum(pair.positions(cfg.shared_prompt) for pair in train)
     return train, evals, report
+
+
+def no_pairs_message(cfg: DataConfig, tally: Tally) -> str:
+    """Why a data file gave no training pair: the drop counts, largest first, each with what to change."""
+    advice = {"too_long": f"are longer than data.max_length={cfg.max_length} ({pair_layout(cfg)}): raise "
+                          "data.max_length",
+              "identical": "have chosen and rejected completions that encode alike (nothing to learn): check "
+                           "data.chosen_column and data.rejected_column"}
+    causes = [f"{'all ' if count == tally.records else ''}{count} pairs {advice[reason]}"
+              for reason, count in tally.dropped.most_common()]
+    if tally.rejected:
+        causes.append(tally.skipped())
+    if not tally.records and not tally.rejected:
+        causes.append("the file holds no records")
+    return f"no training pairs left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
 @dataclass(slots=True)
@@ -179,7 +243,7 @@ def collate_pairs(rows: list[list[PreferencePair]], *, packed: bool, pad_id: int
     """Rows of pairs -> a PairBatch: rows of `max_length` when packed, else padded to the longest row.
     `shared_prompt`: each pair is laid out as [shared prompt][chosen branch][rejected branch], both branches with
     positions continuing from the prompt (attention per `shared_prompt_mask`)."""
-    lengths = [sum(pair.shared_length if shared_prompt else len(pair) for pair in row) for row in rows]
+    lengths = [sum(pair.positions(shared_prompt) for pair in row) for row in rows]
     if max(lengths) > max_length:
         raise ValueError(f"a row holds {max(lengths)} tokens > max_length={max_length}")
     width = max_length if packed else max(lengths)

@@ -8,7 +8,9 @@ reads a file holding one JSON array of objects (numbers are 1-based item numbers
 them by the file's first non-blank character (`[` means a JSON array), not by its extension, because `.json` files
 written by common tools (e.g. `datasets.Dataset.to_json`) are JSON lines. Every problem raises `DataError`, unless
 a `rejects` sink is given (`optrush.data.sources.Rejects`, data.on_error=skip): then a bad line or item is recorded
-there and skipped. Parquet, CSV, text folders and saved HF datasets: `optrush.data.sources`.
+there and skipped. Only a caller that honours data.on_error passes `read_jsonl(..., can_skip=True)` (as
+`optrush.data.sources.iter_records` does), so a bad line's message suggests data.on_error=skip only where the user
+can set it (not for `optrush score`). Parquet, CSV, text folders and saved HF datasets: `optrush.data.sources`.
 """
 from __future__ import annotations
 
@@ -26,13 +28,16 @@ class DataError(ValueError):
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(number, record) for every record of a JSONL file or a JSON array file (see the module docstring)."""
+    """(number, record) for every record of a JSONL file or a JSON array file (see the module docstring); its
+    callers have no data.on_error, so errors do not suggest it."""
     path = _existing(path)
     return read_json(path) if is_json_array(path) else read_jsonl(path)
 
 
-def read_jsonl(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[int, dict]]:
-    """Stream (line number, record) from a JSON-lines file, one object per line; blank lines are skipped."""
+def read_jsonl(path: str | Path, *, rejects: Rejects | None = None,
+               can_skip: bool = False) -> Iterator[tuple[int, dict]]:
+    """Stream (line number, record) from a JSON-lines file, one object per line; blank lines are skipped.
+    `can_skip`: the caller honours data.on_error, so an error may suggest data.on_error=skip."""
     path = _existing(path)
     with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line number
         for line_no, line in enumerate(f, 1):
@@ -42,7 +47,7 @@ def read_jsonl(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[
                 record = json.loads(line)
                 problem = None
             except json.JSONDecodeError as err:
-                skip = "" if rejects is not None else " (or set data.on_error=skip)"
+                skip = " (or set data.on_error=skip)" if can_skip and rejects is None else ""
                 problem = (f"{path}:{line_no}: not valid JSON ({json_error_place(err)}); each line must hold "
                            f"one complete JSON object: fix or delete this line{skip}")
             except UnicodeDecodeError as err:

@@ -23,7 +23,8 @@ Sources, chosen by what the path is:
   `hf://datasets/OWNER/NAME row n`.
 
 Without `rejects`, a bad row raises `DataError` naming the file and line or row. With it, the row is recorded
-(count, a few messages for the report, every row in the rejects JSONL file) and reading goes on.
+(count, a few messages for the report, every row in the rejects JSONL file) and reading goes on. A source read more
+than once (cleaning rules that need a fit pass) records its bad rows in one pass only: the others get `Recounted`.
 """
 from __future__ import annotations
 
@@ -64,8 +65,17 @@ class Rejects:
             self._file = None
 
 
-def iter_records(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every record of the source at `path` (see the module docstring)."""
+class Recounted:
+    """A `Rejects` stand-in for the extra passes over a source (cleaning fits, checks): the bad rows they meet are
+    recorded and counted by the one pass that holds the real `Rejects`, so here they are only skipped."""
+
+    def add(self, where: str, error: str, row: object = None) -> None:
+        pass
+
+
+def iter_records(path: str | Path, *, rejects: Rejects | Recounted | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of the source at `path` (see the module docstring). Its callers honour
+    data.on_error, so without `rejects` an error suggests data.on_error=skip."""
     if (hub := parse_hub_path(path)) is not None:
         return read_hub_dataset(hub)
     path = Path(path)
@@ -85,7 +95,7 @@ def iter_records(path: str | Path, *, rejects: Rejects | None = None) -> Iterato
         return read_csv(path, rejects, delimiter="\t" if suffix == ".tsv" else ",")
     if is_json_array(path):
         return ((f"{path} item {n}", record) for n, record in read_json(path, rejects=rejects))
-    return ((f"{path}:{n}", record) for n, record in read_jsonl(path, rejects=rejects))
+    return ((f"{path}:{n}", record) for n, record in read_jsonl(path, rejects=rejects, can_skip=True))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
     from_hf_key("model.layers.0.self_attn.q_proj.weight")          # -> "layers.0.attention.wq.weight"
 
 HF and optrush both use the "rotate half" RoPE layout, so weights map one to one with no permutation.
+A reward model (a scalar head, optrush.objectives.reward) is saved as transformers' `<Family>ForSequenceClassification`
+with one label: its head is `score.weight` instead of `lm_head.weight`, read at each row's last non-pad token.
 Reading accepts both config styles: transformers 5 (`rope_parameters` holding rope_theta, `dtype`) and older
 ones (`rope_theta` + `rope_scaling`, `torch_dtype`). Writing uses the transformers 5 style.
 """
@@ -33,6 +35,9 @@ FAMILIES: dict[str, dict] = {
                   num_key_value_heads=32, head_dim=128),
 }
 SUPPORTED = ", ".join(FAMILIES)
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
+REWARD_HEAD_KEY = "score.weight"
+"""The HF name of a reward model's (1, dim) head; our name is output.weight, like an LM head's."""
 
 # (HF name pattern, optrush name pattern); {i} is the layer index.
 _KEYS = [
@@ -69,7 +74,7 @@ def _translate(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
 
 def from_hf_key(name: str) -> str | None:
     """optrush name of HF tensor `name`, or None when the native model has no such tensor."""
-    return _translate(name, _FROM_HF)
+    return "output.weight" if name == REWARD_HEAD_KEY else _translate(name, _FROM_HF)
 
 
 def to_hf_key(name: str) -> str:
@@ -180,8 +185,15 @@ def _sliding_window_from_hf(cfg: dict) -> int | None:
                                   "max_window_layers > 0) are not supported")
 
 
-def hf_config_from_args(args: ModelArgs, *, dtype: torch.dtype | str = "float32") -> dict:
-    """A transformers-5 config.json dict for `args` (ValueError when its switches don't fit its model_type)."""
+def is_reward_config(cfg: dict) -> bool:
+    """config.json describes a sequence classifier: a reward model (new layout), not a language model."""
+    return any(name.endswith(SEQUENCE_CLASSIFICATION) for name in cfg.get("architectures") or ())
+
+
+def hf_config_from_args(args: ModelArgs, *, dtype: torch.dtype | str = "float32", reward_head: bool = False) -> dict:
+    """A transformers-5 config.json dict for `args` (ValueError when its switches don't fit its model_type);
+    `reward_head`: a one-label `<Family>ForSequenceClassification` (its pad_token_id lets transformers find each
+    row's last token)."""
     if args.model_type not in FAMILIES:
         raise ValueError(f"ModelArgs.model_type={args.model_type!r} is not a supported HF family ({SUPPORTED})")
     family = FAMILIES[args.model_type]
@@ -195,8 +207,11 @@ def hf_config_from_args(args: ModelArgs, *, dtype: torch.dtype | str = "float32"
                          "mistral: sliding_window)")
     dtype_name = str(dtype).removeprefix("torch.")
     rope = {"rope_type": "default", "rope_theta": args.rope_theta, **(args.rope_scaling or {})}
+    architecture = family["architecture"]
+    if reward_head:
+        architecture = architecture.replace(CAUSAL_LM, SEQUENCE_CLASSIFICATION)
     cfg = {
-        "architectures": [family["architecture"]], "model_type": args.model_type,
+        "architectures": [architecture], "model_type": args.model_type,
         "vocab_size": args.vocab_size, "hidden_size": args.dim, "intermediate_size": args.ffn_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "hidden_act": "silu",
@@ -215,4 +230,6 @@ def hf_config_from_args(args: ModelArgs, *, dtype: torch.dtype | str = "float32"
         cfg["use_sliding_window"] = args.sliding_window is not None
         cfg["sliding_window"] = args.sliding_window
         cfg["max_window_layers"] = 0 if args.sliding_window is not None else args.n_layers
+    if reward_head:
+        cfg |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}  # transformers' form of num_labels=1
     return cfg

@@ -8,6 +8,8 @@
 Loading builds the model on the meta device and assigns each checkpoint tensor, converted to the target dtype
 and device, as that parameter: no second full copy of the weights ever exists. A checkpoint whose architecture
 the native model lacks but transformers knows loads as `HFCausalLM`, with a warning naming what is lost.
+A model whose LM head was replaced by a scalar reward head saves as a one-label `ForSequenceClassification`
+checkpoint (head `score.weight`); `load_model` refuses it (optrush.objectives.reward.load_reward_model reads it).
 Saving writes into a temporary directory beside the target and renames it into place, so a crash never leaves a
 half-written model behind.
 """
@@ -28,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from optrush.models.hf import UnsupportedArchitecture, args_from_hf_config, from_hf_key, hf_config_from_args, \
-    to_hf_key
+from optrush.models.hf import REWARD_HEAD_KEY, UnsupportedArchitecture, args_from_hf_config, from_hf_key, \
+    hf_config_from_args, is_reward_config, to_hf_key
 from optrush.models.hf_wrapper import UNAVAILABLE, HFCausalLM
 from optrush.models.llama import ModelArgs, Transformer
 
@@ -94,6 +96,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: to
     loading needs memory for the quantized model plus one weight matrix (optrush.peft.quant)."""
     path = Path(path)
     cfg = read_config(path)
+    if is_reward_config(cfg):
+        raise ValueError(f"{path} is a reward model ({cfg['architectures'][0]} in {path / CONFIG_FILE}: a scalar "
+                         f"head, no language-model head), not a model to generate from or fine-tune as a language "
+                         f"model: score texts with `optrush score {path} --data FILE`")
     dtype = dtype or checkpoint_dtype(cfg, path)
     device = torch.device(device or "cpu")
     try:
@@ -222,8 +228,11 @@ def _checked_tensors(path: Path, model: Transformer) -> Iterator[tuple[str, torc
                 raise ValueError(f"{file}: unexpected tensor {hf_key!r}: the {model.args.model_type} model built "
                                  f"from {path / CONFIG_FILE} has no such weight")
             if tensor.shape != params[name].shape:
+                # reward models saved before the sequence-classification layout have a (1, dim) lm_head
+                reward = "; it is a reward model (a scalar head): score texts with `optrush score`" \
+                    if name == "output.weight" and tensor.shape[0] == 1 else ""
                 raise ValueError(f"{file}: tensor {hf_key!r} has shape {tuple(tensor.shape)} but "
-                                 f"{path / CONFIG_FILE} implies {tuple(params[name].shape)}")
+                                 f"{path / CONFIG_FILE} implies {tuple(params[name].shape)}{reward}")
             seen.add(name)
             yield name, tensor
     missing = [to_hf_key(name) for name in params if name not in seen]
@@ -248,11 +257,19 @@ def _load_through_transformers(path: Path, reason: str, *, dtype: torch.dtype, d
 
 # ----------------------------------------------------------------------------------------------------- writing
 
+def has_reward_head(model: Transformer) -> bool:
+    """The LM head was replaced by a scalar one (optrush.objectives.reward.apply_reward_head)."""
+    return model.output.weight.shape[0] == 1 < model.args.vocab_size
+
+
 def _save_native(model: Transformer, directory: Path, *, max_shard_bytes: int) -> None:
     state = model.state_dict()
     if model.args.tie_embeddings:
         del state["output.weight"]  # the same storage as the embedding; HF re-ties it on load
     tensors = {to_hf_key(name): tensor.detach() for name, tensor in state.items()}
+    reward_head = has_reward_head(model)
+    if reward_head:  # where transformers' ForSequenceClassification models keep their head
+        tensors[REWARD_HEAD_KEY] = tensors.pop(to_hf_key("output.weight"))
     shards = _plan_shards(tensors, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -264,7 +281,7 @@ def _save_native(model: Transformer, directory: Path, *, max_shard_bytes: int) -
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = hf_config_from_args(model.args, dtype=model.tok_embeddings.weight.dtype)
+    config = hf_config_from_args(model.args, dtype=model.tok_embeddings.weight.dtype, reward_head=reward_head)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 

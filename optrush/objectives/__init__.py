@@ -42,7 +42,7 @@ def logps_chunk_tokens(cfg) -> int | None:
 
 
 def build_reward(*, cfg, model, tokenizer, examples) -> RewardModel:
-    apply_reward_head(model)
+    apply_reward_head(model, pad_token_id=tokenizer.pad_token_id)  # HF finds each row's last token by it
     return RewardModel(margin=cfg.reward.margin)
 
 

@@ -27,16 +27,25 @@ trained model with its adapters switched off; its log-probs are computed once pe
 (optrush.objectives.logps).
 
 A reward function is `fn(prompts: list[str], completions: list[str]) -> list[float]`, named in config as
-`module:function`; `recipe_format_reward` scores the recipe template (optrush.data.recipes).
+`package.module:function` (importable: installed or on PYTHONPATH) or `path/to/file.py:function` (a file, relative
+to the working directory); `recipe_format_reward` scores the recipe template (optrush.data.recipes). Every call is
+checked to return one finite number per completion (prompts x group_size, each prompt repeated group_size times).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import math
+import numbers
 import re
+import reprlib
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,15 +72,77 @@ def recipe_format_reward(prompts: list[str], completions: list[str]) -> list[flo
 
 
 def import_reward(name: str) -> RewardFn:
-    """`package.module:function` -> the function (errors name the config key grpo.rewards)."""
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error})") from None
+    """`package.module:function` or `path/to/file.py:function` -> the function (errors name the config key
+    grpo.rewards)."""
+    module_name, _, attr = name.rpartition(":")
+    module = _import_reward_file(name, Path(module_name)) if module_name.endswith(".py") else \
+        _import_reward_module(name, module_name)
     if not callable(getattr(module, attr, None)):
         raise ValueError(f"grpo.rewards: {module_name} has no function {attr!r} (from {name!r})")
     return getattr(module, attr)
+
+
+def _import_reward_module(name: str, module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        hint = ""
+        if module_name == error.name or module_name.startswith(f"{error.name}."):  # not an import inside it
+            hint = (" A module of your own must be on the Python path: run with PYTHONPATH=<its directory> (the "
+                    "optrush command does not search the current directory), or name its file instead, e.g. "
+                    f"grpo.rewards=[path/to/{module_name.replace('.', '/')}.py:{name.rpartition(':')[2]}]")
+        raise ValueError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error}).{hint}") \
+            from None
+
+
+def _import_reward_file(name: str, file: Path):
+    if not file.is_file():
+        raise ValueError(f"grpo.rewards: {name!r} names the file {file}, which does not exist (a relative path is "
+                         f"taken from the working directory, {Path.cwd()})")
+    spec = importlib.util.spec_from_file_location(f"optrush_reward_file_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # what `dataclasses` and `pickle` look a module's classes up in
+    spec.loader.exec_module(module)
+    return module
+
+
+def reward_name(fn: RewardFn) -> str:
+    """`module:function` of a reward function passed directly (not named in grpo.rewards)."""
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def call_reward(fn: RewardFn, name: str, prompts: list[str], completions: list[str], *,
+                group_size: int) -> torch.Tensor:
+    """(N,) fp32 rewards of `fn` (named `name` in grpo.rewards), checked: one finite number per completion."""
+    try:
+        values = fn(prompts, completions)
+    except Exception as error:
+        error.add_note(f"(raised inside the reward function {name!r} of grpo.rewards)")
+        raise
+    n = len(completions)
+    problem = reward_contract_violation(values, n)
+    if problem:
+        raise ValueError(f"grpo.rewards: {name!r} returned {reprlib.repr(values)} ({type(values).__name__}): "
+                         f"{problem}. A reward function takes (prompts, completions), two lists of {n} strings "
+                         f"({n // group_size} prompts x grpo.group_size={group_size}), and must return a list of "
+                         f"{n} finite floats, one per completion")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def reward_contract_violation(values, n: int) -> str | None:
+    """What is wrong with `values` as the rewards of n completions, or None."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        return "not a list"
+    if len(values) != n:
+        return f"{len(values)} value(s) for {n} completions"
+    for i, value in enumerate(values):
+        if not isinstance(value, numbers.Real):
+            return f"value {i} is {value!r} ({type(value).__name__}), not a number"
+        if not math.isfinite(value):
+            return f"value {i} is {value}, not finite"
+    return None
 
 
 def prompts_of(batch: Batch) -> list[list[int]]:
@@ -133,7 +204,8 @@ class GRPO:
             raise ValueError(f"grpo.kl_beta={cfg.kl_beta} with grpo.reference={cfg.reference}: give a reference "
                              "model for `copy` and none for `lora_disabled`")
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
-        self.rewards = rewards if rewards is not None else [import_reward(name) for name in cfg.rewards]
+        self.rewards: list[tuple[str, RewardFn]] = [(reward_name(fn), fn) for fn in rewards] if rewards is not None \
+            else [(name, import_reward(name)) for name in cfg.rewards]
         self.seed, self.micro_batches, self.chunk_tokens = seed, micro_batches, chunk_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0
@@ -175,8 +247,8 @@ class GRPO:
         prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts for _ in range(k)]
         completion_texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
         rewards = torch.zeros(len(completions))
-        for fn in self.rewards:
-            rewards += torch.tensor(fn(prompt_texts, completion_texts), dtype=torch.float32)
+        for name, fn in self.rewards:
+            rewards += call_reward(fn, name, prompt_texts, completion_texts, group_size=k)
         device = batch.input_ids.device
         rows = completions_batch(prompts, completions, k=k, pad_id=tok.pad_token_id, device=device)
         reference = None

@@ -1,6 +1,6 @@
 """Reward models: a scalar head on the decoder, trained with the pairwise Bradley-Terry loss (`objective=reward`).
 
-    model = apply_reward_head(model)                  # model.output becomes Linear(dim, 1)
+    model = apply_reward_head(model, pad_token_id=tok.pad_token_id)   # model.output becomes Linear(dim, 1)
     objective = RewardModel(margin=0.0)
     loss_sum, _ = objective(model, pairs)             # pairs: optrush.data.preference.PairBatch
     scores = score_texts(load_reward_model("runs/rm/final"), tokenizer, ["Recipe: ...", ...])
@@ -10,6 +10,12 @@ as an input, see `optrush.data.preference`), which has attended to the whole pro
 a pair is -log sigmoid(r_chosen - r_rejected - margin) (Bradley & Terry 1952; InstructGPT,
 https://arxiv.org/abs/2203.02155; the margin as in Llama 2, https://arxiv.org/abs/2307.09288, section 3.2.2),
 summed over pairs: the loop divides by the step's pair count. Metrics: ranking accuracy and the mean reward gap.
+
+Saved (optrush.models.io.save_model) as transformers' one-label `<Family>ForSequenceClassification`, head
+`score.weight`, so `AutoModelForSequenceClassification.from_pretrained("runs/rm/final")` gives the same scores as
+`optrush score` on `[bos] + text + [eos]` rows, right-padded with the tokenizer's pad token (transformers reads the
+last token that is not `pad_token_id`; the pad token must differ from EOS, which `load_tokenizer` ensures).
+`load_reward_model` also reads the older layout (a causal-LM config whose lm_head is (1, dim)).
 """
 from __future__ import annotations
 
@@ -28,14 +34,17 @@ from optrush.models.io import read_config, weight_files
 from optrush.models.llama import Transformer
 
 
-def apply_reward_head(model: Transformer) -> Transformer:
-    """Replace the LM head by a bias-free Linear(dim, 1) (a tied head is untied: the embedding stays)."""
+def apply_reward_head(model: Transformer, *, pad_token_id: int | None = None) -> Transformer:
+    """Replace the LM head by a bias-free Linear(dim, 1) (a tied head is untied: the embedding stays).
+    `pad_token_id` (the tokenizer's) goes into the saved config, where transformers finds each row's last token."""
     old = model.output.weight
     head = nn.Linear(model.args.dim, 1, bias=False, device=old.device, dtype=old.dtype)
     if old.device.type != "meta":
         nn.init.normal_(head.weight, std=model.args.dim ** -0.5)  # unit-scale rewards at init
     model.output = head
     model.args.tie_embeddings = False  # so saving keeps the head and loading does not re-tie it
+    if pad_token_id is not None:
+        model.args.pad_token_id = pad_token_id
     return model
 
 
@@ -78,7 +87,8 @@ class RewardModel:
 
 
 def load_reward_model(path: str | Path, *, device: torch.device | str = "cpu") -> Transformer:
-    """A reward model saved by an `objective=reward` run (HF layout whose lm_head is (1, dim)), in fp32."""
+    """A reward model saved by an `objective=reward` run (a ForSequenceClassification checkpoint, or the older
+    layout whose lm_head is (1, dim)), in fp32."""
     path = Path(path)
     args = args_from_hf_config(read_config(path))
     with torch.device("meta"):

@@ -3,6 +3,7 @@
     save_adapter(model, "out/adapter", base_model_path="Llama-3.2-1B")   # adapter_config.json + adapter_model.safetensors
     export_checkpoint("runs/x/checkpoints/step_00000100", out="merged", merge=True)   # `optrush export`
     save_merged(model, "out/merged")                                     # plain HF model, adapters folded in
+    save_preset_base(model, "runs/x/base", tokenizer)                    # a model.preset run's frozen base
     load_adapter(model, "out/adapter")                                   # apply_lora from the config + its weights
 
 The adapter uses PEFT's layout, so `peft.PeftModel.from_pretrained(transformers_model, "out/adapter")` gives the
@@ -10,11 +11,17 @@ same logits as our adapted model: keys `base_model.model.<HF module>.lora_A.weig
 DoRA, `.lora_magnitude_vector`; a prompt-tuned model (optrush.peft.prompt) writes a PROMPT_TUNING config and
 `prompt_embeddings`. Over a quantized base (QLoRA) the adapter is the same; the merged export dequantizes every
 block weight to its original dtype (the one it was loaded in) and folds the adapters into that.
+
+An adapter names its base model by absolute path (`base_model_name_or_path`), so it loads from any working
+directory. A run that starts from `model.preset` has no base directory: the loop writes the random initial base
+once (`save_preset_base`, to `<output_dir>/base/`), and every adapter saved from that model then names it.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +33,7 @@ from optrush.config.schema import PeftConfig
 from optrush.models.hf import to_hf_key
 from optrush.models.io import save_model
 from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers
-from optrush.peft.prompt import add_prompt, prompt_embedding
+from optrush.peft.prompt import PromptEmbedding, add_prompt, prompt_embedding
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +43,8 @@ PREFIX = "base_model.model."
 _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 PROMPT_KEY = "prompt_embeddings"
 QUANTIZATION_FILE = "base_quantization.json"
+SAVED_BASE = "saved_base_path"
+"""Attribute `save_preset_base` sets on the model: where its frozen base was written, for its adapters to name."""
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -84,13 +93,20 @@ def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> d
             "inference_mode": True}
 
 
+def absolute(base_model_path: str | Path | None) -> str | None:
+    """The base model directory as an absolute path (optrush loads bases from local directories only)."""
+    return None if base_model_path is None else str(Path(base_model_path).resolve())
+
+
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | None = None) -> Path:
-    """Write `model`'s adapters to directory `path` in PEFT format; returns `path`. Adapters trained over a
+    """Write `model`'s adapters to directory `path` in PEFT format; returns `path`. The base recorded is
+    `base_model_path`, else the one `save_preset_base` wrote, as an absolute path. Adapters trained over a
     quantized base also get `base_quantization.json`, so `optrush export --merge` merges them into the same
     dequantized base they were trained with (PEFT ignores the file)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = adapter_config(model, base_model_path=base_model_path)
+    base_model_path = base_model_path or getattr(model, SAVED_BASE, None)
+    config = adapter_config(model, base_model_path=absolute(base_model_path))
     save_file(adapter_state(model), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     method = next((m.method for m in model.modules() if isinstance(m, QuantizedWeight)), None)
@@ -105,21 +121,48 @@ def save_merged(model: nn.Module, path: str | Path) -> Path:
     if prompt_embedding(model) is not None:
         raise ValueError("a prompt-tuned model has no merged form (the soft prompt is an input, not a weight): save "
                          "the adapter (save_adapter, peft.save=adapter) and load it with the base model")
+    with plain_layers(model, merge=True):
+        save_model(model, path)
+    return Path(path)
+
+
+def save_preset_base(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Write the frozen base under `model`'s adapters (a quantized base dequantized, a soft prompt left out) to
+    `path` as an HF model plus `tokenizer`, and record `path` on the model: its adapters, saved later, name it as
+    their base. For a run from model.preset, whose random base exists nowhere else; `model` is unchanged."""
+    path = Path(path).resolve()
+    with plain_layers(model, merge=False):
+        save_model(model, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    setattr(model, SAVED_BASE, str(path))
+    return path
+
+
+@contextmanager
+def plain_layers(model: nn.Module, *, merge: bool) -> Iterator[None]:
+    """Swap every adapted or quantized linear for a plain nn.Linear of its merged (`merge`) or frozen base weight,
+    full precision, and a soft prompt's embedding for the plain table, until the block ends."""
     adapted = lora_layers(model)
     originals = {name: layer for name, layer in model.named_modules()
-                 if name in adapted or isinstance(layer, QuantizedLinear)}
+                 if name in adapted or isinstance(layer, (QuantizedLinear, PromptEmbedding))}
     for name, layer in originals.items():
+        if isinstance(layer, PromptEmbedding):
+            _set(model, name, nn.Embedding.from_pretrained(layer.weight, freeze=True))
+            continue
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        weight = layer.merged_weight() if name in adapted else layer.weight.dequantize()
+        if name in adapted:
+            weight = layer.merged_weight() if merge else layer.base_weight()
+        else:
+            weight = layer.weight.dequantize()
         linear.weight = nn.Parameter(weight, requires_grad=False)
         linear.bias = layer.bias
         _set(model, name, linear)
     try:
-        save_model(model, path)
+        yield
     finally:
         for name, layer in originals.items():
             _set(model, name, layer)
-    return Path(path)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -183,8 +226,8 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
         if (adapter / QUANTIZATION_FILE).is_file():
             shutil.copy2(adapter / QUANTIZATION_FILE, out / QUANTIZATION_FILE)
         config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-        (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2)
-                                          + "\n")
+        (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": absolute(base)},
+                                                     indent=2) + "\n")
         return out
     quantization = adapter / QUANTIZATION_FILE
     quantize = json.loads(quantization.read_text())["quantize"] if quantization.is_file() else "none"

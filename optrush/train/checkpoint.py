@@ -65,8 +65,9 @@ class TrainState:
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    """The run's schedule and global-batch settings (`loop.run_settings`), saved so that a resume can name what
-    changed; empty in checkpoints written before they were recorded."""
+    """The run's settings that a resume compares (`loop.run_settings`: schedule, global batch, optimizer, model
+    and adapters), saved so that a resume can name what changed; a checkpoint written before a setting was
+    recorded lacks it (empty in the oldest), and that setting goes unchecked."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -229,10 +230,24 @@ def load_extra_states(extras: dict[str, Any], saved: dict[str, Any], path: Path)
 def load_trainer_state(path: Path) -> dict[str, Any]:
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} is missing: {path} is not an optrush training checkpoint "
-                                "(use checkpoint.resume=never to start fresh)")
+        raise ConfigError(f"{path} is not a resumable training checkpoint (it holds no {STATE_FILE}): "
+                          f"{not_a_checkpoint_advice(path)}")
     # weights_only=False: the state holds Python RNG tuples and numpy arrays written by this module itself
     return torch.load(state_file, map_location="cpu", weights_only=False)
+
+
+def not_a_checkpoint_advice(path: Path) -> str:
+    """What to do instead with `path`, which holds no trainer state: a trained model (a run's final/) is not
+    resumed but starts a new run."""
+    resume = ("to continue its run, resume a step directory of the run's checkpoints/ (checkpoints/step_N; "
+              "checkpoint.resume=auto takes the newest in output_dir)")
+    if (path / "config.json").is_file():
+        return (f"it holds a trained model (like a run's final/); {resume}, or fine-tune the model further with "
+                f"model.path={path} and checkpoint.resume=never")
+    if (path / "adapter").is_dir():
+        return (f"it holds a trained adapter (like a LoRA run's final/); {resume}, or merge it with `optrush "
+                f"export {path} --merge --out DIR` and fine-tune further with model.path=DIR")
+    return "give a checkpoints/step_N directory of a run, or start fresh with checkpoint.resume=never"
 
 
 def write_synced(obj: Any, path: Path) -> None:
@@ -242,13 +257,16 @@ def write_synced(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def restore(path: Path, *, model, optimizer, scheduler, loader, extras: Extras = None) -> TrainState:
-    """Load model weights and every training state from checkpoint `path` into live objects."""
+def restore(path: Path, *, model, optimizer, scheduler, loader, extras: Extras = None,
+            trainer_state: dict[str, Any] | None = None) -> TrainState:
+    """Load model weights and every training state from checkpoint `path` into live objects. `trainer_state`:
+    `load_trainer_state(path)` when the caller has read it already (to compare its settings before loading)."""
     from optrush.models.io import load_state_into
 
+    saved = load_trainer_state(path) if trainer_state is None else trainer_state
     if (path / DCP_DIR).is_dir():
         return restore_distributed(path, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                                   extras=extras or {})
+                                   extras=extras or {}, shared=saved)
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ConfigError(f"{path} was written by a one-process run and this run shards the model "
                           "(parallel.strategy fsdp/hsdp): resume it with parallel.strategy=none or ddp, which save "
@@ -258,7 +276,6 @@ def restore(path: Path, *, model, optimizer, scheduler, loader, extras: Extras =
         load_adapter_weights(model, path / "adapter")
     else:
         load_state_into(model, path / "model")
-    saved = load_trainer_state(path)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     loader.load_state_dict(saved["loader"])
@@ -267,15 +284,16 @@ def restore(path: Path, *, model, optimizer, scheduler, loader, extras: Extras =
     return TrainState(**saved["train"])
 
 
-def restore_distributed(path: Path, *, model, optimizer, scheduler, loader, extras: Extras) -> TrainState:
+def restore_distributed(path: Path, *, model, optimizer, scheduler, loader, extras: Extras,
+                        shared: dict[str, Any]) -> TrainState:
     """Load a DCP checkpoint into live (sharded, replicated or plain) objects; collective when distributed.
-    DCP reshards every tensor to this run's layout, so the saving and the resuming world sizes may differ."""
+    DCP reshards every tensor to this run's layout, so the saving and the resuming world sizes may differ.
+    `shared`: the checkpoint's trainer state (rank 0's scheduler and step)."""
     state = {"model": get_model_state_dict(model, options=DCP_OPTIONS),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)}
     dcp.load(state, checkpoint_id=path / DCP_DIR)
     set_model_state_dict(model, state["model"], options=DCP_LOAD_OPTIONS)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=DCP_OPTIONS)
-    shared = load_trainer_state(path)
     scheduler.load_state_dict(shared["scheduler"])
     # a rank the saving run did not have takes the RNG of the saved rank it wraps onto; the loader position is
     # global (every rank's file holds the same one)
