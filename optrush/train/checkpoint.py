@@ -65,9 +65,9 @@ class TrainState:
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    """The run's settings that a resume compares (`loop.run_settings`: schedule, global batch, optimizer, model
-    and adapters), saved so that a resume can name what changed; a checkpoint written before a setting was
-    recorded lacks it (empty in the oldest), and that setting goes unchecked."""
+    """The run's settings that a resume compares (`optrush.train.resume.run_settings`: schedule, global batch,
+    optimizer, model and adapters), saved so that a resume can name what changed; a checkpoint written before a
+    setting was recorded lacks it (empty in the oldest), and that setting goes unchecked."""
 
 
 def rng_state() -> dict[str, Any]:

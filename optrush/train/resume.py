@@ -1,0 +1,161 @@
+"""Resuming a run: which checkpoint, what may differ from the run that saved it, and what Ctrl-C leaves behind.
+
+    state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                         extras=extras)     # a fresh TrainState, or the restored one (checkpoint.resume)
+    with report_interrupt(state, checkpoints, every=cfg.checkpoint.every):
+        ...                                 # the training steps: Ctrl-C names the last step and checkpoint
+
+Checkpoints save the run's settings (`run_settings`). On resume, a setting that defines the trained weights or the
+optimizer state (the model, the optimizer, the adapters) must match, and is refused before anything loads;
+optimizer hyper-parameters and the peak lr are restored with the optimizer's state, so a changed one is reported
+as not applied; a changed schedule or global batch is reported with what it does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from optrush.config import Config, ConfigError, PeftConfig
+from optrush.parallel.context import data_parallel_position
+from optrush.parallel.distributed import barrier, is_main
+from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, restore
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; its message says after which step the run stopped and where it resumes from."""
+
+
+@contextlib.contextmanager
+def report_interrupt(state: TrainState, checkpoints: CheckpointManager, *, every: int):
+    """Ctrl-C in the block becomes a TrainingInterrupted (still a KeyboardInterrupt) naming the last finished step
+    and the newest checkpoint, for the CLI to print instead of a stack. `every`: checkpoint.every."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        latest = checkpoints.latest()
+        if latest is not None:
+            where = f"the last checkpoint is {latest} (resume with checkpoint.resume=auto)"
+        else:
+            where = "no checkpoint was saved" + ("" if every else " (checkpoint.every=N saves one every N steps)")
+        raise TrainingInterrupted(f"interrupted after step {state.step}; {where}") from interrupt
+
+
+def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainState:
+    """The restored training state per checkpoint.resume, or a fresh one; either records this run's settings,
+    which its checkpoints then save."""
+    resume = cfg.checkpoint.resume
+    if is_main():
+        for partial in checkpoints.remove_partial():
+            print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
+    barrier()
+    settings = run_settings(cfg, live["model"])
+    path = None if resume == "never" else checkpoints.latest() if resume == "auto" else Path(resume)
+    if path is None:
+        return TrainState(settings=settings)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    saved = load_trainer_state(path)
+    refuse_incompatible(saved["train"].get("settings", {}), settings, path)
+    state = restore(path, trainer_state=saved, **live)
+    if state.step > cfg.train.max_steps:
+        # training cannot go back: finishing "done" would label step-N weights as a shorter run's
+        raise ConfigError(f"checkpoint {path} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
+                          f"set train.max_steps above {state.step} to train on, resume an earlier checkpoint "
+                          "(checkpoint.resume=PATH), or start fresh with checkpoint.resume=never")
+    if is_main():
+        print(f"resumed from {path} at step {state.step}", flush=True)
+        if state.step == cfg.train.max_steps:
+            print(f"the run is already complete (train.max_steps={cfg.train.max_steps}): nothing left to train; "
+                  "raise train.max_steps to train on", flush=True)
+        if changes := describe_changes(state.settings, settings):
+            print(f"warning: resuming {path} with settings that differ from the run that saved it:\n{changes}\n"
+                  "Resume with the saved values to continue that run exactly.", file=sys.stderr, flush=True)
+    # what a resume does not apply stays as saved, so that the next resume compares with what the optimizer holds
+    state.settings = settings | {key: state.settings[key] for key in NOT_APPLIED_KEYS if key in state.settings}
+    return state
+
+
+SCHEDULE_KEYS = ("train.max_steps", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
+                 "train.decay_fraction")
+BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum", "data-parallel replicas")
+# Hyper-parameters that live in the optimizer's param groups (LoRA+'s ratio in the B group's lr), which loading
+# its saved state restores. They are not re-applied on top: the groups also hold optimizer state (schedule-free's
+# averaging weights, Muon's own groups), so writing them back safely would take every optimizer's own rules.
+OPTIMIZER_KEYS = ("optim.betas", "optim.eps", "optim.weight_decay", "optim.momentum", "optim.ns_steps",
+                  "peft.lora_plus_ratio")
+NOT_APPLIED_KEYS = ("train.lr", *OPTIMIZER_KEYS)  # the lr: the scheduler's saved base lrs too
+# What defines the trained weights and the optimizer state that holds them: a checkpoint of other weights, or of
+# another optimizer, cannot be loaded into this run
+MUST_MATCH_KEYS = ("model.path", "model.preset", "trainable parameters", "optim.name", "peft.method", "peft.r",
+                   "peft.alpha", "peft.rslora", "peft.target_modules", "peft.quantize", "peft.num_virtual_tokens")
+
+
+def run_settings(cfg: Config, model: torch.nn.Module) -> dict:
+    """What fixes a run's learning-rate schedule, its global batch (micro_batch_size x grad_accum x replicas), its
+    optimizer and the weights it trains; checkpoints save it so that a resume can say what changed."""
+    t, o = cfg.train, cfg.optim
+    return {"train.max_steps": t.max_steps, "train.lr": t.lr, "train.schedule": t.schedule,
+            "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio,
+            "train.decay_fraction": t.decay_fraction, "train.micro_batch_size": t.micro_batch_size,
+            "train.grad_accum": t.grad_accum,
+            "data-parallel replicas": data_parallel_position(cfg.context.degree)[1],
+            "optim.betas": list(o.betas), "optim.eps": o.eps, "optim.weight_decay": o.weight_decay,
+            **({"optim.momentum": o.momentum, "optim.ns_steps": o.ns_steps} if o.name == "muon" else {}),
+            # absolute: the same directory named from another working directory is the same model
+            "model.path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
+            "model.preset": cfg.model.preset, "optim.name": o.name, "peft.method": cfg.peft.method,
+            **adapter_settings(cfg.peft),
+            # last, after the keys that say why: it catches what no key names, e.g. a preset sized to another
+            # tokenizer's vocabulary
+            "trainable parameters": sum(w.numel() for w in model.parameters() if w.requires_grad)}
+
+
+def adapter_settings(p: PeftConfig) -> dict:
+    """The peft settings of `p.method` (those of another method have no effect, so they may change)."""
+    if p.method in ("lora", "dora"):
+        return {"peft.r": p.r, "peft.alpha": p.alpha, "peft.rslora": p.rslora, "peft.target_modules": p.target_modules,
+                "peft.quantize": p.quantize, "peft.lora_plus_ratio": p.lora_plus_ratio}
+    if p.method == "prompt_tuning":
+        return {"peft.num_virtual_tokens": p.num_virtual_tokens}
+    return {}
+
+
+def differing(saved: dict, current: dict) -> list[str]:
+    """The keys of `current` whose saved value differs; a key the checkpoint did not save is unknown, not
+    different."""
+    return [key for key in current if key in saved and saved[key] != current[key]]
+
+
+def refuse_incompatible(saved: dict, current: dict, path: Path) -> None:
+    """Raise before anything is loaded when the checkpoint holds other weights or another optimizer's state."""
+    changed = [key for key in differing(saved, current) if key in MUST_MATCH_KEYS]
+    if changed:
+        changes = "; ".join(f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
+                            for key in changed)
+        raise ConfigError(f"cannot resume {path}: {changes}: resume with the same setting, or start fresh "
+                          "(checkpoint.resume=never)")
+
+
+def describe_changes(saved: dict, current: dict) -> str:
+    """One line per setting that differs, with what the change does; "" when none does (or none was saved)."""
+    lines = []
+    for key in differing(saved, current):
+        if key == "train.lr":  # the optimizer's and the scheduler's saved states hold the peak lr
+            effect = "not applied: the resumed run keeps the checkpoint's peak lr"
+        elif key in OPTIMIZER_KEYS:
+            effect = "not applied: the resumed optimizer keeps the checkpoint's value"
+        elif key in SCHEDULE_KEYS:
+            effect = "the learning-rate schedule changes shape from the resumed step on"
+        else:
+            effect = f"the global batch changes from {global_batch(saved)} to {global_batch(current)} rows per step"
+        lines.append(f"  {key}: {saved[key]} -> {current[key]} ({effect})")
+    return "\n".join(lines)
+
+
+def global_batch(settings: dict) -> int:
+    return math.prod(settings[key] for key in BATCH_KEYS)
