@@ -112,3 +112,22 @@ def test_a_record_that_truncation_empties_is_reported_as_truncated(tmp_path, tok
                                   tok, seed=0)
     assert dict(report.train.dropped) == {"no_trained_tokens": 1}
     assert "truncated 0 kept + 1 that truncation left with no trained token (no_trained_tokens)" in report.format()
+
+
+@pytest.mark.parametrize("filter_", ["trim", "upper"])
+def test_a_template_that_changes_the_content_trains_it_trimmed_or_fails_clearly(tmp_path, tokenizer_dir, filter_):
+    changing = load_tokenizer(tokenizer_dir)
+    changing.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | " + filter_ +
+                              " }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                              "{% endif %}")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Soup?"},
+                                             {"role": "assistant", "content": "  Boil water.  "}]}) + "\n")
+    cfg = DataConfig(path=str(path), format="chat")
+    if filter_ == "upper":
+        with pytest.raises(DataError, match=r"chat\.jsonl:1: the tokenizer's chat template changes an assistant"):
+            build_datasets(cfg, changing, seed=0)
+        return
+    (example,), _, _ = build_datasets(cfg, changing, seed=0)
+    assert trained_text(example, changing) == "Boil water.<|im_end|>"
+

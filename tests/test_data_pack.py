@@ -279,7 +279,8 @@ def test_token_budget_loader_covers_each_epoch_and_resumes_exactly(strategy):
     resumed = BatchLoader(examples, **kw)
     resumed.load_state_dict(state)
     assert_same_batches(head + collect(resumed, len(expected) - 5), expected)
-    with pytest.raises(ValueError, match="data.batch_tokens differs from the checkpoint.s: it saved batch_tokens=96, this run has 0"):
+    with pytest.raises(ValueError, match="data.batch_tokens differs from the checkpoint.s: it saved "
+                                         "batch_tokens=96, this run has 0"):
         BatchLoader(examples, **{**kw, "batch_tokens": 0}).load_state_dict(state)
     legacy = {key: value for key, value in BatchLoader(examples, **{**kw, "batch_tokens": 0}).state_dict().items()
               if key != "batch_tokens"}  # saved before the setting existed: it was off

@@ -142,12 +142,21 @@ def _tokenizer_segments(messages: list[dict], *, tokenizer, where: str) -> list[
                             "prefix of its text, so assistant turns cannot be located; set data.chat_template "
                             "to llama3, chatml or qwen")
         turn = through[len(before):]
-        content_end = turn.find(message["content"]) + len(message["content"])
+        content_end = _content_end(turn, message["content"], where=where)
         trained = turn[:content_end] + _end_marker(turn[content_end:], tokenizer)
         segments += [(before[len(done):], False), (trained, True)]
         done = before + trained
     full = render(messages, False)
     return segments + [(full[len(done):], False)]
+
+
+def _content_end(turn: str, content: str, *, where: str) -> int:
+    """Where the message's content ends in its rendered turn (templates may trim it, as Llama 3's does)."""
+    for text in (content, content.strip()):
+        if (start := turn.find(text)) >= 0:
+            return start + len(text)
+    raise DataError(f"{where}: the tokenizer's chat template changes an assistant turn's text, so its trained part "
+                    "cannot be located; set data.chat_template to llama3, chatml or qwen")
 
 
 def _end_marker(rest: str, tokenizer) -> str:

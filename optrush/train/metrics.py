@@ -132,6 +132,13 @@ FORMATS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "loss": ("loss", lambda v: f"{v:.4f}"),
     "eval_loss": ("eval_loss", lambda v: f"{v:.4f}"),
     "eval_ppl": ("eval_ppl", lambda v: f"{v:.2f}"),
+    # the objectives' own (optrush.objectives): reward model and DPO ranking, GRPO's reward and KL
+    "accuracy": ("acc", lambda v: f"{v:.3f}"),
+    "eval_accuracy": ("eval_acc", lambda v: f"{v:.3f}"),
+    "reward_gap": ("reward_gap", lambda v: f"{v:.3f}"),
+    "reward_margin": ("margin", lambda v: f"{v:.3f}"),
+    "reward": ("reward", lambda v: f"{v:.3f}"),
+    "kl": ("kl", lambda v: f"{v:.4f}"),
     "lr": ("lr", lambda v: f"{v:.2e}"),
     "grad_norm": ("grad_norm", lambda v: f"{v:.3f}"),
     "tokens_per_s": ("tok/s", _si),

@@ -61,12 +61,12 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
         raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
     saved = load_trainer_state(path)
     refuse_incompatible(saved["train"].get("settings", {}), settings, path)
-    state = restore(path, trainer_state=saved, **live)
-    if state.step > cfg.train.max_steps:
+    if (step := saved["train"]["step"]) > cfg.train.max_steps:
         # training cannot go back: finishing "done" would label step-N weights as a shorter run's
-        raise ConfigError(f"checkpoint {path} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
-                          f"set train.max_steps above {state.step} to train on, resume an earlier checkpoint "
+        raise ConfigError(f"checkpoint {path} is at step {step}, past train.max_steps={cfg.train.max_steps}: "
+                          f"set train.max_steps above {step} to train on, resume an earlier checkpoint "
                           "(checkpoint.resume=PATH), or start fresh with checkpoint.resume=never")
+    state = restore(path, trainer_state=saved, **live)
     if is_main():
         print(f"resumed from {path} at step {state.step}", flush=True)
         if state.step == cfg.train.max_steps:
