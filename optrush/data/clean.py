@@ -251,15 +251,12 @@ def token_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer, chunk:
 
 
 def _chunk_lengths(records: Sequence[dict], *, cfg: DataConfig, tokenizer) -> list[int]:
-    from optrush.data.chat import chat_segments
-    from optrush.data.dataset import chat_examples, tokenize
-    from optrush.data.formats import render
+    from optrush.data.dataset import chat_examples, render_record, tokenize
 
     rendered: dict[int, object] = {}
     for k, record in enumerate(records):
         try:
-            rendered[k] = (chat_segments(record, cfg=cfg, tokenizer=tokenizer, where="") if cfg.format == "chat"
-                           else render(record, cfg=cfg, where=""))
+            rendered[k] = render_record(record, cfg=cfg, tokenizer=tokenizer, where="")
         except DataError:
             pass
     texts = list(rendered.values())

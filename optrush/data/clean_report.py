@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from itertools import islice
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
 from optrush.config.schema import DataConfig
-from optrush.data.chat import chat_segments, check_chat_template
+from optrush.data.chat import check_chat_template
 from optrush.data.clean import UNRENDERABLE, Cleaner, CleanReport, rules_from_config, token_lengths
-from optrush.data.formats import render, single_example_formats_only
+from optrush.data.dataset import render_each, render_record
+from optrush.data.formats import single_example_formats_only
 from optrush.data.reader import DataError
 from optrush.data.recipes import write_jsonl
 from optrush.data.sources import Recounted, Rejects, decode_json_columns, iter_records
@@ -100,17 +101,8 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
 def _renders(where: str, record: dict, *, cfg: DataConfig, tokenizer, rejects: Rejects | None) -> bool:
     """Whether `data.format` renders the record; if not, its error (naming the file and row) is raised or, with
     data.on_error=skip, recorded in `rejects`."""
-    try:
-        if cfg.format == "chat":
-            chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where)
-        else:
-            render(record, cfg=cfg, where=where)
-    except DataError as err:
-        if rejects is None:
-            raise
-        rejects.add(where, str(err), record)
-        return False
-    return True
+    wheres, _ = render_each([(where, record)], partial(render_record, cfg=cfg, tokenizer=tokenizer), rejects=rejects)
+    return bool(wheres)
 
 
 def length_stats(lengths: np.ndarray) -> dict:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -66,6 +67,12 @@ class Tally:
         """What data.on_error=skip skipped (call when `rejected`)."""
         return (f"skipped {self.rejected} malformed rows (data.on_error=skip), written to {self.rejects_path}; "
                 f"first: {self.reject_messages[0]}")
+
+    def unread(self) -> list[str]:
+        """Why records gave nothing besides the counted drops: malformed rows skipped, or no records at all."""
+        if self.rejected:
+            return [self.skipped()]
+        return [] if self.records else ["the file holds no records"]
 
     def as_dict(self) -> dict:
         return {"path": self.path, "records": self.records, "dropped": dict(self.dropped),
@@ -158,10 +165,7 @@ def no_examples_message(cfg: DataConfig, tally: Tally) -> str:
     """Why a data file gave no training example: the drop counts, largest first, each with what to change."""
     causes = [f"{count} dropped as {reason}: " + DROP_ADVICE[reason].format(max_length=cfg.max_length)
               for reason, count in tally.dropped.most_common()]
-    if tally.rejected:
-        causes.append(tally.skipped())
-    if not tally.records and not tally.rejected:
-        causes.append("the file holds no records")
+    causes += tally.unread()
     return f"no training examples left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
@@ -300,25 +304,39 @@ def bounded_map(pool: Executor, fn, items, *, ahead: int) -> Iterator:
         yield pending.popleft().result()
 
 
+def render_record(record: dict, *, cfg: DataConfig, tokenizer, where: str):
+    """What `data.format` makes of a record: chat segments, else (prompt, completion) texts; DataError if it can't."""
+    if cfg.format == "chat":
+        return chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where)
+    return render(record, cfg=cfg, where=where)
+
+
+def render_each(numbered, render_one, *, rejects: Rejects | None) -> tuple[list[str], list]:
+    """(wheres, renderings) of the (where, record) pairs that `render_one(record, where=where)` renders; a record
+    it refuses (DataError) raises, or with `rejects` is recorded there and left out."""
+    wheres, rendered = [], []
+    for where, record in numbered:
+        try:
+            rendered.append(render_one(record, where=where))
+        except DataError as err:
+            if rejects is None:
+                raise
+            rejects.add(where, str(err), record)
+            continue
+        wheres.append(where)
+    return wheres, rendered
+
+
 def encode_records(numbered, *, cfg: DataConfig, tokenizer, tally: Tally,
                    rejects: Rejects | None = None) -> Iterator[Example]:
     """Examples of (where, record) pairs, tokenized in chunks; counts into `tally`. With `rejects`, a record that
     cannot be rendered (missing column, wrong type) is recorded there and skipped instead of raising."""
     numbered = iter(numbered)
     bos_id, eos_id = special_ids(tokenizer)
+    render_one = partial(render_record, cfg=cfg, tokenizer=tokenizer)
     while chunk := list(islice(numbered, CHUNK_RECORDS)):
         tally.records += len(chunk)
-        wheres, texts = [], []
-        for where, record in chunk:
-            try:
-                texts.append(chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where) if cfg.format == "chat"
-                             else render(record, cfg=cfg, where=where))
-            except DataError as err:
-                if rejects is None:
-                    raise
-                rejects.add(where, str(err), record)
-                continue
-            wheres.append(where)
+        wheres, texts = render_each(chunk, render_one, rejects=rejects)
         if cfg.format == "chat":
             examples = chat_examples(texts, tokenizer)
         else:

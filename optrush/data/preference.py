@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from optrush.config.schema import DataConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, read_source, split_off, tokenize
+from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, read_source, render_each, split_off, \
+    tokenize
 from optrush.data.formats import Example, special_ids
 from optrush.data.loader import BatchLoader
 from optrush.data.reader import DataError
@@ -132,18 +134,10 @@ def read_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally,
     that is not a pair raises DataError, or under data.on_error=skip is written to the rejects file; pairs longer
     than data.max_length (as packed) and pairs whose completions encode alike are dropped and counted."""
     bos_id, eos_id = special_ids(tokenizer)
-    wheres, texts = [], []
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
-        for where, record in read_source(path, cfg=cfg, rejects=rejects):
-            tally.records += 1
-            try:
-                texts.append(pair_texts(record, cfg=cfg, where=where))
-            except DataError as err:
-                if rejects is None:
-                    raise
-                rejects.add(where, str(err), record)
-                continue
-            wheres.append(where)
+        numbered = list(read_source(path, cfg=cfg, rejects=rejects))
+        tally.records += len(numbered)
+        wheres, texts = render_each(numbered, partial(pair_texts, cfg=cfg), rejects=rejects)
     prompts, chosen, rejected = (tokenize([t[i] for t in texts], tokenizer) for i in range(3))
     pairs = []
     for where, p, c, r in zip(wheres, prompts, chosen, rejected):
@@ -199,10 +193,7 @@ def no_pairs_message(cfg: DataConfig, tally: Tally) -> str:
                            "data.chosen_column and data.rejected_column"}
     causes = [f"{'all ' if count == tally.records else ''}{count} pairs {advice[reason]}"
               for reason, count in tally.dropped.most_common()]
-    if tally.rejected:
-        causes.append(tally.skipped())
-    if not tally.records and not tally.rejected:
-        causes.append("the file holds no records")
+    causes += tally.unread()
     return f"no training pairs left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
