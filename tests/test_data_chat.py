@@ -6,7 +6,7 @@ import pytest
 
 from optrush.config.schema import DataConfig
 from optrush.data.batch import IGNORE_INDEX
-from optrush.data.chat import chat_segments
+from optrush.data.chat import chat_prompt, chat_segments
 from optrush.data.dataset import build_datasets
 from optrush.data.reader import DataError
 from optrush.data.tokenizer import load_tokenizer
@@ -131,3 +131,12 @@ def test_a_template_that_changes_the_content_trains_it_trimmed_or_fails_clearly(
     (example,), _, _ = build_datasets(cfg, changing, seed=0)
     assert trained_text(example, changing) == "Boil water.<|im_end|>"
 
+
+
+def test_chat_prompt_is_the_conversation_before_the_last_answer(tok):
+    cfg = DataConfig(format="chat", chat_template="chatml")
+    prompt = chat_prompt({"messages": CONVERSATION}, cfg=cfg, tokenizer=tok, where="x")
+    assert prompt.endswith("Then?<|im_end|>\n<|im_start|>assistant\n") and "Boil water." in prompt
+    assert "Add salt." not in prompt
+    # encoding adds the BOS once, as training has it
+    assert tok.encode(prompt).count(tok.bos_token_id) == 1

@@ -3,13 +3,15 @@
     cfg = load_config("optrush/recipes/demo.yaml", ["train.lr=2e-4", "data.packing=none"])
     cfg = load_config("optrush/recipes/demo.yaml", complete=False)   # a partial recipe, e.g. to print it
 
-Every failure raises `ConfigError` with the offending key (and, for a value from the YAML file, the file and line),
-what was given and what is expected, so a bad run stops before any data is read or any model is built.
+Every failure raises `ConfigError` with the offending key, where its value was set (the YAML file and line, or
+the override), what was given and what is expected, so a bad run stops before any data is read or any model is
+built. The file and the overrides are merged before anything is checked, so an override can correct the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from optrush.config.schema import Config, OptimConfig
+from optrush.config.schema import Config, DataConfig, OptimConfig
 
 
 class ConfigError(ValueError):
@@ -36,18 +38,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     skips the checks for what a run must still be given (a model.path or model.preset, a data.tokenizer), so a
     partial recipe such as optrush/recipes/demo.yaml can be loaded and shown; every other check still runs."""
     tree: dict[str, Any] = {}
+    origins = Origins()
     if path is not None:
-        tree = read_yaml(path)
+        tree, origins = read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(tree, key, value)
-    cfg = build(Config, tree, prefix="")
-    validate(cfg, synthetic_data=synthetic_data, complete=complete)
+        try:
+            set_dotted(tree, key, value)
+        except ConfigError as err:  # a section the file or an earlier override set to a value
+            raise ConfigError(f"{err} ({err.key} is set at {origins.of(err.key)})", key=err.key) from None
+        origins.overrides.append((key, item))
+    try:
+        cfg = build(Config, tree, prefix="")
+    except ConfigError as err:
+        raise ConfigError(origins.place(err), key=err.key) from None
+    problems = config_problems(cfg, synthetic_data=synthetic_data, complete=complete)
+    if problems:
+        raise ConfigError(problems_message([origins.annotate(problem) for problem in problems]))
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The YAML file's tree, with its keys and value types checked, so that an error names the file and line."""
+@dataclasses.dataclass
+class Origins:
+    """Where the merged config's keys were set: a line of the YAML file, or an override (later overrides win), so
+    that an error points at the place to fix."""
+    path: Path | None = None
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)  # dotted key -> its line in the file
+    overrides: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (dotted key, the item as given)
+
+    def of(self, key: str | None) -> str | None:
+        """`run.yaml:3` or `override train.lr=-1` for the value `key` ended up with; None for a default."""
+        if key is None:
+            return None
+        for set_key, item in reversed(self.overrides):
+            if key == set_key or key.startswith(set_key + "."):
+                return f"override {item}"
+        if key in self.lines:
+            return f"{self.path}:{self.lines[key]}"
+        for set_key, item in reversed(self.overrides):
+            if set_key.startswith(key + "."):  # an unknown section that only this override names
+                return f"override {item}"
+        return None
+
+    def place(self, err: ConfigError) -> str:
+        """A one-key error prefixed by where that key was set (`path:line:` as compilers write it)."""
+        origin = self.of(err.key)
+        return f"{origin}: {err}" if origin else str(err)
+
+    def annotate(self, problem: str) -> str:
+        """A validation problem followed by where the keys it names were set; a problem may name several."""
+        origins = dict.fromkeys(self.of(key) for key in mentioned_keys(problem))
+        origins.pop(None, None)
+        return f"{problem} (from {', '.join(origins)})" if origins else problem
+
+
+def mentioned_keys(problem: str) -> list[str]:
+    """The config keys a validation message names, e.g. train.warmup_steps and train.max_steps."""
+    words = (word.rstrip(".") for word in re.findall(r"[A-Za-z_][\w.]*", problem))
+    return [word for word in words if word in LEAF_KEYS]
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], Origins]:
+    """The YAML file's tree, and the line of each of its keys; nothing is checked until the overrides are merged."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give the path to a YAML file, e.g. "
@@ -58,16 +110,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(yaml_error_message(path, err)) from None
     if tree is None:
-        return {}
+        return {}, Origins(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...), "
                           f"got {type(tree).__name__}")
-    try:
-        build(Config, tree, prefix="")  # the overrides come later; this only places a bad key or value in the file
-    except ConfigError as err:
-        line = key_lines(yaml.compose(text, Loader=yaml.SafeLoader)).get(err.key)  # parsed again only to place it
-        raise ConfigError(f"{path}:{line}: {err}" if line else f"{path}: {err}", key=err.key) from None
-    return tree
+    return tree, Origins(path, key_lines(yaml.compose(text, Loader=yaml.SafeLoader)))  # composed for the lines
 
 
 def yaml_error_message(path: Path, err: yaml.YAMLError) -> str:
@@ -114,7 +161,8 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parents[:i + 1])} is a value, not a section")
+            section = ".".join(parents[:i + 1])
+            raise ConfigError(f"override {key}: {section} is a value, not a section", key=section)
         node = child
     node[leaf] = value
 
@@ -157,6 +205,9 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
         kind = typing.get_type_hints(cls)[f.name]
         keys.extend(all_keys(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [prefix + f.name])
     return keys
+
+
+LEAF_KEYS = frozenset(all_keys(Config))
 
 
 def coerce(value: Any, kind: Any, *, key: str) -> Any:
@@ -231,6 +282,17 @@ def type_name(kind: Any) -> str:
 def validate(cfg: Config, *, synthetic_data: bool = False, complete: bool = True) -> None:
     """Reject values that are individually valid but wrong together, or out of range; with `complete`, also a
     config that lacks what a run needs (see `load_config`)."""
+    problems = config_problems(cfg, synthetic_data=synthetic_data, complete=complete)
+    if problems:
+        raise ConfigError(problems_message(problems))
+
+
+def problems_message(problems: list[str]) -> str:
+    return "invalid configuration:\n  - " + "\n  - ".join(problems)
+
+
+def config_problems(cfg: Config, *, synthetic_data: bool = False, complete: bool = True) -> list[str]:
+    """What `validate` rejects, one message per problem."""
     problems = missing_problems(cfg, synthetic_data=synthetic_data) if complete else []
     if cfg.model.path is not None and cfg.model.preset is not None:
         problems.append("set exactly one of model.path (an HF checkpoint directory) or model.preset "
@@ -277,8 +339,7 @@ def validate(cfg: Config, *, synthetic_data: bool = False, complete: bool = True
     problems += peft_problems(cfg)
     problems += optim_problems(cfg)
     problems += parallel_problems(cfg)
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def missing_problems(cfg: Config, *, synthetic_data: bool) -> list[str]:
@@ -308,6 +369,25 @@ def clean_problems(cfg: Config) -> list[str]:
         problems.append(f"data.prefetch={cfg.data.prefetch} must be >= 0 and data.num_proc={cfg.data.num_proc} >= 1")
     if c.near_dedup_ngram < 1 or c.rare_min_count < 0:
         problems.append("data.clean.near_dedup_ngram must be >= 1 and data.clean.rare_min_count >= 0")
+    return problems + preference_clean_problems(cfg.data)
+
+
+def preference_clean_problems(data: DataConfig) -> list[str]:
+    """The data.clean rules that cannot judge preference pairs (data.format=preference), which are cleaned on their
+    three texts only: list columns (items, rare vocabulary) are recipe columns a pair does not have."""
+    if data.format != "preference":
+        return []
+    c, problems = data.clean, []
+    pair_columns = (data.prompt_column, data.chosen_column, data.rejected_column)
+    if c.min_items or c.max_items:
+        problems.append("data.clean.min_items/max_items count a list column, which preference pairs do not have: "
+                        "set them to 0 and bound the texts with data.clean.min_chars/max_chars")
+    if c.rare_min_count:
+        problems.append("data.clean.rare_min_count counts the items of a list column, which preference pairs do not "
+                        "have: set it to 0")
+    if other := [column for column in c.nonempty if column not in pair_columns]:
+        problems.append(f"data.clean.nonempty={other}: preference pairs are cleaned on their texts only, the "
+                        f"columns {list(pair_columns)}: list only those")
     return problems
 
 

@@ -78,6 +78,18 @@ def chat_segments(record: dict, *, cfg: DataConfig, tokenizer, where: str) -> li
     return [(text, trained) for text, trained in segments if text]
 
 
+def chat_prompt(record: dict, *, cfg: DataConfig, tokenizer, where: str) -> str:
+    """The conversation up to its last assistant turn's content, rendered as in training: what the model reads
+    before it answers (to sample an answer). A leading BOS the tokenizer adds when encoding is left out."""
+    segments = chat_segments(record, cfg=cfg, tokenizer=tokenizer, where=where)
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    text = "".join(text for text, _ in segments[:last])
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.encode("")[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def _built_in_segments(messages: list[dict], *, template: str) -> list[tuple[str, bool]]:
     start, header, end = BUILT_IN[template]
     if template == "qwen" and messages[0]["role"] != "system":

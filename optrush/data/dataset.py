@@ -53,8 +53,8 @@ class Tally:
     records: int = 0
     dropped: Counter = field(default_factory=Counter)
     """Reason -> examples dropped: `too_long` (data.too_long=drop), `empty` (no tokens at all),
-    `no_trained_tokens` (truncation left only prompt tokens); preference pairs: `too_long`, `identical`
-    (`optrush.data.preference`)."""
+    `no_trained_tokens` (truncation left only prompt tokens); preference pairs: `too_long`, `identical` and the
+    data.clean rule names (`optrush.data.preference.PAIR_DROPS`)."""
     truncated: int = 0
     rejected: int = 0
     """Malformed rows skipped under data.on_error=skip (written to `rejects_path`)."""
@@ -77,6 +77,18 @@ class Tally:
     def as_dict(self) -> dict:
         return {"path": self.path, "records": self.records, "dropped": dict(self.dropped),
                 "truncated": self.truncated, "rejected": self.rejected, "rejects_path": self.rejects_path}
+
+    def saved(self) -> dict:
+        """The counts a data.cache_dir entry keeps, for `restore` to report a cache hit as the run that wrote it."""
+        return {"records": self.records, "truncated": self.truncated, "rejected": self.rejected,
+                "rejects_path": self.rejects_path, "reject_messages": self.reject_messages,
+                "dropped": dict(self.dropped)}
+
+    def restore(self, saved: dict) -> None:
+        for name in ("records", "truncated", "rejected", "rejects_path", "reject_messages"):
+            setattr(self, name, saved[name])
+        self.dropped.update(saved["dropped"])
+        self.cache = "hit"
 
 
 @dataclass
@@ -180,10 +192,7 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
         key = cache.cache_key(path, cfg=cfg, tokenizer=tokenizer)
         if (hit := cache.load(cfg.cache_dir, key)) is not None:
             examples, meta = hit
-            for name in ("records", "truncated", "rejected", "rejects_path", "reject_messages"):
-                setattr(tally, name, meta["tally"][name])
-            tally.dropped.update(meta["tally"]["dropped"])
-            tally.cache = "hit"
+            tally.restore(meta["tally"])
             return examples, None if meta["clean"] is None else CleanReport(**meta["clean"])
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
         numbered = read_source(path, cfg=cfg, rejects=rejects)
@@ -206,11 +215,8 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
                 raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the "
                                 "data.clean rules that dropped the most")
     if key is not None:
-        meta = {"tally": {"records": tally.records, "truncated": tally.truncated, "rejected": tally.rejected,
-                          "rejects_path": tally.rejects_path, "reject_messages": tally.reject_messages,
-                          "dropped": dict(tally.dropped)},
-                "clean": None if report is None else report.as_dict()}
-        cache.save(cfg.cache_dir, key, examples, meta)
+        cache.save(cfg.cache_dir, key, examples, {"tally": tally.saved(),
+                                                  "clean": None if report is None else report.as_dict()})
         tally.cache = "written"
     return examples, report
 
@@ -257,39 +263,52 @@ class _Collect:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: DataConfig, tokenizer, skip: bool) -> None:
-    _WORKER.update(cfg=cfg, tokenizer=tokenizer, skip=skip)
+def _init_worker(encode, skip: bool) -> None:
+    _WORKER.update(encode=encode, skip=skip)
 
 
-def _encode_chunk(chunk: list[tuple[str, dict]]) -> tuple[Examples, Tally, list]:
+def _encode_chunk(chunk: list) -> tuple[object, Tally, list]:
     tally, collect = Tally(path=""), _Collect()
-    examples = Examples.from_examples(encode_records(chunk, cfg=_WORKER["cfg"], tokenizer=_WORKER["tokenizer"],
-                                                     tally=tally, rejects=collect if _WORKER["skip"] else None))
-    return examples, tally, collect.rows
+    rejects = {"rejects": collect} if _WORKER["skip"] else {}
+    return _WORKER["encode"](chunk, tally=tally, **rejects), tally, collect.rows
+
+
+def encode_examples(chunk: list[tuple[str, dict]], *, cfg: DataConfig, tokenizer, tally: Tally,
+                    rejects: Rejects | _Collect | None = None) -> Examples:
+    """`encode_records` of one chunk as a flat store (cheap to send back from a worker process)."""
+    return Examples.from_examples(encode_records(chunk, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects))
 
 
 def encode_parallel(numbered, *, cfg: DataConfig, tokenizer, tally: Tally, rejects: Rejects | None) -> Examples:
-    """`encode_records` over `cfg.num_proc` processes, chunk by chunk, in order (same examples, same counts).
-    At most IN_FLIGHT_PER_PROCESS chunks per process are submitted ahead (`bounded_map`), so the records read but
-    not yet tokenized stay bounded; workers send back flat arrays (cheap to pickle), joined once at the end."""
+    """`encode_records` over `cfg.num_proc` processes, chunk by chunk, in order (same examples, same counts)."""
+    encode = partial(encode_examples, cfg=cfg, tokenizer=tokenizer)
+    return Examples.concat(parallel_chunks(numbered, encode, num_proc=cfg.num_proc, tally=tally, rejects=rejects))
+
+
+def parallel_chunks(items, encode, *, num_proc: int, tally: Tally, rejects: Rejects | None) -> list:
+    """`encode(chunk, tally=..., rejects=...)` over `num_proc` processes, chunk by chunk: the parts in order, their
+    counts added to `tally` (the same as one process would give). `encode` gets `rejects` (a stand-in whose rows
+    the parent writes to `rejects`) only when `rejects` is given. At most IN_FLIGHT_PER_PROCESS chunks per process
+    are submitted ahead (`bounded_map`), so the items read but not yet encoded stay bounded; parts should be cheap
+    to pickle (flat arrays)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    numbered = iter(numbered)
-    chunks = iter(lambda: list(islice(numbered, CHUNK_RECORDS)), [])
-    parts: list[Examples] = []
+    items = iter(items)
+    chunks = iter(lambda: list(islice(items, CHUNK_RECORDS)), [])
+    parts = []
     # fork: workers inherit the loaded tokenizer and modules instead of importing torch again
-    with ProcessPoolExecutor(cfg.num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                             initargs=(cfg, tokenizer, rejects is not None)) as pool:
-        for part, part_tally, bad in bounded_map(pool, _encode_chunk, chunks,
-                                                 ahead=IN_FLIGHT_PER_PROCESS * cfg.num_proc):
+    with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                             initargs=(encode, rejects is not None)) as pool:
+        ahead = IN_FLIGHT_PER_PROCESS * num_proc
+        for part, part_tally, bad in bounded_map(pool, _encode_chunk, chunks, ahead=ahead):
             parts.append(part)
             tally.records += part_tally.records
             tally.truncated += part_tally.truncated
             tally.dropped.update(part_tally.dropped)
             for row in bad:
                 rejects.add(*row)
-    return Examples.concat(parts)
+    return parts
 
 
 def bounded_map(pool: Executor, fn, items, *, ahead: int) -> Iterator:

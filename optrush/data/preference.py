@@ -14,6 +14,14 @@ Each side is encoded like a prompt/completion example, except that the EOS stays
 the EOS. The summed log-prob of a completion is then exactly the SFT target sum, and a reward head reads the
 hidden state at the EOS, the one position that has seen the whole text.
 
+Cleaning: the `data.clean` rules (`optrush.data.clean`, in their order) judge the training pairs before they are
+encoded, each drop counted under its rule (`pair_rules`): drop_patterns, charset, nonempty (of the three pair
+columns), dedup and near_dedup read the pair's three texts, so duplicates are equal (prompt, chosen, rejected)
+triples; min/max_chars and min/max_tokens bound each side of the pair on its own, as the prompt + completion
+example it is encoded like. The list-column rules (items, rare vocabulary) are refused: a pair has no list.
+Pairs are tokenized over `data.num_proc` processes and cached in `data.cache_dir` as SFT examples are (a pair as
+its chosen and rejected sequences).
+
 Packing: a pair is the unit and is never split. `optrush.data.pack.plan_batches` plans over pair lengths, so
 `none` puts one pair per row (padded to the longest pair of the micro-batch) and `bfd` packs many pairs per row
 of `max_length` tokens. Either way chosen and rejected are separate documents of their row (document-causal
@@ -31,15 +39,22 @@ rejected one. Log-probs and rewards equal those of separate sequences (tests/tes
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
+from operator import itemgetter
 
+import numpy as np
 import torch
 
+from optrush.config.load import ConfigError, preference_clean_problems
 from optrush.config.schema import DataConfig
+from optrush.data import cache
 from optrush.data.batch import IGNORE_INDEX, Batch
-from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, read_source, render_each, split_off, \
-    tokenize
+from optrush.data.clean import Cleaner, Rule, rules_from_config
+from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, parallel_chunks, read_source, \
+    render_each, split_off, tokenize
+from optrush.data.examples import Examples
 from optrush.data.formats import Example, special_ids
 from optrush.data.loader import BatchLoader
 from optrush.data.reader import DataError
@@ -85,6 +100,9 @@ class PreferenceReport:
         if self.eval is not None:
             lines.append(f"  eval: {self.eval.records} records from {self.eval.path}")
         for tally in filter(None, (self.train, self.eval)):
+            if tally.cache is not None:
+                how = "loaded from" if tally.cache == "hit" else "saved to"
+                lines.append(f"  {tally.path}: tokenized pairs {how} the cache (data.cache_dir)")
             if tally.rejected:
                 lines.append(f"  {tally.path}: {tally.skipped()}")
             if tally.dropped:
@@ -98,8 +116,19 @@ class PreferenceReport:
                 "train_pairs": self.train_pairs, "eval_pairs": self.eval_pairs, "tokens": self.tokens}
 
 
+CLEAN_DROPS = {"pattern": ("data.clean.drop_patterns", "a text matches one"),
+               "charset": ("data.clean.charset", "a text holds a character outside it"),
+               "empty": ("data.clean.nonempty", "a listed column is blank"),
+               "chars": ("data.clean.min_chars/max_chars", "the prompt + chosen or + rejected text is out of bounds"),
+               "tokens": ("data.clean.min_tokens/max_tokens", "the prompt + chosen or + rejected tokens are out of "
+                                                                "bounds"),
+               "duplicate": ("data.clean.dedup", "the same prompt, chosen and rejected as an earlier pair"),
+               "near_duplicate": ("data.clean.near_dedup", "nearly the same texts as an earlier pair")}
+"""The data.clean rules (by `Rule.name`) that drop pairs: (config key, what the pair had)."""
+
 PAIR_DROPS = {"too_long": "longer than data.max_length; a pair is never cut",
-              "identical": "chosen and rejected encode alike: nothing to learn"}
+              "identical": "chosen and rejected encode alike: nothing to learn",
+              **{reason: f"{key}: {what}" for reason, (key, what) in CLEAN_DROPS.items()}}
 """Why pairs are dropped (counted in `Tally.dropped`)."""
 
 
@@ -128,19 +157,112 @@ def pair_texts(record: dict, *, cfg: DataConfig, where: str) -> list[str]:
     return [record[column] for column in columns]
 
 
-def read_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally,
-               rejects_path: str | None) -> list[PreferencePair]:
+def read_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally, rejects_path: str | None,
+               rules: Sequence[Rule] = ()) -> list[PreferencePair]:
     """The pairs of the source at `path` (any format `optrush.data.sources` reads), counted into `tally`. A record
-    that is not a pair raises DataError, or under data.on_error=skip is written to the rejects file; pairs longer
-    than data.max_length (as packed) and pairs whose completions encode alike are dropped and counted."""
-    bos_id, eos_id = special_ids(tokenizer)
+    that is not a pair raises DataError, or under data.on_error=skip is written to the rejects file; the cleaning
+    `rules` (`pair_rules`) drop pairs next, then pairs longer than data.max_length (as packed) and pairs whose
+    completions encode alike. Every drop is counted in `tally.dropped` under its reason. With data.cache_dir the
+    pairs (and the counts) come from the tokenize-once cache when its key matches (`optrush.data.cache`)."""
+    key = cache.cache_key(path, cfg=cfg, tokenizer=tokenizer) if cfg.cache_dir is not None else None
+    if key is not None and (hit := cache.load(cfg.cache_dir, key)) is not None:
+        sequences, meta = hit
+        tally.restore(meta["tally"])
+        return pairs_of(sequences)
+    pairs = encode_source_pairs(path, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects_path=rejects_path,
+                                rules=rules)
+    if key is not None:
+        sequences = Examples.from_examples(side for pair in pairs for side in (pair.chosen, pair.rejected))
+        cache.save(cfg.cache_dir, key, sequences, {"tally": tally.saved()})
+        tally.cache = "written"
+    return pairs
+
+
+def pairs_of(sequences: Examples) -> list[PreferencePair]:
+    """The pairs stored as chosen, rejected, chosen, ... sequences. A pair's shared positions are the chosen side's
+    leading unlabelled ones (`encode_sequence` labels from the first completion token on)."""
+    pairs = []
+    for i in range(0, len(sequences), 2):
+        chosen = sequences[i]
+        shared = int(np.argmax(np.asarray(chosen.labels) != IGNORE_INDEX))
+        pairs.append(PreferencePair(chosen=chosen, rejected=sequences[i + 1], shared=shared))
+    return pairs
+
+
+def encode_source_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally, rejects_path: str | None,
+                        rules: Sequence[Rule]) -> list[PreferencePair]:
+    """`read_pairs` without the cache: read, clean and encode the source at `path`."""
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
         numbered = list(read_source(path, cfg=cfg, rejects=rejects))
         tally.records += len(numbered)
         wheres, texts = render_each(numbered, partial(pair_texts, cfg=cfg), rejects=rejects)
-    prompts, chosen, rejected = (tokenize([t[i] for t in texts], tokenizer) for i in range(3))
+    rendered = clean_pairs(list(zip(wheres, texts)), cfg=cfg, rules=rules, tally=tally)
+    encode = partial(encode_pairs, cfg=cfg, tokenizer=tokenizer)
+    if cfg.num_proc > 1:
+        parts = parallel_chunks(rendered, encode, num_proc=cfg.num_proc, tally=tally, rejects=None)
+        return [pair for part in parts for pair in part]
+    return encode(rendered, tally=tally)
+
+
+def pair_rules(cfg: DataConfig, tokenizer) -> list[Rule]:
+    """The data.clean rules (`rules_from_config`, in its order) as they judge a pair record {prompt, chosen,
+    rejected} (`clean_pairs`): the text rules read all three texts; the chars and tokens bounds judge each side on
+    its own (`EachSide`). The rules a pair cannot take are refused (`preference_clean_problems`)."""
+    if problems := preference_clean_problems(cfg):
+        raise ConfigError("invalid configuration for data.format=preference:\n  - " + "\n  - ".join(problems),
+                          key="data.clean")
+    side_cfg = replace(cfg, format="prompt_completion", prompt_column="prompt", completion_column="completion")
+    return [EachSide(rule, cfg=cfg) if rule.name in ("chars", "tokens") else rule
+            for rule in rules_from_config(side_cfg, tokenizer)]
+
+
+class EachSide:
+    """A data.clean rule judging the chosen and the rejected side of a pair record each, as the prompt/completion
+    example the side is encoded like ({"prompt", "completion"}); the pair goes when either side fails. Side s of
+    the pair at stream position i is position 2i + s for the rule, so a rule that fits (token counts) works too."""
+
+    def __init__(self, rule: Rule, *, cfg: DataConfig):
+        self.rule, self.name, self.needs_fit = rule, rule.name, rule.needs_fit
+        self.prompt_column, self.completion_columns = cfg.prompt_column, (cfg.chosen_column, cfg.rejected_column)
+
+    def sides(self, index: int, record: dict) -> list[tuple[int, str, dict]]:
+        return [(2 * index + s, column, {"prompt": record[self.prompt_column], "completion": record[column]})
+                for s, column in enumerate(self.completion_columns)]
+
+    def fit(self, records: Iterable[tuple[int, dict]]) -> None:
+        self.rule.fit((i, side) for index, record in records for i, _, side in self.sides(index, record))
+
+    def reject(self, index: int, record: dict) -> str | None:
+        for i, column, side in self.sides(index, record):
+            if (reason := self.rule.reject(i, side)) is not None:
+                return f"{column}: {reason}"
+        return None
+
+
+def clean_pairs(rendered: list[tuple[str, list[str]]], *, cfg: DataConfig, rules: Sequence[Rule],
+                tally: Tally) -> list[tuple[str, list[str]]]:
+    """The (where, [prompt, chosen, rejected]) items that pass the `rules`, in order; each dropped pair is counted in
+    `tally.dropped` under the first rule that rejected it."""
+    if not rules:
+        return rendered
+    columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
+    records = [dict(zip(columns, texts)) for _, texts in rendered]
+    cleaner = Cleaner(rules)
+    cleaner.fit(lambda: records)
+    kept = [item for item, _ in cleaner.filter(zip(rendered, records), record=itemgetter(1))]
+    tally.dropped.update({reason: count for reason, count in cleaner.report().dropped.items() if count})
+    return kept
+
+
+def encode_pairs(rendered: list[tuple[str, list[str]]], *, cfg: DataConfig, tokenizer,
+                 tally: Tally) -> list[PreferencePair]:
+    """The pairs of (where, [prompt, chosen, rejected]) items, tokenized in one batched call per column; pairs
+    whose completions encode alike, or longer than data.max_length (data.too_long=error: a DataError naming
+    `where`), are dropped and counted in `tally`."""
+    bos_id, eos_id = special_ids(tokenizer)
+    prompts, chosen, rejected = (tokenize([texts[i] for _, texts in rendered], tokenizer) for i in range(3))
     pairs = []
-    for where, p, c, r in zip(wheres, prompts, chosen, rejected):
+    for (where, _), p, c, r in zip(rendered, prompts, chosen, rejected):
         if c == r:  # equal log-probs on both sides: the pair's loss has no gradient
             tally.dropped["identical"] += 1
             continue
@@ -166,8 +288,10 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
     """(train pairs, eval pairs, report); eval from `data.eval_path` or `data.eval_fraction` as for SFT data."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the preference data (a JSONL file), e.g. data.path=pairs.jsonl")
+    rules = pair_rules(cfg, tokenizer)  # before reading: a rule a pair cannot take is a config error
     report = PreferenceReport(train=Tally(path=str(cfg.path)))
-    train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=report.train, rejects_path=cfg.rejects_path)
+    train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=report.train, rejects_path=cfg.rejects_path,
+                       rules=rules)
     if not train:  # before the eval split, which would otherwise blame data.eval_fraction
         raise DataError(no_pairs_message(cfg, report.train))
     if cfg.eval_path is not None:
@@ -190,7 +314,9 @@ def no_pairs_message(cfg: DataConfig, tally: Tally) -> str:
     advice = {"too_long": f"are longer than data.max_length={cfg.max_length} ({pair_layout(cfg)}): raise "
                           "data.max_length",
               "identical": "have chosen and rejected completions that encode alike (nothing to learn): check "
-                           "data.chosen_column and data.rejected_column"}
+                           "data.chosen_column and data.rejected_column",
+              **{reason: f"were dropped by {key} ({what}): loosen or unset it"
+                 for reason, (key, what) in CLEAN_DROPS.items()}}
     causes = [f"{'all ' if count == tally.records else ''}{count} pairs {advice[reason]}"
               for reason, count in tally.dropped.most_common()]
     causes += tally.unread()

@@ -3,10 +3,13 @@
     report = evaluate("runs/x/final", data="heldout.jsonl", data_format="recipe", samples=4)
     print(report_markdown(report))
     optrush eval runs/x/final --data heldout.jsonl [--format recipe] [--samples 4] [--out report.md]
+                 [data.on_error=skip data.text_column=body ...]
 
 Perplexity is exp(mean cross-entropy) over the trained tokens of the examples that `optrush.data.dataset`
-builds from the file (the same rendering, masking and length handling as training). Samples continue the first
-`samples` prompts of the file (greedy unless a temperature is given) and are scored by `recipe_metrics`:
+builds from the file (the same rendering, masking and length handling as training). `data_overrides` set how the
+records are read and rendered (`EVAL_DATA_KEYS`); with data.on_error=skip a malformed row is counted in the report
+and written to the rejects file, as in training. Samples continue the first `samples` prompts of the file (greedy
+unless a temperature is given) and are scored by `recipe_metrics`:
 whether the text parses as a recipe (an Ingredients: list and a Directions: list, both non-empty), which fraction
 of the listed ingredients the directions mention, and the repetition rate (repeated word 4-grams).
 
@@ -86,32 +89,36 @@ def recipe_metrics(text: str) -> dict:
             "repetition": 1 - len(set(grams)) / len(grams) if grams else 0.0}
 
 
+# The data.* keys `evaluate` takes from the user: how records are read and rendered. The others are set by
+# evaluate itself (path, tokenizer, format, max_length, too_long) or would leave records out of the evaluation.
+EVAL_DATA_KEYS = ("data.on_error", "data.rejects_path", "data.json_columns", "data.text_column",
+                  "data.prompt_column", "data.completion_column", "data.messages_column", "data.chat_template")
+
+
 def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "recipe", max_length: int = 2048,
              samples: int = 4, max_new_tokens: int = 256, temperature: float = 0.0, device: str | None = None,
-             adapter: str | Path | None = None, base: str | Path | None = None) -> dict:
+             adapter: str | Path | None = None, base: str | Path | None = None,
+             data_overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Perplexity of checkpoint `ckpt` (or of `base` + `adapter`, see optrush.generate.load) on `data` plus
-    `samples` generated continuations and their metrics."""
+    `samples` generated continuations and their metrics. `data_overrides`: `key=value` items of `EVAL_DATA_KEYS`,
+    e.g. data.on_error=skip."""
     from optrush.config import load_config
     from optrush.data.dataset import build_datasets
-    from optrush.data.sources import iter_records
-    from optrush.data.formats import render
     from optrush.generate.decode import generate_texts
     from optrush.generate.load import load_for_generation, resolve
 
+    check_data_overrides(data_overrides)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_generation(ckpt, adapter=adapter, base=base, device=device)
     model_dir, adapter_dir, tokenizer_dir = resolve(ckpt, adapter=adapter, base=base)
     cfg = load_config(None, [f"model.path={model_dir}", f"data.path={data}", f"data.tokenizer={tokenizer_dir}",
                              f"data.format={data_format}", f"data.max_length={max_length}",
-                             "data.too_long=truncate"]).data
-    examples, _, _ = build_datasets(cfg, tokenizer, seed=0)
+                             "data.too_long=truncate", *data_overrides]).data
+    examples, _, data_report = build_datasets(cfg, tokenizer, seed=0)
     name = str(model_dir) if adapter_dir is None else f"{model_dir} + adapter {adapter_dir}"
-    report = {"checkpoint": name, "data": str(data), "examples": len(examples), **perplexity(model, examples)}
-    prompts = []
-    for where, record in iter_records(data):
-        if len(prompts) == samples:
-            break
-        prompts.append(render(record, cfg=cfg, where=where)[0])
+    report = {"checkpoint": name, "data": str(data), "examples": len(examples), "rejected": data_report.train.rejected,
+              "rejects_path": data_report.train.rejects_path, **perplexity(model, examples)}
+    prompts = sample_prompts(cfg, samples, tokenizer)
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature) \
         if prompts else []
     report["samples"] = [{"prompt": p, "text": t, **recipe_metrics(t)} for p, t in zip(prompts, texts)]
@@ -119,6 +126,42 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
         values = [float(s[key]) for s in report["samples"]]
         report[f"mean_{key}"] = sum(values) / len(values) if values else float("nan")
     return report
+
+
+def check_data_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    from optrush.config import ConfigError
+    from optrush.config.load import parse_override
+
+    for item in overrides:
+        key = parse_override(item)[0]
+        if key not in EVAL_DATA_KEYS:
+            raise ConfigError(f"override {item}: optrush eval takes only {', '.join(EVAL_DATA_KEYS)} (how the "
+                              "records of --data are read); give the format and length with --format and "
+                              "--max-length")
+
+
+def sample_prompts(cfg, count: int, tokenizer) -> list[str]:
+    """The prompts of the first `count` good records of `cfg.path` (chat: the conversation before its last
+    assistant turn). Under data.on_error=skip the perplexity pass has already counted and written the bad rows, so
+    here they are only passed over."""
+    from optrush.data.chat import chat_prompt
+    from optrush.data.dataset import read_source
+    from optrush.data.formats import render
+    from optrush.data.reader import DataError
+    from optrush.data.sources import Recounted
+
+    rejects = Recounted() if cfg.on_error == "skip" else None
+    prompts = []
+    for where, record in read_source(cfg.path, cfg=cfg, rejects=rejects):
+        if len(prompts) == count:
+            break
+        try:
+            prompts.append(chat_prompt(record, cfg=cfg, tokenizer=tokenizer, where=where) if cfg.format == "chat"
+                           else render(record, cfg=cfg, where=where)[0])
+        except DataError:
+            if rejects is None:
+                raise
+    return prompts
 
 
 def sample_during_training(model: nn.Module, tokenizer, cfg, step: int) -> dict:
@@ -142,8 +185,10 @@ def sample_during_training(model: nn.Module, tokenizer, cfg, step: int) -> dict:
 
 
 def report_markdown(report: dict, *, with_samples: bool = True) -> str:
+    skipped = (f"; skipped {report['rejected']} malformed rows (data.on_error=skip), written to "
+               f"{report['rejects_path']}") if report["rejected"] else ""
     lines = [f"# Evaluation of {report['checkpoint']}", "", f"Data: {report['data']} ({report['examples']} examples, "
-             f"{report['tokens']} trained tokens)", "", "| metric | value |", "| --- | ---: |",
+             f"{report['tokens']} trained tokens){skipped}", "", "| metric | value |", "| --- | ---: |",
              f"| loss | {report['loss']:.4f} |", f"| perplexity | {report['perplexity']:.3f} |",
              f"| samples parsing as recipes | {report['mean_parses']:.2f} |",
              f"| ingredients used in the directions | {report['mean_ingredient_use']:.2f} |",

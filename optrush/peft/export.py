@@ -3,7 +3,7 @@
     save_adapter(model, "out/adapter", base_model_path="Llama-3.2-1B")   # adapter_config.json + adapter_model.safetensors
     export_checkpoint("runs/x/checkpoints/step_00000100", out="merged", merge=True)   # `optrush export`
     save_merged(model, "out/merged")                                     # plain HF model, adapters folded in
-    save_preset_base(model, "runs/x/base", tokenizer)                    # a model.preset run's frozen base
+    save_preset_base(model, "runs/x/base", tokenizer, fingerprint=fp)    # a model.preset run's frozen base
     load_adapter(model, "out/adapter")                                   # apply_lora from the config + its weights
 
 The adapter uses PEFT's layout, so `peft.PeftModel.from_pretrained(transformers_model, "out/adapter")` gives the
@@ -14,12 +14,16 @@ block weight to its original dtype (the one it was loaded in) and folds the adap
 
 An adapter names its base model by absolute path (`base_model_name_or_path`), so it loads from any working
 directory. A run that starts from `model.preset` has no base directory: the loop writes the random initial base
-once (`save_preset_base`, to `<output_dir>/base/`), and every adapter saved from that model then names it.
+once (`save_preset_base`, to `<output_dir>/base/`), and every adapter saved from that model then names it. Beside
+the weights, `preset_base.json` records what drew them (preset, seed, quantization, the config): a later start
+into the same output_dir (a resume) compares that instead of writing the base again, and refuses another base.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +34,8 @@ from torch import nn
 
 from optrush.config import ConfigError
 from optrush.config.schema import PeftConfig
-from optrush.models.hf import to_hf_key
-from optrush.models.io import save_model
+from optrush.models.hf import hf_config_from_args, to_hf_key
+from optrush.models.io import has_reward_head, save_model
 from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers
 from optrush.peft.prompt import PromptEmbedding, add_prompt, prompt_embedding
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight
@@ -44,7 +48,9 @@ _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude
 PROMPT_KEY = "prompt_embeddings"
 QUANTIZATION_FILE = "base_quantization.json"
 SAVED_BASE = "saved_base_path"
-"""Attribute `save_preset_base` sets on the model: where its frozen base was written, for its adapters to name."""
+"""Attribute `name_base` sets on the model: where its frozen base was written, for its adapters to name."""
+PRESET_BASE_FILE = "preset_base.json"
+"""In a preset run's base/: what drew its random weights (`preset_base_fingerprint`)."""
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -100,7 +106,7 @@ def absolute(base_model_path: str | Path | None) -> str | None:
 
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | None = None) -> Path:
     """Write `model`'s adapters to directory `path` in PEFT format; returns `path`. The base recorded is
-    `base_model_path`, else the one `save_preset_base` wrote, as an absolute path. Adapters trained over a
+    `base_model_path`, else the one `name_base` recorded, as an absolute path. Adapters trained over a
     quantized base also get `base_quantization.json`, so `optrush export --merge` merges them into the same
     dequantized base they were trained with (PEFT ignores the file)."""
     path = Path(path)
@@ -126,17 +132,65 @@ def save_merged(model: nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
-def save_preset_base(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def preset_base_fingerprint(model: nn.Module, *, preset: str, seed: int, quantize: str) -> dict:
+    """What makes the random base under `model`'s adapters: the settings that drew it (build_model's init is
+    reproducible from the seed) and the config.json it saves as (architecture, vocabulary, dtype, head). Cheap
+    for a sharded model too: it reads no weight."""
+    config = hf_config_from_args(model.args, dtype=model.tok_embeddings.weight.dtype,
+                                 reward_head=has_reward_head(model))
+    fingerprint = {"model.preset": preset, "train.seed": seed, "peft.quantize": quantize,
+                   **{f"config.json {key}": value for key, value in config.items()}}
+    return json.loads(json.dumps(fingerprint))  # as read back from the file: lists for tuples
+
+
+def holds_preset_base(path: str | Path, fingerprint: dict) -> bool:
+    """True when directory `path` holds the base `fingerprint` describes; False when it has to be written (absent,
+    or written by an optrush that recorded no fingerprint). Raises ConfigError when it holds the base of another
+    run, which the adapters of this one must not name."""
+    path = Path(path)
+    record = path / PRESET_BASE_FILE
+    if not record.is_file():
+        return False
+    saved = json.loads(record.read_text())
+    changes = [f"{key}: {saved.get(key)} -> {value}" for key, value in fingerprint.items() if saved.get(key) != value]
+    if changes:
+        raise ConfigError(f"{path} holds the random base of another run ({'; '.join(changes)}; see {record}): "
+                          "train into another output_dir, or with the settings of the run that wrote it; to start "
+                          f"this output_dir over, delete {path} together with the checkpoints/ and final/ beside it, "
+                          "whose adapters name it")
+    return True
+
+
+def save_preset_base(model: nn.Module, path: str | Path, tokenizer=None, *, fingerprint: dict) -> Path:
     """Write the frozen base under `model`'s adapters (a quantized base dequantized, a soft prompt left out) to
-    `path` as an HF model plus `tokenizer`, and record `path` on the model: its adapters, saved later, name it as
-    their base. For a run from model.preset, whose random base exists nowhere else; `model` is unchanged."""
+    `path` as an HF model plus `tokenizer` and `fingerprint` (PRESET_BASE_FILE); returns `path`, absolute. For a
+    run from model.preset, whose random base exists nowhere else; `model` is unchanged. All of it is written into
+    a temporary directory renamed into place: a base/ that holds PRESET_BASE_FILE is complete."""
     path = Path(path).resolve()
-    with plain_layers(model, merge=False):
-        save_model(model, path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    setattr(model, SAVED_BASE, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with plain_layers(model, merge=False):
+            save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PRESET_BASE_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
+        if path.exists():
+            print(f"{path} has no {PRESET_BASE_FILE} (written by an older optrush): replacing it with this run's "
+                  "base", flush=True)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
+
+
+def name_base(model: nn.Module, path: str | Path) -> None:
+    """Record base directory `path` on `model`: the adapters saved from it name that base (save_adapter)."""
+    setattr(model, SAVED_BASE, str(Path(path).resolve()))
 
 
 @contextmanager

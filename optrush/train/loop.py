@@ -37,7 +37,8 @@ from optrush.objectives import PAIRWISE, build_objective
 from optrush.objectives.causal_lm import CausalLM
 from optrush.generate.evaluate import sample_during_training
 from optrush.optim import EMA, build_optimizer, eval_weights
-from optrush.peft import has_adapters, save_adapter, save_merged, save_preset_base
+from optrush.peft import has_adapters, holds_preset_base, name_base, preset_base_fingerprint, save_adapter, \
+    save_merged, save_preset_base
 from optrush.optim.schedule import build_scheduler
 from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, teardown, \
     world_size
@@ -92,9 +93,9 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
                                 examples=train_examples + eval_examples if cfg.objective in PAIRWISE else ())
-    # sharding leaves no plain model to save at the end: keep its structure (on the meta device, no memory), before
-    # ring attention binds the model to a process group (which cannot be copied)
-    plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") and cfg.checkpoint.save_final else None
+    # sharding leaves no plain model to save (final/, a preset's base/): keep its structure (on the meta device, no
+    # memory), before ring attention binds the model to a process group (which cannot be copied)
+    plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") else None
     # context parallelism: each rank of a group holds a share of every row and attends around a ring
     model, shard = setup_context_parallel(model, cfg, pad_id=tokenizer.pad_token_id)
     model = apply_optimizations(model, cfg)
@@ -114,9 +115,21 @@ def run(cfg: Config, parallel: Distributed) -> dict:
               f"the plan's last {batches_left_out} are left out of epoch 0 ({examples_left_out} examples; each "
               "epoch reshuffles, so other examples fall there next time)", flush=True)
 
-    if cfg.model.preset is not None and has_adapters(model) and cfg.parallel.strategy in ("none", "ddp") and is_main():
-        # the adapters saved below need a base to name, and a preset's random one exists nowhere else
-        save_preset_base(model, output_dir / "base", tokenizer)
+    if cfg.model.preset is not None and has_adapters(model):
+        # the adapters saved below need a base to name, and a preset's random one exists nowhere else: written at the
+        # first start, compared at every later one (each rank reads base/, so all of them refuse another base)
+        base_dir = output_dir / "base"
+        fingerprint = preset_base_fingerprint(model, preset=cfg.model.preset, seed=cfg.train.seed,
+                                              quantize=cfg.peft.quantize)
+        if not holds_preset_base(base_dir, fingerprint):
+            barrier()  # every rank has looked before rank 0 writes
+            # collective under fsdp/hsdp: rank 0 gathers the full weights into a copy of the plain structure
+            base = model if plain is None else gather_full_model(model, like=with_adapters(meta_copy(plain), cfg))
+            if is_main():
+                save_preset_base(base, base_dir, tokenizer, fingerprint=fingerprint)
+        for adapted in (model, plain):  # plain: what final/ is gathered into under fsdp/hsdp
+            if adapted is not None:
+                name_base(adapted, base_dir)
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     base_model_path=cfg.model.path, tokenizer=tokenizer)
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,

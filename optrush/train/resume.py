@@ -6,13 +6,15 @@
         ...                                 # the training steps: Ctrl-C names the last step and checkpoint
 
 Checkpoints save the run's settings (`run_settings`). On resume, a setting that defines the trained weights or the
-optimizer state (the model, the optimizer, the adapters) must match, and is refused before anything loads;
+optimizer state (the model, the optimizer, the adapters) must match, and is refused before anything loads; the
+model of `model.path` is compared by what its folder holds (`model_identity`), so a moved folder still resumes;
 optimizer hyper-parameters and the peak lr are restored with the optimizer's state, so a changed one is reported
 as not applied; a changed schedule or global batch is reported with what it does.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -69,6 +71,9 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     state = restore(path, trainer_state=saved, **live)
     if is_main():
         print(f"resumed from {path} at step {state.step}", flush=True)
+        if (moved_from := state.settings.get("model.path")) not in (None, settings["model.path"]):
+            print(f"model.path changed from {moved_from} to {settings['model.path']}: the same model (its "
+                  "config.json and weights match the checkpoint's)", flush=True)
         if state.step == cfg.train.max_steps:
             print(f"the run is already complete (train.max_steps={cfg.train.max_steps}): nothing left to train; "
                   "raise train.max_steps to train on", flush=True)
@@ -90,9 +95,13 @@ OPTIMIZER_KEYS = ("optim.betas", "optim.eps", "optim.weight_decay", "optim.momen
                   "peft.lora_plus_ratio")
 NOT_APPLIED_KEYS = ("train.lr", *OPTIMIZER_KEYS)  # the lr: the scheduler's saved base lrs too
 # What defines the trained weights and the optimizer state that holds them: a checkpoint of other weights, or of
-# another optimizer, cannot be loaded into this run
-MUST_MATCH_KEYS = ("model.path", "model.preset", "trainable parameters", "optim.name", "peft.method", "peft.r",
-                   "peft.alpha", "peft.rslora", "peft.target_modules", "peft.quantize", "peft.num_virtual_tokens")
+# another optimizer, cannot be loaded into this run. The model of model.path too, compared by `another_model`.
+MUST_MATCH_KEYS = ("model.preset", "trainable parameters", "optim.name", "peft.method", "peft.r", "peft.alpha",
+                   "peft.rslora", "peft.target_modules", "peft.quantize", "peft.num_virtual_tokens")
+MODEL_KEYS = ("model.path", "model")
+# bytes read at evenly spaced offsets of each weight file: a fine-tune of the same architecture has the same config
+# and file sizes, and differs in (nearly) every weight
+SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 4096
 
 
 def run_settings(cfg: Config, model: torch.nn.Module) -> dict:
@@ -108,11 +117,28 @@ def run_settings(cfg: Config, model: torch.nn.Module) -> dict:
             **({"optim.momentum": o.momentum, "optim.ns_steps": o.ns_steps} if o.name == "muon" else {}),
             # absolute: the same directory named from another working directory is the same model
             "model.path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
+            "model": model_identity(cfg.model.path) if cfg.model.path else None,
             "model.preset": cfg.model.preset, "optim.name": o.name, "peft.method": cfg.peft.method,
             **adapter_settings(cfg.peft),
             # last, after the keys that say why: it catches what no key names, e.g. a preset sized to another
             # tokenizer's vocabulary
             "trainable parameters": sum(w.numel() for w in model.parameters() if w.requires_grad)}
+
+
+def model_identity(path: str) -> dict:
+    """What model directory `path` holds, cheaply: digests of its config.json and of its weight files' names, sizes
+    and a few sampled bytes (a moved or copied folder keeps them)."""
+    directory = Path(path)
+    weights = hashlib.sha256()
+    for file in sorted(f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")):
+        size = file.stat().st_size
+        weights.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for sample in range(SAMPLES_PER_FILE):
+                f.seek(size * sample // SAMPLES_PER_FILE)
+                weights.update(f.read(SAMPLE_BYTES))
+    config = hashlib.sha256((directory / "config.json").read_bytes())
+    return {"config.json": config.hexdigest(), "weights": weights.hexdigest()}
 
 
 def adapter_settings(p: PeftConfig) -> dict:
@@ -133,18 +159,38 @@ def differing(saved: dict, current: dict) -> list[str]:
 
 def refuse_incompatible(saved: dict, current: dict, path: Path) -> None:
     """Raise before anything is loaded when the checkpoint holds other weights or another optimizer's state."""
-    changed = [key for key in differing(saved, current) if key in MUST_MATCH_KEYS]
-    if changed:
-        changes = "; ".join(f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
-                            for key in changed)
-        raise ConfigError(f"cannot resume {path}: {changes}: resume with the same setting, or start fresh "
+    changes = [f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
+               for key in differing(saved, current) if key in MUST_MATCH_KEYS]
+    if model := another_model(saved, current):
+        changes.insert(0, model)
+    if changes:
+        raise ConfigError(f"cannot resume {path}: {'; '.join(changes)}: resume with the same setting, or start fresh "
                           "(checkpoint.resume=never)")
+
+
+def another_model(saved: dict, current: dict) -> str | None:
+    """How the checkpoint's model.path model differs from this run's, or None. By what the folders hold when both
+    identities are known (a moved folder is the same model, a rewritten one is not), else by path (a checkpoint
+    written before identities were saved, or a preset on one side)."""
+    old, new = saved.get("model.path"), current["model.path"]
+    if saved.get("model") is None or current["model"] is None:
+        same = "model.path" not in saved or old == new
+        return None if same else f"model.path differs from the checkpoint's ({old} -> {new})"
+    differ = [part for part, digest in current["model"].items() if saved["model"].get(part) != digest]
+    if not differ:
+        return None
+    what = f"its {' and '.join(differ)} differ"
+    if old == new:
+        return f"the model at model.path={new} is not the checkpoint's ({what})"
+    return f"model.path differs from the checkpoint's ({old} -> {new}) and holds another model ({what})"
 
 
 def describe_changes(saved: dict, current: dict) -> str:
     """One line per setting that differs, with what the change does; "" when none does (or none was saved)."""
     lines = []
     for key in differing(saved, current):
+        if key in MODEL_KEYS:  # the same model, or the resume was refused: a moved folder is said on its own
+            continue
         if key == "train.lr":  # the optimizer's and the scheduler's saved states hold the peak lr
             effect = "not applied: the resumed run keeps the checkpoint's peak lr"
         elif key in OPTIMIZER_KEYS:
