@@ -40,6 +40,26 @@ def tokenizer_dir(recipe_corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tokenizer_dir, tmp_path_factory):
+    """(path, model, tokenizer): an HF-format `final/` folder of a tiny random model with the test tokenizer, as
+    the commands that use a trained checkpoint (generate, chat, eval) read it."""
+    import shutil
+
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.models import build_model, save_model
+    from optrush.models.llama import ModelArgs
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(ModelArgs(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                  max_seq_len=256), seed=0)
+    path = tmp_path_factory.mktemp("ckpt") / "final"
+    save_model(model, path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, path / f.name)
+    return path, model, tokenizer
+
+
 @pytest.fixture
 def debug_overrides(recipe_corpus, tokenizer_dir, tmp_path):
     """Overrides that make any recipe config a seconds-long CPU run of the `debug` model."""

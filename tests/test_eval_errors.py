@@ -1,28 +1,17 @@
 """`optrush eval` on a file with bad rows: the error's advice (data.on_error=skip) is one eval takes, and under it
 the bad rows are counted in the report and written to the rejects file."""
 import json
-import shutil
 
 import pytest
 
 from optrush.cli.main import main
-from optrush.data.tokenizer import load_tokenizer
-from optrush.models import build_model, save_model
-from optrush.models.llama import ModelArgs
 
 EVAL = ["--samples", "3", "--max-new-tokens", "4", "--max-length", "128", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tokenizer_dir, tmp_path_factory):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(ModelArgs(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                                  max_seq_len=128), seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "final"
-    save_model(model, path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy2(f, path / f.name)
-    return path
+@pytest.fixture
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint[0]
 
 
 @pytest.fixture

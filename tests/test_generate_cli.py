@@ -1,26 +1,15 @@
 """`optrush generate` streams the same text as the library call; `optrush chat` answers piped stdin lines."""
 import io
-import shutil
 
 import pytest
 
 from optrush.cli.main import main
-from optrush.data.tokenizer import load_tokenizer
 from optrush.generate.decode import generate_texts
-from optrush.models import build_model, save_model
-from optrush.models.llama import ModelArgs
 
 
-@pytest.fixture(scope="module")
-def ckpt(tokenizer_dir, tmp_path_factory):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(ModelArgs(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                                  max_seq_len=256), seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "final"
-    save_model(model, path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy2(f, path / f.name)
-    return path, model, tokenizer
+@pytest.fixture
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_generate_streams_the_library_output(ckpt, tmp_path, capsys):

@@ -394,6 +394,7 @@ def best_over_peers(results: list[dict], peers: list[dict]) -> dict:
 def progress_line(result: dict) -> str:
     name = f"{result['stack']}: {result['name']}"
     if result["status"] != "ok":
-        return f"{name}: {result['status']}: {result['reason'].splitlines()[0][:200]}"
+        # a config error spans lines ("invalid configuration:" then the problems): show them on one line
+        return f"{name}: {result['status']}: {' '.join(result['reason'].split())[:300]}"
     return (f"{name}: {result['real_tokens_per_s']:,.0f} non-padding tokens/s, peak {result['peak_mem_gib']:.2f} GiB, "
             f"loss {result['loss']:.4f}" + (f" ({result['wall_s']:.0f} s in all)" if "wall_s" in result else ""))

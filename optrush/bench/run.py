@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from optrush.bench.provenance import provenance
+from optrush.bench.report import MEMORY_KINDS
 from optrush.config import Config, to_dict
 from optrush.data.batch import Batch
 from optrush.models.presets import get_preset
@@ -248,6 +249,7 @@ def report_markdown(results: list[dict], *, title: str = "optrush bench") -> str
                   f"{first['steps']} timed steps; {first['params']:,} parameters",
                   "- MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / dense peak FLOP/s of the matmul "
                   f"precision ({fmt_flops(first['peak_flops'])})",
+                  f"- peak GiB ({first['peak_mem_kind']}): {MEMORY_KINDS[first['peak_mem_kind']]}",
                   f"- measured {p['timestamp_utc']}"]
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from optrush.cli.args import add_config_arguments, config_and_overrides, config_from_args
+from optrush.config import ConfigError
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_child(args)
     if args.ladder or args.peers:
         return bench_ladder(args)
-    if args.max_context:
+    if args.max_context is not None:
         return bench_max_context(args)
     from optrush.bench.run import bench, markdown_table, write_report
 
@@ -57,6 +58,10 @@ def bench_max_context(args: argparse.Namespace) -> int:
     from optrush.bench.max_context import find_max_context, markdown, write_max_context_report
 
     cfg = config_from_args(args, synthetic_data=True)
+    if args.max_context < cfg.data.max_length:
+        raise ConfigError(f"--max-context {args.max_context}: the search starts at data.max_length="
+                          f"{cfg.data.max_length} and doubles up to LIMIT; give a LIMIT of at least that, or a "
+                          "smaller data.max_length")
     result = find_max_context(cfg, start=cfg.data.max_length, limit=args.max_context, warmup=args.warmup,
                               steps=args.steps)
     paths = write_max_context_report(result, args.out or cfg.output_dir)

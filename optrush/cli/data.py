@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from optrush.cli.args import add_config_arguments, config_from_args
-from optrush.config import Config
+from optrush.config import Config, ConfigError
 
 
 def _tokenizer(cfg: Config):
@@ -52,6 +52,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     from optrush.data.dataset import build_datasets
 
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: give the number of examples to show, at least 1")
     cfg = config_from_args(args)
     tokenizer = _tokenizer(cfg)
     train, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)

@@ -6,7 +6,7 @@
                      [--token-healing] | [--penalty-alpha 0.6 --top-k 4]   healing; contrastive search
     optrush chat CKPT [sampling options]                           a chat on stdin/stdout (chat template)
     optrush average CKPT CKPT ... --out DIR                        arithmetic mean of the weights
-    optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
+    optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md] [data.on_error=skip ...]
                                                                    perplexity + recipe metrics, markdown report
 
 CKPT is an HF-format directory holding the tokenizer too (a run's final/ or step_N/ directory). Every command
@@ -29,12 +29,40 @@ def _load(args: argparse.Namespace):
     return load_for_generation(args.ckpt, adapter=args.adapter, base=args.base, device=device)
 
 
+# values of options left unset (None): None tells contrastive search that the user did not give the option
+DEFAULTS = {"temperature": 0.7, "repetition_penalty": 1.0}
+# contrastive search is deterministic: these sampling options would be ignored by it
+SAMPLING_ONLY = {"temperature": "--temperature", "top_p": "--top-p", "min_p": "--min-p",
+                 "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+
+
+def _option(args: argparse.Namespace, name: str):
+    value = getattr(args, name)
+    return DEFAULTS[name] if value is None else value
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+    return dict(max_new_tokens=args.max_new_tokens, temperature=_option(args, "temperature"), top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=_option(args, "repetition_penalty"),
                 generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Out-of-range sampling options stop the command before the model loads and before any text is printed,
+    naming the option."""
+    from optrush.generate.sample import Sampling
+
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"optrush: --max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
+    try:
+        Sampling(temperature=_option(args, "temperature"), top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=_option(args, "repetition_penalty"))
+    except ValueError as err:  # the message starts with the parameter's name: "top_p=1.5: use ..."
+        name, _, reason = str(err).partition("=")
+        reason = reason.replace("or None for", "or leave the option out for")
+        raise SystemExit(f"optrush: --{name.replace('_', '-')} {reason}") from None
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -54,11 +82,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from optrush.generate.contrastive import contrastive_search
     from optrush.generate.decode import cut_at_stop, generate_texts
 
-    if args.penalty_alpha is not None and (args.top_k is None or args.token_healing):
-        raise SystemExit("optrush: --penalty-alpha (contrastive search) needs --top-k K and does not combine with "
-                         "--token-healing")
-    model, tokenizer = _load(args)
+    _check_sampling(args)
+    if args.penalty_alpha is not None:
+        _check_contrastive(args)
     prompts = _prompts(args)
+    model, tokenizer = _load(args)
     for number, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- prompt {number + 1}/{len(prompts)}")
@@ -77,10 +105,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_contrastive(args: argparse.Namespace) -> None:
+    if not 0 <= args.penalty_alpha <= 1:
+        raise SystemExit(f"optrush: --penalty-alpha {args.penalty_alpha}: use a degeneration penalty in [0, 1]")
+    if args.top_k is None or args.token_healing:
+        raise SystemExit("optrush: --penalty-alpha (contrastive search) needs --top-k K and does not combine with "
+                         "--token-healing")
+    ignored = [flag for name, flag in SAMPLING_ONLY.items() if getattr(args, name) is not None]
+    if ignored:
+        raise SystemExit(f"optrush: {', '.join(ignored)}: contrastive search (--penalty-alpha) picks each token "
+                         "deterministically from the --top-k candidates and takes no sampling options; leave them "
+                         "out, or drop --penalty-alpha to sample")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from optrush.data.tokenizer import IM_END
     from optrush.generate.decode import generate_batch
 
+    _check_sampling(args)
     model, tokenizer = _load(args)
     vocab = tokenizer.get_vocab()
     eos = [tokenizer.eos_token_id] + ([vocab[IM_END]] if IM_END in vocab else [])
@@ -117,9 +159,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from optrush.generate.evaluate import evaluate, report_markdown
 
-    report = evaluate(args.ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
+    ckpt, overrides = args.ckpt, args.overrides
+    if ckpt is not None and "=" in ckpt and not Path(ckpt).exists():  # `eval --adapter A data.on_error=skip`
+        ckpt, overrides = None, [ckpt, *overrides]
+    report = evaluate(ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
                       samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      device=args.device, adapter=args.adapter, base=args.base)
+                      device=args.device, adapter=args.adapter, base=args.base, data_overrides=overrides)
     markdown = report_markdown(report)
     print(markdown)
     if args.out:
@@ -141,12 +186,15 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default: {DEFAULTS['temperature']})")
+    p.add_argument("--top-k", type=int, default=None, help="keep the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="keep the most likely tokens holding this probability, in (0, 1] (default: all)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one, in [0, 1] (default: none)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
@@ -178,6 +226,8 @@ def add_commands(commands) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="write the markdown report here (and a .json beside it)")
+    p.add_argument("overrides", nargs="*", help="how the records are read, e.g. data.on_error=skip (count and skip "
+                                                "malformed rows) data.text_column=body")
     p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("average", help="average the weights of checkpoints of one run")

@@ -43,9 +43,10 @@ optrush generate CKPT --prompt TEXT --penalty-alpha A --top-k K
                                               contrastive search (SimCTG, transformers' definition)
 optrush chat CKPT [sampling options] [--system TEXT]
                                               chat through the tokenizer's chat template, one stdin line a turn
-optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md]
+optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md] [data.on_error=skip ...]
                                               perplexity on held-out data + recipe metrics of generated
-                                              samples (parses, ingredients used, repetition); markdown report
+                                              samples (parses, ingredients used, repetition); markdown report;
+                                              data.* overrides say how records are read (on_error, columns)
 optrush generate|chat|eval [BASE] --adapter DIR [--base BASE] ...
                                               a LoRA/DoRA adapter (PEFT format) on top of its base model
                                               (base: --base, BASE, or the adapter's base_model_name_or_path)

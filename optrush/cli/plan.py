@@ -25,9 +25,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from optrush.plan.gpus import parse_gpus
-    from optrush.plan.search import config_yaml, model_args, plan
+    from optrush.plan.search import (candidate_setups, check_pins, config_yaml, model_args, no_candidate_message,
+                                     plan)
     from optrush.plan.speed import calibrate, extrapolation_warning, load_measurements
 
+    check_numbers(args)
+    check_pins(tuple(args.pin))
     try:
         gpu, n_gpus = parse_gpus(args.gpus)
         shape = model_args(args.model)
@@ -41,6 +44,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     candidates = plan(shape, gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
                       micro_batch=args.micro_batch, base_overrides=tuple(base), pins=tuple(args.pin),
                       margin=args.margin, calibration=calibration)
+    if not candidates:
+        setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
+                                  untied=not shape.tie_embeddings)
+        raise ConfigError(no_candidate_message(setups, pins=tuple(args.pin), base_overrides=tuple(base)))
     fitting = [c for c in candidates if c.fits]
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # full rows in logs
     console.print(f"{args.model} on {n_gpus}x{gpu.name} ({gpu.memory_gib:.0f} GiB each), {args.seq} tokens per row: "
@@ -52,7 +59,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if warning := extrapolation_warning(calibration, shape):
         console.print(f"[yellow]note[/]: {warning}")
     if fitting and args.out:
-        text = config_yaml(fitting[0], base_overrides=base, gpu=gpu, n_gpus=n_gpus, path=args.out)
+        # pins of keys the planner does not choose (train.lr=...) belong to the config too
+        text = config_yaml(fitting[0], base_overrides=[*base, *args.pin], gpu=gpu, n_gpus=n_gpus, path=args.out)
         Path(args.out).write_text(text, encoding="utf-8")
         needs_tokenizer = base[0].startswith("model.preset=") and args.tokenizer is None
         load_config(args.out, synthetic_data=needs_tokenizer)  # fails here, not at train time, if it is invalid
@@ -67,6 +75,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.measure_json:
             Path(args.measure_json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0 if fitting else 1
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts and fractions out of range would otherwise leave no candidate, or rows of nonsense."""
+    if args.seq < 1:
+        raise ConfigError(f"--seq {args.seq}: give the tokens per row (data.max_length), at least 1")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ConfigError(f"--micro-batch {args.micro_batch}: give at least 1 row, or leave it out to search 1..64")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin {args.margin}: give the fraction of GPU memory kept free, in [0, 1)")
+    if args.top < 1 or args.measure_top < 1:
+        raise ConfigError(f"--top {args.top}, --measure-top {args.measure_top}: give at least 1 row")
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:

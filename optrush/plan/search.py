@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from optrush.config import Config, ConfigError, load_config
-from optrush.config.load import parse_override, set_dotted
+from optrush.config.load import build, parse_override, set_dotted
 from optrush.models.llama import ModelArgs
 from optrush.models.presets import PRESETS, get_preset
 from optrush.plan.gpus import GPU, gpu_from_device_name
@@ -108,6 +108,44 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
     out = [evaluate(args, s, gpu=gpu, calibration=calibration, margin=margin) for s in setups
            if agrees(s, pinned) and is_valid(s, base_overrides + pins)]
     return sorted(out, key=lambda c: (not c.fits, -c.speed.tokens_per_s, c.memory.peak_bytes))
+
+
+# the plan options that set a key the search varies, for messages about a pin that asks for another value
+OPTION_OF_KEY = {"data.max_length": "--seq", "train.micro_batch_size": "--micro-batch", "optim.name": "--optim",
+                 "peft.method": "--peft", "peft.quantize": "--peft", "parallel.strategy": "--gpus"}
+
+
+def check_pins(pins: tuple[str, ...]) -> None:
+    """Each pin names a config key and a value of its type: a ConfigError naming the pin otherwise (a typo would
+    otherwise leave no candidate and read as "nothing fits")."""
+    for pin in pins:
+        tree: dict = {}
+        set_dotted(tree, *parse_override(pin))
+        try:
+            build(Config, tree, prefix="")
+        except ConfigError as err:
+            raise ConfigError(f"--pin {pin}: {err}", key=err.key) from None
+
+
+def no_candidate_message(setups: list[Setup], *, pins: tuple[str, ...], base_overrides: tuple[str, ...]) -> str:
+    """Why the search kept no candidate: a pin whose value the search never tries (and the values it tries), or
+    the validation error of a setup that agrees with every pin."""
+    for pin in pins:
+        key, value = parse_override(pin)
+        tried = {str(chosen.get(key, value)): chosen.get(key, value)
+                 for chosen in (dict(parse_override(o) for o in config_overrides(s)) for s in setups)}
+        if value not in tried.values():
+            option = f" (set it with {OPTION_OF_KEY[key]})" if key in OPTION_OF_KEY else ""
+            return f"--pin {pin}: for this model and GPU the search tries only {key} = {', '.join(tried)}{option}"
+    pinned = dict(parse_override(p) for p in pins)
+    agreeing = next((s for s in setups if agrees(s, pinned)), None)
+    if agreeing is None:
+        return "no configuration agrees with all of --pin " + " ".join(pins)
+    try:
+        load_config(None, [*base_overrides, *config_overrides(agreeing), *pins], synthetic_data=True)
+    except ConfigError as err:
+        return f"no searched configuration validates with these settings{' and --pin' if pins else ''}: {err}"
+    return "no searched configuration validates"
 
 
 def agrees(setup: Setup, pinned: dict) -> bool:
