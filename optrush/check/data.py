@@ -154,12 +154,14 @@ def check_truncation(ctx: CheckContext) -> list[CheckResult]:
         too_long += sum(length > cfg.max_length for length in lengths)
         count += len(lengths)
     tally = report.train
-    reported = tally.truncated + tally.dropped.get("too_long", 0) + tally.dropped.get("no_trained_tokens", 0)
+    reported = tally.truncated + tally.split + tally.dropped.get("too_long", 0) + \
+        tally.dropped.get("no_trained_tokens", 0)
     return [compare("data: no sample truncated silently", abs(too_long - reported), 0,
                     switch="data.too_long=error",
                     detail=f"{too_long} of {count} records exceed data.max_length={cfg.max_length}; the data "
-                           f"report counts {tally.truncated} truncated, {tally.dropped.get('too_long', 0)} dropped "
-                           f"as too long, {tally.dropped.get('no_trained_tokens', 0)} left without targets")]
+                           f"report counts {tally.truncated} truncated, {tally.split} split, "
+                           f"{tally.dropped.get('too_long', 0)} dropped as too long, "
+                           f"{tally.dropped.get('no_trained_tokens', 0)} left without targets")]
 
 
 def source_records(ctx: CheckContext) -> Iterator[tuple[str, dict]]:

@@ -107,8 +107,10 @@ class DataConfig:
     """Tokenizer directory; defaults to `model.path`."""
     max_length: int = 2048
     """Longest sequence in tokens (including BOS/EOS)."""
-    too_long: Literal["truncate", "drop", "error"] = "truncate"
-    """What to do with a record longer than `max_length`; the count is always reported."""
+    too_long: Literal["truncate", "drop", "error", "split"] = "truncate"
+    """What to do with a record longer than `max_length`: keep its first `max_length` tokens, drop it, stop with an
+    error naming it, or (data.format=text only) cut it into consecutive pieces of `max_length` tokens; the counts
+    (and the tokens truncation cut) are always reported."""
     packing: Literal["none", "sorted", "bfd"] = "bfd"
     """`none`: pad each micro-batch to its longest sequence. `sorted`: sort by length, cut into micro-batches,
     shuffle the micro-batches (each padded to its longest). `bfd`: best-fit-decreasing packing of whole

@@ -34,7 +34,7 @@ from optrush.config.schema import DataConfig
 from optrush.data.examples import Examples
 from optrush.data.sources import parse_hub_path
 
-VERSION = 1
+VERSION = 2  # 2: the counts of tokens cut by truncation and of split documents
 IGNORED_FIELDS = ("path", "eval_path", "eval_fraction", "packing", "shuffle", "num_proc", "cache_dir",
                   "rejects_path")
 

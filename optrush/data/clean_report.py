@@ -22,11 +22,11 @@ import numpy as np
 from optrush.config.schema import DataConfig
 from optrush.data.chat import check_chat_template
 from optrush.data.clean import UNRENDERABLE, Cleaner, CleanReport, rules_from_config, token_lengths
-from optrush.data.dataset import render_each, render_record
+from optrush.data.dataset import read_source, render_each, render_record
 from optrush.data.formats import single_example_formats_only
 from optrush.data.reader import DataError
 from optrush.data.recipes import write_jsonl
-from optrush.data.sources import Recounted, Rejects, decode_json_columns, iter_records
+from optrush.data.sources import Recounted, Rejects
 
 
 def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examples: int = 3) -> dict[str, Path]:
@@ -51,7 +51,7 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
     rejects = Rejects(cfg.rejects_path or out / f"{name}.rejects.jsonl") if cfg.on_error == "skip" else None
 
     def records(sink=Recounted() if rejects is not None else None) -> Iterator[tuple[str, dict]]:
-        return decode_json_columns(iter_records(cfg.path, rejects=sink), cfg.json_columns, sink)
+        return read_source(cfg.path, cfg=cfg, rejects=sink)
 
     stream = (record for _, record in records())
     before = np.asarray([n for chunk in iter(lambda: list(islice(stream, 4096)), [])

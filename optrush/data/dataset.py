@@ -3,13 +3,14 @@
     train, evals, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     print(report.format())
 
-Reads `data.path` (JSONL, JSON, Parquet, CSV, a text folder, a saved HF dataset or a hub dataset:
+Reads `data.path` (JSONL, JSON, Parquet, CSV, a text file or folder, a saved HF dataset or a hub dataset:
 `optrush.data.sources`; bad rows raise or, with `data.on_error=skip`, go to a rejects file), applies the
 `data.clean` rules to the training records when any is on (`optrush.data.clean`; counted per rule; an error when
 none is left), turns every record into an `Example` (`optrush.data.formats`, or `optrush.data.chat` for
 `data.format=chat`; tokenized in chunks with the fast tokenizer's batch call, over `data.num_proc` processes),
-applies `data.too_long` to examples longer than `data.max_length` (truncate / drop / error; always counted), then
-takes the evaluation examples from `data.eval_path`, or holds out `data.eval_fraction` of the training examples
+applies `data.too_long` to examples longer than `data.max_length` (truncate / drop / error, or for
+`data.format=text` split into consecutive pieces; always counted, with the tokens truncation cut), then takes
+the evaluation examples from `data.eval_path`, or holds out `data.eval_fraction` of the training examples
 (chosen by `seed`, so the split is the same on every run and every rank). Raises `DataError` when no training example is left. With
 `data.cache_dir`, a source's examples and counts are read from the tokenize-once cache when its key matches
 (`optrush.data.cache`).
@@ -39,7 +40,8 @@ from optrush.data.clean import Cleaner, CleanReport, rules_from_config
 from optrush.data.examples import Example, Examples
 from optrush.data.formats import build_example, render, special_ids
 from optrush.data.reader import DataError
-from optrush.data.sources import Recounted, Rejects, decode_json_columns, iter_records, parse_hub_path
+from optrush.data.sources import Recounted, Rejects, decode_json_columns, is_text_source, iter_records, \
+    parse_hub_path
 
 CHUNK_RECORDS = 1024
 IN_FLIGHT_PER_PROCESS = 2
@@ -56,6 +58,12 @@ class Tally:
     `no_trained_tokens` (truncation left only prompt tokens); preference pairs: `too_long`, `identical` and the
     data.clean rule names (`optrush.data.preference.PAIR_DROPS`)."""
     truncated: int = 0
+    truncated_tokens: int = 0
+    """Tokens that truncation cut off the `truncated` examples (their EOS included): one per position removed."""
+    split: int = 0
+    """Documents longer than data.max_length cut into pieces (data.too_long=split)."""
+    split_pieces: int = 0
+    """Examples the split documents gave beyond one each."""
     rejected: int = 0
     """Malformed rows skipped under data.on_error=skip (written to `rejects_path`)."""
     rejects_path: str | None = None
@@ -76,19 +84,28 @@ class Tally:
 
     def as_dict(self) -> dict:
         return {"path": self.path, "records": self.records, "dropped": dict(self.dropped),
-                "truncated": self.truncated, "rejected": self.rejected, "rejects_path": self.rejects_path}
+                "truncated": self.truncated, "truncated_tokens": self.truncated_tokens, "split": self.split,
+                "split_pieces": self.split_pieces, "rejected": self.rejected, "rejects_path": self.rejects_path}
 
     def saved(self) -> dict:
         """The counts a data.cache_dir entry keeps, for `restore` to report a cache hit as the run that wrote it."""
-        return {"records": self.records, "truncated": self.truncated, "rejected": self.rejected,
+        return {"records": self.records, "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
+                "split": self.split, "split_pieces": self.split_pieces, "rejected": self.rejected,
                 "rejects_path": self.rejects_path, "reject_messages": self.reject_messages,
                 "dropped": dict(self.dropped)}
 
     def restore(self, saved: dict) -> None:
-        for name in ("records", "truncated", "rejected", "rejects_path", "reject_messages"):
+        for name in ("records", "truncated", "truncated_tokens", "split", "split_pieces", "rejected", "rejects_path",
+                     "reject_messages"):
             setattr(self, name, saved[name])
         self.dropped.update(saved["dropped"])
         self.cache = "hit"
+
+    def add(self, part: Tally) -> None:
+        """Add the counts of `part` (a chunk of the same file, encoded in a worker process)."""
+        for name in ("records", "truncated", "truncated_tokens", "split", "split_pieces"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.dropped.update(part.dropped)
 
 
 @dataclass
@@ -120,16 +137,27 @@ class DataReport:
                 lines.append(f"  {tally.path}: tokenized examples {how} the cache (data.cache_dir)")
             if tally is not None and tally.rejected:
                 lines.append(f"  {tally.path}: {tally.skipped()}")
-            if tally is not None and (tally.dropped or tally.truncated):
-                dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(tally.dropped.items())) or "none"
-                # a no_trained_tokens drop was truncated too, but is counted once, as the drop
-                emptied = tally.dropped["no_trained_tokens"]
-                also = f" + {emptied} that truncation left with no trained token (no_trained_tokens)" if emptied else ""
-                lines.append(f"  {tally.path}: dropped {dropped}; truncated {tally.truncated} kept{also} "
-                             f"(data.too_long={self.too_long}, data.max_length={self.max_length})")
+            if tally is not None:
+                lines += self.length_lines(tally)
         share = self.trained_tokens / max(self.tokens, 1)
         lines.append(f"  train tokens: {self.tokens:,} positions, {self.trained_tokens:,} trained ({share:.1%})")
         return "\n".join(lines)
+
+    def length_lines(self, tally: Tally) -> list[str]:
+        """What data.too_long did to the examples of one file (nothing when no example was dropped or cut)."""
+        setting = f"data.too_long={self.too_long}, data.max_length={self.max_length}"
+        lines = []
+        if tally.dropped or tally.truncated:
+            dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(tally.dropped.items())) or "none"
+            # a no_trained_tokens drop was truncated too, but is counted once, as the drop
+            emptied = tally.dropped["no_trained_tokens"]
+            also = f" + {emptied} that truncation left with no trained token (no_trained_tokens)" if emptied else ""
+            cut = f" ({tally.truncated_tokens:,} tokens cut)" if tally.truncated else ""
+            lines.append(f"  {tally.path}: dropped {dropped}; truncated {tally.truncated} kept{cut}{also} ({setting})")
+        if tally.split:
+            lines.append(f"  {tally.path}: split long documents: {tally.split}, into "
+                         f"{tally.split + tally.split_pieces} examples ({tally.split_pieces} more; {setting})")
+        return lines
 
     def as_dict(self) -> dict:
         return {"train": self.train.as_dict(), "eval": None if self.eval is None else self.eval.as_dict(),
@@ -246,6 +274,10 @@ def eval_rejects_path(cfg: DataConfig) -> str | None:
 
 def read_source(path: str | Path, *, cfg: DataConfig, rejects) -> Iterator[tuple[str, dict]]:
     """(where, record) pairs of a data source with data.json_columns decoded; bad rows go to `rejects`."""
+    if cfg.format != "text" and is_text_source(path):
+        raise DataError(f"{path} is plain text, read as whole documents (one per file), which only data.format=text "
+                        f"trains on; data.format={cfg.format} needs records with columns: set data.format=text, or "
+                        "give data.path as a JSONL, Parquet or CSV file holding those columns")
     numbered = iter_records(path, rejects=rejects)
     return decode_json_columns(numbered, cfg.json_columns, rejects) if cfg.json_columns else numbered
 
@@ -303,9 +335,7 @@ def parallel_chunks(items, encode, *, num_proc: int, tally: Tally, rejects: Reje
         ahead = IN_FLIGHT_PER_PROCESS * num_proc
         for part, part_tally, bad in bounded_map(pool, _encode_chunk, chunks, ahead=ahead):
             parts.append(part)
-            tally.records += part_tally.records
-            tally.truncated += part_tally.truncated
-            tally.dropped.update(part_tally.dropped)
+            tally.add(part_tally)
             for row in bad:
                 rejects.add(*row)
     return parts
@@ -364,9 +394,7 @@ def encode_records(numbered, *, cfg: DataConfig, tokenizer, tally: Tally,
             examples = [build_example(prompt_ids, completion_ids, bos_id=bos_id, eos_id=eos_id)
                         for prompt_ids, completion_ids in zip(prompts, completions)]
         for where, example in zip(wheres, examples):
-            example = fit_length(example, cfg=cfg, where=where, tally=tally)
-            if example is not None:
-                yield example
+            yield from fit_length(example, cfg=cfg, where=where, tally=tally)
 
 
 def chat_examples(conversations: list[list[tuple[str, bool]]], tokenizer) -> list[Example]:
@@ -383,25 +411,40 @@ def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def fit_length(example: Example, *, cfg: DataConfig, where: str, tally: Tally) -> Example | None:
-    """Apply `data.too_long` (and drop examples with no tokens); None means dropped, counted in `tally`."""
+def fit_length(example: Example, *, cfg: DataConfig, where: str, tally: Tally) -> list[Example]:
+    """Apply `data.too_long` (and drop examples with no tokens): the examples to train on, none when dropped;
+    drops, cuts and splits are counted in `tally`."""
     if not len(example):
         tally.dropped["empty"] += 1
-        return None
+        return []
     if len(example) <= cfg.max_length:
-        return example
+        return [example]
     if cfg.too_long == "error":
         raise DataError(f"{where}: {len(example)} tokens > data.max_length={cfg.max_length}; raise data.max_length, "
-                        "or set data.too_long=truncate or data.too_long=drop")
+                        "or set data.too_long=truncate or data.too_long=drop (data.format=text: also split)")
     if cfg.too_long == "drop":
         tally.dropped["too_long"] += 1
-        return None
+        return []
+    if cfg.too_long == "split":
+        pieces = split_pieces(example, cfg.max_length)
+        tally.split += 1
+        tally.split_pieces += len(pieces) - 1
+        return pieces
     cut = Example(example.input_array[:cfg.max_length], example.label_array[:cfg.max_length])
     if cut.num_trained == 0:
         tally.dropped["no_trained_tokens"] += 1
-        return None
+        return []
     tally.truncated += 1
-    return cut
+    tally.truncated_tokens += len(example) - len(cut)
+    return [cut]
+
+
+def split_pieces(example: Example, max_length: int) -> list[Example]:
+    """Consecutive pieces of at most `max_length` positions. Each position keeps its input and its target, so no
+    token is lost or repeated: a piece's first input is the previous piece's last target (only the first piece
+    starts with BOS, only the last ends with the EOS target)."""
+    return [Example(example.input_array[start:start + max_length], example.label_array[start:start + max_length])
+            for start in range(0, len(example), max_length)]
 
 
 def split_off(examples, *, fraction: float, seed: int):

@@ -26,7 +26,7 @@ rows per micro-batch.
 
 The last micro-batch of an unpacked plan may hold fewer rows; that of a `bfd` plan is filled up with rows of
 padding, so packed micro-batches have one shape from the first to the last (no recompilation). Examples longer
-than `max_length` are rejected here: the dataset truncates or drops them first (`data.too_long`).
+than `max_length` are rejected here: the dataset truncates, drops or splits them first (`data.too_long`).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def plan_batches(lengths: Sequence[int], *, strategy: str, rows: int, max_length
     if len(lens) and (lens.min() < 1 or lens.max() > max_length):
         bad = int(np.flatnonzero((lens < 1) | (lens > max_length))[0])
         raise ValueError(f"example {bad} has {lengths[bad]} tokens; every example must have 1..{max_length} "
-                         "(max_length) tokens: the dataset truncates or drops longer ones first")
+                         "(max_length) tokens: the dataset truncates, drops or splits longer ones first")
     rng = None if order_seed is None else np.random.default_rng(order_seed)
     with _gc_paused():
         return _plan(lens, strategy=strategy, rows=rows, max_length=max_length, rng=rng,

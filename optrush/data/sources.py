@@ -15,6 +15,9 @@ Sources, chosen by what the path is:
   pyarrow, so the `datasets` package is not needed; places are `dir row n`.
 - any other directory: plain text, one document per file (`{"text": contents, "file": relative path}`), files in
   sorted order, hidden files skipped; places are the file names.
+- a `.txt` / `.md` file: plain text, the whole file one document, as one file of a text folder
+  (`{"text": contents, "file": its name}`); its place is the file name. Text sources hold documents, not records
+  with columns: only `data.format=text` reads them (`optrush.data.dataset.read_source` says so for other formats).
 - `hf://datasets/OWNER/NAME`, optionally followed by `?config=CONFIG&split=SPLIT&revision=REV` (any of them, split
   `train` by default): a
   dataset on the Hugging Face hub, read with `datasets.load_dataset` (downloaded once into the HF cache, then
@@ -38,6 +41,8 @@ from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl
 BATCH_ROWS = 1024
 HUB_PREFIX = "hf://datasets/"
 HUB_OPTIONS = ("config", "split", "revision")
+TEXT_SUFFIXES = (".txt", ".md")
+"""Files read as one plain-text document each (a text folder reads any file that way)."""
 
 
 class Rejects:
@@ -86,9 +91,11 @@ def iter_records(path: str | Path, *, rejects: Rejects | Recounted | None = None
                             f"(splits: {splits})")
         return read_saved_dataset(path) if (path / "state.json").is_file() else read_text_folder(path, rejects)
     if not path.is_file():
-        raise DataError(f"data not found: {path} (give a JSONL, JSON, Parquet or CSV file, a folder of text files, "
-                        "or a directory written by datasets' save_to_disk)")
+        raise DataError(f"data not found: {path} (give a JSONL, JSON, Parquet or CSV file, a .txt or .md text file, "
+                        "a folder of text files, or a directory written by datasets' save_to_disk)")
     suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return read_text_file(path, rejects)
     if suffix == ".parquet":
         return read_parquet(path)
     if suffix in (".csv", ".tsv"):
@@ -236,22 +243,42 @@ def read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
                     yield f"{path} row {number}", record
 
 
+def is_text_source(path: str | Path) -> bool:
+    """Whether `iter_records` reads `path` as plain-text documents (a text folder or a `.txt` / `.md` file)."""
+    if parse_hub_path(path) is not None:
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+    return path.is_file() and path.suffix.lower() in TEXT_SUFFIXES
+
+
 def read_text_folder(path: Path, rejects: Rejects | None) -> Iterator[tuple[str, dict]]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
                                                                           for part in p.relative_to(path).parts))
     if not files:
         raise DataError(f"{path} holds no files: a text folder needs one document per file")
     for file in files:
-        where = str(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            message = f"{file}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it or remove it"
-            if rejects is None:
-                raise DataError(message) from None
-            rejects.add(where, message)
-            continue
-        yield where, {"text": text, "file": str(file.relative_to(path))}
+        if (text := read_document(file, rejects)) is not None:
+            yield str(file), {"text": text, "file": str(file.relative_to(path))}
+
+
+def read_text_file(path: Path, rejects: Rejects | None) -> Iterator[tuple[str, dict]]:
+    """A `.txt` / `.md` file: one document, as one file of a text folder is."""
+    if (text := read_document(path, rejects)) is not None:
+        yield str(path), {"text": text, "file": path.name}
+
+
+def read_document(file: Path, rejects: Rejects | None) -> str | None:
+    """The UTF-8 text of `file`; a file that is not UTF-8 raises, or with `rejects` is recorded there (None)."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        message = f"{file}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it or remove it"
+        if rejects is None:
+            raise DataError(message) from None
+        rejects.add(str(file), message)
+        return None
 
 
 def _numbered_batches(path: Path, batches) -> Iterator[tuple[str, dict]]:
