@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from optrush.bench.report import MEMORY_KINDS
 from optrush.config import Config, to_yaml
 
 # Reasons a try counts as "does not fit": out of GPU or host memory (the kernel's OOM killer: -9, which torchrun
@@ -125,9 +126,9 @@ def with_memory_reason(result: dict) -> dict:
 def outcome(result: dict) -> dict:
     """A child's bench result as a try: fits, or did not (memory, time limit); anything else raises."""
     if result.get("status") == "ok":
-        return {"fits": True, **{k: result[k] for k in ("name", "tokens_per_s", "peak_mem_gib", "step_s", "mfu",
-                                                          "world_size", "loss", "device", "config", "synthetic",
-                                                          "provenance")}}
+        return {"fits": True, **{k: result[k] for k in ("name", "tokens_per_s", "peak_mem_gib", "peak_mem_kind",
+                                                          "step_s", "mfu", "world_size", "loss", "device", "config",
+                                                          "synthetic", "provenance")}}
     reason = result.get("reason", "no reason given")
     if any(marker in reason for marker in DID_NOT_FIT):
         return {"fits": False, "reason": reason[:300]}
@@ -149,12 +150,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {t['length']:,} | yes | {t['tokens_per_s']:,.0f} | {t['peak_mem_gib']:.1f} | |")
         else:
             lines.append(f"| {t['length']:,} | no | | | {t.get('reason', '')[:120]} |")
+    # on CPU the bench measures the process's resident memory, not GPU allocations: say which, as its report does
+    kinds = sorted({t["peak_mem_kind"] for t in result["tries"] if "peak_mem_kind" in t})
+    notes = [f"- peak GiB ({kind}): {MEMORY_KINDS[kind]}" for kind in kinds]
     p = result.get("provenance")
     if p:
-        lines += ["", f"- device: {result['tries'][0].get('device', 'unknown')}; torch {p['torch']}, "
-                  f"optrush {p['git_sha'] or p['optrush'] or 'unknown'}; measured {p['timestamp_utc']}",
-                  "- each try: one row of synthetic tokens, its own process; tokens/s over the timed steps"]
-    return "\n".join(lines) + "\n"
+        notes = [f"- device: {result['tries'][0].get('device', 'unknown')}; torch {p['torch']}, "
+                 f"optrush {p['git_sha'] or p['optrush'] or 'unknown'}; measured {p['timestamp_utc']}",
+                 "- each try: one row of synthetic tokens, its own process; tokens/s over the timed steps", *notes]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def write_max_context_report(result: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -94,6 +94,7 @@ def plot_ladder(record: dict, out_dir: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = record["rungs"] + record["peers"]
     labels = [r["name"] for r in rows]
@@ -121,6 +122,7 @@ def plot_ladder(record: dict, out_dir: Path) -> dict[str, Path]:
         if r["status"] == "ok" and r["losses"]:
             ax.plot(range(1, len(r["losses"]) + 1), r["losses"], marker=".",
                     linestyle="-" if r["stack"] == "optrush" else "--", label=f"{r['name']}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 1.5
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("loss per step (dashed: peers)")

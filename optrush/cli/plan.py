@@ -17,16 +17,16 @@ from pathlib import Path
 
 from optrush.config import ConfigError, OptimConfig, load_config
 
-TABLE_COLUMNS = ("#", "precision", "peft", "compile", "fused loss", "checkpointing", "micro-batch", "parallel",
-                 "peak GiB", "needs GiB", "tokens/s", "MFU", "speed basis")
+TABLE_COLUMNS = ("#", "precision", "peft", "compile", "attention", "fused loss", "checkpointing", "micro-batch",
+                 "parallel", "peak GiB", "needs GiB", "tokens/s", "MFU", "speed basis")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from optrush.plan.gpus import parse_gpus
-    from optrush.plan.search import (candidate_setups, check_pins, config_yaml, model_args, no_candidate_message,
-                                     plan)
+    from optrush.plan.search import (candidate_setups, check_pins, config_yaml, extend_context, model_args,
+                                     no_candidate_message, plan)
     from optrush.plan.speed import calibrate, extrapolation_warning, load_measurements
 
     check_numbers(args)
@@ -39,7 +39,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.measure and n_gpus > 1:
         raise ConfigError("--measure runs candidates in this one process, on one device: plan for --gpus 1x... "
                           "or measure a multi-GPU config with `optrush bench CONFIG` under torchrun")
-    base = base_overrides(args)
+    native_length = shape.max_seq_len
+    shape, extension = extend_context(shape, args.seq)
+    base = base_overrides(args) + extension
     calibration = calibrate(load_measurements())
     candidates = plan(shape, gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
                       micro_batch=args.micro_batch, base_overrides=tuple(base), pins=tuple(args.pin),
@@ -56,6 +58,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not fitting:
         console.print("[bold red]nothing fits[/]: the least memory-hungry configurations are:")
     console.print(candidate_table(shown))
+    if extension:
+        console.print(f"[yellow]note[/]: rows of {args.seq} tokens are longer than the model's {native_length}: the "
+                      f"configurations set model.max_seq_len={args.seq} (positions past {native_length} are "
+                      "extrapolated unless you also set model.rope_scaling)")
     if warning := extrapolation_warning(calibration, shape):
         console.print(f"[yellow]note[/]: {warning}")
     if fitting and args.out:
@@ -112,9 +118,11 @@ def candidate_table(candidates):
         policy = "none" if s.checkpointing == "none" else s.checkpointing + (f" every {s.every}" if s.every > 1 else "")
         peft = s.peft + (f"+{s.quantize}" if s.quantize != "none" else "") + (
             ", embedding on host" if s.embedding_on_host else "")
-        table.add_row(str(rank), s.precision, peft, s.compile, "yes" if s.fused_loss else "no",
+        table.add_row(str(rank), s.precision, peft, s.compile, s.attention, "yes" if s.fused_loss else "no",
                       policy + (" + offload" if s.offload else "")
-                      + (f", last {s.skip_last} kept" if s.skip_last else ""), str(s.micro_batch),
+                      + (f", last {s.skip_last} kept" if s.skip_last else "")
+                      + (f", MLP chunks {s.mlp_chunk_tokens}" if s.mlp_chunk_tokens else ""),
+                      str(s.micro_batch),
                       s.strategy if s.strategy != "none" else "-", f"{c.memory.peak_gib:.1f}", f"{c.required_gib:.1f}",
                       f"{c.speed.tokens_per_s:,.0f}", f"{c.speed.mfu:.2f}", c.speed.basis)
     return table

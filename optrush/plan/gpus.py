@@ -59,11 +59,16 @@ GPUS: dict[str, GPU] = {g.name: g for g in [
 
 def parse_gpus(spec: str) -> tuple[GPU, int]:
     """`"1xH100"`, `"2xH200"`, `"H100"` (one) or `"8xA100-40GB"` -> (GPU, count); ValueError naming the known GPUs."""
+    by_lower = {name.lower(): gpu for name, gpu in GPUS.items()}
+    # "2x" would read as a GPU named "2x", "2" as one named "2" (4090 and 3090 are names): say the name is missing
+    count_only = re.fullmatch(r"\s*(\d*)\s*[xX*]?\s*", spec)
+    if count_only and spec.strip().lower() not in by_lower:
+        raise ValueError(f"--gpus {spec!r}: the GPU name is missing; expected COUNTxNAME, e.g. "
+                         f"{count_only.group(1) or 1}xH100 (known: {', '.join(GPUS)})")
     match = re.fullmatch(r"\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9-]+)\s*", spec)
     if match is None:
         raise ValueError(f"--gpus {spec!r}: expected COUNTxNAME, e.g. 1xH100 or 2xH200")
     count = int(match.group(1) or 1)
-    by_lower = {name.lower(): gpu for name, gpu in GPUS.items()}
     name = match.group(2).lower().removeprefix("rtx")
     if name not in by_lower:
         close = difflib.get_close_matches(name, by_lower, n=1)

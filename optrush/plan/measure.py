@@ -5,8 +5,9 @@
 Each candidate runs `optrush.bench.run.bench` on synthetic full rows (the training loop's own step), one after the
 other in this process; between runs the model is dropped and the CUDA cache emptied, and `bench` resets the peak
 memory statistics after building, so each row's peak is its own. A candidate that fails (out of memory, a compile
-error) is reported with its error. On CPU the "measured" memory is the process's peak resident set, which is not
-what the planner predicts (GPU allocations): only the speed column means anything there.
+error, `model.attention=varlen` measured on CPU) is reported with its error. On CPU the "measured" memory is the
+process's peak resident set, which is not what the planner predicts (GPU allocations): only the speed column means
+anything there.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import gc
 
 import torch
 
-from optrush.config import load_config
+from optrush.config import ConfigError, load_config
 from optrush.plan.search import Candidate, describe
 from optrush.plan.setup import config_overrides
 
@@ -35,7 +36,8 @@ def measure(candidates: list[Candidate], *, base_overrides: list[str], device: s
                            steps=steps, name=name)
             row.update(measured_gib=result["peak_mem_gib"], measured_tokens_per_s=result["tokens_per_s"],
                        device=result["device"])
-        except RuntimeError as err:  # out of memory (torch.OutOfMemoryError), compile errors: a result too
+        # out of memory (torch.OutOfMemoryError), compile errors, a GPU-only backend measured on CPU: a result too
+        except (RuntimeError, ConfigError) as err:
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
         gc.collect()

@@ -1,17 +1,32 @@
 """`optrush plan`: the fastest training configurations that fit, and advice after an out-of-memory error.
 
     args = model_args("llama3.1-8b")                      # a preset name or an HF model directory
+    args, extension = extend_context(args, 4096)          # model.max_seq_len for rows longer than the model's
     gpu, n = parse_gpus("1xH100")
     candidates = plan(args, gpu=gpu, n_gpus=n, seq_len=4096, peft="lora")   # fitting ones first, fastest first
-    text = config_yaml(candidates[0], base_overrides=["model.preset=llama3.1-8b"], gpu=gpu, n_gpus=n)
+    text = config_yaml(candidates[0], base_overrides=["model.preset=llama3.1-8b", *extension], gpu=gpu, n_gpus=n)
     print(oom_advice(cfg))                                # what `train` prints on torch.OutOfMemoryError
 
 A candidate is a `Setup` (precision, PEFT, compile, fused loss, checkpointing policy, micro-batch, data
 parallelism) that `optrush.config.load_config` validates; it fits when the memory model's allocated peak plus
 allocator slack and CUDA context stays under the GPU's memory less `margin`.
+
+Rows longer than `LONG_ROW_TOKENS` also get the long-row levers (`long_row_choices`): MLP chunks of that many
+tokens and, for packed rows (the planner assumes data.packing=bfd, whose document masks SDPA builds as a dense
+(B, T, T) boolean mask: T² bytes per row, 256 GiB at 524,288 tokens), `model.attention=varlen`, which needs no
+mask. The speed model cannot tell the attention backends apart (same FLOPs), so between an sdpa and a varlen
+candidate of equal predicted speed the one needing less memory ranks first: varlen, wherever the rows have document
+masks. Measured, varlen is the faster: on the 1B shape with packed 2,048-token rows 61,344 tokens/s vs sdpa's 54,458
+in one command on an H200 (benchmarks/results/length_mix_h200.md), 58,728 vs 52,616 on an H100 (length_mix_varlen_h100
+.md and length_mix_h100.md, consecutive commands on one machine), and on one 8,192-token row of 4 documents 1.31 ms
+vs 7.35 ms for attention forward + backward (kernels_h100.md). Flex measured within 2% of varlen
+on those rows, but it compiles its mask builder and kernel for each row length; one mask-free backend is enough for
+a model that cannot rank them. Rows of at most `LONG_ROW_TOKENS` are searched as they always were (sdpa, no MLP
+chunks), so short-row plans do not change.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -38,6 +53,9 @@ CHECKPOINTING = [("none", 1, False, 0), ("selective", 1, False, 0), ("full", 2, 
                  ("full", 1, True, 8), ("full", 1, True, 4), ("full", 1, True, 2), ("full", 1, True, 0)]
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MARGIN = 0.05
+LONG_ROW_TOKENS = 8192
+"""Rows longer than this are searched with the long-row levers too; also their MLP chunk, the one the long-context
+runs measured (long_context_1b_h100.md: 524,288 tokens of the 1B shape in 45.9 GiB on one H100)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,6 +84,15 @@ def model_overrides(spec: str) -> list[str]:
     return [f"model.preset={spec}"] if spec in PRESETS else [f"model.path={spec}"]
 
 
+def extend_context(args: ModelArgs, seq_len: int) -> tuple[ModelArgs, list[str]]:
+    """The model shape and overrides for rows of `seq_len` tokens: the forward pass refuses rows longer than the
+    model's RoPE tables, so a longer row raises `model.max_seq_len` to it (tables of that length are what the memory
+    model then counts)."""
+    if seq_len <= args.max_seq_len:
+        return args, []
+    return dataclasses.replace(args, max_seq_len=seq_len), [f"model.max_seq_len={seq_len}"]
+
+
 def evaluate(args: ModelArgs, setup: Setup, *, gpu: GPU, calibration: Calibration,
              margin: float = DEFAULT_MARGIN) -> Candidate:
     memory = estimate_memory(args, setup)
@@ -82,17 +109,29 @@ def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none",
     precisions = ["bf16_pure", "bf16_mixed"] + (["fp8"] if gpu.fp8_flops else [])  # validation drops fp8 + LoRA
     strategies = ["none"] if n_gpus == 1 else ["fsdp", "ddp"]
     grid = itertools.product(precisions, PEFT_CHOICES[peft], ("none", "blocks", "model"), (False, True),
-                             CHECKPOINTING, micro_batches, strategies, (False, True))
+                             CHECKPOINTING, micro_batches, strategies, (False, True),
+                             long_row_choices(seq_len, document_mask=document_mask))
     setups = []
     for precision, (method, quantize), compile_mode, fused, (policy, every, offload, skip_last), micro_batch, \
-            strategy, host_embedding in grid:
+            strategy, host_embedding, (attention, mlp_chunk_tokens) in grid:
         if host_embedding and (method == "none" or not untied or strategy != "none"):
             continue  # a trained, tied or replicated table stays on the GPU
         setups.append(Setup(seq_len=seq_len, micro_batch=micro_batch, precision=precision, optimizer=optimizer,
                             peft=method, quantize=quantize, embedding_on_host=host_embedding, checkpointing=policy,
-                            every=every, offload=offload, skip_last=skip_last, compile=compile_mode,
-                            fused_loss=fused, document_mask=document_mask, strategy=strategy, n_gpus=n_gpus))
+                            every=every, offload=offload, skip_last=skip_last, mlp_chunk_tokens=mlp_chunk_tokens,
+                            compile=compile_mode, fused_loss=fused, attention=attention,
+                            document_mask=document_mask, strategy=strategy, n_gpus=n_gpus))
     return setups
+
+
+def long_row_choices(seq_len: int, *, document_mask: bool) -> list[tuple[str, int]]:
+    """The (model.attention, activations.mlp_chunk_tokens) pairs searched: sdpa without MLP chunks for rows of
+    at most `LONG_ROW_TOKENS`; longer rows also chunk their MLPs and, with document masks, try varlen attention
+    (unmasked rows run SDPA's causal flash kernel, which needs no mask either)."""
+    if seq_len <= LONG_ROW_TOKENS:
+        return [("sdpa", 0)]
+    attentions = ("sdpa", "varlen") if document_mask else ("sdpa",)
+    return list(itertools.product(attentions, (0, LONG_ROW_TOKENS)))
 
 
 def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str = "none", optimizer: str = "adamw",
@@ -171,7 +210,8 @@ def config_validates(setup: Setup, base_overrides: tuple[str, ...]) -> bool:
 
 
 def describe(setup: Setup) -> str:
-    """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp cp=2`."""
+    """A short name: `bf16_pure lora compile=blocks fused_loss ac=full/2 mb=4 fsdp cp=2` (`offload mlp_chunk=8192
+    attention=varlen` where chosen)."""
     parts = [setup.precision] + ([setup.peft] if setup.peft != "none" else [])
     parts += [setup.quantize] if setup.quantize != "none" else []
     parts += ["embedding-on-host"] if setup.embedding_on_host else []
@@ -181,6 +221,8 @@ def describe(setup: Setup) -> str:
         parts.append(f"ac={setup.checkpointing}" + (f"/{setup.every}" if setup.every > 1 else "")
                      + (f" skip_last={setup.skip_last}" if setup.skip_last else ""))
     parts += ["offload"] if setup.offload else []
+    parts += [f"mlp_chunk={setup.mlp_chunk_tokens}"] if setup.mlp_chunk_tokens else []
+    parts += [f"attention={setup.attention}"] if setup.attention != "sdpa" else []
     parts.append(f"mb={setup.micro_batch}")
     parts += [setup.strategy] if setup.strategy != "none" else []
     parts += [f"cp={setup.context_degree}"] if setup.context_degree > 1 else []
@@ -211,6 +253,12 @@ def advice_changes(setup: Setup, *, untied: bool = True) -> list[tuple[str, Setu
     doubles the accumulation, so the optimizer step sees the same tokens); bf16_pure weights and an 8-bit AdamW
     change the numerics a little. `untied`, as in `candidate_setups`: only an untied table may move to the host."""
     changes = []
+    if setup.seq_len > LONG_ROW_TOKENS:  # the search's long-row levers (see the module docstring)
+        if setup.attention == "sdpa" and setup.document_mask:
+            changes.append(("model.attention=varlen", setup.replace(attention="varlen")))
+        if not setup.mlp_chunk_tokens:
+            changes.append((f"activations.mlp_chunk_tokens={LONG_ROW_TOKENS}",
+                            setup.replace(mlp_chunk_tokens=LONG_ROW_TOKENS)))
     if not setup.fused_loss:
         changes.append(("kernels.fused_loss=true", setup.replace(fused_loss=True)))
     elif setup.loss_chunk_tokens > 1024:  # same speed on the 8B QLoRA step (qlora_h100_host_embedding.md)
