@@ -187,7 +187,7 @@ def build(cls: type, tree: Any, *, prefix: str) -> Any:
         try:
             values[name] = coerce(value, kind, key=prefix + name)
         except ConfigError as err:
-            raise ConfigError(str(err), key=prefix + name) from None
+            raise ConfigError(str(err) + yaml_boolean_hint(value, kind), key=prefix + name) from None
     return cls(**values)
 
 
@@ -339,6 +339,7 @@ def config_problems(cfg: Config, *, synthetic_data: bool = False, complete: bool
     problems += peft_problems(cfg)
     problems += optim_problems(cfg)
     problems += parallel_problems(cfg)
+    problems += preset_problems(cfg)
     return problems
 
 
@@ -367,6 +368,9 @@ def clean_problems(cfg: Config) -> list[str]:
         problems.append(f"data.clean.near_dedup_threshold={c.near_dedup_threshold}: must be in (0, 1]")
     if cfg.data.prefetch < 0 or cfg.data.num_proc < 1:
         problems.append(f"data.prefetch={cfg.data.prefetch} must be >= 0 and data.num_proc={cfg.data.num_proc} >= 1")
+    if cfg.data.too_long == "split" and cfg.data.format != "text":
+        problems.append(f"data.too_long=split cuts whole documents, so it needs data.format=text; data.format="
+                        f"{cfg.data.format} has prompts a piece would lose: use data.too_long=truncate, drop or error")
     if c.near_dedup_ngram < 1 or c.rare_min_count < 0:
         problems.append("data.clean.near_dedup_ngram must be >= 1 and data.clean.rare_min_count >= 0")
     return problems + preference_clean_problems(cfg.data)
@@ -672,3 +676,39 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def yaml_boolean_hint(value: Any, kind: Any) -> str:
+    """Why a key that takes a word got true/false: YAML 1.1 reads a bare `yes`, `no`, `on` or `off` as a boolean, and
+    the error would otherwise show `data.packing=False` for what the file spells `packing: no`."""
+    if not isinstance(value, bool) or not takes_text(kind):
+        return ""
+    return (f" (YAML reads yes/no/on/off/true/false as booleans, so this value was read as {value}; quote it to "
+            "give the word, e.g. \"off\")")
+
+
+def takes_text(kind: Any) -> bool:
+    """Whether a key of type `kind` takes a string (a plain one, or one of a Literal's words)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return any(takes_text(option) for option in args)
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in args)
+    return kind is str
+
+
+# The names of optrush.models.presets.PRESETS, spelled out here because importing that module loads torch, which
+# loading a config does not need (`optrush config show` stays fast); tests/test_startup_errors.py keeps them equal.
+PRESET_NAMES = ("debug", "demo", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b", "llama3.1-70b", "qwen2.5-0.5b",
+                "qwen3-0.6b", "mistral-7b-v0.3")
+
+
+def preset_problems(cfg: Config) -> list[str]:
+    """An unknown model.preset, found before the data is tokenized for a model that cannot be built."""
+    preset = cfg.model.preset
+    if preset is None or preset in PRESET_NAMES:
+        return []
+    close = difflib.get_close_matches(preset, PRESET_NAMES, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return [f"model.preset={preset!r} is not a built-in architecture.{hint} Valid presets: {', '.join(PRESET_NAMES)}; "
+            "or set model.path to an HF checkpoint directory"]

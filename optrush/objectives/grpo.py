@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from optrush.config import ConfigError
 from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.generate.decode import generate_batch
@@ -71,6 +72,13 @@ def recipe_format_reward(prompts: list[str], completions: list[str]) -> list[flo
     return scores
 
 
+def import_rewards(names: list[str]) -> list[tuple[str, RewardFn]]:
+    """(name, function) of every grpo.rewards entry. Running the reward modules' code is why the training entry, and
+    not the config check, calls this at start-up: an entry that cannot be imported stops the run before any data is
+    read."""
+    return [(name, import_reward(name)) for name in names]
+
+
 def import_reward(name: str) -> RewardFn:
     """`package.module:function` or `path/to/file.py:function` -> the function (errors name the config key
     grpo.rewards)."""
@@ -78,7 +86,7 @@ def import_reward(name: str) -> RewardFn:
     module = _import_reward_file(name, Path(module_name)) if module_name.endswith(".py") else \
         _import_reward_module(name, module_name)
     if not callable(getattr(module, attr, None)):
-        raise ValueError(f"grpo.rewards: {module_name} has no function {attr!r} (from {name!r})")
+        raise ConfigError(f"grpo.rewards: {module_name} has no function {attr!r} (from {name!r})", key="grpo.rewards")
     return getattr(module, attr)
 
 
@@ -91,18 +99,26 @@ def _import_reward_module(name: str, module_name: str):
             hint = (" A module of your own must be on the Python path: run with PYTHONPATH=<its directory> (the "
                     "optrush command does not search the current directory), or name its file instead, e.g. "
                     f"grpo.rewards=[path/to/{module_name.replace('.', '/')}.py:{name.rpartition(':')[2]}]")
-        raise ValueError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error}).{hint}") \
-            from None
+        raise ConfigError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error}).{hint}",
+                          key="grpo.rewards") from None
 
 
 def _import_reward_file(name: str, file: Path):
     if not file.is_file():
-        raise ValueError(f"grpo.rewards: {name!r} names the file {file}, which does not exist (a relative path is "
-                         f"taken from the working directory, {Path.cwd()})")
-    spec = importlib.util.spec_from_file_location(f"optrush_reward_file_{file.stem}", file)
+        raise ConfigError(f"grpo.rewards: {name!r} names the file {file}, which does not exist (a relative path is "
+                          f"taken from the working directory, {Path.cwd()})", key="grpo.rewards")
+    module_name = f"optrush_reward_file_{file.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(loaded.__file__).resolve() == file.resolve():
+        return loaded  # imported at start-up, then by the objective: run the file once, as `import` runs a module
+    spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # what `dataclasses` and `pickle` look a module's classes up in
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]  # as a failed `import` leaves no module behind: the fixed file is run again
+        raise
     return module
 
 
@@ -205,7 +221,7 @@ class GRPO:
                              "model for `copy` and none for `lora_disabled`")
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
         self.rewards: list[tuple[str, RewardFn]] = [(reward_name(fn), fn) for fn in rewards] if rewards is not None \
-            else [(name, import_reward(name)) for name in cfg.rewards]
+            else import_rewards(cfg.rewards)
         self.seed, self.micro_batches, self.chunk_tokens = seed, micro_batches, chunk_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0

@@ -228,12 +228,16 @@ def load_extra_states(extras: dict[str, Any], saved: dict[str, Any], path: Path)
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
+    require_trainer_state(path)
+    # weights_only=False: the state holds Python RNG tuples and numpy arrays written by this module itself
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def require_trainer_state(path: Path) -> None:
+    """Raise, saying what to do instead, when directory `path` is not a checkpoint a run can resume."""
+    if not (path / STATE_FILE).is_file():
         raise ConfigError(f"{path} is not a resumable training checkpoint (it holds no {STATE_FILE}): "
                           f"{not_a_checkpoint_advice(path)}")
-    # weights_only=False: the state holds Python RNG tuples and numpy arrays written by this module itself
-    return torch.load(state_file, map_location="cpu", weights_only=False)
 
 
 def not_a_checkpoint_advice(path: Path) -> str:

@@ -35,6 +35,7 @@ from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
 from optrush.objectives import PAIRWISE, build_objective
 from optrush.objectives.causal_lm import CausalLM
+from optrush.objectives.grpo import import_rewards
 from optrush.generate.evaluate import sample_during_training
 from optrush.optim import EMA, build_optimizer, eval_weights
 from optrush.peft import has_adapters, holds_preset_base, name_base, preset_base_fingerprint, save_adapter, \
@@ -49,7 +50,7 @@ from optrush.train.float8 import require_float8
 from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, model_params, peak_memory_gib, \
     training_flops_per_token
 from optrush.train.optimizations import apply_optimizations, apply_peft
-from optrush.train.resume import maybe_resume, report_interrupt
+from optrush.train.resume import check_resume_path, maybe_resume, report_interrupt
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
                 "fp8": torch.float32}
@@ -75,10 +76,19 @@ def train(cfg: Config) -> dict:
 
 def run(cfg: Config, parallel: Distributed) -> dict:
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={cfg.output_dir}: cannot create the directory ({err.strerror}: "
+                          f"{err.filename}): set output_dir to a directory you can write to") from None
     device = parallel.device
+    # before any data work: a missing float8 kernel, resume checkpoint or reward function fails in seconds, not after
+    # tokenizing
     if cfg.precision.mode == "fp8":
-        require_float8(device)  # before any data work: fail in seconds, not after tokenizing
+        require_float8(device)
+    check_resume_path(cfg.checkpoint.resume)
+    if cfg.objective == "grpo":
+        import_rewards(cfg.grpo.rewards)
     if cfg.train.verify:
         verify(cfg, output_dir)
     seed_everything(cfg.train.seed)

@@ -25,7 +25,8 @@ import torch
 from optrush.config import Config, ConfigError, PeftConfig
 from optrush.parallel.context import data_parallel_position
 from optrush.parallel.distributed import barrier, is_main
-from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, restore
+from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, require_trainer_state, \
+    restore
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -51,6 +52,7 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     """The restored training state per checkpoint.resume, or a fresh one; either records this run's settings,
     which its checkpoints then save."""
     resume = cfg.checkpoint.resume
+    check_resume_path(resume)  # the training entry checks it before reading data; a library caller may not have
     if is_main():
         for partial in checkpoints.remove_partial():
             print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
@@ -59,8 +61,6 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     path = None if resume == "never" else checkpoints.latest() if resume == "auto" else Path(resume)
     if path is None:
         return TrainState(settings=settings)
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory")
     saved = load_trainer_state(path)
     refuse_incompatible(saved["train"].get("settings", {}), settings, path)
     if (step := saved["train"]["step"]) > cfg.train.max_steps:
@@ -83,6 +83,19 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     # what a resume does not apply stays as saved, so that the next resume compares with what the optimizer holds
     state.settings = settings | {key: state.settings[key] for key in NOT_APPLIED_KEYS if key in state.settings}
     return state
+
+
+def check_resume_path(resume: str) -> None:
+    """Raise when checkpoint.resume names a path (not auto or never) that is no resumable checkpoint. Cheap, so that
+    a run can stop on it before any data is read or any model is built."""
+    if resume in ("auto", "never"):
+        return
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory (a relative path is taken from "
+                          f"the working directory, {Path.cwd()}): give a run's checkpoints/step_N directory, auto (the "
+                          "newest checkpoint in output_dir, if any) or never (start fresh)")
+    require_trainer_state(path)
 
 
 SCHEDULE_KEYS = ("train.max_steps", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
