@@ -228,8 +228,9 @@ class KernelsConfig:
     fused_ops: bool = False
     """Fused RMSNorm, RoPE and SwiGLU kernels (compile-friendly)."""
     fused_dequantize: bool = False
-    """QLoRA (peft.quantize nf4/int8): dequantize each frozen weight for its forward matmul with one compiled
-    kernel per weight shape (torch.compile) instead of the eager gather/scale/cast chain."""
+    """QLoRA (peft.quantize nf4/int8): dequantize each frozen weight with one kernel instead of the eager
+    gather/scale/cast chain: Triton for NF4 on CUDA, in forward and backward; otherwise a compiled one per weight
+    shape in the forward."""
 
 
 @dataclass(kw_only=True, slots=True)

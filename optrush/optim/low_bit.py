@@ -4,8 +4,8 @@
 
 Why: torchao's `_AdamBase.step` calls `torch.compile(single_param_adam)` once per parameter on every step, and
 each call costs about 0.45 ms of dispatch and guard checks whatever the tensor's size. A 1B model with LoRA r=16 on
-every linear has 224 small adapter factors: about 0.1 s per step, which took its training on an H100 (B=4x2048)
-from 62.0k to 35.6k tokens/s against fused AdamW, for 0.06 GiB of optimizer memory saved.
+every linear has 224 small adapter factors: about 0.1 s per step, which took the 1B ladder's QLoRA rung on an H100
+(B=4x2048, an earlier run) from 62.0k to 35.6k tokens/s against fused AdamW, for 0.06 GiB of optimizer memory saved.
 
 What: a tensor of fewer than `min_numel` elements (`optim.low_bit_min_numel`, default 2**20, where 8-bit moments
 would save at most 6 MiB) gets plain moment buffers like the ones torchao itself keeps for tensors under 4096
