@@ -27,6 +27,7 @@ this order; `--only` picks some):
 |              | batch order, losses, weights                                                  |               |
 | multi_gpu    | with a parallel.strategy: `--steps` steps on 2 ranks (x context.degree) via   | multi_gpu.py  |
 |              | torchrun vs one process with grad_accum x2 (the same global batch): losses    |               |
+|              | and gradient norms (bf16 tolerances under parallel.reduce_dtype=bf16)         |               |
 
 The fast subset (`FAST`: data, numerics, packing, accumulation) runs before training when `train.verify=true`.
 

@@ -86,7 +86,9 @@ def check_data(ctx: CheckContext) -> list[CheckResult]:
         ends_without_stop += sum(1 for labels in documents(batch) if len(labels) < max_length
                                  and not end.reached(labels))
         padding = padding_mask(batch)
-        trained_padding += int((batch.labels[padding] != IGNORE_INDEX).sum()) + int((batch.labels == pad).sum())
+        trained_padding += int((batch.labels[padding] != IGNORE_INDEX).sum())
+        if pad != eos:  # else every trained EOS would count here: the pad != EOS row reports that tokenizer
+            trained_padding += int((batch.labels == pad).sum())
     return [
         compare(end.example_row, missing, 0, switch=end.switch,
                 detail=f"{missing} of {len(ctx.examples)} examples shorter than data.max_length {end.what}"),

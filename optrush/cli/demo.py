@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,6 +23,7 @@ from optrush.data.tokenizer import train_tokenizer
 from optrush.generate.decode import generate_texts
 from optrush.models.io import load_model
 from optrush.train import train
+from optrush.train.loop import resolve_device
 
 DEMO_RECORDS = 6000
 SAMPLE_TITLES = ("Recipe: Easy Garlic Chicken Soup\n", "Recipe: Lemon Butter Pasta\n")
@@ -59,8 +62,8 @@ def run_demo(*, out_dir: str | Path = "demo_run", steps: int | None = None, reco
         overrides += [f"train.max_steps={steps}", f"train.warmup_steps={min(10, steps)}",
                       f"train.eval_every={max(1, steps // 3)}", f"checkpoint.every={max(1, steps // 3)}"]
     cfg = load_config(demo_config_path(), overrides)
-    print(f"[3/4] training a {cfg.model.preset!r} Llama for {cfg.train.max_steps} steps on {cfg.train.device}",
-          flush=True)
+    device = resolve_device(cfg.train.device)  # the device training takes, not the config's "auto"
+    print(f"[3/4] training a {cfg.model.preset!r} Llama for {cfg.train.max_steps} steps on {device.type}", flush=True)
     summary = train(cfg)
 
     final_dir = Path(cfg.output_dir) / "final"
@@ -79,5 +82,22 @@ def run_demo(*, out_dir: str | Path = "demo_run", steps: int | None = None, reco
 def check_transformers_loads(path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(path)
+    with quiet_loggers("torchao", "torch.utils._pytree"):
+        AutoModelForCausalLM.from_pretrained(path)
     print(f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) loads the checkpoint", flush=True)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Only errors from these loggers for the duration. transformers imports torchao while it loads a model, and
+    torchao logs each CUDA extension a CPU machine cannot load and each torch deprecation it trips: lines about a
+    library the demo never uses, at the end of a run that worked."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and not launched_by_torchrun():
         config, overrides = config_and_overrides(args)
         return relaunch_with_torchrun(["train", *([config] if config else []), *overrides], nproc=args.nproc,
-                                      cfg=cfg.parallel)
+                                      cfg=cfg)
     from optrush.train import train
 
     train(cfg)

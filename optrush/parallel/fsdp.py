@@ -33,6 +33,7 @@ FSDP that would keep whole unsharded gradients until the last micro-batch).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,11 @@ def apply_ddp(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> nn.Module:
     from torch.distributed._composable.replicate import replicate  # torch's own composable DDP
 
     # broadcast_buffers=False: the only buffers are RoPE tables, equal on every rank; broadcasting them would add a
-    # collective to every forward, which would hang when ranks run different numbers of forwards (generation)
+    # collective to every forward, which would hang when ranks run different numbers of forwards (generation).
+    # torch 2.13 deprecates it for forward_sync_buffers, which older torch (2.9+ is supported) lacks: its warning
+    # would only repeat, once per rank, a choice made here on purpose. A filter, not a catch_warnings block: the
+    # DistributedDataParallel that warns is built at the first forward
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     replicate(model, device_mesh=mesh, broadcast_buffers=False)
     if cfg.parallel.reduce_dtype == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook

@@ -12,8 +12,7 @@ import os
 import subprocess
 import sys
 
-from optrush.config import ConfigError
-from optrush.config.schema import ParallelConfig
+from optrush.config import Config, ConfigError
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -29,11 +28,18 @@ def torchrun_command(arguments: list[str], *, nproc: int) -> list[str]:
             "-m", "optrush", *arguments]
 
 
-def relaunch_with_torchrun(arguments: list[str], *, nproc: int, cfg: ParallelConfig) -> int:
-    """Run `optrush <arguments>` under torchrun with `nproc` processes; returns torchrun's exit status."""
+def relaunch_with_torchrun(arguments: list[str], *, nproc: int, cfg: Config) -> int:
+    """Run `optrush <arguments>` under torchrun with `nproc` processes; returns torchrun's exit status. A process
+    count the config cannot split stops here, once, instead of in every process it would start."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give the number of processes (one per device) to run, >= 1")
-    if cfg.strategy == "none":
+    if cfg.parallel.strategy == "none":
         raise ConfigError(f"--nproc {nproc} runs one process per device, which needs parallel.strategy=fsdp "
                           "(or ddp, hsdp)")
+    if cfg.parallel.strategy == "hsdp" and nproc % cfg.parallel.replicate:
+        raise ConfigError(f"--nproc {nproc}: parallel.replicate={cfg.parallel.replicate} must divide the number of "
+                          "processes (hsdp shards each replica over nproc / replicate of them)")
+    if nproc % cfg.context.degree:
+        raise ConfigError(f"--nproc {nproc}: context.degree={cfg.context.degree} must divide the number of "
+                          "processes (each context group splits every row over that many of them)")
     return subprocess.call(torchrun_command(arguments, nproc=nproc))
