@@ -262,3 +262,23 @@ def test_resume_of_a_lora_run_refuses_another_rank_and_keeps_the_lora_plus_ratio
     train(load_config(None, resume + ["peft.lora_plus_ratio=16"]))
     assert ("peft.lora_plus_ratio: 1.0 -> 16.0 (not applied: the resumed optimizer keeps the checkpoint's value)"
             in capsys.readouterr().err)
+
+
+def test_a_longer_schedule_applies_from_the_first_resumed_step(debug_overrides, tmp_path):
+    base = debug_overrides + ["train.schedule=cosine", "train.warmup_steps=0", "logging.every=1",
+                              "checkpoint.save_final=false"]
+    train(load_config(None, base + ["train.max_steps=4", "checkpoint.every=4"]))
+    train(load_config(None, base + ["train.max_steps=6", "checkpoint.resume=auto"]))
+    resumed = {row["step"]: row["lr"] for row in metric_rows(tmp_path / "run") if "lr" in row}
+    fresh = [lr_at(step, load_config(None, base + ["train.max_steps=6"]).train) * 1e-2 for step in (4, 5)]
+    assert [resumed[5], resumed[6]] == pytest.approx(fresh)
+
+
+def test_a_resume_that_keeps_the_global_batch_says_so():
+    from optrush.train.resume import describe_changes
+
+    saved = {"train.micro_batch_size": 2, "train.grad_accum": 2, "data-parallel replicas": 2}
+    current = {"train.micro_batch_size": 2, "train.grad_accum": 1, "data-parallel replicas": 4}
+    assert describe_changes(saved, current).splitlines() == [
+        "  train.grad_accum: 2 -> 1 (the global batch stays 8 rows per step)",
+        "  data-parallel replicas: 2 -> 4 (the global batch stays 8 rows per step)"]

@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,10 @@ def restore_distributed(path: Path, *, model, optimizer, scheduler, loader, extr
     `shared`: the checkpoint's trainer state (rank 0's scheduler and step)."""
     state = {"model": get_model_state_dict(model, options=DCP_OPTIONS),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)}
-    dcp.load(state, checkpoint_id=path / DCP_DIR)
+    with warnings.catch_warnings():  # a single process resuming a sharded run is intended, not a fallback
+        warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to load in a single "
+                                                  "process")
+        dcp.load(state, checkpoint_id=path / DCP_DIR)
     set_model_state_dict(model, state["model"], options=DCP_LOAD_OPTIONS)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=DCP_OPTIONS)
     scheduler.load_state_dict(shared["scheduler"])

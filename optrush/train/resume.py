@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
                           f"set train.max_steps above {step} to train on, resume an earlier checkpoint "
                           "(checkpoint.resume=PATH), or start fresh with checkpoint.resume=never")
     state = restore(path, trainer_state=saved, **live)
+    apply_schedule_at_resumed_step(live["scheduler"])
     if is_main():
         print(f"resumed from {path} at step {state.step}", flush=True)
         if (moved_from := state.settings.get("model.path")) not in (None, settings["model.path"]):
@@ -198,6 +200,17 @@ def another_model(saved: dict, current: dict) -> str | None:
     return f"model.path differs from the checkpoint's ({old} -> {new}) and holds another model ({what})"
 
 
+def apply_schedule_at_resumed_step(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Set the optimizer's lrs to this run's schedule at the resumed step. The restored optimizer holds the lrs the
+    checkpoint's schedule gave the next step; with changed schedule settings (e.g. a longer train.max_steps) the
+    first resumed update would use the old schedule's lr. Stepping the scheduler from the step before recomputes
+    them through torch's own code (which also fills tensor lrs in place); an unchanged schedule gives the same."""
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no update is skipped here
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
+
+
 def describe_changes(saved: dict, current: dict) -> str:
     """One line per setting that differs, with what the change does; "" when none does (or none was saved)."""
     lines = []
@@ -210,8 +223,10 @@ def describe_changes(saved: dict, current: dict) -> str:
             effect = "not applied: the resumed optimizer keeps the checkpoint's value"
         elif key in SCHEDULE_KEYS:
             effect = "the learning-rate schedule changes shape from the resumed step on"
+        elif (before := global_batch(saved)) != (after := global_batch(current)):
+            effect = f"the global batch changes from {before} to {after} rows per step"
         else:
-            effect = f"the global batch changes from {global_batch(saved)} to {global_batch(current)} rows per step"
+            effect = f"the global batch stays {after} rows per step"
         lines.append(f"  {key}: {saved[key]} -> {current[key]} ({effect})")
     return "\n".join(lines)
 
