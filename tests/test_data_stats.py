@@ -40,6 +40,8 @@ def test_data_stats_and_inspect_commands(debug_overrides, capsys):
     assert main(["data", "inspect", *debug_overrides, "--n", "1"]) == 0
     out = capsys.readouterr().out
     assert "example 0" in out and "trained" in out and "Recipe:" in out
+    # captured, as piped output is: no colours, so brackets mark the trained completion (the recipe's body)
+    assert "[[...]]: trained targets" in out and "Ingredients:" in out.split("[[", 2)[2].split("]]")[0]
 
 
 def test_styled_example_marks_only_trained_targets(tokenizer_dir):

@@ -58,17 +58,25 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(cfg)
     train, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     console = Console(highlight=False)
-    console.print("[bold green]green: trained targets[/]   [dim]grey: masked (no loss)[/]   "
-                  "[reverse] reverse [/]: special tokens")
+    marked = not console.is_terminal  # piped or redirected: no colours, so brackets mark the trained text
+    if marked:
+        console.print(f"{TRAINED_OPEN}...{TRAINED_CLOSE}: trained targets; the rest is masked (no loss)")
+    else:
+        console.print("[bold green]green: trained targets[/]   [dim]grey: masked (no loss)[/]   "
+                      "[reverse] reverse [/]: special tokens")
     for index, example in enumerate(train[:args.n]):
         console.rule(f"example {index} ({len(example)} positions, {example.num_trained} trained)")
-        console.print(styled_example(example, tokenizer))
+        console.print(styled_example(example, tokenizer, marked=marked))
     return 0
 
 
-def styled_example(example, tokenizer):
-    """The example's tokens as rich Text: token k+1 is trained when labels[k] is not ignored (labels are shifted),
-    the first token is never a target."""
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
+
+
+def styled_example(example, tokenizer, *, marked: bool = False):
+    """The example's tokens as rich Text, trained targets green (and with `marked`, for output without colours,
+    between TRAINED_OPEN and TRAINED_CLOSE): token k+1 is trained when labels[k] is not ignored (labels are
+    shifted), the first token is never a target. A masked last token is not shown: an example keeps it nowhere."""
     from rich.text import Text
 
     from optrush.data.batch import IGNORE_INDEX
@@ -76,13 +84,18 @@ def styled_example(example, tokenizer):
     sequence = example.input_ids + [example.labels[-1] if example.labels[-1] != IGNORE_INDEX else None]
     trained = [False] + [label != IGNORE_INDEX for label in example.labels]
     special = set(tokenizer.all_special_ids)
-    text = Text()
+    text, in_run = Text(), False
     for token, is_trained in zip(sequence, trained):
         if token is None:
             continue
+        if marked and is_trained != in_run:
+            text.append(TRAINED_OPEN if is_trained else TRAINED_CLOSE)
+            in_run = is_trained
         piece = tokenizer.decode([token])
         style = "bold green" if is_trained else "dim"
         text.append(piece, style=style + (" reverse" if token in special else ""))
+    if in_run:
+        text.append(TRAINED_CLOSE)
     return text
 
 
