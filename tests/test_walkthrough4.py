@@ -2,6 +2,7 @@
 its fix."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -103,33 +104,34 @@ def test_nproc_the_config_cannot_split_stops_before_any_process_starts(settings,
     assert not started and message in capsys.readouterr().err
 
 
-def replicate_quietly(rank: int, world: int, port: int, overrides: list[str]) -> None:
-    """A forked rank: ddp's first forward does not warn that broadcast_buffers is deprecated (torch 2.13's
-    FutureWarning about a setting optrush makes on purpose, printed by every rank of every ddp run)."""
+def test_ddp_is_applied_without_a_deprecation_warning_on_every_rank(monkeypatch):
+    """ddp's first forward does not warn that broadcast_buffers is deprecated (torch 2.13's FutureWarning about a
+    setting optrush makes on purpose, printed by every rank of every ddp run). One rank, in this process: a forked
+    rank can hang on a lock some thread of the test session held at the fork."""
     from optrush.models import build_model
     from optrush.models.llama import ModelArgs
     from optrush.parallel.distributed import init_distributed, teardown
     from optrush.parallel.fsdp import apply_data_parallel
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    cfg = load_config(None, overrides)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(None, ["model.preset=debug", "data.tokenizer=unused", "parallel.strategy=ddp"])
     init_distributed(cfg.parallel, device=torch.device("cpu"))
-    model = build_model(ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), seed=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        apply_data_parallel(model, cfg)
-        model(torch.tensor([[1, 2, 3]]))  # replicate builds its DistributedDataParallel here
-    teardown()
+    try:
+        model = build_model(ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                            seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            apply_data_parallel(model, cfg)
+            model(torch.tensor([[1, 2, 3]]))  # replicate builds its DistributedDataParallel here
+    finally:
+        teardown()
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "broadcast_buffers" in m], messages
-
-
-def test_ddp_is_applied_without_a_deprecation_warning_on_every_rank():
-    from test_distributed import run_ranks
-
-    run_ranks(["model.preset=debug", "data.tokenizer=unused", "parallel.strategy=ddp"], world=1,
-              target=replicate_quietly)
 
 
 # ----------------------------------------------------------------------------------------------------- demo

@@ -207,7 +207,7 @@ def apply_schedule_at_resumed_step(scheduler: torch.optim.lr_scheduler.LRSchedul
     them through torch's own code (which also fills tensor lrs in place); an unchanged schedule gives the same."""
     scheduler.last_epoch -= 1
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no update is skipped here
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)`")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
         scheduler.step()
 
 
