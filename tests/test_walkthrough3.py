@@ -38,6 +38,9 @@ def test_plan_pin_of_a_value_the_search_never_tries_says_which_option_sets_it(ca
     assert code == 2 and "tries only optim.name = adamw" in out and "--optim" in out
     code, out = run_cli([*PLAN, "--gpus", "1x3090", "--pin", "precision.mode=fp8"], capsys)  # no FP8 cores
     assert code == 2 and "precision.mode = bf16_pure, bf16_mixed" in out
+    # the message reads the setups the search tried: with --micro-batch, that one size only
+    code, out = run_cli([*PLAN, "--micro-batch", "4", "--pin", "train.micro_batch_size=8"], capsys)
+    assert code == 2 and "tries only train.micro_batch_size = 4 (set it with --micro-batch)" in out
 
 
 def test_plan_pins_that_cannot_validate_together_give_the_config_error(capsys):

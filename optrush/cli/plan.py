@@ -25,8 +25,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from optrush.plan.gpus import parse_gpus
-    from optrush.plan.search import (candidate_setups, check_pins, config_yaml, extend_context, model_args,
-                                     no_candidate_message, plan)
+    from optrush.plan.search import check_pins, config_yaml, extend_context, model_args, plan
     from optrush.plan.speed import calibrate, extrapolation_warning, load_measurements
 
     check_numbers(args)
@@ -46,10 +45,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     candidates = plan(shape, gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
                       micro_batch=args.micro_batch, base_overrides=tuple(base), pins=tuple(args.pin),
                       margin=args.margin, calibration=calibration)
-    if not candidates:
-        setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=args.seq, peft=args.peft, optimizer=args.optim,
-                                  untied=not shape.tie_embeddings)
-        raise ConfigError(no_candidate_message(setups, pins=tuple(args.pin), base_overrides=tuple(base)))
     fitting = [c for c in candidates if c.fits]
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # full rows in logs
     console.print(f"{args.model} on {n_gpus}x{gpu.name} ({gpu.memory_gib:.0f} GiB each), {args.seq} tokens per row: "

@@ -138,7 +138,8 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
          micro_batch: int | None = None, base_overrides: tuple[str, ...] = (), pins: tuple[str, ...] = (),
          margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None) -> list[Candidate]:
     """Valid candidates, those that fit first, each group fastest first. `base_overrides` (model, objective, data)
-    are part of every candidate's config; `pins` (e.g. "compile.mode=none") keep only candidates that agree."""
+    are part of every candidate's config; `pins` (e.g. "compile.mode=none") keep only candidates that agree. No
+    valid candidate at all raises ConfigError saying why (`no_candidate_message`)."""
     calibration = calibrate(load_measurements()) if calibration is None else calibration
     micro_batches = MICRO_BATCHES if micro_batch is None else (micro_batch,)
     setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=seq_len, peft=peft, optimizer=optimizer,
@@ -146,6 +147,8 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
     pinned = dict(parse_override(p) for p in pins)
     out = [evaluate(args, s, gpu=gpu, calibration=calibration, margin=margin) for s in setups
            if agrees(s, pinned) and is_valid(s, base_overrides + pins)]
+    if not out:
+        raise ConfigError(no_candidate_message(setups, pins=pins, base_overrides=base_overrides))
     return sorted(out, key=lambda c: (not c.fits, -c.speed.tokens_per_s, c.memory.peak_bytes))
 
 
