@@ -14,7 +14,7 @@ block weight to its original dtype (the one it was loaded in) and folds the adap
 
 An adapter names its base model by absolute path (`base_model_name_or_path`), so it loads from any working
 directory. A run that starts from `model.preset` has no base directory: the loop writes the random initial base
-once (`save_preset_base`, to `<output_dir>/base/`), and every adapter saved from that model then names it. Beside
+once (`save_preset_base`, to `<output_dir>/base/`) and names it as every adapter's `base_model_path`. Beside
 the weights, `preset_base.json` records what drew them (preset, seed, quantization, the config): a later start
 into the same output_dir (a resume) compares that instead of writing the base again, and refuses another base.
 """
@@ -47,8 +47,6 @@ PREFIX = "base_model.model."
 _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 PROMPT_KEY = "prompt_embeddings"
 QUANTIZATION_FILE = "base_quantization.json"
-SAVED_BASE = "saved_base_path"
-"""Attribute `name_base` sets on the model: where its frozen base was written, for its adapters to name."""
 PRESET_BASE_FILE = "preset_base.json"
 """In a preset run's base/: what drew its random weights (`preset_base_fingerprint`)."""
 
@@ -104,14 +102,13 @@ def absolute(base_model_path: str | Path | None) -> str | None:
     return None if base_model_path is None else str(Path(base_model_path).resolve())
 
 
-def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, *, base_model_path: str | Path | None = None) -> Path:
     """Write `model`'s adapters to directory `path` in PEFT format; returns `path`. The base recorded is
-    `base_model_path`, else the one `name_base` recorded, as an absolute path. Adapters trained over a
-    quantized base also get `base_quantization.json`, so `optrush export --merge` merges them into the same
-    dequantized base they were trained with (PEFT ignores the file)."""
+    `base_model_path`, as an absolute path. Adapters trained over a quantized base also get
+    `base_quantization.json`, so `optrush export --merge` merges them into the same dequantized base they were
+    trained with (PEFT ignores the file)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    base_model_path = base_model_path or getattr(model, SAVED_BASE, None)
     config = adapter_config(model, base_model_path=absolute(base_model_path))
     save_file(adapter_state(model), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -186,11 +183,6 @@ def save_preset_base(model: nn.Module, path: str | Path, tokenizer=None, *, fing
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def name_base(model: nn.Module, path: str | Path) -> None:
-    """Record base directory `path` on `model`: the adapters saved from it name that base (save_adapter)."""
-    setattr(model, SAVED_BASE, str(Path(path).resolve()))
 
 
 @contextmanager

@@ -87,7 +87,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, *, keep_last: int, base_model_path: str | None = None,
+    def __init__(self, directory: str | Path, *, keep_last: int, base_model_path: str | Path | None = None,
                  tokenizer=None):
         self.directory = Path(directory)
         self.keep_last = keep_last

@@ -38,8 +38,8 @@ from optrush.objectives.causal_lm import CausalLM
 from optrush.objectives.grpo import import_rewards
 from optrush.generate.evaluate import sample_during_training
 from optrush.optim import EMA, build_optimizer, eval_weights
-from optrush.peft import has_adapters, holds_preset_base, name_base, preset_base_fingerprint, save_adapter, \
-    save_merged, save_preset_base
+from optrush.peft import has_adapters, holds_preset_base, preset_base_fingerprint, save_adapter, save_merged, \
+    save_preset_base
 from optrush.optim.schedule import build_scheduler
 from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, teardown, \
     world_size
@@ -125,10 +125,11 @@ def run(cfg: Config, parallel: Distributed) -> dict:
               f"the plan's last {batches_left_out} are left out of epoch 0 ({examples_left_out} examples; each "
               "epoch reshuffles, so other examples fall there next time)", flush=True)
 
+    base_model_path = cfg.model.path  # what the adapters saved below name as their base
     if cfg.model.preset is not None and has_adapters(model):
-        # the adapters saved below need a base to name, and a preset's random one exists nowhere else: written at the
-        # first start, compared at every later one (each rank reads base/, so all of them refuse another base)
-        base_dir = output_dir / "base"
+        # a preset's random base exists nowhere else: written at the first start, compared at every later one (each
+        # rank reads base/, so all of them refuse another base)
+        base_dir = base_model_path = output_dir / "base"
         fingerprint = preset_base_fingerprint(model, preset=cfg.model.preset, seed=cfg.train.seed,
                                               quantize=cfg.peft.quantize)
         if not holds_preset_base(base_dir, fingerprint):
@@ -137,11 +138,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             base = model if plain is None else gather_full_model(model, like=with_adapters(meta_copy(plain), cfg))
             if is_main():
                 save_preset_base(base, base_dir, tokenizer, fingerprint=fingerprint)
-        for adapted in (model, plain):  # plain: what final/ is gathered into under fsdp/hsdp
-            if adapted is not None:
-                name_base(adapted, base_dir)
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                    base_model_path=cfg.model.path, tokenizer=tokenizer)
+                                    base_model_path=base_model_path, tokenizer=tokenizer)
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)
 
@@ -210,7 +208,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             with eval_weights(model, optimizer, ema):
                 final = model if plain is None else gather_full_model(model, like=with_adapters(plain, cfg))
                 if is_main():
-                    save_final(final, final_dir, cfg)
+                    save_final(final, final_dir, cfg, base_model_path=base_model_path)
                     tokenizer.save_pretrained(final_dir)
             barrier()
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
@@ -222,16 +220,16 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     return summary
 
 
-def save_final(model, final_dir: Path, cfg: Config) -> None:
+def save_final(model, final_dir: Path, cfg: Config, *, base_model_path: str | Path | None) -> None:
     """The trained model in HF format; with adapters, per peft.save the merged model and/or the PEFT adapter
-    (in `final/adapter`)."""
+    (in `final/adapter`, naming `base_model_path`)."""
     if not has_adapters(model):
         save_model(model, final_dir)
         return
     if cfg.peft.save in ("merged", "both"):
         save_merged(model, final_dir)
     if cfg.peft.save in ("adapter", "both"):
-        save_adapter(model, final_dir / "adapter", base_model_path=cfg.model.path)
+        save_adapter(model, final_dir / "adapter", base_model_path=base_model_path)
 
 
 def with_adapters(plain: torch.nn.Module, cfg: Config) -> torch.nn.Module:
