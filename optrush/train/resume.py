@@ -1,5 +1,6 @@
 """Resuming a run: which checkpoint, what may differ from the run that saved it, and what Ctrl-C leaves behind.
 
+    check_resume_path(cfg.checkpoint.resume)  # at start-up, before any data is read: a bad path fails in seconds
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)     # a fresh TrainState, or the restored one (checkpoint.resume)
     with report_interrupt(state, checkpoints, every=cfg.checkpoint.every):
@@ -53,7 +54,6 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     """The restored training state per checkpoint.resume, or a fresh one; either records this run's settings,
     which its checkpoints then save."""
     resume = cfg.checkpoint.resume
-    check_resume_path(resume)  # the training entry checks it before reading data; a library caller may not have
     if is_main():
         for partial in checkpoints.remove_partial():
             print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
