@@ -50,9 +50,11 @@ class DocumentEnd:
     """What a failing example does, completing "N examples ..." and "documents that ..."."""
 
     def reached(self, labels: list[int]) -> bool:
-        if self.last_trained:
-            labels = [label for label in labels if label != IGNORE_INDEX]
-        return bool(labels) and labels[-1] in self.stop_ids
+        if self.last_trained:  # from the end: only the masked template text after the last turn is passed over
+            last = next((label for label in reversed(labels) if label != IGNORE_INDEX), None)
+        else:
+            last = labels[-1] if labels else None
+        return last is not None and last in self.stop_ids
 
 
 def document_end(ctx: CheckContext) -> DocumentEnd:
