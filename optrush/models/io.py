@@ -148,12 +148,17 @@ def load_state_into(model: nn.Module, path: str | Path) -> None:
 def save_model(model: nn.Module, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write `model` to directory `path` in HF format: config.json plus model.safetensors, or shards of at most
     `max_shard_bytes` and model.safetensors.index.json. Other files already in `path` (a tokenizer) are kept."""
-    path = Path(path)
-    with _atomic_directory(path) as tmp:
-        if isinstance(model, HFCausalLM):
-            model.save_pretrained(tmp, max_shard_bytes=max_shard_bytes)
-        else:
-            _save_native(model, tmp, max_shard_bytes=max_shard_bytes)
+    with _atomic_directory(Path(path)) as tmp:
+        write_model(model, tmp, max_shard_bytes=max_shard_bytes)
+
+
+def write_model(model: nn.Module, directory: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """`save_model`'s files, written straight into `directory` (for a caller that renames its own temporary
+    directory into place)."""
+    if isinstance(model, HFCausalLM):
+        model.save_pretrained(directory, max_shard_bytes=max_shard_bytes)
+    else:
+        _save_native(model, directory, max_shard_bytes=max_shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------- reading

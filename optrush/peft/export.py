@@ -35,7 +35,7 @@ from torch import nn
 from optrush.config import ConfigError
 from optrush.config.schema import PeftConfig
 from optrush.models.hf import hf_config_from_args, to_hf_key
-from optrush.models.io import has_reward_head, save_model
+from optrush.models.io import has_reward_head, save_model, write_model
 from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers
 from optrush.peft.prompt import PromptEmbedding, add_prompt, prompt_embedding
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight
@@ -170,7 +170,7 @@ def save_preset_base(model: nn.Module, path: str | Path, tokenizer=None, *, fing
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with plain_layers(model, merge=False):
-            save_model(model, tmp)
+            write_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PRESET_BASE_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
