@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from optrush.config import ConfigError
-from optrush.peft.export import ADAPTER_CONFIG, load_adapter
+from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, load_adapter
 from optrush.peft.lora import merge_lora
 
 
@@ -32,11 +32,8 @@ def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
     from optrush.train.checkpoint import checkpoint_model_dir
 
     ckpt = None if ckpt is None else Path(ckpt)
-    if adapter is None and ckpt is not None:
-        if (ckpt / ADAPTER_CONFIG).is_file():
-            adapter, ckpt = ckpt, None
-        elif not (ckpt / "config.json").is_file() and (ckpt / "adapter" / ADAPTER_CONFIG).is_file():
-            adapter, ckpt = ckpt / "adapter", None
+    if adapter is None and ckpt is not None and (found := adapter_directory(ckpt)) is not None:
+        adapter, ckpt = found, None
     if adapter is None:
         if ckpt is None:
             raise ConfigError("no model given: pass a checkpoint directory, or --adapter DIR (with --base)")

@@ -69,10 +69,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in DTYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    # a LoRA run's checkpoints/step_* (and a final/ saved with peft.save=adapter) hold adapter/ and no model
-    adapter_only = not (model_dir / "config.json").is_file() and \
-        (model_dir / "adapter" / "adapter_config.json").is_file()
-    if (model_dir / "adapter_config.json").is_file() or adapter_only:
+    from optrush.peft.export import adapter_directory  # optrush.peft imports this package's model io
+
+    if adapter_directory(model_dir) is not None:
         raise ValueError(f"{model_dir} holds a LoRA adapter, not a whole model: merge it first (optrush export "
                          f"{model_dir} --merge --out MERGED), then export MERGED with --gguf")
     cfg = read_config(model_dir)

@@ -51,6 +51,16 @@ PRESET_BASE_FILE = "preset_base.json"
 """In a preset run's base/: what drew its random weights (`preset_base_fingerprint`)."""
 
 
+def adapter_directory(path: Path) -> Path | None:
+    """Where directory `path` keeps a PEFT adapter in place of a whole model: `path` itself, or the `adapter/` of a
+    LoRA run's checkpoint (or a final/ saved with peft.save=adapter), which holds no config.json; else None."""
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    if not (path / "config.json").is_file() and (path / "adapter" / ADAPTER_CONFIG).is_file():
+        return path / "adapter"
+    return None
+
+
 def has_adapters(model: nn.Module) -> bool:
     """The model trains adapters (LoRA/DoRA or a soft prompt) over a frozen base: checkpoints and the final save
     write those in PEFT format instead of the whole model."""
