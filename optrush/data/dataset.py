@@ -25,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from itertools import islice
 from operator import itemgetter
@@ -88,17 +88,17 @@ class Tally:
                 "split_pieces": self.split_pieces, "rejected": self.rejected, "rejects_path": self.rejects_path}
 
     def saved(self) -> dict:
-        """The counts a data.cache_dir entry keeps, for `restore` to report a cache hit as the run that wrote it."""
-        return {"records": self.records, "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
-                "split": self.split, "split_pieces": self.split_pieces, "rejected": self.rejected,
-                "rejects_path": self.rejects_path, "reject_messages": self.reject_messages,
-                "dropped": dict(self.dropped)}
+        """The counts a data.cache_dir entry keeps (every field but the path and the cache state), for `restore` to
+        report a cache hit as the run that wrote it."""
+        return {f.name: dict(self.dropped) if f.name == "dropped" else getattr(self, f.name)
+                for f in fields(self) if f.name not in ("path", "cache")}
 
     def restore(self, saved: dict) -> None:
-        for name in ("records", "truncated", "truncated_tokens", "split", "split_pieces", "rejected", "rejects_path",
-                     "reject_messages"):
-            setattr(self, name, saved[name])
-        self.dropped.update(saved["dropped"])
+        for name, value in saved.items():
+            if name == "dropped":
+                self.dropped.update(value)
+            else:
+                setattr(self, name, value)
         self.cache = "hit"
 
     def add(self, part: Tally) -> None:
