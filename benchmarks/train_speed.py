@@ -53,6 +53,11 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile_model+fused_loss+ac_selective+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
                                                          "activations.checkpointing=selective",
                                                          "optim.name=adamw8bit"]),
+    # varlen on unpacked rows: one document per row, FlashAttention's varlen kernel instead of cuDNN's SDPA
+    ("compile_model+fused_loss+varlen", ["compile.mode=model", "kernels.fused_loss=true", "model.attention=varlen"]),
+    ("compile+fused_loss+varlen", FUSED + ["model.attention=varlen"]),
+    ("compile_model+fused_loss+varlen+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
+                                                      "model.attention=varlen", "activations.checkpointing=selective"]),
 ]
 
 BASE_8B = ["model.preset=llama3.1-8b", "train.micro_batch_size=1", "data.max_length=4096", "train.device=cuda",
