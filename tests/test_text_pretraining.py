@@ -132,3 +132,40 @@ def test_data_clean_names_data_format_for_a_text_file(tmp_path, long_text, token
     assert main(["data", "clean", f"data.path={corpus}", f"data.tokenizer={tokenizer_dir}", "model.preset=debug",
                  "data.format=recipe", "--out", str(tmp_path / "out")]) == 2
     assert "is plain text, read as whole documents" in capsys.readouterr().err
+
+
+def test_eval_fraction_holds_out_whole_split_documents(tmp_path, tok, long_text):
+    """Pieces of one document on both sides of the split would evaluate on text the model trained on."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):  # documents of different lengths, each split into a few pieces
+        (folder / f"{i:02}.txt").write_text(long_text[:80 * (i + 2)])
+    cfg = DataConfig(path=str(folder), max_length=24, too_long="split", eval_fraction=0.25)
+    whole, _, _ = build_datasets(dataclasses.replace(cfg, too_long="truncate", max_length=100_000, eval_fraction=0),
+                                 tok, seed=0)
+    documents = [e.input_ids + [e.labels[-1]] for e in whole]
+    for seed in range(4):
+        train, evals, report = build_datasets(cfg, tok, seed=seed)
+
+        def rejoined(store):  # consecutive pieces back into their documents
+            out, current = [], []
+            for piece in store:
+                current += piece.input_ids
+                if piece.labels[-1] == tok.eos_token_id:
+                    out.append(current + [tok.eos_token_id])
+                    current = []
+            assert not current  # every side ends on a whole document
+            return out
+
+        held, kept = rejoined(evals), rejoined(train)
+        assert len(held) == 3 and sorted(held + kept) == sorted(documents)
+        assert report.eval_examples == len(evals) > len(held)  # several pieces each
+
+
+def test_document_starts_mark_only_continued_pieces(tok):
+    from optrush.data.dataset import document_starts
+    from optrush.data.examples import Example, Examples
+
+    pieces = [Example([1, 5, 6], [5, 6, 7]), Example([7, 8, 9], [8, 9, 4]), Example([4], [2]),  # one document
+              Example([1, 5, 6], [5, 6, 2]), Example([1, 3], [3, 2])]  # two whole documents, the first full length
+    assert document_starts(Examples.from_examples(pieces), 3).tolist() == [True, False, False, True, True]

@@ -11,7 +11,8 @@ none is left), turns every record into an `Example` (`optrush.data.formats`, or 
 applies `data.too_long` to examples longer than `data.max_length` (truncate / drop / error, or for
 `data.format=text` split into consecutive pieces; always counted, with the tokens truncation cut), then takes
 the evaluation examples from `data.eval_path`, or holds out `data.eval_fraction` of the training examples
-(chosen by `seed`, so the split is the same on every run and every rank). Raises `DataError` when no training example is left. With
+(chosen by `seed`, so the split is the same on every run and every rank; the pieces of a split document stay
+together, so no document is trained on and evaluated on). Raises `DataError` when no training example is left. With
 `data.cache_dir`, a source's examples and counts are read from the tokenize-once cache when its key matches
 (`optrush.data.cache`).
 
@@ -183,7 +184,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
         evals, _ = encode_source(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=eval_tally, rules=[],
                                  rejects_path=eval_rejects_path(cfg))
     elif cfg.eval_fraction > 0:
-        train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed)
+        starts = document_starts(train, cfg.max_length) if cfg.too_long == "split" else None
+        train, evals = split_off(train, fraction=cfg.eval_fraction, seed=seed, starts=starts)
     else:
         evals = Examples.from_examples([])
     report = DataReport(train=train_tally, eval=eval_tally, train_examples=len(train), eval_examples=len(evals),
@@ -447,15 +449,32 @@ def split_pieces(example: Example, max_length: int) -> list[Example]:
             for start in range(0, len(example), max_length)]
 
 
-def split_off(examples, *, fraction: float, seed: int):
-    """(kept, held out): round(fraction * n) examples (at least one) chosen by `seed`; both keep file order.
+def document_starts(examples: Examples, max_length: int) -> np.ndarray:
+    """Per example, whether it begins a document (False for the second and later pieces of a split document).
+    A piece is followed by its continuation when it is `max_length` long and its last target is the next example's
+    first input (`split_pieces`). A whole document that happens to end the same way is taken as continued by the
+    next one: that only holds the two out together, it never puts one document on both sides of a split."""
+    starts = np.ones(len(examples), dtype=bool)
+    ends = examples.offsets[1:-1]  # where each example but the last ends and the next begins
+    full = examples.lengths[:-1] == max_length
+    starts[1:] = ~(full & (examples.labels[ends - 1] == examples.tokens[ends]))
+    return starts
+
+
+def split_off(examples, *, fraction: float, seed: int, starts: np.ndarray | None = None):
+    """(kept, held out): round(fraction * n) of the n documents (at least one) chosen by `seed`; both keep file
+    order. A document is one example, or with `starts` (`document_starts`) the examples from one start to the next.
     An `Examples` store splits into two stores; any other sequence (e.g. preference pairs) into two lists."""
-    n_eval = max(1, round(fraction * len(examples)))
-    if n_eval >= len(examples):
-        raise DataError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves none to train on; use a "
+    document = np.arange(len(examples)) if starts is None else np.cumsum(starts) - 1
+    n_documents = len(examples) if starts is None else int(starts.sum())
+    n_eval = max(1, round(fraction * n_documents))
+    if n_eval >= n_documents:
+        unit = "examples" if starts is None else "documents"
+        raise DataError(f"data.eval_fraction={fraction} of {n_documents} {unit} leaves none to train on; use a "
                         "smaller fraction or more data")
-    held = np.zeros(len(examples), dtype=bool)
-    held[np.random.default_rng(seed).permutation(len(examples))[:n_eval]] = True
+    held_document = np.zeros(n_documents, dtype=bool)
+    held_document[np.random.default_rng(seed).permutation(n_documents)[:n_eval]] = True
+    held = held_document[document]
     if isinstance(examples, Examples):
         return examples.select(~held), examples.select(held)
     return ([e for e, h in zip(examples, held.tolist()) if not h], [e for e, h in zip(examples, held.tolist()) if h])
