@@ -23,7 +23,7 @@ from optrush.check.harness import CheckContext, loader_for
 from optrush.check.report import CheckResult, compare, not_applicable
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.data.chat import chat_segments
-from optrush.data.clean import Cleaner, rules_from_config
+from optrush.data.clean import clean_stream, rules_from_config
 from optrush.data.dataset import read_source, tokenize
 from optrush.data.formats import render
 from optrush.data.reader import DataError
@@ -177,12 +177,9 @@ def source_records(ctx: CheckContext) -> Iterator[tuple[str, dict]]:
 
 def training_records(ctx: CheckContext) -> Iterator[tuple[str, dict]]:
     """`source_records` that pass the data.clean rules: the records training encodes."""
-    rules = rules_from_config(ctx.cfg.data, ctx.tokenizer)
-    if not rules:
-        return source_records(ctx)
-    cleaner = Cleaner(rules)
-    cleaner.fit(lambda: map(itemgetter(1), source_records(ctx)))
-    return cleaner.filter(source_records(ctx), record=itemgetter(1))
+    records, _ = clean_stream(source_records(ctx), rules_from_config(ctx.cfg.data, ctx.tokenizer),
+                              reread=lambda: source_records(ctx), record=itemgetter(1))
+    return records
 
 
 Segments = list[tuple[list[int], bool]]

@@ -377,6 +377,18 @@ class Cleaner:
                            examples={name: list(shown) for name, shown in self.examples.items()})
 
 
+def clean_stream(items: Iterable[Item], rules: Sequence[Rule], *, reread: Callable[[], Iterable[Item]],
+                 record: Callable[[Item], dict]) -> tuple[Iterable[Item], Cleaner | None]:
+    """(the `items` that pass `rules`, the Cleaner counting them, its report complete once they are consumed);
+    without rules, (`items` as they are, None). The rules that need corpus statistics fit first, over `reread()`:
+    a fresh stream of the same items, in the same order."""
+    if not rules:
+        return items, None
+    cleaner = Cleaner(rules)
+    cleaner.fit(lambda: map(record, reread()))
+    return cleaner.filter(items, record=record), cleaner
+
+
 def clean_records(records: Sequence[dict], *, rules: Sequence[Rule] | None = None,
                   keep_examples: int = 3) -> tuple[list[dict], CleanReport]:
     """Apply `rules` (default: `recipe_rules()`) as stages to records in memory; returns (kept records in input

@@ -37,7 +37,7 @@ import numpy as np
 from optrush.config.schema import DataConfig
 from optrush.data import cache
 from optrush.data.chat import chat_segments, check_chat_template, segments_example
-from optrush.data.clean import Cleaner, CleanReport, rules_from_config
+from optrush.data.clean import CleanReport, clean_stream, rules_from_config
 from optrush.data.examples import Example, Examples
 from optrush.data.formats import build_example, render, special_ids
 from optrush.data.reader import DataError
@@ -225,14 +225,10 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
             tally.restore(meta["tally"])
             return examples, None if meta["clean"] is None else CleanReport(**meta["clean"])
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
-        numbered = read_source(path, cfg=cfg, rejects=rejects)
-        cleaner = None
-        if rules:
-            cleaner = Cleaner(rules)
-            # fit passes: bad rows are recorded once, by the final pass, so these passes ignore them
-            ignore = Recounted() if rejects is not None else None
-            cleaner.fit(lambda: map(itemgetter(1), read_source(path, cfg=cfg, rejects=ignore)))
-            numbered = cleaner.filter(numbered, record=itemgetter(1))
+        # fit passes: bad rows are recorded once, by the final pass, so these passes ignore them
+        ignore = Recounted() if rejects is not None else None
+        numbered, cleaner = clean_stream(read_source(path, cfg=cfg, rejects=rejects), rules, record=itemgetter(1),
+                                         reread=lambda: read_source(path, cfg=cfg, rejects=ignore))
         if cfg.num_proc > 1:
             examples = encode_parallel(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects)
         else:

@@ -399,6 +399,11 @@ def collate_pairs(rows: list[list[PreferencePair]], *, packed: bool, pad_id: int
                      pair_index=torch.tensor(index), branch_ids=torch.tensor(branches) if shared_prompt else None)
 
 
+def pair_lengths(pairs: Sequence[PreferencePair], *, shared_prompt: bool) -> np.ndarray:
+    """int64 positions each pair takes in a row, what `PairLoader` plans by (`optrush.data.stats` reports them)."""
+    return np.fromiter((pair.positions(shared_prompt) for pair in pairs), dtype=np.int64, count=len(pairs))
+
+
 class PairLoader(BatchLoader):
     """`BatchLoader` (same planning, resumable state and rank sharding) over pairs, yielding `PairBatch`es."""
 
@@ -407,8 +412,8 @@ class PairLoader(BatchLoader):
         super().__init__(pairs, **{**settings, "pin_memory": False})
 
     def plan_epoch(self, epoch: int) -> list[list[list[int]]]:
-        if self.shared_prompt:  # plan by the positions a pair really takes
-            self.lengths = [pair.shared_length for pair in self.examples]
+        # plan by the positions a pair really takes (the base class measured len(pair): the prompt twice)
+        self.lengths = pair_lengths(self.examples, shared_prompt=self.shared_prompt)
         return super().plan_epoch(epoch)
 
     def __next__(self) -> PairBatch:

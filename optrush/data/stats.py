@@ -4,7 +4,8 @@
     # [{"strategy": "none", "batches": ..., "padding": 0.41, "positions_per_batch": ..., ...}, ...]
 
 Used by `optrush data stats` and `benchmarks/data_pipeline.py`. The numbers come from the same planner the loader
-uses (`optrush.data.pack.plan_batches`), for one epoch, so they are what training will see.
+uses (`optrush.data.pack.plan_batches`), for one epoch, so they are what training will see. For preference pairs
+the lengths are those `optrush.data.preference.PairLoader` plans by (`pair_lengths`): a pair is one planned item.
 """
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ def packing_stats(lengths: Sequence[int], *, rows: int, max_length: int, seed: i
             else:
                 positions += len(micro) * max(int(lens[row[0]]) for row in micro)
         tokens = int(lens.sum())
+        batches = max(len(plan), 1)
         out.append({"strategy": strategy, "batches": len(plan), "tokens": tokens, "positions": positions,
-                    "padding": 1 - tokens / max(positions, 1), "tokens_per_batch": tokens / max(len(plan), 1),
-                    "positions_per_batch": positions / max(len(plan), 1)})
+                    "padding": 1 - tokens / max(positions, 1), "tokens_per_batch": tokens / batches,
+                    "positions_per_batch": positions / batches, "examples_per_batch": len(lens) / batches})
     return out
 
 
-def format_stats(stats: list[dict]) -> str:
-    lines = [f"  {'strategy':<8}  {'batches':>9}  {'tokens/batch':>12}  {'slots/batch':>11}  {'padding':>8}"]
+def format_stats(stats: list[dict], *, unit: str = "examples") -> str:
+    """The `packing_stats` rows as a table; `unit` names what was planned (examples, pairs)."""
+    per_batch = f"{unit}/batch"
+    lines = [f"  {'strategy':<8}  {'batches':>9}  {per_batch:>14}  {'tokens/batch':>12}  {'slots/batch':>11}  "
+             f"{'padding':>8}"]
     for s in stats:
-        lines.append(f"  {s['strategy']:<8}  {s['batches']:>9,}  {s['tokens_per_batch']:>12,.0f}  "
-                     f"{s['positions_per_batch']:>11,.0f}  {s['padding']:>8.2%}")
+        lines.append(f"  {s['strategy']:<8}  {s['batches']:>9,}  {s['examples_per_batch']:>14,.1f}  "
+                     f"{s['tokens_per_batch']:>12,.0f}  {s['positions_per_batch']:>11,.0f}  {s['padding']:>8.2%}")
     return "\n".join(lines)
