@@ -99,7 +99,7 @@ def test_nproc_the_config_cannot_split_stops_before_any_process_starts(settings,
     for name in launch.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     started = []
-    monkeypatch.setattr(launch.subprocess, "call", lambda command: started.append(command) or 1)
+    monkeypatch.setattr(launch, "run_torchrun", started.append)
     assert main(["train", *debug_overrides, *settings, "--nproc", "3"]) == 2
     assert not started and message in capsys.readouterr().err
 

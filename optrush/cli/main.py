@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ConfigError as err:
-        print(f"optrush: config error: {err}", file=sys.stderr)
+        report_error(f"config error: {err}")
         return 2
     except KeyboardInterrupt as interrupt:
         # Ctrl-C is the user's choice, not a failure to debug: where it stopped (train says so), not the stack
@@ -261,8 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OPTRUSH_TRACEBACK"):
             raise
         kind = "data error" if isinstance(err, DataError) else f"error ({type(err).__name__})"
-        print(f"optrush: {kind}: {err}\n(OPTRUSH_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        report_error(f"{kind}: {err}\n(OPTRUSH_TRACEBACK=1 shows where it was raised)")
         return 2
+
+
+def report_error(message: str) -> None:
+    """Print `message` for the user; in one of the N processes of `optrush train --nproc N`, hand it to the
+    launcher instead, which prints each distinct message of the N once (optrush.parallel.launch)."""
+    from optrush.parallel.launch import hand_error_to_launcher
+
+    if not hand_error_to_launcher(message):
+        print(f"optrush: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
