@@ -92,3 +92,17 @@ def test_output_dir_that_cannot_be_created_is_a_config_error_naming_it(debug_ove
     err = capsys.readouterr().err
     assert err.startswith(f"optrush: config error: output_dir={out}: cannot create the directory (Not a directory")
     assert "Traceback" not in err
+
+
+def test_output_dir_that_exists_but_cannot_be_written_is_a_config_error(debug_overrides, data_never_read,
+                                                                        monkeypatch, capsys):
+    """A read-only directory used to fail at the first checkpoint, after tokenizing and training."""
+    import optrush.train.loop as loop
+
+    def read_only(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{dir}/tmpabc")
+
+    monkeypatch.setattr(loop.tempfile, "TemporaryFile", read_only)  # root (CI) may write anywhere: simulate it
+    assert main(["train", *debug_overrides]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir=" in err and "cannot write to the directory (Permission denied" in err

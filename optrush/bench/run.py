@@ -17,6 +17,15 @@ MFU = tokens/s x (6 x params + 6 x layers x seq x dim) / peak FLOP/s of the devi
 peak for bf16 modes, twice that for fp8, TF32 for fp32), the formula of `../shared/gpu/baseline-hf.py` (issue #5).
 Peak memory is what PyTorch allocated on the GPU (weights, gradients, optimizer states and activations) since the
 model was built; on CPU it is the process's peak resident memory (`peak_mem_kind` says which).
+
+Objectives: causal_lm and sft, and the pairwise `reward` and `dpo`, whose step is the loop's own on preference
+pairs (`build_preference_datasets`, the loop's pair loader, the objective built from the starting model as the
+loop builds it: the reward head, DPO's frozen reference copy or its precomputed log-probs, cached in
+`<output_dir>`). Their synthetic data is one random pair per row (`synthetic_pairs`). tokens/s counts every
+position of the batches run, chosen and rejected sides both; MFU counts the policy's forward and backward only
+(the formula above): DPO's reference forward (`dpo.reference=copy` or `lora_disabled`, about a third more
+FLOPs) is work done but not counted. GRPO is refused (`check_objective`): its step samples completions first.
+
 `optrush bench --ladder` (optrush.bench.ladder) runs many configs, each through this function in its own process.
 `prepare` (everything built, as `train` builds it) and `train_step` (one optimizer step) are the pieces, for tools
 that time or profile the very same step (`benchmarks/profile_step.py`).
@@ -26,23 +35,26 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 
 from optrush.bench.provenance import provenance
 from optrush.bench.report import MEMORY_KINDS
-from optrush.config import Config, to_dict
+from optrush.config import Config, ConfigError, to_dict
 from optrush.data.batch import Batch
+from optrush.data.preference import PairBatch, PreferencePair, encode_sequence
+from optrush.data.tokenizer import load_tokenizer
 from optrush.models.presets import get_preset
-from optrush.objectives import build_objective
+from optrush.objectives import PAIRWISE
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
 from optrush.parallel.context import data_parallel_position, setup_context_parallel
 from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distributed, teardown
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, backend_flags, build, clip_gradients, make_loader,
-                                precision_context, resolve_device, seed_everything)
+                                precision_context, read_data, resolve_device, seed_everything, starting_objective)
 from optrush.train.metrics import device_peak_flops, mfu, model_params, peak_memory_gib, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations
 
@@ -54,6 +66,7 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
     long (hundreds of thousands of tokens) that a second one would not fit the time."""
     if warmup < 0 or steps < 1:
         raise ValueError(f"bench needs warmup >= 0 and steps >= 1; got {warmup}, {steps}")
+    check_objective(cfg)
     owns_group = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     parallel = init_distributed(cfg.parallel, device=resolve_device(cfg.train.device))
     try:
@@ -62,6 +75,22 @@ def bench(cfg: Config, *, synthetic: bool, warmup: int = 3, steps: int = 8, name
     finally:
         if owns_group:
             teardown()
+
+
+MEASURED_OBJECTIVES = ("causal_lm", "sft", *PAIRWISE)
+
+
+def check_objective(cfg: Config) -> None:
+    """Refuse, before anything is built, an objective whose step `bench` does not time: GRPO's step first samples
+    completions (as many tokens as the model generates, not a fixed batch), and its loader holds only prompts."""
+    if cfg.objective not in MEASURED_OBJECTIVES:
+        raise ConfigError(
+            f"objective={cfg.objective}: optrush bench times the training step of objective="
+            f"{', '.join(MEASURED_OBJECTIVES)}, not GRPO's, which samples completions before its update. Time GRPO "
+            "with a short `optrush train` run instead (e.g. train.max_steps=10): its log shows tok/s from the "
+            "second step on (prompt tokens only, not the sampled completions) and metrics.jsonl each step's "
+            "elapsed_s",
+            key="objective")
 
 
 def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int, steps: int, name: str) -> dict:
@@ -126,7 +155,7 @@ def measure(cfg: Config, parallel: Distributed, *, synthetic: bool, warmup: int,
 class Prepared(NamedTuple):
     """What one benchmarked training step needs, built as `optrush train` builds it."""
     model: torch.nn.Module
-    batches: list[list[Batch]]
+    batches: list[list[Batch | PairBatch]]
     objective: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -143,24 +172,55 @@ def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int
     seed_everything(cfg.train.seed)
     # the ranks of one context-parallel group read the same rows and each keeps its share of every row
     data_rank, data_world = data_parallel_position(cfg.context.degree)
-    if synthetic:
-        vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
-        model = build(cfg, vocab_size=vocab_size, device=device)
-        batches = synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=data_rank)
-    else:
-        batches, vocab_size = data_batches(cfg, n_steps=n_steps, rank=data_rank, world_size=data_world)
-        model = build(cfg, vocab_size=vocab_size, device=device)
+    start = synthetic_start if synthetic else data_start
+    model, objective, batches = start(cfg, device, n_steps=n_steps, rank=data_rank, world_size=data_world)
     model, shard = setup_context_parallel(model, cfg, pad_id=0)  # pad ids are never trained (IGNORE_INDEX labels)
     batches = [[shard(b) for b in step] for step in batches]
     model = apply_optimizations(model, cfg)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
                                 lora_plus_ratio=cfg.peft.lora_plus_ratio)
     model.train()
-    return Prepared(model, batches, build_objective(cfg.objective), optimizer, build_scheduler(optimizer, cfg.train),
+    return Prepared(model, batches, objective, optimizer, build_scheduler(optimizer, cfg.train),
                     precision_context(cfg, device), device)
 
 
-def train_step(run: Prepared, micro_batches: list[Batch], *, max_grad_norm: float) -> tuple[torch.Tensor, int]:
+def data_start(cfg: Config, device: torch.device, *, n_steps: int, rank: int = 0, world_size: int = 1) -> tuple:
+    """(model, objective, this rank's first `n_steps` steps of micro-batches of the configured data), built in the
+    training loop's order and by its own pieces: the same data, model, objective and first batches."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    train_examples, eval_examples, _ = read_data(cfg, tokenizer)
+    model = build(cfg, vocab_size=len(tokenizer), device=device)
+    objective = starting_objective(cfg, model, tokenizer, train_examples, eval_examples)
+    loader = make_loader(train_examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle, rank=rank,
+                         world_size=world_size)
+    return model, objective, take_steps(loader, cfg, n_steps)
+
+
+def synthetic_start(cfg: Config, device: torch.device, *, n_steps: int, rank: int = 0,
+                    world_size: int = 1) -> tuple:
+    """(model, objective, this rank's first `n_steps` steps of synthetic micro-batches): random rows for the
+    language-modelling objectives, random pairs through the training loader for the pairwise ones."""
+    vocab_size = get_preset(cfg.model.preset).vocab_size if cfg.model.preset else 0
+    model = build(cfg, vocab_size=vocab_size, device=device)
+    if cfg.objective not in PAIRWISE:
+        objective = starting_objective(cfg, model, SYNTHETIC_TOKENIZER, ())
+        return model, objective, synthetic_batches(cfg, vocab_size=model.vocab_size, n_steps=n_steps, rank=rank)
+    # enough pairs for every step of every rank: each row holds one, and the loader gives each rank its share
+    count = cfg.train.micro_batch_size * cfg.train.grad_accum * n_steps * world_size
+    pairs = synthetic_pairs(cfg, vocab_size=model.vocab_size, count=count)
+    objective = starting_objective(cfg, model, SYNTHETIC_TOKENIZER, pairs)
+    loader = make_loader(pairs, cfg, SYNTHETIC_TOKENIZER.pad_token_id, shuffle=False, rank=rank,
+                         world_size=world_size)
+    return model, objective, take_steps(loader, cfg, n_steps)
+
+
+def take_steps(loader, cfg: Config, n_steps: int) -> list[list[Batch | PairBatch]]:
+    """The loader's next `n_steps` steps of `train.grad_accum` micro-batches."""
+    return [[next(loader) for _ in range(cfg.train.grad_accum)] for _ in range(n_steps)]
+
+
+def train_step(run: Prepared, micro_batches: list[Batch | PairBatch], *,
+               max_grad_norm: float) -> tuple[torch.Tensor, int]:
     """One optimizer step of the training loop over `micro_batches`: (summed loss on the device, trained units)."""
     loss_sum, units = accumulate_gradients(run.model, run.objective, micro_batches, device=run.device,
                                            autocast=run.autocast)
@@ -196,17 +256,32 @@ def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int, rank: int =
     return steps
 
 
-def data_batches(cfg: Config, *, n_steps: int, rank: int = 0, world_size: int = 1) -> tuple[list[list[Batch]], int]:
-    """This rank's first `n_steps` steps' micro-batches of the configured data, and the tokenizer's vocabulary
-    size."""
-    from optrush.data.dataset import build_datasets
-    from optrush.data.tokenizer import load_tokenizer
+SYNTHETIC_TOKENIZER = SimpleNamespace(pad_token_id=0)
+"""What the objectives read of a tokenizer on synthetic data, which has none: the pad id (padding is never
+trained: its labels are IGNORE_INDEX)."""
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
-    examples, _, _ = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    loader = make_loader(examples, cfg, tokenizer.pad_token_id, shuffle=cfg.data.shuffle, rank=rank,
-                         world_size=world_size)
-    return [[next(loader) for _ in range(cfg.train.grad_accum)] for _ in range(n_steps)], len(tokenizer)
+
+def synthetic_pairs(cfg: Config, *, vocab_size: int, count: int) -> list[PreferencePair]:
+    """`count` preference pairs of random tokens drawn from `train.seed`, each filling a row of
+    `data.max_length`: chosen and rejected sides of half of it each, encoded as real pairs are
+    (`optrush.data.preference.encode_sequence`), on the same random prompt (the first half of each side) with
+    different random completions, the last vocabulary id as EOS."""
+    side = cfg.data.max_length // 2
+    prompt_length = side // 2
+    completion_length = side - prompt_length - 1  # the EOS ends every side
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+
+    def random_ids(n: int) -> list[int]:
+        return torch.randint(0, vocab_size, (n,), generator=generator).tolist()
+
+    pairs = []
+    for index in range(count):
+        prompt = random_ids(prompt_length)
+        chosen, rejected = (encode_sequence(prompt, random_ids(completion_length), bos_id=None,
+                                            eos_id=vocab_size - 1) for _ in range(2))
+        # shared: the leading positions whose target is still a prompt token (see PreferencePair.shared)
+        pairs.append(PreferencePair(chosen=chosen, rejected=rejected, index=index, shared=prompt_length - 1))
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------------------- reports

@@ -39,9 +39,15 @@ def bench_ladder(args: argparse.Namespace) -> int:
     from optrush.bench.ladder import Ladder, Rung, load_ladder, run_ladder
     from optrush.bench.peers import FULL_FINETUNE_PEERS
     from optrush.bench.report import write_ladder_report
+    from optrush.bench.run import check_objective
 
     config_path, overrides = config_and_overrides(args)
     cfg = config_from_args(args, synthetic_data=args.synthetic)  # a bad base config stops here, before any process
+    check_objective(cfg)
+    if args.peers and cfg.objective not in ("causal_lm", "sft"):
+        raise ConfigError(f"--peers with objective={cfg.objective}: the peer stacks (HF Trainer, TRL SFTTrainer) "
+                          "train language modelling only, so they would time other work; drop --peers (the ladder's "
+                          "rungs measure this objective), or compare peers with objective=sft")
     name = run_name(args)
     ladder = load_ladder(args.ladder) if args.ladder else Ladder(rungs=(Rung(name, ()),), reference=name)
     peers = [] if not args.peers else list(FULL_FINETUNE_PEERS) if args.peers == "all" else args.peers.split(",")
@@ -56,8 +62,10 @@ def bench_ladder(args: argparse.Namespace) -> int:
 
 def bench_max_context(args: argparse.Namespace) -> int:
     from optrush.bench.max_context import find_max_context, markdown, write_max_context_report
+    from optrush.bench.run import check_objective
 
     cfg = config_from_args(args, synthetic_data=True)
+    check_objective(cfg)
     if args.max_context < cfg.data.max_length:
         raise ConfigError(f"--max-context {args.max_context}: the search starts at data.max_length="
                           f"{cfg.data.max_length} and doubles up to LIMIT; give a LIMIT of at least that, or a "

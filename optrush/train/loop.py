@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,13 +75,23 @@ def train(cfg: Config) -> dict:
         teardown()
 
 
-def run(cfg: Config, parallel: Distributed) -> dict:
-    output_dir = Path(cfg.output_dir)
+def prepare_output_dir(path: str) -> Path:
+    """Create `path` (with parents) and prove a file can be written in it: a read-only directory fails here, at
+    start-up, not at the first checkpoint."""
+    output_dir = Path(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
     except OSError as err:
-        raise ConfigError(f"output_dir={cfg.output_dir}: cannot create the directory ({err.strerror}: "
-                          f"{err.filename}): set output_dir to a directory you can write to") from None
+        what = "cannot write to the directory" if output_dir.is_dir() else "cannot create the directory"
+        raise ConfigError(f"output_dir={path}: {what} ({err.strerror}: {err.filename}): set output_dir to a "
+                          "directory you can write to") from None
+    return output_dir
+
+
+def run(cfg: Config, parallel: Distributed) -> dict:
+    output_dir = prepare_output_dir(cfg.output_dir)
     device = parallel.device
     # before any data work: a missing float8 kernel, resume checkpoint or reward function fails in seconds, not after
     # tokenizing
@@ -94,15 +105,12 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
-    read_data = build_preference_datasets if cfg.objective in PAIRWISE else build_datasets
-    train_examples, eval_examples, data_report = read_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    train_examples, eval_examples, data_report = read_data(cfg, tokenizer)
     if is_main():
         print(data_report.format(), flush=True)
 
     model = build(cfg, vocab_size=len(tokenizer), device=device)
-    # before the optimizations: an objective may add a head or keep a frozen copy of the starting model
-    objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
-                                examples=train_examples + eval_examples if cfg.objective in PAIRWISE else ())
+    objective = starting_objective(cfg, model, tokenizer, train_examples, eval_examples)
     # sharding leaves no plain model to save (final/, a preset's base/): keep its structure (on the meta device, no
     # memory), before ring attention binds the model to a process group (which cannot be copied)
     plain = meta_copy(model) if cfg.parallel.strategy in ("fsdp", "hsdp") else None
@@ -315,6 +323,21 @@ def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Mod
     # quantize=: each block is quantized as soon as it is initialised (apply_quantize later leaves it as it is)
     model = build_model(args, dtype=dtype, device=device, seed=cfg.train.seed, quantize=cfg.peft.quantize)
     return apply_context_extension(model, cfg)
+
+
+def read_data(cfg: Config, tokenizer) -> tuple:
+    """(train, eval, report) of the configured data: preference pairs for the pairwise objectives, else
+    tokenized examples."""
+    read = build_preference_datasets if cfg.objective in PAIRWISE else build_datasets
+    return read(cfg.data, tokenizer, seed=cfg.train.seed)
+
+
+def starting_objective(cfg: Config, model: torch.nn.Module, tokenizer, train_examples, eval_examples=()):
+    """The objective of `cfg`, built from the starting model: call it before the optimizations, as an objective
+    may add a head (reward) or keep a frozen copy of the model or its log-probs of every pair, train and eval
+    (DPO)."""
+    return build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tokenizer,
+                           examples=list(train_examples) + list(eval_examples) if cfg.objective in PAIRWISE else ())
 
 
 def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory: bool = False,
