@@ -90,6 +90,7 @@ def test_pad_equal_to_eos_fails_the_pad_row_and_not_the_padding_row(debug_overri
 @pytest.mark.parametrize("settings, message", [
     (["parallel.strategy=hsdp", "parallel.replicate=2"], "--nproc 3: parallel.replicate=2 must divide"),
     (["parallel.strategy=ddp", "context.degree=2", "data.packing=none"], "--nproc 3: context.degree=2 must divide"),
+    (["parallel.strategy=ddp", "checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume=/nonexistent/ckpt"),
 ])
 def test_nproc_the_config_cannot_split_stops_before_any_process_starts(settings, message, debug_overrides,
                                                                        monkeypatch, capsys):

@@ -78,6 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)  # a bad config fails here, before any process is started
     if args.nproc is not None and not launched_by_torchrun():
+        from optrush.train.loop import check_before_start
+
+        check_before_start(cfg)  # once, here, rather than in each of the processes
         config, overrides = config_and_overrides(args)
         return relaunch_with_torchrun(["train", *([config] if config else []), *overrides], nproc=args.nproc,
                                       cfg=cfg)

@@ -90,16 +90,24 @@ def prepare_output_dir(path: str) -> Path:
     return output_dir
 
 
-def run(cfg: Config, parallel: Distributed) -> dict:
+def check_before_start(cfg: Config) -> Path:
+    """The start-up checks that need no device: the output directory (created, writable; returned), the resume
+    checkpoint and GRPO's reward functions. `train --nproc` runs them before it starts any process, so their error
+    is printed once; each process runs them again (a multi-node rank has only its own machine's view)."""
     output_dir = prepare_output_dir(cfg.output_dir)
-    device = parallel.device
-    # before any data work: a missing float8 kernel, resume checkpoint or reward function fails in seconds, not after
-    # tokenizing
-    if cfg.precision.mode == "fp8":
-        require_float8(device)
     check_resume_path(cfg.checkpoint.resume)
     if cfg.objective == "grpo":
         import_rewards(cfg.grpo.rewards)
+    return output_dir
+
+
+def run(cfg: Config, parallel: Distributed) -> dict:
+    # before any data work: a missing float8 kernel, resume checkpoint or reward function fails in seconds, not after
+    # tokenizing
+    output_dir = check_before_start(cfg)
+    device = parallel.device
+    if cfg.precision.mode == "fp8":
+        require_float8(device)
     if cfg.train.verify:
         verify(cfg, output_dir)
     seed_everything(cfg.train.seed)
