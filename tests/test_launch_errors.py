@@ -56,3 +56,27 @@ def test_the_launcher_prints_each_distinct_error_once_naming_the_ranks_unless_al
     assert capsys.readouterr().err == ("optrush: [ranks 0, 1] data error: a.jsonl:4: not valid JSON\n"
                                        "optrush: [rank 2] error (OSError): rank 2's disk is full\n"
                                        "optrush: 2 of 3 processes failed (exit code 2); torchrun stopped the other 1\n")
+
+
+def test_ctrl_c_under_nproc_says_where_training_stopped_once(tmp_path, monkeypatch, debug_overrides, capsys):
+    """Every rank used to print its own "interrupted after step N", and the launcher "interrupted" after them."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    import optrush.parallel.launch as launch
+
+    for name in launch.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def interrupted_ranks(argv):
+        errors_dir = os.environ[ERRORS_DIR_VARIABLE]
+        for rank in range(2):  # what each rank's main() hands over on Ctrl-C
+            with open(os.path.join(errors_dir, f"rank_{rank}.txt"), "w") as handle:
+                handle.write("interrupted after step 3; no checkpoint was saved")
+        raise SignalException("Process got signal: 2", signal.SIGINT)
+
+    monkeypatch.setattr(launch, "run_torchrun", interrupted_ranks)
+    assert main(["train", *debug_overrides, "parallel.strategy=ddp", "--nproc", "2"]) == 130
+    err = capsys.readouterr().err
+    assert err == "optrush: interrupted after step 3; no checkpoint was saved\n"

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C is the user's choice, not a failure to debug: where it stopped (train says so), not the stack
         if os.environ.get("OPTRUSH_TRACEBACK"):
             raise
-        print(f"optrush: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        report_error(str(interrupt) or "interrupted")
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except (OSError, ValueError) as err:
         # Bad input (a missing file, a value out of range) is the user's to fix: its message, not our stack.

@@ -61,8 +61,8 @@ def relaunch_with_torchrun(arguments: list[str], *, nproc: int, cfg: Config) -> 
             report_failure(failed, Path(errors_dir), world=nproc)
             return 1  # what torchrun exits with when a process failed
         except SignalException as stopped:  # torchrun stopped the processes before raising this
-            if stopped.sigval == signal.SIGINT:
-                raise KeyboardInterrupt from stopped  # the CLI's Ctrl-C: one line, exit status 130
+            if stopped.sigval == signal.SIGINT and not print_handed_errors(Path(errors_dir), world=nproc):
+                raise KeyboardInterrupt from stopped  # nothing said where training stopped: the CLI's one line
             return 128 + stopped.sigval  # as a shell reports a command stopped by that signal
         finally:
             del os.environ[ERRORS_DIR_VARIABLE]
@@ -110,9 +110,16 @@ def hand_error_to_launcher(message: str) -> bool:
 
 
 def report_failure(failed: ChildFailedError, errors_dir: Path, *, world: int) -> None:
-    """Print each distinct message the processes left in `errors_dir` once: plainly when all `world` of them hit
-    it, else after the ranks that did, so that one rank's own error is never hidden behind another's. Then one
-    line on how the processes ended (their own tracebacks, if any, are above)."""
+    """The processes' messages (`print_handed_errors`), then one line on how the processes ended (their own
+    tracebacks, if any, are above)."""
+    print_handed_errors(errors_dir, world=world)
+    print(f"optrush: {how_processes_ended(failed, world=world)}", file=sys.stderr)
+
+
+def print_handed_errors(errors_dir: Path, *, world: int) -> bool:
+    """Print each distinct message the processes left in `errors_dir` once: plainly when all `world` of them
+    left it, else after the ranks that did, so that one rank's own error is never hidden behind another's (a
+    Ctrl-C's "interrupted after step N" comes from every rank, and is printed once). Whether there was any."""
     handed = {int(path.stem.removeprefix("rank_")): path.read_text() for path in errors_dir.glob("rank_*.txt")}
     ranks_by_message: dict[str, list[int]] = {}
     for rank, message in sorted(handed.items()):
@@ -120,7 +127,7 @@ def report_failure(failed: ChildFailedError, errors_dir: Path, *, world: int) ->
     for message, ranks in ranks_by_message.items():
         where = "" if len(ranks) == world else f"[rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}] "
         print(f"optrush: {where}{message}", file=sys.stderr)
-    print(f"optrush: {how_processes_ended(failed, world=world)}", file=sys.stderr)
+    return bool(handed)
 
 
 def how_processes_ended(failed: ChildFailedError, *, world: int) -> str:
