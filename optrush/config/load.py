@@ -14,6 +14,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -199,6 +200,12 @@ def unknown_key_message(key: str, valid: list[str]) -> str:
     return f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
 
 
+def did_you_mean(given: str, choices: Iterable[str]) -> str:
+    """` Did you mean 'x'?` for the choice closest to a misspelt `given`, or "" when none is close."""
+    close = difflib.get_close_matches(given, list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
@@ -225,9 +232,8 @@ def coerce(value: Any, kind: Any, *, key: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}.{hint}")
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}."
+                          f"{did_you_mean(str(value), map(str, args))}")
     if origin is list:
         if isinstance(value, str) and args[0] is str:  # `key=q_proj` names one item, not a list of its letters
             return [value]
@@ -323,6 +329,10 @@ def config_problems(cfg: Config, *, synthetic_data: bool = False, complete: bool
         problems.append(f"data.eval_fraction={cfg.data.eval_fraction}: must be in [0, 1)")
     if cfg.data.eval_path is not None and cfg.data.eval_fraction > 0:
         problems.append("set data.eval_path or data.eval_fraction, not both")
+    if cfg.train.eval_every > 0 and cfg.data.eval_path is None and cfg.data.eval_fraction == 0:
+        problems.append(f"train.eval_every={cfg.train.eval_every} evaluates on held-out data, and there is none: set "
+                        "data.eval_path (a held-out file) or data.eval_fraction (e.g. 0.05 of data.path), or "
+                        "train.eval_every=0")
     if not 0 <= cfg.train.min_lr_ratio <= 1 or not 0 <= cfg.train.decay_fraction <= 1:
         problems.append("train.min_lr_ratio and train.decay_fraction must be in [0, 1]")
     if cfg.train.warmup_steps > cfg.train.max_steps:
@@ -488,8 +498,12 @@ def parallel_problems(cfg: Config) -> list[str]:
 def optimizer_problems(o: OptimConfig) -> list[str]:
     """optim.* values out of range or wrong together (also checked by optrush.optim.build_optimizer)."""
     problems = []
-    if not all(0 <= b < 1 for b in o.betas) or not 0 <= o.momentum < 1:
-        problems.append(f"optim.betas={list(o.betas)} and optim.momentum={o.momentum}: each must be in [0, 1)")
+    if not all(0 <= b < 1 for b in o.betas):
+        problems.append(f"optim.betas={list(o.betas)}: each must be in [0, 1) (e.g. [0.9, 0.95])")
+    if not 0 <= o.momentum < 1:
+        problems.append(f"optim.momentum={o.momentum}: must be in [0, 1) (e.g. 0.95)")
+    if not o.eps > 0:  # also NaN
+        problems.append(f"optim.eps={o.eps}: must be > 0 (it keeps the update's denominator off zero; e.g. 1e-8)")
     if o.ns_steps < 1:
         problems.append(f"optim.ns_steps={o.ns_steps}: must be >= 1")
     if o.low_bit_min_numel < 0:
@@ -650,9 +664,15 @@ def objective_problems(cfg: Config) -> list[str]:
         if g.group_size < 2:
             problems.append(f"grpo.group_size={g.group_size}: must be >= 2 (advantages compare completions "
                             "within a group)")
-        if g.max_new_tokens < 1 or g.temperature <= 0 or g.clip_eps <= 0 or g.kl_beta < 0:
-            problems.append("grpo.max_new_tokens must be >= 1, grpo.temperature and grpo.clip_eps > 0, "
-                            "grpo.kl_beta >= 0")
+        if g.max_new_tokens < 1:
+            problems.append(f"grpo.max_new_tokens={g.max_new_tokens}: must be >= 1")
+        if not g.temperature > 0:
+            problems.append(f"grpo.temperature={g.temperature}: must be > 0 (GRPO samples: the completions of a "
+                            "group must differ; e.g. 1.0)")
+        if not g.clip_eps > 0:
+            problems.append(f"grpo.clip_eps={g.clip_eps}: must be > 0 (e.g. 0.2)")
+        if not g.kl_beta >= 0:
+            problems.append(f"grpo.kl_beta={g.kl_beta}: must be >= 0 (0 = no KL penalty)")
         if g.updates_per_generation < 1:
             problems.append(f"grpo.updates_per_generation={g.updates_per_generation}: must be >= 1")
         if g.reference == "lora_disabled" and cfg.peft.method not in ("lora", "dora"):
@@ -708,7 +728,6 @@ def preset_problems(cfg: Config) -> list[str]:
     preset = cfg.model.preset
     if preset is None or preset in PRESET_NAMES:
         return []
-    close = difflib.get_close_matches(preset, PRESET_NAMES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(preset, PRESET_NAMES)
     return [f"model.preset={preset!r} is not a built-in architecture.{hint} Valid presets: {', '.join(PRESET_NAMES)}; "
             "or set model.path to an HF checkpoint directory"]

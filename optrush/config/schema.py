@@ -153,7 +153,8 @@ class TrainConfig:
     """Deterministic algorithms and single-threaded reductions (bitwise repeatable CPU runs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = 0
-    """Run the eval loop every N steps (0 = only at the end, when eval data exists)."""
+    """Run the eval loop every N steps (0 = only at the end, when eval data exists); N > 0 needs eval data
+    (data.eval_path or data.eval_fraction)."""
     eval_batches: int = 20
     """Micro-batches per evaluation."""
     sample_every: int = 0
@@ -182,6 +183,7 @@ class OptimConfig:
     """Adam betas (momentum, second moment); Lion's (interpolation, momentum) betas; schedule-free's beta1 is
     the interpolation between its average and its iterate."""
     eps: float = 1e-8
+    """Added to the denominator of Adam-style updates (> 0)."""
     weight_decay: float = 0.0
     """Decoupled weight decay; applied to matrices only (not norms, biases)."""
     fused: bool | None = None
@@ -379,8 +381,9 @@ class GRPOConfig:
     group_size: int = 4
     """objective=grpo: completions sampled per prompt (k); advantages are normalised within each group."""
     rewards: list[str] = field(default_factory=lambda: ["optrush.objectives.grpo:recipe_format_reward"])
-    """Reward functions as `module:function` import strings; each takes (prompts, completions) lists of
-    strings and returns one float per completion; the rewards are summed."""
+    """Reward functions as `module:function` or `path/to/file.py:function`; each is called as fn(prompts,
+    completions), two lists of strings (checked at start-up), and returns one float per completion; the rewards are
+    summed."""
     clip_eps: float = 0.2
     """PPO clip range of the probability ratio."""
     kl_beta: float = 0.04

@@ -28,18 +28,21 @@ trained model with its adapters switched off; its log-probs are computed once pe
 
 A reward function is `fn(prompts: list[str], completions: list[str]) -> list[float]`, named in config as
 `package.module:function` (importable: installed or on PYTHONPATH) or `path/to/file.py:function` (a file, relative
-to the working directory); `recipe_format_reward` scores the recipe template (optrush.data.recipes). Every call is
-checked to return one finite number per completion (prompts x group_size, each prompt repeated group_size times).
+to the working directory); `recipe_format_reward` scores the recipe template (optrush.data.recipes). Importing it
+checks that it takes the two lists, and every call that it returns one finite number per completion (prompts x
+group_size, each prompt repeated group_size times).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
 import reprlib
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ import torch
 from torch import nn
 
 from optrush.config import ConfigError
+from optrush.config.load import did_you_mean
 from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.generate.decode import generate_batch
@@ -80,27 +84,62 @@ def import_rewards(names: list[str]) -> list[tuple[str, RewardFn]]:
 
 
 def import_reward(name: str) -> RewardFn:
-    """`package.module:function` or `path/to/file.py:function` -> the function (errors name the config key
-    grpo.rewards)."""
+    """`package.module:function` or `path/to/file.py:function` -> the function, checked to take (prompts,
+    completions) (errors name the config key grpo.rewards)."""
     module_name, _, attr = name.rpartition(":")
     module = _import_reward_file(name, Path(module_name)) if module_name.endswith(".py") else \
         _import_reward_module(name, module_name)
-    if not callable(getattr(module, attr, None)):
-        raise ConfigError(f"grpo.rewards: {module_name} has no function {attr!r} (from {name!r})", key="grpo.rewards")
-    return getattr(module, attr)
+    if not hasattr(module, attr):
+        defined = [key for key, value in vars(module).items()
+                   if callable(value) and getattr(value, "__module__", None) == module.__name__]
+        raise ConfigError(f"grpo.rewards: {module_name} has no function {attr!r} (from {name!r})."
+                          f"{did_you_mean(attr, defined)}", key="grpo.rewards")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ConfigError(f"grpo.rewards: {module_name} has {attr!r}, but it is {reprlib.repr(fn)} "
+                          f"({type(fn).__name__}), not a function (from {name!r}): name a function "
+                          f"{REWARD_SIGNATURE}", key="grpo.rewards")
+    check_reward_signature(name, fn)
+    return fn
+
+
+REWARD_SIGNATURE = "fn(prompts: list[str], completions: list[str]) -> list[float]"
+
+
+def check_reward_signature(name: str, fn: RewardFn) -> None:
+    """Refuse a function that cannot be called as `fn(prompts, completions)`, as `call_reward` calls it: found
+    here, not after the data is read and the first completions are sampled."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-in callables have none: their first call checks them
+        return
+    try:
+        signature.bind(["prompt"], ["completion"])
+    except TypeError as error:
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        where = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+        raise ConfigError(f"grpo.rewards: {name!r}{where} has the signature {signature} and cannot be called with "
+                          f"the two positional lists (prompts, completions) ({error}): define it as "
+                          f"{REWARD_SIGNATURE} (further parameters need default values)", key="grpo.rewards") \
+            from None
 
 
 def _import_reward_module(name: str, module_name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as error:
-        hint = ""
-        if module_name == error.name or module_name.startswith(f"{error.name}."):  # not an import inside it
-            hint = (" A module of your own must be on the Python path: run with PYTHONPATH=<its directory> (the "
-                    "optrush command does not search the current directory), or name its file instead, e.g. "
-                    f"grpo.rewards=[path/to/{module_name.replace('.', '/')}.py:{name.rpartition(':')[2]}]")
-        raise ConfigError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error}).{hint}",
+        if module_name != error.name and not module_name.startswith(f"{error.name}."):  # an import inside it
+            raise _import_failure(name, error) from None
+        raise ConfigError(f"grpo.rewards: cannot import module {module_name!r} of {name!r} ({error}). A module of "
+                          "your own must be on the Python path: run with PYTHONPATH=<its directory> (the optrush "
+                          "command does not search the current directory), or name its file instead, e.g. "
+                          f"grpo.rewards=[path/to/{module_name.replace('.', '/')}.py:{name.rpartition(':')[2]}]",
                           key="grpo.rewards") from None
+    except SyntaxError as error:
+        raise _import_failure(name, error) from None
+    except Exception as error:
+        error.add_note(_IMPORT_NOTE.format(name=name))
+        raise
 
 
 def _import_reward_file(name: str, file: Path):
@@ -116,10 +155,38 @@ def _import_reward_file(name: str, file: Path):
     sys.modules[spec.name] = module  # what `dataclasses` and `pickle` look a module's classes up in
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as error:
         del sys.modules[spec.name]  # as a failed `import` leaves no module behind: the fixed file is run again
+        if isinstance(error, (SyntaxError, ImportError)):
+            raise _import_failure(name, error) from None
+        if isinstance(error, Exception):  # not Ctrl-C
+            error.add_note(_IMPORT_NOTE.format(name=name))
         raise
     return module
+
+
+_IMPORT_NOTE = "(raised while importing the reward function {name!r} of grpo.rewards)"
+
+
+def _import_failure(name: str, error: SyntaxError | ImportError) -> ConfigError:
+    """The syntax error or failed import in a reward module's code, at its file:line, as a ConfigError."""
+    if isinstance(error, SyntaxError):
+        line = f" in `{error.text.strip()}`" if error.text else ""
+        return ConfigError(f"grpo.rewards: {error.filename}:{error.lineno}: syntax error{line} ({error.msg}), "
+                           f"found importing {name!r}: fix the syntax there", key="grpo.rewards")
+    frame = _failing_frame(error)
+    where = f"{frame.filename}:{frame.lineno}: `{frame.line}`" if frame else f"the import of {name!r}"
+    return ConfigError(f"grpo.rewards: {where} failed ({type(error).__name__}: {error}), found importing {name!r}: "
+                       "install the package that provides it in this Python environment, or fix the import",
+                       key="grpo.rewards")
+
+
+def _failing_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The last frame of the error's traceback in Python source (not importlib's machinery): the failing line."""
+    machinery = Path(importlib.__file__).parent
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith("<") and Path(frame.filename).parent != machinery]
+    return frames[-1] if frames else None
 
 
 def reward_name(fn: RewardFn) -> str:
