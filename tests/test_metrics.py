@@ -106,5 +106,5 @@ def test_the_objectives_own_metrics_show_on_the_console(tmp_path, capsys):
         logger.log(1, {"loss": 0.6, "accuracy": 0.75, "reward_gap": 0.25})  # a reward model
         logger.log(2, {"eval_loss": 0.5, "eval_accuracy": 0.8})
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
-    assert lines == ["step 1/2 | loss 0.6000 | acc 0.750 | reward_gap 0.250",
-                     "step 2/2 | eval_loss 0.5000 | eval_acc 0.800"]
+    assert lines == ["step 1/2 | loss 0.6000 | accuracy 0.750 | reward_gap 0.250",
+                     "step 2/2 | eval_loss 0.5000 | eval_accuracy 0.800"]

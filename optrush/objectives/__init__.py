@@ -68,6 +68,8 @@ def build_grpo(*, cfg, model, tokenizer, examples) -> GRPO:
 OBJECTIVES = {"reward": build_reward, "dpo": build_dpo, "grpo": build_grpo}
 PAIRWISE = ("reward", "dpo")
 """Objectives trained on preference pairs (optrush.data.preference) rather than examples."""
+UNITS = {"causal_lm": "tokens", "sft": "tokens", "reward": "pairs", "dpo": "pairs", "grpo": "completions"}
+"""What each objective's `units(batch)` counts; the loop logs their number as `trained_<units>`."""
 
 
 def build_objective(name: str, *, cfg=None, model: nn.Module | None = None, tokenizer=None,
@@ -82,5 +84,5 @@ def build_objective(name: str, *, cfg=None, model: nn.Module | None = None, toke
     return OBJECTIVES[name](cfg=cfg, model=model, tokenizer=tokenizer, examples=examples)
 
 
-__all__ = ["CausalLM", "DPO", "GRPO", "OBJECTIVES", "PAIRWISE", "RewardModel", "apply_reward_head",
+__all__ = ["CausalLM", "DPO", "GRPO", "OBJECTIVES", "PAIRWISE", "UNITS", "RewardModel", "apply_reward_head",
            "build_objective"]

@@ -29,6 +29,8 @@ starting model, so this is the copy reference without a second model in memory.
 """
 from __future__ import annotations
 
+import os
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -43,6 +45,7 @@ from optrush.data.preference import PairBatch, PairLoader, PreferencePair
 from optrush.kernels.attention import build_block_mask, flex_attention_fn
 from optrush.models.layers import AttentionBackend, sdpa_attention
 from optrush.objectives.logps import chunked_logps_head, token_logps
+from optrush.parallel.distributed import is_main
 from optrush.peft.lora import adapters_disabled
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -243,14 +246,20 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
                                max_length: int, rows: int, chunk_tokens: int | None = None) -> torch.Tensor:
     """(N, 2) CPU fp32 summed log-probs of every pair's chosen and rejected completion under `model`, indexed by
     `PreferencePair.index`. Read from `cache` when it was written for the same pairs and the same weights,
-    else computed (packed, in index order) and written there."""
+    else computed (packed, in index order) and written there. Says which on the main rank: computing takes a
+    forward pass over every pair, long enough on a CPU to look like a hang before step 1."""
     cache = Path(cache)
     weights = sum(float(p.double().sum()) for p in model.parameters())
     fingerprint = f"pairs={pairs_fingerprint(pairs)} weights={weights!r}"
+    what = f"the reference model's log-probs of {len(pairs)} pairs (dpo.reference=precomputed)"
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         if saved["fingerprint"] == fingerprint:
+            print_on_main_rank(f"read {what} from {cache}, written by an earlier run with the same pairs and "
+                               "starting weights")
             return saved["logps"]
+    print_on_main_rank(f"computing {what}...")
+    started = time.perf_counter()
     table = torch.zeros(max(p.index for p in pairs) + 1, 2)
     loader = PairLoader(pairs, strategy="bfd", rows=rows, max_length=max_length, pad_id=pad_id, seed=0,
                         shuffle=False)
@@ -262,6 +271,16 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
         logps, _ = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
         table[batch.pair_index.cpu()] = logps.view(-1, 2).float().cpu()
     model.train(was_training)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"fingerprint": fingerprint, "logps": table}, cache)
+    if is_main():  # every rank computed the same table; one writes it, whole or not at all
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.partial")
+        torch.save({"fingerprint": fingerprint, "logps": table}, partial)
+        os.replace(partial, cache)
+    print_on_main_rank(f"computed {what} in {time.perf_counter() - started:.1f} s; cached in {cache} for a rerun "
+                       "with the same pairs and starting weights")
     return table
+
+
+def print_on_main_rank(line: str) -> None:
+    if is_main():
+        print(line, flush=True)

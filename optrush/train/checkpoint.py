@@ -234,6 +234,17 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def saved_run(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run settings, rank 0's data-loader state) that checkpoint `path` saved, for a start-up check. mmap: the
+    optimizer state beside them (gigabytes for a large model) is mapped, not read."""
+    require_trainer_state(path)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    # a distributed run keeps each rank's loader state in its own file
+    loader = state["loader"] if "loader" in state else \
+        torch.load(path / f"rank_{0:05d}.pt", map_location="cpu", weights_only=False, mmap=True)["loader"]
+    return state["train"].get("settings", {}), loader
+
+
 def require_trainer_state(path: Path) -> None:
     """Raise, saying what to do instead, when directory `path` is not a checkpoint a run can resume."""
     if not (path / STATE_FILE).is_file():

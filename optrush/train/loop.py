@@ -34,7 +34,7 @@ from optrush.data.tokenizer import load_tokenizer
 from optrush.models.io import build_model, load_model, save_model
 from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
-from optrush.objectives import PAIRWISE, build_objective
+from optrush.objectives import PAIRWISE, UNITS, build_objective
 from optrush.objectives.causal_lm import CausalLM
 from optrush.objectives.grpo import import_rewards
 from optrush.generate.evaluate import sample_during_training
@@ -48,10 +48,10 @@ from optrush.parallel.context import apply_context_extension, data_parallel_posi
 from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager
 from optrush.train.float8 import require_float8
-from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, model_params, peak_memory_gib, \
-    training_flops_per_token
+from optrush.train.metrics import LogWindow, MetricsLogger, Throughput, device_peak_flops, mfu, model_params, \
+    peak_memory_gib, trainable_params, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations, apply_peft
-from optrush.train.resume import check_resume_path, maybe_resume, report_interrupt
+from optrush.train.resume import check_resume, maybe_resume, report_interrupt
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
                 "fp8": torch.float32}
@@ -95,7 +95,7 @@ def check_before_start(cfg: Config) -> Path:
     checkpoint and GRPO's reward functions. `train --nproc` runs them before it starts any process, so their error
     is printed once; each process runs them again (a multi-node rank has only its own machine's view)."""
     output_dir = prepare_output_dir(cfg.output_dir)
-    check_resume_path(cfg.checkpoint.resume)
+    check_resume(cfg)
     if cfg.objective == "grpo":
         import_rewards(cfg.grpo.rewards)
     return output_dir
@@ -125,6 +125,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # context parallelism: each rank of a group holds a share of every row and attends around a ring
     model, shard = setup_context_parallel(model, cfg, pad_id=tokenizer.pad_token_id)
     model = apply_optimizations(model, cfg)
+    if is_main():
+        print(params_line(model), flush=True)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device_type=device.type,
                                 lora_plus_ratio=cfg.peft.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -164,6 +166,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     peak_flops = device_peak_flops(device, torch.bfloat16 if cfg.precision.mode != "fp32" else torch.float32)
     peak_flops = peak_flops * parallel.world_size if peak_flops else None  # MFU of all devices together
     throughput = Throughput()
+    window = LogWindow(UNITS[cfg.objective])
     final_eval, eval_step = {}, None
     model.train()
     with (MetricsLogger(output_dir=output_dir, cfg=cfg.logging, total_steps=cfg.train.max_steps,
@@ -192,18 +195,22 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             throughput.update(tokens=tokens, real_tokens=real_tokens, seconds=time.perf_counter() - started)
-            if state.step % cfg.logging.every == 0 or state.step == cfg.train.max_steps:
+            window.add(loss=loss, grad_norm=grad_norm, units=units)
+            evaluating = bool(eval_examples) and cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
+            # an evaluation ends the window too: its batches add to the objective's metrics, which must not mix
+            # with training's
+            if state.step % cfg.logging.every == 0 or state.step == cfg.train.max_steps or evaluating:
                 metrics.log(state.step, {
-                    "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                    **window.pop(), "lr": lr,
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
-                    "peak_mem_gib": peak_memory_gib(device), "trained_tokens": units, **objective.pop_metrics()})
+                    "peak_mem_gib": peak_memory_gib(device), **objective.pop_metrics()})
             if samples := sample_during_training(model, tokenizer, cfg, state.step):
                 metrics.log(state.step, samples)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step}; lower train.lr or use "
                                          "precision.mode=fp32 to find the cause")
-            if eval_examples and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            if evaluating:
                 with eval_weights(model, optimizer, ema):  # schedule-free's average / the EMA weights
                     final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
                                                      autocast, shard=shard), state.step
@@ -231,9 +238,16 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                    "peak_mem_gib": peak_memory_gib(device), "params": model_params(model),
+                   "trainable_params": trainable_params(model),
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
+
+
+def params_line(model: torch.nn.Module) -> str:
+    """The start-up line saying how many of the model's parameters train (few under PEFT)."""
+    total, trained = model_params(model), trainable_params(model)
+    return f"params: {trained:,} trainable of {total:,} ({100 * trained / max(total, 1):.3g}%)"
 
 
 def save_final(model, final_dir: Path, cfg: Config, *, base_model_path: str | Path | None) -> None:
@@ -417,7 +431,7 @@ def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocas
     model.train()
     total, units = all_reduce_sum([total, units], device=device)
     loss = total / max(units, 1)
-    # objective metrics not yet logged for training are folded into this evaluation's (rare: logging.every > 1)
+    # the loop logged the training steps' metrics before evaluating: these are the evaluation batches' only
     extra = {f"eval_{name}": value for name, value in objective.pop_metrics().items()}
     if not isinstance(objective, CausalLM):  # exp(a reward, DPO or GRPO loss) is no perplexity
         return {"eval_loss": loss, **extra}

@@ -73,6 +73,11 @@ def model_params(model: torch.nn.Module) -> int:
     return model.num_params() - stored + sum(m.shape.numel() for m in quantized)
 
 
+def trainable_params(model: torch.nn.Module) -> int:
+    """Parameters the optimizer updates: the adapters (and a reward head) under PEFT, else all of them."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
     """`model.flops_per_token`, counting quantized base weights too: they are multiplied like any other."""
     return model.flops_per_token(seq_len) + 6 * (model_params(model) - model.num_params())
@@ -120,6 +125,37 @@ class Throughput:
         return sum(step[column] for step in self.steps) / seconds
 
 
+class LogWindow:
+    """The training numbers of the steps since the last log line, so that a line's loss and grad norm cover the
+    same steps as the objective's own metrics (`pop_metrics`, averaged since its last call): their means over those
+    steps, and the sum of the units the loss was averaged over, as `trained_<units>` (tokens, pairs or
+    completions). The grad norms add up on the device: reading one waits for the GPU, so that happens once per log
+    line, not once per step."""
+
+    def __init__(self, units: str):
+        self.units_key = f"trained_{units}"
+        self._start()
+
+    def _start(self) -> None:
+        self.steps, self.loss_sum, self.units = 0, 0.0, 0
+        self.grad_norm_sum: torch.Tensor | None = None
+
+    def add(self, *, loss: float, grad_norm: torch.Tensor, units: int) -> None:
+        """One finished optimizer step: its loss (a mean over its `units`) and its grad norm (a device tensor)."""
+        norm = grad_norm.detach().float()
+        self.grad_norm_sum = norm if self.grad_norm_sum is None else self.grad_norm_sum + norm
+        self.steps += 1
+        self.loss_sum += loss
+        self.units += units
+
+    def pop(self) -> dict[str, float | int]:
+        """The window's numbers for the log (`loss`, `grad_norm`, `trained_<units>`); the next window starts."""
+        record = {"loss": self.loss_sum / self.steps, "grad_norm": float(self.grad_norm_sum) / self.steps,
+                  self.units_key: self.units}
+        self._start()
+        return record
+
+
 def _si(value: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
@@ -127,18 +163,19 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _with_eval(formats: dict[str, Callable[[Any], str]]) -> dict[str, tuple[str, Callable[[Any], str]]]:
+    """Each metric and its `eval_` counterpart, both shown under their metrics.jsonl name."""
+    return {name: (name, fmt) for key, fmt in formats.items() for name in (key, f"eval_{key}")}
+
+
 # The metrics shown on screen, in this order, as (label, format); every key still goes to the JSONL file.
 FORMATS: dict[str, tuple[str, Callable[[Any], str]]] = {
-    "loss": ("loss", lambda v: f"{v:.4f}"),
-    "eval_loss": ("eval_loss", lambda v: f"{v:.4f}"),
+    **_with_eval({"loss": lambda v: f"{v:.4f}"}),
     "eval_ppl": ("eval_ppl", lambda v: f"{v:.2f}"),
     # the objectives' own (optrush.objectives): reward model and DPO ranking, GRPO's reward and KL
-    "accuracy": ("acc", lambda v: f"{v:.3f}"),
-    "eval_accuracy": ("eval_acc", lambda v: f"{v:.3f}"),
-    "reward_gap": ("reward_gap", lambda v: f"{v:.3f}"),
-    "reward_margin": ("margin", lambda v: f"{v:.3f}"),
-    "reward": ("reward", lambda v: f"{v:.3f}"),
-    "kl": ("kl", lambda v: f"{v:.4f}"),
+    **_with_eval({"accuracy": lambda v: f"{v:.3f}", "reward_gap": lambda v: f"{v:.3f}",
+                  "reward_margin": lambda v: f"{v:.3f}", "reward": lambda v: f"{v:.3f}",
+                  "kl": lambda v: f"{v:.4f}"}),
     "lr": ("lr", lambda v: f"{v:.2e}"),
     "grad_norm": ("grad_norm", lambda v: f"{v:.3f}"),
     "tokens_per_s": ("tok/s", _si),

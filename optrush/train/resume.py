@@ -1,16 +1,18 @@
 """Resuming a run: which checkpoint, what may differ from the run that saved it, and what Ctrl-C leaves behind.
 
-    check_resume_path(cfg.checkpoint.resume)  # at start-up, before any data is read: a bad path fails in seconds
+    check_resume(cfg)     # at start-up, before any data is read: a bad path or a refused change fails in seconds
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)     # a fresh TrainState, or the restored one (checkpoint.resume)
     with report_interrupt(state, checkpoints, every=cfg.checkpoint.every):
         ...                                 # the training steps: Ctrl-C names the last step and checkpoint
 
 Checkpoints save the run's settings (`run_settings`). On resume, a setting that defines the trained weights or the
-optimizer state (the model, the optimizer, the adapters) must match, and is refused before anything loads; the
-model of `model.path` is compared by what its folder holds (`model_identity`), so a moved folder still resumes;
-optimizer hyper-parameters and the peak lr are restored with the optimizer's state, so a changed one is reported
-as not applied; a changed schedule or global batch is reported with what it does.
+optimizer state (the model, the optimizer, the adapters, whether the weights are bf16) must match, and so must the
+data loader's (`LOADER_KEYS`): each is refused at start-up, before any data is read, where the config alone decides
+it (`check_resume`), and the number of trainable parameters once the model is built; the model of `model.path` is
+compared by what its folder holds (`model_identity`), so a moved folder still resumes; optimizer hyper-parameters
+and the peak lr are restored with the optimizer's state, so a changed one is reported as not applied; a changed
+schedule, global batch, gradient clipping or matmul precision is reported with what it does.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ from pathlib import Path
 import torch
 
 from optrush.config import Config, ConfigError, PeftConfig
+from optrush.data.loader import SAVED_BEFORE
 from optrush.parallel.context import data_parallel_position
 from optrush.parallel.distributed import barrier, is_main
 from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, require_trainer_state, \
-    restore
+    restore, saved_run
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -87,9 +90,42 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     return state
 
 
+def check_resume(cfg: Config) -> None:
+    """Raise when checkpoint.resume names no resumable checkpoint, or one that this config cannot resume (a setting
+    that must match and is decided by the config alone differs). Cheap, so that a run can stop on it before any data
+    is read or any model is built."""
+    check_resume_path(cfg.checkpoint.resume)
+    path = resume_target(cfg)
+    if path is None:
+        return
+    saved, loader = saved_run(path)
+    refuse(path, incompatibilities(saved, config_settings(cfg)) + loader_mismatches(loader, cfg))
+
+
+def resume_target(cfg: Config) -> Path | None:
+    """The checkpoint this run resumes (as `maybe_resume` picks it), or None."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last).latest()
+    return Path(resume)
+
+
+def loader_mismatches(saved: dict, cfg: Config) -> list[str]:
+    """The data-loader settings that differ from those the checkpoint's data position was saved with."""
+    changes = []
+    for key, name in LOADER_KEYS.items():
+        section, field = key.split(".")
+        old, new = saved.get(name, SAVED_BEFORE.get(name)), getattr(getattr(cfg, section), field)
+        if old is not None and old != new:
+            changes.append(f"{key} differs from the checkpoint's ({old} -> {new}; the saved data position is only "
+                           "valid for the checkpoint's value)")
+    return changes
+
+
 def check_resume_path(resume: str) -> None:
-    """Raise when checkpoint.resume names a path (not auto or never) that is no resumable checkpoint. Cheap, so that
-    a run can stop on it before any data is read or any model is built."""
+    """Raise when checkpoint.resume names a path (not auto or never) that is no resumable checkpoint."""
     if resume in ("auto", "never"):
         return
     path = Path(resume)
@@ -114,6 +150,20 @@ NOT_APPLIED_KEYS = ("train.lr", *OPTIMIZER_KEYS)  # the lr: the scheduler's save
 MUST_MATCH_KEYS = ("model.preset", "trainable parameters", "optim.name", "peft.method", "peft.r", "peft.alpha",
                    "peft.rslora", "peft.target_modules", "peft.quantize", "peft.num_virtual_tokens")
 MODEL_KEYS = ("model.path", "model")
+# The data loader's settings (its saved state's names, by the config key that sets each) that the saved position is
+# only valid for: the position indexes the epoch's plan of micro-batches, which each of them changes. data.shuffle
+# too: continuing the epoch at that index in the other order would train some of its examples twice and skip
+# others, silently, so it is refused rather than reported.
+LOADER_KEYS = {"data.packing": "strategy", "train.micro_batch_size": "rows", "data.batch_tokens": "batch_tokens",
+               "data.max_length": "max_length", "train.seed": "seed", "data.shuffle": "shuffle"}
+# Settings read from the config at every step, so a change applies from the resumed step on (and is reported).
+APPLIED_KEYS = {"train.max_grad_norm": "gradients are clipped to the new norm from the resumed step on",
+                "precision.mode": "the matmuls run in the new precision from the resumed step on (the weights and "
+                                  "the optimizer state stay fp32)"}
+# The one mode with bf16 weights; the optimizer state is laid out for them (moments in bf16 unless optim.state_dtype
+# says otherwise, Kahan buffers, optrush's AdamW instead of torch's with optim.state_dtype=fp32), and a resume
+# converts none of that, so a change to or from it is refused.
+BF16_WEIGHTS = "bf16_pure"
 # bytes read at evenly spaced offsets of each weight file: a fine-tune of the same architecture has the same config
 # and file sizes, and differs in (nearly) every weight
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 4096
@@ -121,23 +171,29 @@ SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 4096
 
 def run_settings(cfg: Config, model: torch.nn.Module) -> dict:
     """What fixes a run's learning-rate schedule, its global batch (micro_batch_size x grad_accum x replicas), its
-    optimizer and the weights it trains; checkpoints save it so that a resume can say what changed."""
+    optimizer, the weights it trains and how; checkpoints save it so that a resume can say what changed."""
+    return {**config_settings(cfg), "data-parallel replicas": data_parallel_position(cfg.context.degree)[1],
+            # last, after the keys that say why: it catches what no key names, e.g. a preset sized to another
+            # tokenizer's vocabulary
+            "trainable parameters": sum(w.numel() for w in model.parameters() if w.requires_grad)}
+
+
+def config_settings(cfg: Config) -> dict:
+    """The settings of `run_settings` that the config alone decides (not those of the built model or of the
+    process group, which `train --nproc` checks before it starts one)."""
     t, o = cfg.train, cfg.optim
     return {"train.max_steps": t.max_steps, "train.lr": t.lr, "train.schedule": t.schedule,
             "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio,
             "train.decay_fraction": t.decay_fraction, "train.micro_batch_size": t.micro_batch_size,
-            "train.grad_accum": t.grad_accum,
-            "data-parallel replicas": data_parallel_position(cfg.context.degree)[1],
+            "train.grad_accum": t.grad_accum, "train.max_grad_norm": t.max_grad_norm,
+            "precision.mode": cfg.precision.mode,
             "optim.betas": list(o.betas), "optim.eps": o.eps, "optim.weight_decay": o.weight_decay,
             **({"optim.momentum": o.momentum, "optim.ns_steps": o.ns_steps} if o.name == "muon" else {}),
             # absolute: the same directory named from another working directory is the same model
             "model.path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
             "model": model_identity(cfg.model.path) if cfg.model.path else None,
             "model.preset": cfg.model.preset, "optim.name": o.name, "peft.method": cfg.peft.method,
-            **adapter_settings(cfg.peft),
-            # last, after the keys that say why: it catches what no key names, e.g. a preset sized to another
-            # tokenizer's vocabulary
-            "trainable parameters": sum(w.numel() for w in model.parameters() if w.requires_grad)}
+            **adapter_settings(cfg.peft)}
 
 
 def model_identity(path: str) -> dict:
@@ -174,10 +230,24 @@ def differing(saved: dict, current: dict) -> list[str]:
 
 def refuse_incompatible(saved: dict, current: dict, path: Path) -> None:
     """Raise before anything is loaded when the checkpoint holds other weights or another optimizer's state."""
+    refuse(path, incompatibilities(saved, current))
+
+
+def incompatibilities(saved: dict, current: dict) -> list[str]:
+    """Why the checkpoint's weights or optimizer state cannot be loaded with `current` settings, one entry a key."""
     changes = [f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
                for key in differing(saved, current) if key in MUST_MATCH_KEYS]
+    if "precision.mode" in differing(saved, current) and BF16_WEIGHTS in (saved["precision.mode"],
+                                                                          current["precision.mode"]):
+        changes.append(f"precision.mode differs from the checkpoint's ({saved['precision.mode']} -> "
+                       f"{current['precision.mode']}; {BF16_WEIGHTS} keeps bf16 weights and an optimizer state laid "
+                       "out for them, every other mode fp32 ones)")
     if model := another_model(saved, current):
         changes.insert(0, model)
+    return changes
+
+
+def refuse(path: Path, changes: list[str]) -> None:
     if changes:
         raise ConfigError(f"cannot resume {path}: {'; '.join(changes)}: resume with the same setting, or start fresh "
                           "(checkpoint.resume=never)")
@@ -223,6 +293,8 @@ def describe_changes(saved: dict, current: dict) -> str:
             effect = "not applied: the resumed optimizer keeps the checkpoint's value"
         elif key in SCHEDULE_KEYS:
             effect = "the learning-rate schedule changes shape from the resumed step on"
+        elif key in APPLIED_KEYS:
+            effect = APPLIED_KEYS[key]
         elif (before := global_batch(saved)) != (after := global_batch(current)):
             effect = f"the global batch changes from {before} to {after} rows per step"
         else:
