@@ -92,3 +92,13 @@ def test_lora_run_reports_its_trainable_parameters(debug_overrides, tmp_path, ca
     share = 100 * summary["trainable_params"] / summary["params"]
     assert (f"params: {summary['trainable_params']:,} trainable of {summary['params']:,} ({share:.3g}%)"
             in capsys.readouterr().out)
+
+
+def test_checkpoints_and_the_final_model_are_announced(debug_overrides, tmp_path, capsys):
+    """Saving printed nothing: a user could not tell when a checkpoint to resume from existed, nor where."""
+    out = tmp_path / "run"
+    train(load_config(None, [*debug_overrides, f"output_dir={out}", "train.max_steps=4", "checkpoint.every=2"]))
+    lines = capsys.readouterr().out.splitlines()
+    for step in (2, 4):
+        assert f"step {step}: checkpoint saved to {out / 'checkpoints' / f'step_{step:08d}'}" in lines
+    assert f"final model saved to {out / 'final'}" in lines

@@ -216,8 +216,9 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                                                      autocast, shard=shard), state.step
                 metrics.log(state.step, final_eval)
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, state=state,
-                                 extras=extras)
+                saved = checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                         state=state, extras=extras)
+                metrics.note(f"step {state.step}: checkpoint saved to {saved}")
 
         loader.close()  # stops its prefetch thread
         if eval_examples and eval_step != state.step:  # always end with an evaluation of the final weights
@@ -233,6 +234,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                 if is_main():
                     save_final(final, final_dir, cfg, base_model_path=base_model_path)
                     tokenizer.save_pretrained(final_dir)
+                    metrics.note(f"final model saved to {final_dir}")
             barrier()
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
                    "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,

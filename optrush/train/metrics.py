@@ -302,6 +302,15 @@ class MetricsLogger:
         else:
             self.progress.update(self.task, completed=step, stats=text)
 
+    def note(self, text: str) -> None:
+        """Print an event line (a checkpoint written, the final model saved), above the progress bar when shown."""
+        if not self.enabled:
+            return
+        if self.progress is None:
+            print(text, flush=True)  # not rich's console: it would wrap a long path at its 80-column default
+        else:
+            self.console.print(text, highlight=False, markup=False)
+
     def _remember(self, metrics: dict[str, Any]) -> None:
         if metrics.get("loss") is not None:
             self.losses.append(metrics["loss"])
