@@ -7,7 +7,9 @@
     optrush chat CKPT [sampling options]                           a chat on stdin/stdout (chat template)
     optrush average CKPT CKPT ... --out DIR                        arithmetic mean of the weights
     optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md] [data.on_error=skip ...]
-                                                                   perplexity + recipe metrics, markdown report
+                                                                   perplexity + sample metrics, markdown report
+    optrush eval CKPT --data PAIRS --format preference [--reference DIR] [dpo.beta=0.1 ...]
+                                                                   reward model / DPO policy metrics on pairs
 
 CKPT is an HF-format directory holding the tokenizer too (a run's final/ or step_N/ directory). Every command
 but average also takes `--adapter DIR [--base BASE]`: a LoRA/DoRA adapter in PEFT format loaded on top of a base
@@ -164,7 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ckpt, overrides = None, [ckpt, *overrides]
     report = evaluate(ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
                       samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      device=args.device, adapter=args.adapter, base=args.base, data_overrides=overrides)
+                      device=args.device, adapter=args.adapter, base=args.base, reference=args.reference,
+                      data_overrides=overrides)
     markdown = report_markdown(report)
     print(markdown)
     if args.out:
@@ -216,18 +219,29 @@ def add_commands(commands) -> None:
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(run=cmd_chat)
 
-    p = commands.add_parser("eval", help="perplexity on held-out data and recipe metrics of generated samples")
+    p = commands.add_parser("eval", help="perplexity on held-out data and metrics of generated samples; on "
+                                         "preference pairs, reward model or DPO policy metrics")
     _add_model_arguments(p)
     p.add_argument("--data", required=True, help="held-out JSONL file")
-    p.add_argument("--format", default="recipe", help="data.format of the file (default: recipe)")
-    p.add_argument("--max-length", type=int, default=2048, help="longer examples are truncated (default: 2048)")
-    p.add_argument("--samples", type=int, default=4, help="prompts of the file to generate from (default: 4)")
+    p.add_argument("--format", default="recipe",
+                   help="data.format of the file (default: recipe); preference: pairs, scored by a reward model or "
+                        "a causal LM (DPO metrics)")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="longer examples are truncated, longer pairs dropped and counted (default: 2048)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="prompts of the file to generate from (default: 4; format=text: the start of each "
+                        "document; preference data draws none)")
+    p.add_argument("--reference", default=None,
+                   help="--format preference: the DPO reference model directory (the model the DPO run started "
+                        "from; default: the run's model.path recorded in its summary.json)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="write the markdown report here (and a .json beside it)")
     p.add_argument("overrides", nargs="*", help="how the records are read, e.g. data.on_error=skip (count and skip "
-                                                "malformed rows) data.text_column=body")
+                                                "malformed rows) data.text_column=body; --format preference: "
+                                                "also dpo.loss, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma, "
+                                                "reward.margin (default: the run's own)")
     p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("average", help="average the weights of checkpoints of one run")

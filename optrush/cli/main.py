@@ -44,9 +44,13 @@ optrush generate CKPT --prompt TEXT --penalty-alpha A --top-k K
 optrush chat CKPT [sampling options] [--system TEXT]
                                               chat through the tokenizer's chat template, one stdin line a turn
 optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md] [data.on_error=skip ...]
-                                              perplexity on held-out data + recipe metrics of generated
-                                              samples (parses, ingredients used, repetition); markdown report;
+                                              perplexity on held-out data + metrics of generated samples
+                                              (repetition; recipes: parses, ingredients used); markdown report;
                                               data.* overrides say how records are read (on_error, columns)
+optrush eval CKPT --data PAIRS --format preference [--reference DIR] [dpo.beta=0.1 ...]
+                                              preference pairs: a reward model's ranking accuracy and reward
+                                              gap, or a causal LM's own log-prob accuracy and the DPO eval
+                                              metrics (reference: --reference, else the run's starting model)
 optrush generate|chat|eval [BASE] --adapter DIR [--base BASE] ...
                                               a LoRA/DoRA adapter (PEFT format) on top of its base model
                                               (base: --base, BASE, or the adapter's base_model_name_or_path)
@@ -113,13 +117,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from optrush.data.reader import read_records
     from optrush.data.tokenizer import load_tokenizer
+    from optrush.generate.load import resolve
     from optrush.objectives.reward import load_reward_model, score_texts
 
     records = list(read_records(args.data))
     for number, record in records:
         if not isinstance(record.get(args.column), str):
             raise ConfigError(f"{args.data}:{number}: no string column {args.column!r}; choose it with --column")
-    scores = score_texts(load_reward_model(args.ckpt), load_tokenizer(args.ckpt),
+    # a LoRA reward run's adapter keeps its tokenizer beside it (final/, a checkpoint), not in the base
+    model_dir, adapter_dir, tokenizer_dir = resolve(args.ckpt, adapter=None, base=None)
+    scores = score_texts(load_reward_model(adapter_dir or model_dir), load_tokenizer(tokenizer_dir),
                          [record[args.column] for _, record in records], batch_size=args.batch_size)
     for (number, _), score in zip(records, scores):
         print(json.dumps({"line": number, "score": round(score, 6)}))

@@ -2,6 +2,7 @@
 
     model = load_model("Llama-3.2-1B", dtype=torch.bfloat16, device="cuda")   # native Transformer
     model = build_model(get_preset("debug"), dtype=torch.float32, device="cpu", seed=0)
+    adopt_token_ids(model, tokenizer)           # config.json names the tokenizer's bos/eos/pad where it named none
     save_model(model, "out/final")              # transformers.AutoModelForCausalLM.from_pretrained loads it
     load_state_into(model, "out/final")         # copy weights into a live model (resume: optimizer keeps its refs)
 
@@ -10,6 +11,8 @@ and device, as that parameter: no second full copy of the weights ever exists. A
 the native model lacks but transformers knows loads as `HFCausalLM`, with a warning naming what is lost.
 A model whose LM head was replaced by a scalar reward head saves as a one-label `ForSequenceClassification`
 checkpoint (head `score.weight`); `load_model` refuses it (optrush.objectives.reward.load_reward_model reads it).
+A language model also gets generation_config.json with its bos/eos/pad ids, as transformers' save_pretrained
+writes it: what `GenerationConfig.from_pretrained` and serving engines read to stop at EOS.
 Saving writes into a temporary directory beside the target and renames it into place, so a crash never leaves a
 half-written model behind.
 """
@@ -36,6 +39,8 @@ from optrush.models.hf_wrapper import UNAVAILABLE, HFCausalLM
 from optrush.models.llama import ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,6 +115,13 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: to
         raise ValueError(f"{path / CONFIG_FILE}: {error}") from None
     with torch.device("meta"):
         model = Transformer(args)
+    return load_weights(model, path, dtype=dtype, device=device, quantize=quantize)
+
+
+def load_weights(model: Transformer, path: Path, *, dtype: torch.dtype, device: torch.device,
+                 quantize: str = "none") -> Transformer:
+    """Give `model`, built on the meta device, the weights of checkpoint `path`, one tensor at a time (`load_model`
+    after reading config.json; a reward model's loader puts its head on first)."""
     if quantize != "none":
         from optrush.peft.quant import QuantizedLinear, is_quantizable, quantize_weight  # optrush.peft imports io
     for name, tensor in _checked_tensors(path, model):
@@ -262,6 +274,19 @@ def _load_through_transformers(path: Path, reason: str, *, dtype: torch.dtype, d
 
 # ----------------------------------------------------------------------------------------------------- writing
 
+def adopt_token_ids(model: nn.Module, tokenizer) -> None:
+    """Give `model` the bos/eos/pad ids of `tokenizer` (the one it trains with) where its config has none (a
+    preset, or a checkpoint whose config.json recorded none), so that the config.json saved beside that tokenizer
+    names them: transformers' generate stops at an EOS only when the model's config names it. A model loaded
+    through transformers (HFCausalLM) keeps its own config."""
+    args = getattr(model, "args", None)
+    if args is None:
+        return
+    for key in TOKEN_ID_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(tokenizer, key))
+
+
 def has_reward_head(model: Transformer) -> bool:
     """The LM head was replaced by a scalar one (optrush.objectives.reward.apply_reward_head)."""
     return model.output.weight.shape[0] == 1 < model.args.vocab_size
@@ -288,6 +313,9 @@ def _save_native(model: Transformer, directory: Path, *, max_shard_bytes: int) -
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config = hf_config_from_args(model.args, dtype=model.tok_embeddings.weight.dtype, reward_head=reward_head)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    token_ids = {key: config[key] for key in TOKEN_ID_KEYS if config[key] is not None}
+    if not reward_head and token_ids:  # a sequence classifier does not generate
+        (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(token_ids, indent=2) + "\n")
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -307,8 +335,8 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[
 @contextmanager
 def _atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success move its contents to `path`. A new `path` appears
-    in one rename; an existing one gets each file replaced atomically (config.json last) and weight files of an
-    older save that this one does not overwrite removed."""
+    in one rename; an existing one gets each file replaced atomically (config.json last) and the weight files and
+    generation config of an older save that this one does not overwrite removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -323,7 +351,8 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
             os.replace(file, path / file.name)
         names = {f.name for f in written}
         for old in path.iterdir():
-            if old.name not in names and (old.suffix == ".safetensors" or old.name == INDEX_FILE):
+            if old.name not in names and (old.suffix == ".safetensors" or old.name in (INDEX_FILE,
+                                                                                        GENERATION_CONFIG_FILE)):
                 old.unlink()
         tmp.rmdir()
     finally:

@@ -15,23 +15,29 @@ Saved (optrush.models.io.save_model) as transformers' one-label `<Family>ForSequ
 `score.weight`, so `AutoModelForSequenceClassification.from_pretrained("runs/rm/final")` gives the same scores as
 `optrush score` on `[bos] + text + [eos]` rows, right-padded with the tokenizer's pad token (transformers reads the
 last token that is not `pad_token_id`; the pad token must differ from EOS, which `load_tokenizer` ensures).
-`load_reward_model` also reads the older layout (a causal-LM config whose lm_head is (1, dim)).
+`load_reward_model` also reads the older layout (a causal-LM config whose lm_head is (1, dim)), and the PEFT
+adapter of a LoRA/DoRA/QLoRA reward run: a SEQ_CLS adapter holding the trained head (optrush.peft.export), loaded
+over the base its adapter_config.json names.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from optrush.data.preference import PairBatch
 from optrush.objectives.dpo import pair_forward
-from optrush.models.hf import args_from_hf_config, from_hf_key
-from optrush.models.io import read_config, weight_files
+from optrush.models.hf import args_from_hf_config, is_reward_config
+from optrush.models.io import checkpoint_dtype, load_model, load_weights, read_config
 from optrush.models.llama import Transformer
+from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, holds_reward_head, \
+    load_adapter
+from optrush.peft.lora import merge_lora
+from optrush.peft.quant import QuantizedWeight
 
 
 def apply_reward_head(model: Transformer, *, pad_token_id: int | None = None) -> Transformer:
@@ -87,32 +93,58 @@ class RewardModel:
 
 
 def load_reward_model(path: str | Path, *, device: torch.device | str = "cpu") -> Transformer:
-    """A reward model saved by an `objective=reward` run (a ForSequenceClassification checkpoint, or the older
-    layout whose lm_head is (1, dim)), in fp32."""
+    """A reward model saved by an `objective=reward` run, in fp32: a ForSequenceClassification checkpoint (or the
+    older layout whose lm_head is (1, dim)), or the PEFT adapter of a run with LoRA/DoRA/QLoRA (an adapter
+    directory, or a final/ or checkpoint directory that holds only adapter/) over the base it names, merged into
+    it unless that base is quantized."""
     path = Path(path)
-    args = args_from_hf_config(read_config(path))
+    adapter = adapter_directory(path)
+    if adapter is None:
+        return load_reward_checkpoint(path, dtype=torch.float32, device=device).eval()
+    model = load_reward_adapter(adapter, dtype=torch.float32, device=device)
+    # a quantized base cannot take the adapters in (merge_lora refuses): it scores through them, as in training
+    quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
+    return (model if quantized else merge_lora(model)).eval()
+
+
+def load_reward_checkpoint(path: Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                           quantize: str = "none") -> Transformer:
+    """The reward model in checkpoint directory `path`; `dtype` defaults to the checkpoint's. `quantize` (nf4,
+    int8) as in `load_model`."""
+    cfg = read_config(path)
     with torch.device("meta"):
-        model = apply_reward_head(Transformer(args))
-    params = dict(model.named_parameters())
-    seen = set()
-    for file in weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = from_hf_key(key)
-                tensor = f.get_tensor(key)
-                if name not in params or tensor.shape != params[name].shape:
-                    raise ValueError(f"{file}: tensor {key!r} {tuple(tensor.shape)} does not fit a reward model "
-                                     f"of {path / 'config.json'}; is this the final/ directory of an "
-                                     "objective=reward run?")
-                module_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(module_name), leaf,
-                        nn.Parameter(tensor.to(device=device, dtype=torch.float32, copy=True)))
-                seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {missing[:4]}; is it a reward model checkpoint?")
-    model.init_rope(device)
-    return model.eval()
+        model = apply_reward_head(Transformer(args_from_hf_config(cfg)))
+    try:
+        return load_weights(model, path, dtype=dtype or checkpoint_dtype(cfg, path), device=torch.device(device),
+                            quantize=quantize)
+    except ValueError as error:
+        raise ValueError(f"{error}; is {path} the final/ directory of an objective=reward run?") from None
+
+
+def load_reward_adapter(adapter: Path, *, base: str | Path | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> Transformer:
+    """The base of reward adapter directory `adapter` (`base`, else the one its config names), quantized as
+    `base_quantization` says, with the adapter and its trained head applied (not merged). A base that is a
+    language model gets a reward head first, which the adapter's replaces; `dtype` defaults to the base
+    checkpoint's."""
+    config_file = adapter / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text())
+    if not holds_reward_head(config):
+        raise ValueError(f"{config_file}: this adapter holds no reward head (task_type {config.get('task_type')}, "
+                         f"modules_to_save {config.get('modules_to_save')}): it adapts a language model, or an "
+                         "optrush that left the head out of reward adapters wrote it (that head never trained); "
+                         "train the reward model again")
+    base = base or config.get("base_model_name_or_path")
+    if base is None:
+        raise ValueError(f"{config_file} names no base model: pass its base model directory (optrush export "
+                         "--base DIR)")
+    base = Path(base)
+    quantize = base_quantization(adapter, base)
+    if is_reward_config(read_config(base)):  # a preset run's base/, saved with its initial head
+        model = load_reward_checkpoint(base, dtype=dtype, device=device, quantize=quantize)
+    else:
+        model = apply_reward_head(load_model(base, dtype=dtype, device=device, quantize=quantize))
+    return load_adapter(model, adapter)
 
 
 @torch.no_grad()

@@ -9,8 +9,11 @@
 The adapter uses PEFT's layout, so `peft.PeftModel.from_pretrained(transformers_model, "out/adapter")` gives the
 same logits as our adapted model: keys `base_model.model.<HF module>.lora_A.weight` / `.lora_B.weight` and, for
 DoRA, `.lora_magnitude_vector`; a prompt-tuned model (optrush.peft.prompt) writes a PROMPT_TUNING config and
-`prompt_embeddings`. Over a quantized base (QLoRA) the adapter is the same; the merged export dequantizes every
-block weight to its original dtype (the one it was loaded in) and folds the adapters into that.
+`prompt_embeddings`. A reward model's adapter (objective=reward) is a SEQ_CLS adapter that also holds the trained
+scalar head, as PEFT writes `modules_to_save=["score"]`: key `base_model.model.score.weight`, so
+`PeftModel.from_pretrained(<Family>ForSequenceClassification, "out/adapter")` scores as our model does. Over a
+quantized base (QLoRA) the adapter is the same; the merged export dequantizes every block weight to its original
+dtype (the one it was loaded in) and folds the adapters into that.
 
 An adapter names its base model by absolute path (`base_model_name_or_path`), so it loads from any working
 directory. A run that starts from `model.preset` has no base directory: the loop writes the random initial base
@@ -34,9 +37,9 @@ from torch import nn
 
 from optrush.config import ConfigError
 from optrush.config.schema import PeftConfig
-from optrush.models.hf import hf_config_from_args, to_hf_key
-from optrush.models.io import has_reward_head, save_model, write_model
-from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers
+from optrush.models.hf import REWARD_HEAD_KEY, hf_config_from_args, to_hf_key
+from optrush.models.io import TOKEN_ID_KEYS, has_reward_head, save_model, write_model
+from optrush.peft.lora import OURS_TO_HF, apply_lora, has_lora, lora_layers, trains_reward_head
 from optrush.peft.prompt import PromptEmbedding, add_prompt, prompt_embedding
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight
 
@@ -46,6 +49,8 @@ PREFIX = "base_model.model."
 # our LoRALinear tensor name -> PEFT's suffix
 _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 PROMPT_KEY = "prompt_embeddings"
+REWARD_HEAD_MODULE = "score"
+"""The HF module of a reward model's head: what a reward adapter lists in `modules_to_save`."""
 QUANTIZATION_FILE = "base_quantization.json"
 PRESET_BASE_FILE = "preset_base.json"
 """In a preset run's base/: what drew its random weights (`preset_base_fingerprint`)."""
@@ -78,6 +83,8 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         for ours, suffix in _SUFFIX.items():
             if getattr(layer, ours) is not None:
                 params[f"{PREFIX}{hf_module}.{suffix}"] = getattr(layer, ours)
+    if trains_reward_head(model):  # PEFT stores a module to save under its own name, without `modules_to_save.`
+        params[PREFIX + REWARD_HEAD_KEY] = model.output.weight
     return params
 
 
@@ -100,11 +107,19 @@ def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> d
         raise ValueError("the model has no LoRA adapters to export (apply_lora first, or set peft.method)")
     first = layers[0]
     targets = sorted({OURS_TO_HF[name.rpartition(".")[2]] for name in lora_layers(model)})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+    reward = trains_reward_head(model)
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
+            "base_model_name_or_path": base_model_path,
             "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p,
             "target_modules": targets, "use_rslora": first.rslora, "use_dora": first.lora_magnitude is not None,
-            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
-            "inference_mode": True}
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": [REWARD_HEAD_MODULE] if reward else None,
+            "init_lora_weights": True, "inference_mode": True}
+
+
+def holds_reward_head(config: dict) -> bool:
+    """The adapter config (a dict read from ADAPTER_CONFIG) describes a reward model's adapter: it carries the
+    trained head."""
+    return REWARD_HEAD_MODULE in (config.get("modules_to_save") or ())
 
 
 def absolute(base_model_path: str | Path | None) -> str | None:
@@ -141,12 +156,13 @@ def save_merged(model: nn.Module, path: str | Path) -> Path:
 
 def preset_base_fingerprint(model: nn.Module, *, preset: str, seed: int, quantize: str) -> dict:
     """What makes the random base under `model`'s adapters: the settings that drew it (build_model's init is
-    reproducible from the seed) and the config.json it saves as (architecture, vocabulary, dtype, head). Cheap
-    for a sharded model too: it reads no weight."""
+    reproducible from the seed) and the config.json it saves as (architecture, vocabulary, dtype, head), less the
+    special-token ids, which draw no weight (a base/ saved before they were recorded still fits). Cheap for a
+    sharded model too: it reads no weight."""
     config = hf_config_from_args(model.args, dtype=model.tok_embeddings.weight.dtype,
                                  reward_head=has_reward_head(model))
     fingerprint = {"model.preset": preset, "train.seed": seed, "peft.quantize": quantize,
-                   **{f"config.json {key}": value for key, value in config.items()}}
+                   **{f"config.json {key}": value for key, value in config.items() if key not in TOKEN_ID_KEYS}}
     return json.loads(json.dumps(fingerprint))  # as read back from the file: lists for tuples
 
 
@@ -221,6 +237,16 @@ def plain_layers(model: nn.Module, *, merge: bool) -> Iterator[None]:
             _set(model, name, layer)
 
 
+def base_quantization(adapter: Path, base: Path) -> str:
+    """How to load base model directory `base` (none, nf4, int8) so that it is the base adapter directory `adapter`
+    trained over: quantized as in training, except a preset run's base/, which already holds the trained-over
+    weights dequantized (quantizing them again would change the double-quantized block scales)."""
+    file = adapter / QUANTIZATION_FILE
+    if not file.is_file() or (base / PRESET_BASE_FILE).is_file():
+        return "none"
+    return json.loads(file.read_text())["quantize"]
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the LoRA or soft prompt described by PEFT adapter directory `path` to `model`, load its weights."""
     path = Path(path)
@@ -237,6 +263,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     peft = PeftConfig(method="dora" if c.get("use_dora") else "lora", r=c["r"], alpha=c["lora_alpha"],
                       dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")),
                       target_modules="all-linear" if targets == "all-linear" else list(targets))
+    if holds_reward_head(c) and not trains_reward_head(model):
+        raise ValueError(f"{config_file}: a reward model's adapter (modules_to_save {c['modules_to_save']}), and "
+                         "this model has a language-model head: score texts with `optrush score "
+                         f"{path}`, or load it with optrush.objectives.reward.load_reward_model")
     apply_lora(model, peft)
     return load_adapter_weights(model, path)
 
@@ -248,6 +278,10 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> nn.Module:
     targets = adapter_params(model)
     saved = load_file(str(path / ADAPTER_WEIGHTS))
     missing, unexpected = set(targets) - set(saved), set(saved) - set(targets)
+    if PREFIX + REWARD_HEAD_KEY in missing:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} holds no reward head ({PREFIX + REWARD_HEAD_KEY}): it adapts a "
+                         "language model, or was written by an optrush that left the reward head out of the "
+                         "adapter (untrained); train the reward model again")
     if missing or unexpected:
         raise ValueError(f"{path / ADAPTER_WEIGHTS} does not match this model's adapters (missing "
                          f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}): check peft.* and the model")
@@ -264,7 +298,7 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
     """`optrush export`: the adapter of `ckpt` (a LoRA checkpoint or final/ directory holding `adapter/`, or an
     adapter directory) written to `out` as a merged HF model (`merge=True`, tokenizer copied when found) or as a
     PEFT adapter. The base model is `base`, else the adapter config's `base_model_name_or_path`; a QLoRA adapter's
-    base is quantized as in training and dequantized for the merge."""
+    base is quantized as in training (`base_quantization`) and dequantized for the merge."""
     from optrush.models.io import load_model
 
     ckpt, out = Path(ckpt), Path(out)
@@ -285,9 +319,12 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
         (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": absolute(base)},
                                                      indent=2) + "\n")
         return out
-    quantization = adapter / QUANTIZATION_FILE
-    quantize = json.loads(quantization.read_text())["quantize"] if quantization.is_file() else "none"
-    model = load_adapter(load_model(base, quantize=quantize), adapter)
+    if holds_reward_head(json.loads((adapter / ADAPTER_CONFIG).read_text())):
+        from optrush.objectives.reward import load_reward_adapter  # the objectives import this package
+
+        model = load_reward_adapter(adapter, base=base)
+    else:
+        model = load_adapter(load_model(base, quantize=base_quantization(adapter, Path(base))), adapter)
     save_merged(model, out)
     source = next((d for d in (ckpt, Path(base)) if (d / "tokenizer.json").is_file()), None)
     for name in TOKENIZER_FILES if source else ():

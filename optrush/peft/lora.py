@@ -10,7 +10,9 @@ Kaiming-uniform as in PEFT) and `lora_B` (out x r, zeros), so the model computes
 training starts. Output: `x W^T + b + s * dropout(x) A^T B^T` with `s = alpha / r` (LoRA, arXiv:2106.09685) or
 `alpha / sqrt(r)` (rsLoRA, arXiv:2312.03732). DoRA (arXiv:2402.09353) adds a magnitude vector `m` (one per output
 feature, initialised to the row norms of W) and rescales: `y = m / ||W + s B A||_row * (x W^T + s dropout(x) A^T
-B^T) + b`, the norm detached from the graph as the paper's section 4.3 and PEFT do. Every other parameter is frozen.
+B^T) + b`, the norm detached from the graph as the paper's section 4.3 and PEFT do. Every other parameter is frozen,
+except a reward model's scalar head (optrush.objectives.reward): it starts random, so it trains in full beside the
+adapters and is saved with them, as PEFT's `modules_to_save=["score"]` does for a SEQ_CLS model.
 Names follow PEFT's semantics so `optrush.peft.export` can write adapters `peft.PeftModel` loads.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import nn
 
 from optrush.config.schema import PeftConfig
 from optrush.models import layers
+from optrush.models.io import has_reward_head
+from optrush.models.llama import Transformer
 from optrush.peft.quant import QuantizedLinear, QuantizedWeight, linear
 
 # HF module names (what PEFT's target_modules use) -> the attribute names of our blocks
@@ -162,12 +166,14 @@ def target_names(targets: str | list[str]) -> set[str]:
 
 
 def apply_lora(model: nn.Module, cfg) -> nn.Module:
-    """Freeze `model` and wrap its targeted linear layers in `LoRALinear`, in place. `cfg` is a `Config` (the
-    transform signature) or a `PeftConfig`."""
+    """Freeze `model` (all but a reward head) and wrap its targeted linear layers in `LoRALinear`, in place. `cfg`
+    is a `Config` (the transform signature) or a `PeftConfig`."""
     p: PeftConfig = cfg if isinstance(cfg, PeftConfig) else cfg.peft
     wanted = target_names(p.target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
+    if trains_reward_head(model):
+        model.output.weight.requires_grad_(True)
     replaced = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -181,6 +187,11 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
         if getattr(module, "project", None) is layers.project:
             module.project = project_shared_input
     return model
+
+
+def trains_reward_head(model: nn.Module) -> bool:
+    """The model scores sequences with a scalar head (apply_reward_head), which adapters alone cannot train."""
+    return isinstance(model, Transformer) and has_reward_head(model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -222,15 +233,16 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def lora_param_groups(model: nn.Module, *, weight_decay: float, lora_plus_ratio: float) -> list[dict]:
-    """Optimizer groups for an adapted model: A matrices, B matrices (learning rate x `lora_plus_ratio`, LoRA+,
-    arXiv:2402.12354) and the rest (DoRA magnitudes, undecayed). Each group carries `lr_scale`, which
-    `optrush.optim.optimizer` multiplies into the base learning rate."""
+    """Optimizer groups for an adapted model: A matrices (with a reward head, which trains in full and is decayed
+    as full fine-tuning decays it), B matrices (learning rate x `lora_plus_ratio`, LoRA+, arXiv:2402.12354) and
+    the rest (DoRA magnitudes, undecayed). Each group carries `lr_scale`, which `optrush.optim.optimizer`
+    multiplies into the base learning rate."""
     a, b, other = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         leaf = name.rpartition(".")[2]
-        (a if leaf == "lora_A" else b if leaf == "lora_B" else other).append(param)
+        (b if leaf == "lora_B" else a if leaf == "lora_A" or param.ndim >= 2 else other).append(param)
     groups = [{"params": a, "weight_decay": weight_decay, "lr_scale": 1.0},
               {"params": b, "weight_decay": weight_decay, "lr_scale": lora_plus_ratio},
               {"params": other, "weight_decay": 0.0, "lr_scale": 1.0}]

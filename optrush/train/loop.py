@@ -31,7 +31,7 @@ from optrush.config import Config, ConfigError, to_dict
 from optrush.data.dataset import build_datasets
 from optrush.data.loader import BatchLoader
 from optrush.data.tokenizer import load_tokenizer
-from optrush.models.io import build_model, load_model, save_model
+from optrush.models.io import adopt_token_ids, build_model, load_model, save_model
 from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
 from optrush.objectives import PAIRWISE, UNITS, build_objective
@@ -118,6 +118,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
         print(data_report.format(), flush=True)
 
     model = build(cfg, vocab_size=len(tokenizer), device=device)
+    adopt_token_ids(model, tokenizer)  # config.json names the tokenizer's bos/eos/pad (a preset knows none)
     objective = starting_objective(cfg, model, tokenizer, train_examples, eval_examples)
     # sharding leaves no plain model to save (final/, a preset's base/): keep its structure (on the meta device, no
     # memory), before ring attention binds the model to a process group (which cannot be copied)
