@@ -47,7 +47,7 @@ from optrush.data.pack import collate, plan_batches
 # (not rank and world_size: a position converts between world sizes, see load_state_dict)
 # (each with what sets it, for the error message)
 MUST_MATCH = {"strategy": "data.packing", "rows": "train.micro_batch_size", "batch_tokens": "data.batch_tokens",
-              "max_length": "data.max_length", "seed": "train.seed", "shuffle": "shuffling",
+              "max_length": "data.max_length", "seed": "train.seed", "shuffle": "data.shuffle",
               "num_examples": "the number of training examples",
               "lengths_crc32": "the training examples' token lengths"}
 SAVED_BEFORE = {"batch_tokens": 0}
@@ -67,7 +67,7 @@ class BatchLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch = prefetch
         self._worker: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
-        self.lengths = lengths_of(examples)
+        self.lengths = self.item_lengths(examples)
         self.epoch, self.batch_index = 0, 0
         self.plan = self.plan_epoch(0)
         if not self.plan:
@@ -75,6 +75,10 @@ class BatchLoader:
                     else f"{rows} rows (train.micro_batch_size)")
             raise ValueError(f"{len(examples)} examples make fewer than world_size={world_size} micro-batches of "
                              f"{size}: use more data, smaller micro-batches or fewer ranks")
+
+    def item_lengths(self, examples) -> np.ndarray:
+        """The positions each item takes in a row, what the epochs are planned by."""
+        return lengths_of(examples)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -408,13 +408,11 @@ class PairLoader(BatchLoader):
     """`BatchLoader` (same planning, resumable state and rank sharding) over pairs, yielding `PairBatch`es."""
 
     def __init__(self, pairs: list[PreferencePair], *, shared_prompt: bool = False, **settings):
-        self.shared_prompt = shared_prompt  # read by plan_epoch, which the base __init__ calls
+        self.shared_prompt = shared_prompt  # read by item_lengths, which the base __init__ calls
         super().__init__(pairs, **{**settings, "pin_memory": False})
 
-    def plan_epoch(self, epoch: int) -> list[list[list[int]]]:
-        # plan by the positions a pair really takes (the base class measured len(pair): the prompt twice)
-        self.lengths = pair_lengths(self.examples, shared_prompt=self.shared_prompt)
-        return super().plan_epoch(epoch)
+    def item_lengths(self, pairs) -> np.ndarray:
+        return pair_lengths(pairs, shared_prompt=self.shared_prompt)  # with shared_prompt, the prompt once
 
     def __next__(self) -> PairBatch:
         if self.batch_index == len(self.plan):

@@ -284,7 +284,7 @@ def evaluate_pairs(ckpt: str | Path | None, *, data: str | Path, max_length: int
               "settings_from": str(run[0] / "summary.json") if recorded else None,
               "settings_given": [item for item in data_overrides if parse_override(item)[0] in PAIR_KEYS]}
     if objective == "reward":
-        return {**report, **reward_metrics(adapter_dir or model_dir, pairs, cfg=cfg, pad_id=tokenizer.pad_token_id,
+        return {**report, **reward_metrics(model_dir, adapter_dir, pairs, cfg=cfg, pad_id=tokenizer.pad_token_id,
                                            device=device)}
     model = load_for_generation(ckpt, adapter=adapter, base=base, device=device)[0]
     return {**report, **policy_metrics(model, pairs, cfg=cfg, pad_id=tokenizer.pad_token_id, device=device,
@@ -327,13 +327,15 @@ def per_sequence(score, model: nn.Module, pairs: list, *, cfg, pad_id: int, devi
     return table
 
 
-def reward_metrics(model_dir: Path, pairs: list, *, cfg, pad_id: int, device: str) -> dict:
-    """The reward model of `model_dir` (a checkpoint, or a LoRA reward run's adapter) on the pairs: its ranking
+def reward_metrics(model_dir: Path, adapter_dir: Path | None, pairs: list, *, cfg, pad_id: int, device: str) -> dict:
+    """The reward model of `model_dir` (a checkpoint, or the base of a LoRA reward run's `adapter_dir`) on the
+    pairs: its ranking
     accuracy (score(chosen) > score(rejected)), mean reward gap and Bradley-Terry loss (with reward.margin), the
     eval metrics training logs for objective=reward."""
     from optrush.objectives.reward import load_reward_model, sequence_rewards
 
-    model = load_reward_model(model_dir, device=device)
+    model = load_reward_model(model_dir, device=device) if adapter_dir is None else \
+        load_reward_model(adapter_dir, base=model_dir, device=device)
     rewards = per_sequence(sequence_rewards, model, pairs, cfg=cfg, pad_id=pad_id, device=device)
     gap = rewards[:, 0] - rewards[:, 1]
     return {"model": "reward", "reward_margin_setting": cfg.reward.margin,
@@ -354,8 +356,8 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
         return sequence_logps(m, batch)[0]
 
     logps = per_sequence(completion_logps, model, pairs, cfg=cfg, pad_id=pad_id, device=device)
-    tokens = torch.tensor([[sum(label != IGNORE_INDEX for label in side.labels) for side in (p.chosen, p.rejected)]
-                           for p in pairs], dtype=torch.float32)  # pairs[i].index == i, as in `per_sequence`
+    tokens = torch.tensor([[p.chosen.num_trained, p.rejected.num_trained] for p in pairs],
+                          dtype=torch.float32)  # pairs[i].index == i, as in `per_sequence`
     per_token = logps / tokens
     d = cfg.dpo
     report = {"model": "policy", "logp_accuracy": float((logps[:, 0] > logps[:, 1]).float().mean()),

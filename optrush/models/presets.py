@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 
+from optrush.config.load import did_you_mean
 from optrush.models.llama import ModelArgs
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -60,9 +60,8 @@ PRESETS: dict[str, ModelArgs] = {
 def get_preset(name: str, **overrides) -> ModelArgs:
     """A copy of preset `name` with `overrides` (ModelArgs field names) applied."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}.{did_you_mean(name, PRESETS)} Valid presets: "
+                         f"{', '.join(PRESETS)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelArgs)}
     if unknown:
         raise TypeError(f"unknown ModelArgs field(s) {', '.join(sorted(unknown))} in overrides of preset {name!r}")

@@ -92,16 +92,17 @@ class RewardModel:
         pass
 
 
-def load_reward_model(path: str | Path, *, device: torch.device | str = "cpu") -> Transformer:
+def load_reward_model(path: str | Path, *, base: str | Path | None = None,
+                      device: torch.device | str = "cpu") -> Transformer:
     """A reward model saved by an `objective=reward` run, in fp32: a ForSequenceClassification checkpoint (or the
     older layout whose lm_head is (1, dim)), or the PEFT adapter of a run with LoRA/DoRA/QLoRA (an adapter
     directory, or a final/ or checkpoint directory that holds only adapter/) over the base it names, merged into
-    it unless that base is quantized."""
+    it unless that base is quantized (`base` replaces the base the adapter names)."""
     path = Path(path)
     adapter = adapter_directory(path)
     if adapter is None:
         return load_reward_checkpoint(path, dtype=torch.float32, device=device).eval()
-    model = load_reward_adapter(adapter, dtype=torch.float32, device=device)
+    model = load_reward_adapter(adapter, base=base, dtype=torch.float32, device=device)
     # a quantized base cannot take the adapters in (merge_lora refuses): it scores through them, as in training
     quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
     return (model if quantized else merge_lora(model)).eval()

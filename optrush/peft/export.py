@@ -306,7 +306,8 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{ckpt}: no {ADAPTER_CONFIG} here or in {ckpt / 'adapter'}; give a checkpoint or final/ "
                           "directory of a run trained with peft.method=lora or dora")
-    base = base or json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    base = base or config.get("base_model_name_or_path")
     if base is None:
         raise ConfigError(f"{adapter / ADAPTER_CONFIG} names no base model (the run started from model.preset): "
                           "pass --base with the base model directory")
@@ -315,11 +316,10 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
         shutil.copy2(adapter / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
         if (adapter / QUANTIZATION_FILE).is_file():
             shutil.copy2(adapter / QUANTIZATION_FILE, out / QUANTIZATION_FILE)
-        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
         (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": absolute(base)},
                                                      indent=2) + "\n")
         return out
-    if holds_reward_head(json.loads((adapter / ADAPTER_CONFIG).read_text())):
+    if holds_reward_head(config):
         from optrush.objectives.reward import load_reward_adapter  # the objectives import this package
 
         model = load_reward_adapter(adapter, base=base)

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from optrush.config import Config, ConfigError, PeftConfig
-from optrush.data.loader import SAVED_BEFORE
+from optrush.data.loader import MUST_MATCH, SAVED_BEFORE
 from optrush.parallel.context import data_parallel_position
 from optrush.parallel.distributed import barrier, is_main
 from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, require_trainer_state, \
     restore, saved_run
+from optrush.train.metrics import trainable_params
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -62,7 +63,7 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
             print(f"removed an incomplete checkpoint left by an interrupted save: {partial}", flush=True)
     barrier()
     settings = run_settings(cfg, live["model"])
-    path = None if resume == "never" else checkpoints.latest() if resume == "auto" else Path(resume)
+    path = resume_target(resume, checkpoints)
     if path is None:
         return TrainState(settings=settings)
     saved = load_trainer_state(path)
@@ -95,21 +96,19 @@ def check_resume(cfg: Config) -> None:
     that must match and is decided by the config alone differs). Cheap, so that a run can stop on it before any data
     is read or any model is built."""
     check_resume_path(cfg.checkpoint.resume)
-    path = resume_target(cfg)
+    path = resume_target(cfg.checkpoint.resume, CheckpointManager(Path(cfg.output_dir) / "checkpoints",
+                                                                  keep_last=cfg.checkpoint.keep_last))
     if path is None:
         return
     saved, loader = saved_run(path)
     refuse(path, incompatibilities(saved, config_settings(cfg)) + loader_mismatches(loader, cfg))
 
 
-def resume_target(cfg: Config) -> Path | None:
-    """The checkpoint this run resumes (as `maybe_resume` picks it), or None."""
-    resume = cfg.checkpoint.resume
+def resume_target(resume: str, checkpoints: CheckpointManager) -> Path | None:
+    """The checkpoint that checkpoint.resume=`resume` names (auto: the newest of `checkpoints`), or None."""
     if resume == "never":
         return None
-    if resume == "auto":
-        return CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last).latest()
-    return Path(resume)
+    return checkpoints.latest() if resume == "auto" else Path(resume)
 
 
 def loader_mismatches(saved: dict, cfg: Config) -> list[str]:
@@ -154,8 +153,7 @@ MODEL_KEYS = ("model.path", "model")
 # only valid for: the position indexes the epoch's plan of micro-batches, which each of them changes. data.shuffle
 # too: continuing the epoch at that index in the other order would train some of its examples twice and skip
 # others, silently, so it is refused rather than reported.
-LOADER_KEYS = {"data.packing": "strategy", "train.micro_batch_size": "rows", "data.batch_tokens": "batch_tokens",
-               "data.max_length": "max_length", "train.seed": "seed", "data.shuffle": "shuffle"}
+LOADER_KEYS = {source: name for name, source in MUST_MATCH.items() if source.startswith(("data.", "train."))}
 # Settings read from the config at every step, so a change applies from the resumed step on (and is reported).
 APPLIED_KEYS = {"train.max_grad_norm": "gradients are clipped to the new norm from the resumed step on",
                 "precision.mode": "the matmuls run in the new precision from the resumed step on (the weights and "
@@ -175,7 +173,7 @@ def run_settings(cfg: Config, model: torch.nn.Module) -> dict:
     return {**config_settings(cfg), "data-parallel replicas": data_parallel_position(cfg.context.degree)[1],
             # last, after the keys that say why: it catches what no key names, e.g. a preset sized to another
             # tokenizer's vocabulary
-            "trainable parameters": sum(w.numel() for w in model.parameters() if w.requires_grad)}
+            "trainable parameters": trainable_params(model)}
 
 
 def config_settings(cfg: Config) -> dict:
