@@ -117,3 +117,31 @@ def test_sample_during_training(ckpt, debug_overrides):
     assert {"sample_repetition", "sample_parses", "sample_ingredient_use"} <= set(logged)
     with pytest.raises(ConfigError, match="train.sample_prompts"):
         load_config(None, [*debug_overrides, "train.sample_every=2"])
+
+
+def test_a_qlora_adapter_generates_over_its_base_quantized_as_in_training(tokenizer_dir, tmp_path):
+    """Loaded over the unquantized base, the adapter ran on other weights than it trained on."""
+    import torch
+
+    from optrush.config.schema import PeftConfig
+    from optrush.data.tokenizer import load_tokenizer
+    from optrush.generate.load import load_for_generation
+    from optrush.models.io import build_model, load_model, save_model
+    from optrush.models.presets import get_preset
+    from optrush.peft import apply_lora, save_adapter
+
+    tok = load_tokenizer(tokenizer_dir)
+    save_model(build_model(get_preset("debug", vocab_size=len(tok)), seed=0), tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    trained = load_model(tmp_path / "base", quantize="nf4")
+    torch.manual_seed(0)
+    apply_lora(trained, PeftConfig(method="lora", r=4, alpha=8, quantize="nf4"))
+    with torch.no_grad():  # as if trained: B is zero at the start
+        for name, weight in trained.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    save_adapter(trained, tmp_path / "adapter", base_model_path=tmp_path / "base")
+    tokens = torch.tensor([tok("Recipe: Toast", add_special_tokens=False)["input_ids"]])
+    loaded, _ = load_for_generation(adapter=tmp_path / "adapter", base=tmp_path / "base")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), trained.eval()(tokens), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from optrush.config import ConfigError
-from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, load_adapter
+from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, load_adapter
 from optrush.peft.lora import merge_lora
 
 
@@ -58,12 +58,17 @@ def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
 
 def load_for_generation(ckpt: str | Path | None = None, *, adapter: str | Path | None = None,
                         base: str | Path | None = None, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode with any adapter merged in, tokenizer)."""
+    """(model in eval mode with any adapter merged in, tokenizer). A QLoRA adapter's base is quantized as in
+    training (`base_quantization`): the model generates through the unmerged adapters, as it trained (folding them
+    into quantized weights would lose them; into the unquantized base would not be the model that trained)."""
     from optrush.data.tokenizer import load_tokenizer
     from optrush.models.io import load_model
 
     model_dir, adapter_dir, tokenizer_dir = resolve(ckpt, adapter=adapter, base=base)
-    model = load_model(model_dir, device=device)
+    quantize = "none" if adapter_dir is None else base_quantization(adapter_dir, model_dir)
+    model = load_model(model_dir, device=device, quantize=quantize)
     if adapter_dir is not None:
-        merge_lora(load_adapter(model, adapter_dir))
+        load_adapter(model, adapter_dir)
+        if quantize == "none":
+            merge_lora(model)
     return model.eval(), load_tokenizer(tokenizer_dir)
