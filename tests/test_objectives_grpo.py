@@ -118,13 +118,15 @@ def test_resume_mid_generation_equals_uninterrupted(toy, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
 
 
-def test_grpo_trains_end_to_end_on_cpu(debug_overrides):
+def test_grpo_trains_end_to_end_on_cpu(debug_overrides, capsys):
     from optrush.train import train
 
     cfg = load_config(None, [*debug_overrides, "objective=grpo", "data.packing=none", "grpo.group_size=2",
                              "grpo.max_new_tokens=4", "train.max_steps=2", "train.lr=1e-3"])
     summary = train(cfg)
     assert summary["steps"] == 2 and all(math.isfinite(loss) for loss in summary["losses"])
+    # the data report's "trained" share counts the data's completions, which GRPO replaces with its samples
+    assert "objective=grpo uses the prompts only: it samples grpo.group_size=2 completions" in capsys.readouterr().out
 
 
 def test_grpo_with_lora_disabled_reference_and_reused_rollouts_trains(debug_overrides):

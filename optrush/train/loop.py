@@ -116,6 +116,9 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     train_examples, eval_examples, data_report = read_data(cfg, tokenizer)
     if is_main():
         print(data_report.format(), flush=True)
+        if cfg.objective == "grpo":
+            print(f"  objective=grpo uses the prompts only: it samples grpo.group_size={cfg.grpo.group_size} "
+                  "completions of each and trains on those, not on the data's completions", flush=True)
 
     model = build(cfg, vocab_size=len(tokenizer), device=device)
     adopt_token_ids(model, tokenizer)  # config.json names the tokenizer's bos/eos/pad (a preset knows none)
