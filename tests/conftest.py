@@ -41,6 +41,19 @@ def tokenizer_dir(recipe_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_pairs_file(recipe_corpus, tmp_path_factory):
+    """A preference JSONL of 40 recipe pairs cut short (two ingredients, two steps), so several fit a 256-token row."""
+    from optrush.data.preference import recipe_preference_pairs
+    from optrush.data.recipes import write_jsonl
+
+    records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
+               for r in recipe_corpus[1][:40]]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    write_jsonl(recipe_preference_pairs(records, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tokenizer_dir, tmp_path_factory):
     """(path, model, tokenizer): an HF-format `final/` folder of a tiny random model with the test tokenizer, as
     the commands that use a trained checkpoint (generate, chat, eval) read it."""

@@ -9,25 +9,13 @@ import optrush.bench.run as bench_run
 from optrush.bench.run import bench
 from optrush.cli.main import main
 from optrush.config import ConfigError, load_config
-from optrush.data.preference import recipe_preference_pairs
-from optrush.data.recipes import write_jsonl
 from optrush.train import train
 
 ROWS, LENGTH = 2, 256
 
 
-@pytest.fixture(scope="module")
-def pairs_file(recipe_corpus, tmp_path_factory):
-    """Recipe pairs cut short (two ingredients, two steps), so several fit a row of LENGTH tokens."""
-    records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
-               for r in recipe_corpus[1][:40]]
-    path = tmp_path_factory.mktemp("bench_pairs") / "pairs.jsonl"
-    write_jsonl(recipe_preference_pairs(records, seed=0), path)
-    return path
-
-
-def pair_config(debug_overrides, pairs_file, objective, *extra):
-    return load_config(None, [*debug_overrides, f"data.path={pairs_file}", f"objective={objective}",
+def pair_config(debug_overrides, short_pairs_file, objective, *extra):
+    return load_config(None, [*debug_overrides, f"data.path={short_pairs_file}", f"objective={objective}",
                               "data.format=preference", "data.packing=bfd", f"data.max_length={LENGTH}",
                               f"train.micro_batch_size={ROWS}", "train.max_steps=1", "compile.mode=none", *extra])
 
@@ -37,8 +25,8 @@ def tokens_counted(result: dict) -> float:
 
 
 @pytest.mark.parametrize("objective, extra", [("reward", []), ("dpo", []), ("dpo", ["dpo.reference=precomputed"])])
-def test_bench_on_real_pairs_measures_the_loops_first_step(debug_overrides, pairs_file, objective, extra):
-    cfg = pair_config(debug_overrides, pairs_file, objective, *extra)
+def test_bench_on_real_pairs_measures_the_loops_first_step(debug_overrides, short_pairs_file, objective, extra):
+    cfg = pair_config(debug_overrides, short_pairs_file, objective, *extra)
     result = bench(cfg, synthetic=False, warmup=0, steps=1)
     first_loss = train(cfg)["losses"][0]  # the same config: the loop's own first step
     assert result["losses"][0] == pytest.approx(first_loss, rel=1e-5)

@@ -8,8 +8,6 @@ import pytest
 
 from optrush.config import load_config
 from optrush.config.schema import LoggingConfig
-from optrush.data.preference import recipe_preference_pairs
-from optrush.data.recipes import write_jsonl
 from optrush.train import train
 from optrush.train.metrics import MetricsLogger
 
@@ -19,17 +17,8 @@ def rows(run_dir, key: str) -> list[dict]:
     return [row for row in map(json.loads, lines) if key in row]
 
 
-@pytest.fixture(scope="module")
-def pairs_path(recipe_corpus, tmp_path_factory):
-    records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
-               for r in recipe_corpus[1][:40]]
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    write_jsonl(recipe_preference_pairs(records, seed=0), path)
-    return path
-
-
-def dpo_overrides(debug_overrides, pairs_path) -> list[str]:
-    return [*debug_overrides, f"data.path={pairs_path}", "objective=dpo", "data.format=preference",
+def dpo_overrides(debug_overrides, short_pairs_file) -> list[str]:
+    return [*debug_overrides, f"data.path={short_pairs_file}", "objective=dpo", "data.format=preference",
             "data.max_length=256", "train.lr=1e-3", "dpo.reference=precomputed", "data.eval_fraction=0.2",
             "train.eval_batches=2"]
 
@@ -50,9 +39,9 @@ def test_a_logged_loss_and_grad_norm_are_means_over_the_steps_of_the_line(debug_
         assert row["lr"] == pair[1]["lr"]  # the last step's
 
 
-def test_pairwise_lines_count_pairs_and_eval_lines_show_the_objective_metrics(debug_overrides, pairs_path,
+def test_pairwise_lines_count_pairs_and_eval_lines_show_the_objective_metrics(debug_overrides, short_pairs_file,
                                                                               tmp_path, capsys):
-    train(load_config(None, dpo_overrides(debug_overrides, pairs_path) + ["train.max_steps=2", "train.eval_every=2"]))
+    train(load_config(None, dpo_overrides(debug_overrides, short_pairs_file) + ["train.max_steps=2", "train.eval_every=2"]))
     logged = rows(tmp_path / "run", "loss")
     assert all(isinstance(row["trained_pairs"], int) and row["trained_pairs"] > 0 for row in logged)
     assert not any("trained_tokens" in row for row in logged)
@@ -62,11 +51,11 @@ def test_pairwise_lines_count_pairs_and_eval_lines_show_the_objective_metrics(de
     assert all(" | accuracy " in line and " | reward_margin " in line for line in lines if line not in evals)
 
 
-def test_an_evaluation_never_averages_in_training_steps(debug_overrides, pairs_path, tmp_path):
+def test_an_evaluation_never_averages_in_training_steps(debug_overrides, short_pairs_file, tmp_path):
     """logging.every=3 with eval_every=2: the training steps not yet logged at step 2 are logged there, before the
     evaluation, so its metrics are those of the evaluation batches alone (as with logging.every=1)."""
     for every in (1, 3):
-        train(load_config(None, dpo_overrides(debug_overrides, pairs_path) + [
+        train(load_config(None, dpo_overrides(debug_overrides, short_pairs_file) + [
             "train.max_steps=3", "train.eval_every=2", f"logging.every={every}",
             f"output_dir={tmp_path / str(every)}"]))
     evals = {every: rows(tmp_path / str(every), "eval_loss") for every in (1, 3)}

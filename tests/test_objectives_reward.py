@@ -144,7 +144,7 @@ def test_preference_bad_records_raise_with_their_line_or_are_skipped_and_written
         build_preference_datasets(cfg, tok, seed=0)
     for line in (5, 6, 7):  # a missing column, an empty chosen, a blank rejected completion
         path.write_text("\n".join(lines[:3] + lines[line - 1:line]) + "\n")
-        with pytest.raises(DataError, match=rf"pairs\.jsonl:4: .*(missing or not a string|is empty)"):
+        with pytest.raises(DataError, match=r"pairs\.jsonl:4: .*(missing or not a string|is empty)"):
             build_preference_datasets(cfg, tok, seed=0)
 
     path.write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ from optrush.models.presets import get_preset
 from optrush.plan import GPUS, parse_gpus, plan
 from optrush.plan.search import LONG_ROW_TOKENS, advice_changes, candidate_setups, evaluate, extend_context
 from optrush.plan.setup import Setup, setup_from_config
-from optrush.plan.speed import RESULTS_DIR, calibrate, load_measurements
+from optrush.plan.speed import calibrate, load_measurements
 
 LLAMA_1B = get_preset("llama3.2-1b")
 BASE = ("model.preset=llama3.2-1b",)
