@@ -13,16 +13,21 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from optrush.config import ConfigError, load_config
+from optrush.config.schema import DPOConfig, GRPOConfig
 from optrush.data.loader import BatchLoader
 from optrush.data.examples import Example
 from optrush.models.io import load_model
+from optrush.objectives import DPO, GRPO, RewardModel
+from optrush.parallel import distributed
 from optrush.train import train
 
 STEPS = 4
@@ -135,6 +140,68 @@ def test_low_bit_adamw_under_fsdp_equals_one_process_and_resumes(overrides, tmp_
     assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "fsdp")[2:], rel=1e-6, abs=0)
 
 
+class TwoRanks:
+    """`all_reduce_sum` for two threads standing in for two ranks: each gets the element-wise sum of both ranks'
+    values. A rank that skips the collective breaks the barrier (a real run would hang), one that sends another
+    number of values fails the strict zip."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.sent = {}
+
+    def all_reduce_sum(self, values, *, device):
+        self.sent[threading.get_ident()] = list(values)
+        self.barrier.wait()
+        return [sum(column) for column in zip(*self.sent.values(), strict=True)]
+
+
+def on_two_ranks(monkeypatch, *calls):
+    """The results of `calls[r]()` run at once by thread r, with `all_reduce_sum` summing over the two."""
+    monkeypatch.setattr(distributed, "all_reduce_sum", TwoRanks().all_reduce_sum)
+    results, errors = [None, None], []
+
+    def rank_main(rank):
+        try:
+            results[rank] = calls[rank]()
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+def test_sum_over_ranks_matches_keys_not_their_order(monkeypatch):
+    sums = partial(distributed.sum_over_ranks, device=torch.device("cpu"))
+    assert sums({"pairs": 2}) == {"pairs": 2}  # one process
+    assert on_two_ranks(monkeypatch, lambda: sums({"pairs": 2, "correct": 1}),
+                        lambda: sums({"correct": 3, "pairs": 4})) == [{"correct": 4, "pairs": 6}] * 2
+
+
+@pytest.mark.parametrize("make", [RewardModel, lambda: DPO(cfg=DPOConfig(loss="simpo")),
+                                  lambda: GRPO(cfg=GRPOConfig(kl_beta=0.0), tokenizer=None, reference=None,
+                                               rewards=[len])])
+def test_objective_metrics_are_over_every_ranks_batches(make, monkeypatch):
+    """Both ranks log the means of both ranks' sums, those one process holding all the batches logs; a rank that
+    saw no batch since the last log still enters the all-reduce, with zeros under the same keys."""
+    sums = partial(distributed.sum_over_ranks, device=torch.device("cpu"))
+    rank0, rank1, one_process = make(), make(), make()
+    for i, key in enumerate(rank0.TOTALS, start=1):
+        rank0.totals[key], rank1.totals[key], one_process.totals[key] = i, i * i, i + i * i
+    expected = one_process.pop_metrics()
+    assert on_two_ranks(monkeypatch, lambda: rank0.pop_metrics(sums),
+                        lambda: rank1.pop_metrics(sums)) == [expected] * 2
+    for i, key in enumerate(rank0.TOTALS, start=1):  # rank 1 sees nothing this time
+        rank0.totals[key] = one_process.totals[key] = i
+    expected = one_process.pop_metrics()
+    assert on_two_ranks(monkeypatch, lambda: rank0.pop_metrics(sums),
+                        lambda: rank1.pop_metrics(sums)) == [expected] * 2
+
+
 def test_loader_position_converts_between_world_sizes():
     examples = [Example(input_ids=list(range(n)), labels=list(range(n))) for n in range(3, 40)]
     settings = dict(strategy="sorted", rows=2, max_length=64, pad_id=0, seed=3)
@@ -230,7 +297,8 @@ def test_context_parallel_on_two_ranks_equals_one_process(strategy, overrides, t
 @pytest.mark.parametrize("objective, strategy", [("dpo", "fsdp"), ("reward", "ddp"), ("reward", "fsdp")])
 def test_pairwise_objective_on_two_ranks_equals_one_process(objective, strategy, overrides, recipe_corpus, tmp_path):
     """Pairwise objectives: units are pairs, counted over both ranks; DPO's frozen-copy reference stays unsharded,
-    the reward model's scalar head is sharded or replicated with the rest."""
+    the reward model's scalar head is sharded or replicated with the rest. The objective's metrics (accuracy, reward
+    gap or margin), in training and evaluation, are over the pairs of both ranks, as the loss is."""
     from optrush.data.preference import recipe_preference_pairs
 
     records = [{**r, "ingredients": r["ingredients"][:2], "directions": r["directions"][:2]}
@@ -239,11 +307,18 @@ def test_pairwise_objective_on_two_ranks_equals_one_process(objective, strategy,
     pairs.write_text("".join(json.dumps(p) + "\n" for p in recipe_preference_pairs(records, seed=0)))
     common = [o for o in overrides if not o.startswith(("data.path", "data.format", "objective", "data.max_length"))]
     common += [f"data.path={pairs}", "data.format=preference", f"objective={objective}", "data.max_length=256",
-               "train.max_steps=2", "checkpoint.every=0", "train.lr=1e-3"]
+               "train.max_steps=2", "checkpoint.every=0", "train.lr=1e-3", "data.eval_fraction=0.25",
+               "train.eval_batches=2"]
     run_ranks(common + [f"output_dir={tmp_path / strategy}", f"parallel.strategy={strategy}"], world=2)
     single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
     assert logged(tmp_path / strategy) == pytest.approx(single["losses"], rel=1e-6, abs=0)
     assert logged(tmp_path / strategy, "trained_pairs") == logged(tmp_path / "single", "trained_pairs") != []
+    metrics = ["accuracy", "reward_gap"] if objective == "reward" else \
+        ["accuracy", "reward_margin", "chosen_reward", "rejected_reward"]
+    for name in ["eval_loss"] + metrics + [f"eval_{name}" for name in metrics]:
+        expected = logged(tmp_path / "single", name)
+        assert expected, name
+        assert logged(tmp_path / strategy, name) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
 
 
 def decode_on_rank(rank: int, world: int, port: int, _overrides, out: str, stop_together: bool) -> None:

@@ -1,9 +1,13 @@
 """Objectives turn (model, batch) into a summed loss; the one training loop normalises and steps.
 
 Each objective has `units(batch)` (what its loss is summed over: trained tokens for language modelling, pairs for
-reward and DPO, completions for GRPO), `__call__(model, batch) -> (loss_sum, metrics)`, `pop_metrics()` (its
-metrics averaged since the last call, for the loop's log) and `state_dict()`/`load_state_dict(state)` (what a
+reward and DPO, completions for GRPO), `__call__(model, batch) -> (loss_sum, metrics)`, `pop_metrics(reduce=None)`
+(its metrics averaged since the last call, for the loop's log) and `state_dict()`/`load_state_dict(state)` (what a
 checkpoint must keep for an exact resume: GRPO's rollouts and sampling generator; empty for the others).
+
+Metrics under data parallelism average over every rank's batches, as the loss does: an objective keeps its metric
+sums under a fixed set of keys (`TOTALS`, zero until seen), and the loop passes `reduce=partial(sum_over_ranks,
+device=...)` at every log step, on every rank, so all ranks enter the one all-reduce with the same keys.
 
     objective = build_objective("sft")                                   # language modelling needs nothing else
     objective = build_objective(cfg.objective, cfg=cfg, model=model, tokenizer=tok, examples=train + evals)

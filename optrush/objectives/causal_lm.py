@@ -7,6 +7,8 @@ change the weighting of tokens (a per-micro-batch mean would).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,8 +29,8 @@ class CausalLM:
                          labels=batch.labels, reduction="sum")
         return loss_sum, {}
 
-    def pop_metrics(self) -> dict[str, float]:
-        """No metrics beyond the loss (the loop logs that)."""
+    def pop_metrics(self, reduce: Callable | None = None) -> dict[str, float]:
+        """No metrics beyond the loss (the loop logs that), so nothing for `reduce` to sum over ranks."""
         return {}
 
     def state_dict(self) -> dict:

@@ -33,6 +33,7 @@ import os
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -175,6 +176,11 @@ class DPO:
     policy with its adapters disabled. `chunk_tokens` (kernels.loss_chunk_tokens when kernels.fused_loss) computes
     the policy's and the reference's log-probs without the full logits."""
 
+    TOTALS = ("pairs", "correct", "margin", "chosen_reward", "rejected_reward")
+    """The sums `pop_metrics` averages: a fixed set, so a rank that saw no pair still sums zeros over every key."""
+    METRIC_NAMES = {"correct": "accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
+                    "rejected_reward": "rejected_reward"}
+
     def __init__(self, *, cfg: DPOConfig, reference: nn.Module | None = None,
                  reference_logps: torch.Tensor | None = None, chunk_tokens: int | None = None):
         given = (reference is not None) + (reference_logps is not None)
@@ -184,7 +190,7 @@ class DPO:
                              f"{'no' if needed == 0 else 'exactly one'} reference model or reference log-probs")
         self.cfg, self.reference, self.reference_logps = cfg, reference, reference_logps
         self.chunk_tokens = chunk_tokens
-        self.totals: Counter = Counter()
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
 
     def units(self, pairs: PairBatch) -> int:
         return pairs.num_pairs
@@ -215,15 +221,14 @@ class DPO:
         self.totals.update(step)
         return losses.sum(), {k: v / pairs.num_pairs for k, v in step.items() if k != "pairs"}
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Mean implicit rewards, margin and ranking accuracy over the pairs since the last call."""
-        totals, self.totals = self.totals, Counter()
-        pairs = totals.pop("pairs", 0)
-        if not pairs:
+    def pop_metrics(self, reduce: Callable[[Counter], Mapping[str, float]] | None = None) -> dict[str, float]:
+        """Mean implicit rewards, margin and ranking accuracy over the pairs since the last call; `reduce` (the
+        loop's `sum_over_ranks`) sums the totals over all ranks first."""
+        totals = reduce(self.totals) if reduce else self.totals
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
+        if not totals["pairs"]:
             return {}
-        names = {"correct": "accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
-                 "rejected_reward": "rejected_reward"}
-        return {names[k]: v / pairs for k, v in totals.items()}
+        return {name: totals[key] / totals["pairs"] for key, name in self.METRIC_NAMES.items()}
 
     def state_dict(self) -> dict:
         """Nothing to keep across a resume (see optrush.objectives)."""

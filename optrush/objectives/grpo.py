@@ -44,7 +44,7 @@ import reprlib
 import sys
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,6 +281,10 @@ class Rollout:
 
 
 class GRPO:
+    TOTALS = ("completions", "reward", "kl", "completion_tokens", "clipped")
+    """The sums `pop_metrics` averages: a fixed set, so a rank that trained nothing still sums zeros over every
+    key."""
+
     def __init__(self, *, cfg: GRPOConfig, tokenizer, reference: nn.Module | None, seed: int = 0,
                  micro_batches: int = 1, rewards: list[RewardFn] | None = None, chunk_tokens: int | None = None):
         if cfg.kl_beta > 0 and (reference is None) != (cfg.reference == "lora_disabled"):
@@ -295,7 +299,7 @@ class GRPO:
         """Training calls so far: call c trains micro-batch slot c % micro_batches of update
         (c // micro_batches) % updates_per_generation of its generation."""
         self.rollouts: list[Rollout | None] = [None] * micro_batches
-        self.totals: Counter = Counter()
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
 
     def units(self, batch: Batch) -> int:
         return batch.input_ids.shape[0] * self.cfg.group_size
@@ -373,11 +377,12 @@ class GRPO:
         """(N, T) token log-probs of the completions under `model`."""
         return label_logps(model, rows.input_ids, rows.labels, chunk_tokens=self.chunk_tokens)
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metrics(self, reduce: Callable[[Counter], Mapping[str, float]] | None = None) -> dict[str, float]:
         """Mean reward, KL to the reference, completion length and the share of tokens whose ratio the clip
-        bound, since the last call."""
-        totals, self.totals = self.totals, Counter()
-        n = totals.pop("completions", 0)
+        bound, since the last call; `reduce` (the loop's `sum_over_ranks`) sums the totals over all ranks first."""
+        totals = reduce(self.totals) if reduce else self.totals
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
+        n = totals["completions"]
         if not n:
             return {}
         return {"reward": totals["reward"] / n, "kl": totals["kl"] / n,

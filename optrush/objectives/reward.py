@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -62,9 +63,12 @@ def sequence_rewards(model: nn.Module, pairs: PairBatch) -> torch.Tensor:
 class RewardModel:
     """`(model, pairs) -> (summed Bradley-Terry loss, metrics)`; one unit per pair."""
 
+    TOTALS = ("pairs", "correct", "gap")
+    """The sums `pop_metrics` averages: a fixed set, so a rank that saw no pair still sums zeros over every key."""
+
     def __init__(self, *, margin: float = 0.0):
         self.margin = margin
-        self.totals: Counter = Counter()
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
 
     def units(self, pairs: PairBatch) -> int:
         return pairs.num_pairs
@@ -77,9 +81,11 @@ class RewardModel:
         self.totals.update(pairs=pairs.num_pairs, correct=correct, gap=gap_sum)
         return loss_sum, {"accuracy": correct / pairs.num_pairs, "reward_gap": gap_sum / pairs.num_pairs}
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Accuracy and mean reward gap over the pairs seen since the last call."""
-        totals, self.totals = self.totals, Counter()
+    def pop_metrics(self, reduce: Callable[[Counter], Mapping[str, float]] | None = None) -> dict[str, float]:
+        """Accuracy and mean reward gap over the pairs seen since the last call; `reduce` (the loop's
+        `sum_over_ranks`) sums the totals over all ranks first."""
+        totals = reduce(self.totals) if reduce else self.totals
+        self.totals = Counter(dict.fromkeys(self.TOTALS, 0))
         if not totals["pairs"]:
             return {}
         return {"accuracy": totals["correct"] / totals["pairs"], "reward_gap": totals["gap"] / totals["pairs"]}

@@ -19,6 +19,7 @@ Every strategy is pure data parallelism, so the data-parallel rank is the global
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -106,6 +107,14 @@ def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def sum_over_ranks(totals: Mapping[str, float], *, device: torch.device) -> dict[str, float]:
+    """`totals` summed key by key over all ranks in one all-reduce (e.g. an objective's metric sums, at log time).
+    A collective: every rank calls it at the same point with the same keys (in any order: they are sent sorted);
+    unchanged alone."""
+    keys = sorted(totals)
+    return dict(zip(keys, all_reduce_sum([totals[key] for key in keys], device=device)))
 
 
 def broadcast_object(value, *, src: int = 0):

@@ -21,6 +21,7 @@ import math
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,8 +43,8 @@ from optrush.optim import EMA, build_optimizer, eval_weights
 from optrush.peft import has_adapters, holds_preset_base, preset_base_fingerprint, save_adapter, save_merged, \
     save_preset_base
 from optrush.optim.schedule import build_scheduler
-from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, teardown, \
-    world_size
+from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, \
+    sum_over_ranks, teardown, world_size
 from optrush.parallel.context import apply_context_extension, data_parallel_position, setup_context_parallel
 from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager
@@ -208,7 +209,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                     **window.pop(), "lr": lr,
                     "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
-                    "peak_mem_gib": peak_memory_gib(device), **objective.pop_metrics()})
+                    "peak_mem_gib": peak_memory_gib(device),
+                    **objective.pop_metrics(partial(sum_over_ranks, device=device))})
             if samples := sample_during_training(model, tokenizer, cfg, state.step):
                 metrics.log(state.step, samples)
             if not math.isfinite(loss):
@@ -438,7 +440,8 @@ def evaluate(model, objective, examples, cfg: Config, tokenizer, device, autocas
     total, units = all_reduce_sum([total, units], device=device)
     loss = total / max(units, 1)
     # the loop logged the training steps' metrics before evaluating: these are the evaluation batches' only
-    extra = {f"eval_{name}": value for name, value in objective.pop_metrics().items()}
+    extra = {f"eval_{name}": value
+             for name, value in objective.pop_metrics(partial(sum_over_ranks, device=device)).items()}
     if not isinstance(objective, CausalLM):  # exp(a reward, DPO or GRPO loss) is no perplexity
         return {"eval_loss": loss, **extra}
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **extra}
