@@ -233,3 +233,34 @@ def test_reward_model_saves_as_a_sequence_classifier_that_transformers_loads(fam
     for path in (tmp_path / "rm", old):
         with pytest.raises(ValueError, match="reward model .*optrush score"):
             load_model(path)  # what `optrush generate` loads
+
+
+def test_score_reads_a_pair_files_sides_as_training_encodes_them(pairs_file, debug_overrides, tmp_path, capsys):
+    """`--prompt-column` scores prompt + completion tokenized apart (as a pair's side is), not as one text; a text
+    longer than the model's context is named by its file and line, not by a config key score has no use for."""
+    from optrush.cli.main import main
+    from optrush.config.schema import DataConfig
+    from optrush.objectives.reward import load_reward_model
+    from optrush.train import train
+
+    cfg = load_config(None, [*debug_overrides, f"data.path={pairs_file}", "objective=reward",
+                             "data.format=preference", "data.max_length=512", "train.max_steps=1"])
+    train(cfg)
+    final = tmp_path / "run" / "final"
+    tok = load_tokenizer(cfg.data.tokenizer)
+    pairs, _, _ = build_preference_datasets(DataConfig(path=str(pairs_file), max_length=512, format="preference"),
+                                            tok, seed=0)
+    model = load_reward_model(final)
+    with torch.no_grad():
+        expected = [float(model(torch.tensor([p.chosen.input_ids]))[0, -1, 0]) for p in pairs[:3]]
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:3]))
+    capsys.readouterr()
+    assert main(["score", str(final), "--data", str(few), "--prompt-column", "prompt", "--column", "chosen"]) == 0
+    scores = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+    write_jsonl([{"text": "short"}, {"text": "Toast it. " * 3000}], tmp_path / "long.jsonl")
+    assert main(["score", str(final), "--data", str(tmp_path / "long.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'long.jsonl'}:2: " in err and "max_seq_len" in err and "data.max_length" not in err

@@ -13,7 +13,7 @@ optrush data clean CONFIG [key=value ...] [--out DIR]
 optrush data stats CONFIG [key=value ...]     padding fraction, tokens per batch, batch count per data.packing
 optrush data inspect CONFIG [key=value ...] [--n 2]
                                               show examples with trained and masked tokens marked
-optrush score CKPT --data FILE [--column text] [--batch-size 16]
+optrush score CKPT --data FILE [--column text] [--prompt-column C] [--batch-size 16]
                                               reward of every text of a JSONL file under a reward model
                                               (the final/ directory of an objective=reward run), one JSON line each
 optrush bench CONFIG [key=value ...] [--synthetic] [--warmup N] [--steps M]
@@ -122,12 +122,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     records = list(read_records(args.data))
     for number, record in records:
-        if not isinstance(record.get(args.column), str):
-            raise ConfigError(f"{args.data}:{number}: no string column {args.column!r}; choose it with --column")
+        for column, flag in ((args.column, "--column"), (args.prompt_column, "--prompt-column")):
+            if column is not None and not isinstance(record.get(column), str):
+                raise ConfigError(f"{args.data}:{number}: no string column {column!r}; choose it with {flag}")
     # a LoRA reward run's adapter keeps its tokenizer beside it (final/, a checkpoint), not in the base
     model_dir, adapter_dir, tokenizer_dir = resolve(args.ckpt, adapter=None, base=None)
+    prompts = None if args.prompt_column is None else [record[args.prompt_column] for _, record in records]
     scores = score_texts(load_reward_model(adapter_dir or model_dir), load_tokenizer(tokenizer_dir),
-                         [record[args.column] for _, record in records], batch_size=args.batch_size)
+                         [record[args.column] for _, record in records], prompts=prompts,
+                         where=[f"{args.data}:{number}" for number, _ in records], batch_size=args.batch_size)
     for (number, _), score in zip(records, scores):
         print(json.dumps({"line": number, "score": round(score, 6)}))
     return 0
@@ -197,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="reward model directory (HF layout plus tokenizer), e.g. runs/rm/final")
     p.add_argument("--data", required=True, help="JSONL file (or JSON array) of records holding the texts")
     p.add_argument("--column", default="text", help="column holding each text (default: text)")
+    p.add_argument("--prompt-column", default=None,
+                   help="column holding each text's prompt, scored as training scores a pair's side: prompt and "
+                        "text tokenized apart (e.g. --prompt-column prompt --column chosen)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
     p.set_defaults(run=cmd_score)
 

@@ -155,14 +155,28 @@ def load_reward_adapter(adapter: Path, *, base: str | Path | None = None, dtype:
 
 
 @torch.no_grad()
-def score_texts(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 16) -> list[float]:
-    """The reward of each text, encoded as `[bos] + text + [eos]` and read at the EOS (right-padded rows)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def score_texts(model: nn.Module, tokenizer, texts: list[str], *, prompts: list[str] | None = None,
+                where: list[str] | None = None, batch_size: int = 16) -> list[float]:
+    """The reward of each text (with `prompts`: of each prompt + text), encoded as training encodes a pair's side
+    (`encode_sequence`: `[bos] + prompt + text + [eos]`, prompt and text tokenized apart) and read at the EOS
+    (right-padded rows). A text longer than the model's max_seq_len is a ValueError naming it (`where`, e.g.
+    file:line, else its index)."""
+    from optrush.data.formats import special_ids
+    from optrush.data.preference import encode_sequence
+
+    bos_id, eos_id = special_ids(tokenizer)
     device = next(model.parameters()).device
+    prompts = [""] * len(texts) if prompts is None else prompts
     scores: list[float] = []
     for start in range(0, len(texts), batch_size):
-        chunk = [bos + ids + [tokenizer.eos_token_id]
-                 for ids in tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]]
+        prompt_ids, text_ids = (tokenizer(items[start:start + batch_size], add_special_tokens=False)["input_ids"]
+                                for items in (prompts, texts))
+        chunk = [encode_sequence(p, t, bos_id=bos_id, eos_id=eos_id).input_ids for p, t in zip(prompt_ids, text_ids)]
+        for index, ids in enumerate(chunk, start):
+            if len(ids) > model.args.max_seq_len:
+                name = where[index] if where else f"text {index}"
+                raise ValueError(f"{name}: {len(ids)} tokens, longer than the reward model's max_seq_len="
+                                 f"{model.args.max_seq_len}: shorten it")
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk], device=device)
         last = torch.tensor([len(ids) - 1 for ids in chunk], device=device)
