@@ -339,7 +339,8 @@ def test_cli_writes_a_loadable_config_and_measures_on_cpu(tmp_path, capsys):
     model_dir, out, rows = tmp_path / "model", tmp_path / "plan.yaml", tmp_path / "measured.json"
     save_model(build_model(DEBUG), model_dir)  # an HF model directory: its config.json gives the shape
     code = main(["plan", "--model", str(model_dir), "--gpus", "1xL4", "--seq", "64", "--micro-batch", "2",
-                 "--pin", "compile.mode=none", "precision.mode=bf16_pure", "--out", str(out), "--measure",
+                 "--pin", "compile.mode=none", "precision.mode=bf16_pure", "model.attention=sdpa",  # CPU kernels
+                 "--out", str(out), "--measure",
                  "--measure-top", "1", "--device", "cpu", "--warmup", "1", "--steps", "1",
                  "--measure-json", str(rows)])
     printed = capsys.readouterr().out

@@ -56,15 +56,18 @@ def test_varlen_on_packed_rows_is_predicted_as_the_measured_unmasked_row(measure
     assert candidate.memory.peak_gib == pytest.approx(row.peak_gib, rel=0.10)
 
 
-def test_short_rows_search_and_rank_as_before(calibration):
-    """Rows of at most LONG_ROW_TOKENS: only sdpa without MLP chunks, so the top recommendation is the one of the
-    search restricted to those values (the search before long rows had levers)."""
+def test_short_packed_rows_try_varlen_and_unpacked_rows_keep_sdpa(calibration):
+    """Rows of at most LONG_ROW_TOKENS get no MLP chunks; packed ones (document masks) try varlen, measured faster
+    there (length_mix_varlen_h100.md), and rank it first; one document a row keeps SDPA, whose cuDNN kernel was
+    the faster on whole rows (train_speed_h100_varlen.md)."""
     for seq_len in (2048, LONG_ROW_TOKENS):
-        setups = candidate_setups(gpu=GPUS["H100"], n_gpus=1, seq_len=seq_len)
-        assert {(s.attention, s.mlp_chunk_tokens) for s in setups} == {("sdpa", 0)}
+        packed = candidate_setups(gpu=GPUS["H100"], n_gpus=1, seq_len=seq_len)
+        assert {(s.attention, s.mlp_chunk_tokens) for s in packed} == {("sdpa", 0), ("varlen", 0)}
+        unpacked = candidate_setups(gpu=GPUS["H100"], n_gpus=1, seq_len=seq_len, document_mask=False)
+        assert {(s.attention, s.mlp_chunk_tokens) for s in unpacked} == {("sdpa", 0)}
     top = plan(LLAMA_1B, gpu=GPUS["H100"], seq_len=2048, base_overrides=BASE, calibration=calibration)[0]
     assert (top.setup.attention, top.setup.mlp_chunk_tokens, top.setup.compile, top.setup.fused_loss) == (
-        "sdpa", 0, "model", True)
+        "varlen", 0, "model", True)
 
 
 def test_long_rows_rank_varlen_first_at_equal_speed_and_chunks_only_when_needed(calibration):

@@ -21,8 +21,9 @@ in one command on an H200 (benchmarks/results/length_mix_h200.md), 58,728 vs 52,
 .md and length_mix_h100.md, consecutive commands on one machine), and on one 8,192-token row of 4 documents 1.31 ms
 vs 7.35 ms for attention forward + backward (kernels_h100.md). Flex measured within 2% of varlen
 on those rows, but it compiles its mask builder and kernel for each row length; one mask-free backend is enough for
-a model that cannot rank them. Rows of at most `LONG_ROW_TOKENS` are searched as they always were (sdpa, no MLP
-chunks), so short-row plans do not change.
+a model that cannot rank them. Shorter packed rows try varlen too (no MLP chunks): measured faster there, as
+above; on unpacked rows (one document a row) SDPA's cuDNN kernel was the faster, 64,216 vs 60,247 tokens/s on
+the 1B shape at 4 x 2,048 tokens (benchmarks/results/train_speed_h100_varlen.md), so they keep sdpa.
 """
 from __future__ import annotations
 
@@ -125,12 +126,12 @@ def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none",
 
 
 def long_row_choices(seq_len: int, *, document_mask: bool) -> list[tuple[str, int]]:
-    """The (model.attention, activations.mlp_chunk_tokens) pairs searched: sdpa without MLP chunks for rows of
-    at most `LONG_ROW_TOKENS`; longer rows also chunk their MLPs and, with document masks, try varlen attention
-    (unmasked rows run SDPA's causal flash kernel, which needs no mask either)."""
-    if seq_len <= LONG_ROW_TOKENS:
-        return [("sdpa", 0)]
+    """The (model.attention, activations.mlp_chunk_tokens) pairs searched: with document masks sdpa and varlen,
+    without only sdpa (its causal kernel needs no mask, and beat varlen on whole 2,048-token rows:
+    benchmarks/results/train_speed_h100_varlen.md); rows longer than `LONG_ROW_TOKENS` also chunk their MLPs."""
     attentions = ("sdpa", "varlen") if document_mask else ("sdpa",)
+    if seq_len <= LONG_ROW_TOKENS:
+        return [(attention, 0) for attention in attentions]
     return list(itertools.product(attentions, (0, LONG_ROW_TOKENS)))
 
 
