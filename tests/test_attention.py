@@ -43,7 +43,7 @@ def packed_batch(rows: list[list[int]], *, seq_len: int, vocab: int = 64, device
     return ids.to(device), positions.to(device), docs.to(device)
 
 
-def stand_in_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1)):
+def stand_in_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
     """CPU reference with varlen_attn's signature: SDPA per segment, flash's (left, right) window convention, fewer
     KV heads than query heads shared among them (grouped-query attention), as the flash kernel takes them."""
     left, right = window_size
@@ -57,7 +57,7 @@ def stand_in_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_si
         if right >= 0:
             allowed &= distance >= -right
         seg = [x[start:end].transpose(0, 1) for x in (q, k, v)]
-        out.append(F.scaled_dot_product_attention(*seg, attn_mask=allowed, enable_gqa=True).transpose(0, 1))
+        out.append(F.scaled_dot_product_attention(*seg, attn_mask=allowed, enable_gqa=enable_gqa).transpose(0, 1))
     return torch.cat(out)
 
 

@@ -24,6 +24,7 @@ runs within a row, which is what packing produces.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,20 @@ def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_wind
     return VarlenMask(cu_seqlens=cu_seqlens, max_len=seq_len, window=window)
 
 
+def varlen_gqa_keyword() -> dict:
+    """What tells `varlen_attn` that k and v have fewer heads than q: torch >= 2.13 asks for enable_gqa=True (and
+    refuses unequal head counts without it); torch 2.11 has no such parameter and hands them to the kernel as they
+    are."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10: no varlen; model.attention=varlen is refused at config load
+        return {}
+    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+
+
+VARLEN_GQA = varlen_gqa_keyword()  # decided once here, not inside the compiled blocks
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: VarlenMask) -> torch.Tensor:
     """varlen_attn on q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D), segments from `mask`."""
     from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10; imported here so 2.9 can still use sdpa/flex
@@ -123,7 +138,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask:
     cu_seqlens = mask.cu_seqlens
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, mask.max_len, mask.max_len, window_size=mask.window)
+    gqa = VARLEN_GQA if k.shape[1] != H else {}
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, mask.max_len, mask.max_len, window_size=mask.window, **gqa)
     return out.view(B, T, H, D).transpose(1, 2)
 
 
