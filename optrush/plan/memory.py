@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from optrush.kernels.attention import VARLEN_GQA
 from optrush.models.llama import ModelArgs
 from optrush.plan.setup import ALL_LINEAR, Setup
 
@@ -254,8 +255,10 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
     mm_in = 1 if s.precision == "fp8" else act  # float8 linears save their inputs in fp8
-    # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
-    kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
+    # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads; so does
+    # varlen where varlen_attn takes no grouped KV heads (torch 2.11: optrush.kernels.attention.VARLEN_GQA)
+    repeated = (s.attention == "sdpa" and s.document_mask) or (s.attention == "varlen" and not VARLEN_GQA)
+    kv_saved = q if repeated else kv
     lse = 4 * a.n_heads
     # activations.mlp_chunk_tokens: each MLP chunk is a checkpoint that saves only its slice of the input
     mlp = 0 if s.mlp_chunk_tokens and s.tokens > s.mlp_chunk_tokens else 1
