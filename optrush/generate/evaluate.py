@@ -312,19 +312,16 @@ def recorded_settings(run: tuple[Path, dict] | None, objective: str) -> list[str
 
 
 @torch.no_grad()
-def per_sequence(score, model: nn.Module, pairs: list, *, cfg, pad_id: int, device: str) -> torch.Tensor:
+def per_sequence(score, model: nn.Module, pairs: list, *, cfg, pad_id: int) -> torch.Tensor:
     """(N, 2) fp32 `score(model, pair_batch)` ((2P,) values: chosen, rejected, ...) of every pair of `pairs`,
     row `PreferencePair.index`. One pair a row, padded to the micro-batch's longest: rows no wider than the pairs,
     whatever the model's max_seq_len (each sequence attends only to itself, so packing would not change a value)."""
     from optrush.data.preference import PairLoader
+    from optrush.objectives.dpo import pair_table
 
     loader = PairLoader(pairs, strategy="none", rows=8, max_length=cfg.data.max_length, pad_id=pad_id, seed=0,
                         shuffle=False)
-    table = torch.zeros(len(pairs), 2)
-    for _ in range(loader.batches_per_epoch):
-        batch = next(loader).to(device)
-        table[batch.pair_index.cpu()] = score(model, batch).view(-1, 2).float().cpu()
-    return table
+    return pair_table(score, model, loader, size=len(pairs))
 
 
 def reward_metrics(model_dir: Path, adapter_dir: Path | None, pairs: list, *, cfg, pad_id: int, device: str) -> dict:
@@ -336,7 +333,7 @@ def reward_metrics(model_dir: Path, adapter_dir: Path | None, pairs: list, *, cf
 
     model = load_reward_model(model_dir, device=device) if adapter_dir is None else \
         load_reward_model(adapter_dir, base=model_dir, device=device)
-    rewards = per_sequence(sequence_rewards, model, pairs, cfg=cfg, pad_id=pad_id, device=device)
+    rewards = per_sequence(sequence_rewards, model, pairs, cfg=cfg, pad_id=pad_id)
     gap = rewards[:, 0] - rewards[:, 1]
     return {"model": "reward", "reward_margin_setting": cfg.reward.margin,
             "loss": float(-torch.nn.functional.logsigmoid(gap - cfg.reward.margin).mean()),
@@ -355,7 +352,7 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
     def completion_logps(m, batch):
         return sequence_logps(m, batch)[0]
 
-    logps = per_sequence(completion_logps, model, pairs, cfg=cfg, pad_id=pad_id, device=device)
+    logps = per_sequence(completion_logps, model, pairs, cfg=cfg, pad_id=pad_id)
     tokens = torch.tensor([[p.chosen.num_trained, p.rejected.num_trained] for p in pairs],
                           dtype=torch.float32)  # pairs[i].index == i, as in `per_sequence`
     per_token = logps / tokens
@@ -372,7 +369,7 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
     ref = None
     if reference_dir is not None:
         ref = per_sequence(completion_logps, load_model(reference_dir, device=device).eval(), pairs, cfg=cfg,
-                           pad_id=pad_id, device=device)
+                           pad_id=pad_id)
     losses, chosen, rejected = preference_losses(
         d.loss, chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=tokens[:, 0], rejected_tokens=tokens[:, 1],
         ref_chosen=None if ref is None else ref[:, 0], ref_rejected=None if ref is None else ref[:, 1],

@@ -265,16 +265,12 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
             return saved["logps"]
     print_on_main_rank(f"computing {what}...")
     started = time.perf_counter()
-    table = torch.zeros(max(p.index for p in pairs) + 1, 2)
     loader = PairLoader(pairs, strategy="bfd", rows=rows, max_length=max_length, pad_id=pad_id, seed=0,
                         shuffle=False)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for _ in range(loader.batches_per_epoch):
-        batch = next(loader).to(device)
-        logps, _ = sequence_logps(model, batch, chunk_tokens=chunk_tokens)
-        table[batch.pair_index.cpu()] = logps.view(-1, 2).float().cpu()
+    table = pair_table(lambda m, batch: sequence_logps(m, batch, chunk_tokens=chunk_tokens)[0], model, loader,
+                       size=max(p.index for p in pairs) + 1)
     model.train(was_training)
     if is_main():  # every rank computed the same table; one writes it, whole or not at all
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +279,17 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
         os.replace(partial, cache)
     print_on_main_rank(f"computed {what} in {time.perf_counter() - started:.1f} s; cached in {cache} for a rerun "
                        "with the same pairs and starting weights")
+    return table
+
+
+def pair_table(score, model: nn.Module, loader: PairLoader, *, size: int) -> torch.Tensor:
+    """(size, 2) fp32 CPU table of `score(model, batch)` ((2P,) values: chosen, rejected, ...) over one epoch of
+    `loader`, row `PreferencePair.index`."""
+    device = next(model.parameters()).device
+    table = torch.zeros(size, 2)
+    for _ in range(loader.batches_per_epoch):
+        batch = next(loader).to(device)
+        table[batch.pair_index.cpu()] = score(model, batch).view(-1, 2).float().cpu()
     return table
 
 
