@@ -22,7 +22,7 @@ from torch import nn
 
 from optrush.config import ConfigError
 from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, load_adapter
-from optrush.peft.lora import merge_lora
+from optrush.peft.lora import merge_lora_unless_quantized
 
 
 def resolve(ckpt: str | Path | None, *, adapter: str | Path | None,
@@ -68,7 +68,5 @@ def load_for_generation(ckpt: str | Path | None = None, *, adapter: str | Path |
     quantize = "none" if adapter_dir is None else base_quantization(adapter_dir, model_dir)
     model = load_model(model_dir, device=device, quantize=quantize)
     if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-        if quantize == "none":
-            merge_lora(model)
+        merge_lora_unless_quantized(load_adapter(model, adapter_dir))
     return model.eval(), load_tokenizer(tokenizer_dir)

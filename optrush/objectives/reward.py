@@ -37,8 +37,7 @@ from optrush.models.io import checkpoint_dtype, load_model, load_weights, read_c
 from optrush.models.llama import Transformer
 from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, holds_reward_head, \
     load_adapter
-from optrush.peft.lora import merge_lora
-from optrush.peft.quant import QuantizedWeight
+from optrush.peft.lora import merge_lora_unless_quantized
 
 
 def apply_reward_head(model: Transformer, *, pad_token_id: int | None = None) -> Transformer:
@@ -109,9 +108,7 @@ def load_reward_model(path: str | Path, *, base: str | Path | None = None,
     if adapter is None:
         return load_reward_checkpoint(path, dtype=torch.float32, device=device).eval()
     model = load_reward_adapter(adapter, base=base, dtype=torch.float32, device=device)
-    # a quantized base cannot take the adapters in (merge_lora refuses): it scores through them, as in training
-    quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
-    return (model if quantized else merge_lora(model)).eval()
+    return merge_lora_unless_quantized(model).eval()
 
 
 def load_reward_checkpoint(path: Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",

@@ -209,6 +209,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_lora_unless_quantized(model: nn.Module) -> nn.Module:
+    """`merge_lora`, except over quantized base weights (QLoRA), which cannot take the adapters in (`merge`
+    refuses): the model then runs through the unmerged adapters, as it trained."""
+    if any(isinstance(layer.weight, QuantizedWeight) for layer in lora_layers(model).values()):
+        return model
+    return merge_lora(model)
+
+
 def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.unmerge()
