@@ -53,6 +53,14 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile_model+fused_loss+ac_selective+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
                                                          "activations.checkpointing=selective",
                                                          "optim.name=adamw8bit"]),
+    # the compiled graph recomputes what is cheapest until its saved activations fit the fraction
+    *[(f"compile_model+fused_loss+budget{budget}", ["compile.mode=model", "kernels.fused_loss=true",
+                                                     f"compile.memory_budget={budget}"])
+      for budget in (0.5, 0.3, 0.1)],
+    *[(f"compile_model+fused_loss+budget{budget}+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
+                                                               f"compile.memory_budget={budget}",
+                                                               "optim.name=adamw8bit"])
+      for budget in (0.5, 0.3)],
     # varlen on unpacked rows: one document per row, FlashAttention's varlen kernel instead of cuDNN's SDPA
     ("compile_model+fused_loss+varlen", ["compile.mode=model", "kernels.fused_loss=true", "model.attention=varlen"]),
     ("compile+fused_loss+varlen", FUSED + ["model.attention=varlen"]),

@@ -205,6 +205,27 @@ def test_compiled_blocks_match_eager_and_do_not_recompile():
     print(f"compile test: {time.perf_counter() - started:.1f}s")
 
 
+def test_compile_memory_budget_saves_less_for_backward_with_the_same_gradients():
+    """compile.memory_budget=0 makes the compiled model keep only its inputs for backward and recompute the rest;
+    loss and gradients stay those of eager. The budget is set for this compile only: torch's process-wide flag
+    is back at its default afterwards."""
+    from torch._functorch import config as functorch_config
+
+    torch._dynamo.reset()
+    batch = packed_batch(0)
+    ref_loss, ref_grads = loss_and_grads(build_model(ARGS, seed=0), batch)
+    saved = {}
+    for budget in (1.0, 0.0):
+        model = apply_compile(build_model(ARGS, seed=0), config(compile__mode="model", compile__memory_budget=budget))
+        loss, grads = loss_and_grads(model, batch)  # compiles outside the counting hooks
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        saved[budget] = saved_bytes(model, batch) - sum(p.numel() * p.element_size() for p in model.parameters())
+        assert functorch_config.activation_memory_budget == 1.0
+    assert saved[0.0] < saved[1.0] / 4, saved
+
+
 @pytest.mark.slow
 def test_compiled_blocks_with_varying_lengths_compile_at_most_twice():
     """Padded (unpacked) batches change length every step: dynamic=null compiles the first shape, then once more
@@ -241,6 +262,10 @@ def test_config_accepts_transforms_and_rejects_bad_combinations():
     assert cfg.compile.mode == "blocks" and cfg.activations.every == 2 and cfg.precision.mode == "fp8"
     with pytest.raises(ConfigError, match="activations.offload=true needs compile.mode=blocks or none"):
         load_config(None, base + ["compile.mode=model", "activations.offload=true"])
+    with pytest.raises(ConfigError, match=r"compile.memory_budget=1.5: must be in \[0, 1\]"):
+        load_config(None, base + ["compile.mode=model", "compile.memory_budget=1.5"])
+    with pytest.raises(ConfigError, match="compile.memory_budget=0.5 tells torch.compile what to recompute"):
+        load_config(None, base + ["compile.memory_budget=0.5"])
     with pytest.raises(ConfigError, match="activations.every=0: must be >= 1"):
         load_config(None, base + ["activations.every=0"])
 

@@ -339,6 +339,12 @@ def config_problems(cfg: Config, *, synthetic_data: bool = False, complete: bool
         problems.append(f"train.warmup_steps={cfg.train.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}")
     if cfg.precision.mode != "fp32" and cfg.train.deterministic:
         problems.append("train.deterministic=true needs precision.mode=fp32 (bf16 reductions are not repeatable)")
+    if not 0 <= cfg.compile.memory_budget <= 1:
+        problems.append(f"compile.memory_budget={cfg.compile.memory_budget}: must be in [0, 1] (the fraction of "
+                        "activations the compiled graph keeps)")
+    elif cfg.compile.memory_budget < 1 and cfg.compile.mode == "none":
+        problems.append(f"compile.memory_budget={cfg.compile.memory_budget} tells torch.compile what to recompute: "
+                        "set compile.mode=blocks or model (or use activations.checkpointing without compile)")
     if cfg.activations.offload and cfg.compile.mode == "model":
         problems.append("activations.offload=true needs compile.mode=blocks or none: its hooks must run outside "
                         "the compiled graph")

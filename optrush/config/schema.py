@@ -241,6 +241,11 @@ class CompileConfig:
     """torch.compile: `blocks` compiles each transformer block (fast to compile), `model` the whole model."""
     dynamic: bool | None = None
     """Dynamic shapes for varying packed lengths (`null`: let torch decide)."""
+    memory_budget: float = 1.0
+    """Fraction of its activations the compiled graph keeps for backward (0-1): 1 keeps what is fastest; lower
+    values recompute the cheapest ops in backward (pointwise first, then matmuls) until the kept activations fit
+    the fraction; 0 recomputes everything, like full checkpointing. Inductor's min-cut partitioner (torch's
+    `activation_memory_budget`), set for this model's compile only; needs compile.mode=blocks or model."""
 
 
 @dataclass(kw_only=True, slots=True)
