@@ -23,11 +23,12 @@ Preference data (`data.format=preference`) is scored pair by pair, with no sampl
 - a causal LM: the policy's own log-prob preference accuracy and margin (summed completion log-probs of chosen vs
   rejected, no reference), and the DPO eval metrics of training (loss, accuracy, reward margin, chosen and
   rejected rewards) when the reference is known: `reference` (--reference DIR), else the starting model the run
-  recorded (model.path in the run's summary.json, or a LoRA preset run's base/); simpo and orpo need none. A run
-  that started from a random model.preset init (full fine-tune) left no reference on disk: no DPO metrics then,
-  and the report says how to get them. The dpo.* (reward.margin) settings are the run's own when its summary.json
-  says it trained that objective; `PAIR_KEYS` overrides change them. Training's eval covers at most
-  train.eval_batches micro-batches; this covers every pair of the file.
+  recorded (starting_model in the run's summary.json, an absolute path, so eval may run from any directory; a LoRA
+  preset run's base/; in an older summary.json, model.path, taken from the current directory); simpo and orpo need
+  none. A run that started from a random model.preset init (full fine-tune) left no reference on disk: no DPO
+  metrics then, and the report says how to get them. The dpo.* (reward.margin) settings are the run's own when
+  its summary.json says it trained that objective; `PAIR_KEYS` overrides change them. Training's eval covers at
+  most train.eval_batches micro-batches; this covers every pair of the file.
 
 During training, `sample_during_training(model, tokenizer, cfg, step)` (train.sample_every) returns greedy samples
 of `train.sample_prompts` and the same metrics, for the loop's metrics log.
@@ -38,6 +39,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -175,13 +177,13 @@ def checkpoint_name(model_dir: Path, adapter_dir: Path | None) -> str:
 
 
 def is_reward_checkpoint(model_dir: Path, adapter_dir: Path | None) -> bool:
-    """A reward model's checkpoint, or a LoRA reward run's adapter (PEFT's sequence-classification task type)."""
+    """A reward model's checkpoint, or a LoRA reward run's adapter (`is_reward_adapter`: it holds the head)."""
     from optrush.models.hf import is_reward_config
     from optrush.models.io import read_config
-    from optrush.peft.export import ADAPTER_CONFIG
+    from optrush.peft.export import is_reward_adapter
 
     if adapter_dir is not None:
-        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS"
+        return is_reward_adapter(adapter_dir)
     return is_reward_config(read_config(model_dir))
 
 
@@ -281,7 +283,7 @@ def evaluate_pairs(ckpt: str | Path | None, *, data: str | Path, max_length: int
     report = {"checkpoint": checkpoint_name(model_dir, adapter_dir), "data": str(data), "format": "preference",
               "pairs": len(pairs), "dropped": dict(tally.dropped), "rejected": tally.rejected,
               "rejects_path": tally.rejects_path,
-              "settings_from": str(run[0] / "summary.json") if recorded else None,
+              "settings_from": str(run.folder / "summary.json") if recorded else None,
               "settings_given": [item for item in data_overrides if parse_override(item)[0] in PAIR_KEYS]}
     if objective == "reward":
         return {**report, **reward_metrics(model_dir, adapter_dir, pairs, cfg=cfg, pad_id=tokenizer.pad_token_id,
@@ -291,22 +293,33 @@ def evaluate_pairs(ckpt: str | Path | None, *, data: str | Path, max_length: int
                                        reference=reference, run=run)}
 
 
-def training_run(path: Path) -> tuple[Path, dict] | None:
-    """(run directory, recorded config) of the run that wrote checkpoint `path` (its final/, final/adapter,
-    checkpoints/step_N/model or /adapter), from the summary.json training writes at its end; None without one."""
+class TrainingRun(NamedTuple):
+    """What the summary.json of the run that wrote a checkpoint records."""
+    folder: Path
+    """The run's output directory, absolute."""
+    config: dict
+    starting_model: str | None
+    """The absolute directory of the model the run started from; None for a random model.preset init, or in a
+    summary.json written before optrush recorded it."""
+
+
+def training_run(path: Path) -> TrainingRun | None:
+    """The run that wrote checkpoint `path` (its final/, final/adapter, checkpoints/step_N/model or /adapter), from
+    the summary.json training writes at its end; None without one."""
     for folder in list(Path(path).resolve().parents)[:3]:
         summary = folder / "summary.json"
         if summary.is_file():
-            config = json.loads(summary.read_text()).get("config")
-            return (folder, config) if isinstance(config, dict) else None
+            record = json.loads(summary.read_text())
+            config = record.get("config")
+            return TrainingRun(folder, config, record.get("starting_model")) if isinstance(config, dict) else None
     return None
 
 
-def recorded_settings(run: tuple[Path, dict] | None, objective: str) -> list[str]:
+def recorded_settings(run: TrainingRun | None, objective: str) -> list[str]:
     """The run's own values of `PAIR_SETTINGS[objective]` as overrides; none unless the run trained `objective`."""
-    if run is None or run[1].get("objective") != objective:
+    if run is None or run.config.get("objective") != objective:
         return []
-    section = run[1].get(objective) or {}
+    section = run.config.get(objective) or {}
     names = [key.split(".", 1)[1] for key in PAIR_SETTINGS[objective]]
     return [f"{objective}.{name}={json.dumps(section[name])}" for name in names if name in section]
 
@@ -341,7 +354,7 @@ def reward_metrics(model_dir: Path, adapter_dir: Path | None, pairs: list, *, cf
 
 
 def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: str,
-                   reference: str | Path | None, run: tuple[Path, dict] | None) -> dict:
+                   reference: str | Path | None, run: TrainingRun | None) -> dict:
     """A causal LM's own preference, no reference: how often its summed completion log-prob (and its mean per
     token, which a length difference does not sway) is higher for chosen than for rejected, and the mean summed
     margin; with the reference known (`dpo_reference`) or not needed, the DPO eval metrics of training under
@@ -379,8 +392,7 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
             "rejected_reward": float(rejected.mean())}
 
 
-def dpo_reference(loss: str, reference: str | Path | None,
-                  run: tuple[Path, dict] | None) -> tuple[Path | None, str]:
+def dpo_reference(loss: str, reference: str | Path | None, run: TrainingRun | None) -> tuple[Path | None, str]:
     """(the DPO reference model's directory or None, where it comes from or why there is none)."""
     from optrush.objectives.dpo import REFERENCE_FREE
     from optrush.train.checkpoint import checkpoint_model_dir
@@ -392,20 +404,34 @@ def dpo_reference(loss: str, reference: str | Path | None,
     ask = "pass --reference DIR (the model the DPO run started from) for the DPO metrics"
     if run is None:
         return None, f"no summary.json of a training run beside the checkpoint names a DPO reference: {ask}"
-    folder, config = run
-    if config.get("objective") != "dpo":
-        return None, (f"the checkpoint's run trained objective={config.get('objective')} "
-                      f"({folder / 'summary.json'}), not dpo: {ask}")
-    start = (config.get("model") or {}).get("path")
-    if start is not None and (Path(start) / "config.json").is_file():
-        return Path(start), f"the run's starting model (model.path in {folder / 'summary.json'})"
-    if (folder / "base" / "config.json").is_file():
-        return folder / "base", "the run's starting model (the preset base/ a LoRA run writes)"
-    if start is not None:
-        return None, f"the run's starting model model.path={start} ({folder / 'summary.json'}) is not there: {ask}"
-    preset = (config.get("model") or {}).get("preset")
+    summary = run.folder / "summary.json"
+    if run.config.get("objective") != "dpo":
+        return None, f"the checkpoint's run trained objective={run.config.get('objective')} ({summary}), not dpo: {ask}"
+    places = starting_model_places(run)
+    for path, how in places:
+        if (path / "config.json").is_file():
+            return path, f"the run's starting model ({how})"
+    if places:
+        tried = "; ".join(f"{path} ({how})" for path, how in places)
+        return None, f"the run's starting model is not where {summary} says (tried {tried}): {ask}"
+    preset = (run.config.get("model") or {}).get("preset")
     return None, (f"the run's reference was its starting model, a random model.preset={preset} init that no "
                   "directory holds; --reference DIR gives the DPO metrics against another model instead")
+
+
+def starting_model_places(run: TrainingRun) -> list[tuple[Path, str]]:
+    """Where the model `run` started from may be, best first, each with how it was found: the absolute path
+    training records; a LoRA preset run's base/, found in the run directory even after it moved; in a summary.json
+    of an older optrush, which recorded no starting_model, its model.path (relative to where training ran, which
+    is taken to be here)."""
+    summary = run.folder / "summary.json"
+    places = [(Path(run.starting_model), f"starting_model in {summary}")] if run.starting_model else []
+    if (run.folder / "base").is_dir():
+        places.append((run.folder / "base", "the preset base/ a LoRA run writes"))
+    recorded = (run.config.get("model") or {}).get("path")
+    if run.starting_model is None and recorded is not None:
+        places.append((Path(recorded).absolute(), f"model.path={recorded} in {summary}, from this directory"))
+    return places
 
 
 def sample_during_training(model: nn.Module, tokenizer, cfg, step: int) -> dict:

@@ -35,7 +35,7 @@ from optrush.objectives.dpo import pair_forward
 from optrush.models.hf import args_from_hf_config, is_reward_config
 from optrush.models.io import checkpoint_dtype, load_model, load_weights, read_config
 from optrush.models.llama import Transformer
-from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, holds_reward_head, \
+from optrush.peft.export import ADAPTER_CONFIG, adapter_directory, base_quantization, is_reward_adapter, \
     load_adapter
 from optrush.peft.lora import merge_lora_unless_quantized
 
@@ -133,11 +133,12 @@ def load_reward_adapter(adapter: Path, *, base: str | Path | None = None, dtype:
     checkpoint's."""
     config_file = adapter / ADAPTER_CONFIG
     config = json.loads(config_file.read_text())
-    if not holds_reward_head(config):
+    if not is_reward_adapter(adapter):
         raise ValueError(f"{config_file}: this adapter holds no reward head (task_type {config.get('task_type')}, "
-                         f"modules_to_save {config.get('modules_to_save')}): it adapts a language model, or an "
-                         "optrush that left the head out of reward adapters wrote it (that head never trained); "
-                         "train the reward model again")
+                         f"modules_to_save {config.get('modules_to_save')}): it adapts a language model (generate "
+                         "with it, or evaluate it with optrush eval), or an optrush that saved reward adapters as "
+                         "CAUSAL_LM without their head wrote it (that head never trained: train the reward model "
+                         "again)")
     base = base or config.get("base_model_name_or_path")
     if base is None:
         raise ValueError(f"{config_file} names no base model: pass its base model directory (optrush export "

@@ -116,10 +116,21 @@ def adapter_config(model: nn.Module, *, base_model_path: str | None = None) -> d
             "init_lora_weights": True, "inference_mode": True}
 
 
-def holds_reward_head(config: dict) -> bool:
-    """The adapter config (a dict read from ADAPTER_CONFIG) describes a reward model's adapter: it carries the
-    trained head."""
-    return REWARD_HEAD_MODULE in (config.get("modules_to_save") or ())
+def is_reward_adapter(adapter: Path) -> bool:
+    """PEFT adapter directory `adapter` is a reward model's: its config lists the trained head in
+    `modules_to_save`, as `save_adapter` writes it. The saved head decides, not the task type (a label PEFT picks
+    its wrapper class by): a SEQ_CLS config without the head is refused, as no reward model can be rebuilt from it
+    and it is no language model's either."""
+    config_file = adapter / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text())
+    saved = config.get("modules_to_save") or ()
+    if config.get("task_type") == "SEQ_CLS" and REWARD_HEAD_MODULE not in saved:
+        raise ValueError(f"{adapter}: {ADAPTER_CONFIG} says task_type SEQ_CLS (a reward model's adapter) but its "
+                         f"modules_to_save {config.get('modules_to_save')} holds no {REWARD_HEAD_MODULE!r} head, "
+                         "so the trained head is not in it (an optrush that left the head out of reward adapters, "
+                         "or another tool, wrote it): train the reward model again, or, if it adapts a language "
+                         f"model, set task_type to CAUSAL_LM in {config_file}")
+    return REWARD_HEAD_MODULE in saved
 
 
 def absolute(base_model_path: str | Path | None) -> str | None:
@@ -263,7 +274,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     peft = PeftConfig(method="dora" if c.get("use_dora") else "lora", r=c["r"], alpha=c["lora_alpha"],
                       dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")),
                       target_modules="all-linear" if targets == "all-linear" else list(targets))
-    if holds_reward_head(c) and not trains_reward_head(model):
+    if is_reward_adapter(path) and not trains_reward_head(model):
         raise ValueError(f"{config_file}: a reward model's adapter (modules_to_save {c['modules_to_save']}), and "
                          "this model has a language-model head: score texts with `optrush score "
                          f"{path}`, or load it with optrush.objectives.reward.load_reward_model")
@@ -319,7 +330,7 @@ def export_checkpoint(ckpt: str | Path, *, out: str | Path, merge: bool, base: s
         (out / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": absolute(base)},
                                                      indent=2) + "\n")
         return out
-    if holds_reward_head(config):
+    if is_reward_adapter(adapter):
         from optrush.objectives.reward import load_reward_adapter  # the objectives import this package
 
         model = load_reward_adapter(adapter, base=base)

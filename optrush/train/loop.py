@@ -247,6 +247,9 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                    "peak_mem_gib": peak_memory_gib(device), "params": model_params(model),
                    "trainable_params": trainable_params(model),
+                   # absolute: the recorded model.path is relative to where training ran, and `optrush eval`
+                   # reads its DPO reference from here, wherever it runs
+                   "starting_model": None if base_model_path is None else str(Path(base_model_path).resolve()),
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
