@@ -1,7 +1,7 @@
 """`optrush eval --format preference` finds a DPO run's reference wherever it runs (the summary records the
-starting model's absolute path), and every command decides "reward adapter" by one rule, the saved head: a SEQ_CLS
-adapter without it is refused with what to do, and one that holds it is a reward model whatever its task type
-says."""
+starting model's absolute path) and, for a QLoRA run, loads it quantized as training did; every command decides
+"reward adapter" by one rule, the saved head: a SEQ_CLS adapter without it is refused with what to do, and one
+that holds it is a reward model whatever its task type says."""
 import json
 import shutil
 
@@ -126,3 +126,34 @@ def test_an_adapter_holding_the_reward_head_is_a_reward_model_whatever_its_task_
     report = eval_pairs(adapter, pairs[1], tmp_path)
     assert report["model"] == "reward" and 0 <= report["accuracy"] <= 1
     assert load_reward_model(adapter).output.weight.shape[0] == 1
+
+
+@pytest.mark.parametrize("quantize,reference", [("nf4", "copy"), ("int8", "lora_disabled")])
+def test_qlora_dpo_eval_gives_training_eval_loss_against_the_quantized_base(quantize, reference, pairs,
+                                                                            tokenizer_dir, tiny_checkpoint, tmp_path):
+    """Training's reference was the quantized base (a frozen copy, or the policy with its adapters off): eval loads
+    the adapter's base quantized the same way as the reference, for the adapter and for the merged final/."""
+    run = tmp_path / "run"
+    train(load_config(None, [
+        "objective=dpo", f"model.path={tiny_checkpoint[0]}", f"data.path={pairs[0]}", f"data.eval_path={pairs[1]}",
+        "data.format=preference", f"data.tokenizer={tokenizer_dir}", "data.max_length=256",
+        "train.micro_batch_size=2", "train.max_steps=2", "train.lr=1e-2", "train.eval_batches=100",
+        "train.device=cpu", "precision.mode=fp32", "logging.progress=false", "checkpoint.resume=never",
+        "peft.method=lora", "peft.r=4", f"peft.quantize={quantize}", f"dpo.reference={reference}",
+        f"output_dir={run}"]))
+    trained = json.loads((run / "summary.json").read_text())
+    for checkpoint in (run / "final" / "adapter", run / "final"):  # the adapter, the merged model
+        report = eval_pairs(checkpoint, pairs[1], tmp_path)
+        assert report["reference"] == str(tiny_checkpoint[0].resolve())
+        for name in ("loss", "reward_margin", "chosen_reward", "rejected_reward"):  # tight: int8 is close to fp32
+            assert report[name] == pytest.approx(trained[f"eval_{name}"], rel=1e-5, abs=1e-6), (checkpoint, name)
+        assert f"loaded {quantize}-quantized" in report["reference_note"]
+    # another directory given with --reference loads as it is
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint[0], other)
+    out = tmp_path / "other.md"
+    assert main(["eval", str(run / "final" / "adapter"), "--data", str(pairs[1]), "--format", "preference", *CPU,
+                 "--reference", str(other), "--out", str(out)]) == 0
+    given = json.loads(out.with_suffix(".json").read_text())
+    assert given["reference_note"] == "given with --reference"
+    assert given["chosen_reward"] != pytest.approx(report["chosen_reward"], rel=1e-5, abs=1e-6)

@@ -22,11 +22,12 @@ Preference data (`data.format=preference`) is scored pair by pair, with no sampl
   reward gap and the Bradley-Terry loss, as training's eval_* metrics of objective=reward;
 - a causal LM: the policy's own log-prob preference accuracy and margin (summed completion log-probs of chosen vs
   rejected, no reference), and the DPO eval metrics of training (loss, accuracy, reward margin, chosen and
-  rejected rewards) when the reference is known: `reference` (--reference DIR), else the starting model the run
-  recorded (starting_model in the run's summary.json, an absolute path, so eval may run from any directory; a LoRA
-  preset run's base/; in an older summary.json, model.path, taken from the current directory); simpo and orpo need
-  none. A run that started from a random model.preset init (full fine-tune) left no reference on disk: no DPO
-  metrics then, and the report says how to get them. The dpo.* (reward.margin) settings are the run's own when
+  rejected rewards) when the reference is known (loaded quantized where it is the base a QLoRA run trained over,
+  as training's reference was): `reference` (--reference DIR), else the starting model the run recorded
+  (starting_model in the run's summary.json, an absolute path, so eval may run from any directory; a LoRA preset
+  run's base/; in an older summary.json, model.path, taken from the current directory); simpo and orpo need none.
+  A run that started from a random model.preset init (full fine-tune) left no reference on disk: no DPO metrics
+  then, and the report says how to get them. The dpo.* (reward.margin) settings are the run's own when
   its summary.json says it trained that objective; `PAIR_KEYS` overrides change them. Training's eval covers at
   most train.eval_batches micro-batches; this covers every pair of the file.
 
@@ -290,7 +291,7 @@ def evaluate_pairs(ckpt: str | Path | None, *, data: str | Path, max_length: int
                                            device=device)}
     model = load_for_generation(ckpt, adapter=adapter, base=base, device=device)[0]
     return {**report, **policy_metrics(model, pairs, cfg=cfg, pad_id=tokenizer.pad_token_id, device=device,
-                                       reference=reference, run=run)}
+                                       reference=reference, run=run, model_dir=model_dir, adapter_dir=adapter_dir)}
 
 
 class TrainingRun(NamedTuple):
@@ -354,11 +355,13 @@ def reward_metrics(model_dir: Path, adapter_dir: Path | None, pairs: list, *, cf
 
 
 def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: str,
-                   reference: str | Path | None, run: TrainingRun | None) -> dict:
+                   reference: str | Path | None, run: TrainingRun | None, model_dir: Path,
+                   adapter_dir: Path | None) -> dict:
     """A causal LM's own preference, no reference: how often its summed completion log-prob (and its mean per
     token, which a length difference does not sway) is higher for chosen than for rejected, and the mean summed
     margin; with the reference known (`dpo_reference`) or not needed, the DPO eval metrics of training under
-    cfg.dpo."""
+    cfg.dpo. `model` is `model_dir`, or the base `model_dir` with `adapter_dir`: they say whether the reference
+    is loaded quantized (`reference_quantization`)."""
     from optrush.models.io import load_model
     from optrush.objectives.dpo import REFERENCE_FREE, preference_losses, sequence_logps
 
@@ -381,8 +384,11 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
         return report
     ref = None
     if reference_dir is not None:
-        ref = per_sequence(completion_logps, load_model(reference_dir, device=device).eval(), pairs, cfg=cfg,
-                           pad_id=pad_id)
+        quantize = reference_quantization(reference_dir, model_dir=model_dir, adapter_dir=adapter_dir, run=run)
+        if quantize != "none":
+            report["reference_note"] += f"; loaded {quantize}-quantized, as training held it (peft.quantize={quantize})"
+        ref = per_sequence(completion_logps, load_model(reference_dir, device=device, quantize=quantize).eval(),
+                           pairs, cfg=cfg, pad_id=pad_id)
     losses, chosen, rejected = preference_losses(
         d.loss, chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=tokens[:, 0], rejected_tokens=tokens[:, 1],
         ref_chosen=None if ref is None else ref[:, 0], ref_rejected=None if ref is None else ref[:, 1],
@@ -390,6 +396,29 @@ def policy_metrics(model: nn.Module, pairs: list, *, cfg, pad_id: int, device: s
     return {**report, "loss": float(losses.mean()), "accuracy": float((chosen > rejected).float().mean()),
             "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
             "rejected_reward": float(rejected.mean())}
+
+
+def reference_quantization(reference_dir: Path, *, model_dir: Path, adapter_dir: Path | None,
+                           run: TrainingRun | None) -> str:
+    """How to load DPO reference `reference_dir` (none, nf4, int8) so that it is the model training compared
+    against. A QLoRA run's reference was its quantized base (a frozen copy of the starting model, or with
+    dpo.reference=lora_disabled the policy with its adapters off): the base adapter `adapter_dir` trained over
+    loads as `base_quantization` says; with no adapter (a QLoRA run's merged final/), the run's starting model
+    loads with the run's peft.quantize, except a preset run's base/, which holds those weights dequantized
+    already. Any other model loads as it is."""
+    from optrush.peft.export import PRESET_BASE_FILE, base_quantization
+
+    if adapter_dir is not None:
+        return base_quantization(adapter_dir, model_dir) if same_directory(reference_dir, model_dir) else "none"
+    started_there = run is not None and any(same_directory(reference_dir, path)
+                                            for path, _ in starting_model_places(run))
+    if not started_there or (reference_dir / PRESET_BASE_FILE).is_file():
+        return "none"
+    return (run.config.get("peft") or {}).get("quantize", "none")
+
+
+def same_directory(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def dpo_reference(loss: str, reference: str | Path | None, run: TrainingRun | None) -> tuple[Path | None, str]:
