@@ -16,7 +16,7 @@ from optrush.plan import memory as mem
 from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
-from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token,
+from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token, family,
                                 load_measurements, lookup_efficiency, measured_from_record, offload_bytes_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
@@ -24,8 +24,8 @@ DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads
 # embedding 512x64, head 512x64, final norm 64
 BLOCK_LINEAR = 4096 + 2048 + 2048 + 4096 + 3 * 12288
 TOTAL = 2 * (BLOCK_LINEAR + 128) + 2 * 32768 + 64
-CAL = Calibration(efficiency={("blocks", True, "none", "bf16", 2048): 0.5,
-                              ("none", False, "none", "bf16", 2048): 0.3},
+CAL = Calibration(efficiency={("blocks", True, "none", "bf16", 2048, 1.0): 0.5,
+                              ("none", False, "none", "bf16", 2048, 1.0): 0.3},
                   pcie_bytes_per_s=20e9, rows=2)
 
 
@@ -166,6 +166,36 @@ def test_levers_lower_their_terms():
     assert mem.activation_bytes(a, long_rows.replace(mlp_chunk_tokens=1024)) < mem.activation_bytes(a, long_rows)
 
 
+def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():
+    """compile.memory_budget interpolates what a compiled block keeps between its input (blocks; nothing for the
+    whole model) and what the partitioner keeps unbudgeted; backward holds one block's left-out part again."""
+    a = get_preset("llama3.2-1b")
+    per_block = {}
+    for mode, floor in (("blocks", 2 * a.dim), ("model", 0)):
+        full = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile=mode)
+        whole = mem.block_activation_bytes(a, full, policy="none")
+        for budget in (1.0, 0.5, 0.0):
+            s = full.replace(memory_budget=budget)
+            per_block[mode, budget] = mem.block_activation_bytes(a, s, policy="none")
+            assert per_block[mode, budget] == pytest.approx(floor + budget * (whole - floor))
+            assert mem.recompute_bytes(a, s) == pytest.approx((whole - per_block[mode, budget]) * s.tokens)
+        half = full.replace(memory_budget=0.5)
+        assert estimate_memory(a, half).peak_bytes < estimate_memory(a, full).peak_bytes
+        # no rows with this budget: the speed borrows the full budget's family and says so
+        efficiency = {family(full, a): 0.5}
+        assert lookup_efficiency(efficiency, full, a) == (0.5, "measured")
+        assert lookup_efficiency(efficiency, half, a)[1].startswith("nearest")
+    assert per_block["model", 0.0] == 0
+    # the search does not vary the budget; a pin applies it to every (compiled) candidate and its memory
+    search = dict(gpu=GPUS["H100"], seq_len=2048, micro_batch=4, base_overrides=("model.preset=llama3.2-1b",),
+                  calibration=CAL)
+    pinned = plan(a, pins=("compile.memory_budget=0.5",), **search)
+    free = {c.setup: c for c in plan(a, **search)}
+    assert pinned and all(c.setup.compile != "none" and c.setup.memory_budget == 0.5 for c in pinned)
+    assert all(c.memory.peak_bytes < free[c.setup.replace(memory_budget=1.0)].memory.peak_bytes for c in pinned
+               if c.setup.checkpointing == "none")
+
+
 def test_skip_last_keeps_its_blocks_and_saves_their_recompute_and_copies():
     a = get_preset("llama3.2-1b")
     offload = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", checkpointing="full",
@@ -288,7 +318,7 @@ def test_setup_round_trips_through_config():
     qlora = Setup(seq_len=512, precision="bf16_pure", peft="dora", quantize="nf4", lora_rank=8,
                   lora_targets=("q_proj", "v_proj"), state_dtype="fp32", mlp_chunk_tokens=128)
     kept = qlora.replace(checkpointing="full", offload=True, skip_last=2)
-    for s in (fsdp, qlora, qlora.replace(compile="blocks"), kept):
+    for s in (fsdp, qlora, qlora.replace(compile="blocks"), kept, fsdp.replace(memory_budget=0.4)):
         cfg = load_config(None, ["model.preset=debug", *config_overrides(s)], synthetic_data=True)
         assert setup_from_config(cfg, n_gpus=s.n_gpus, document_mask=False) == s
         # the planner asks for the one-kernel dequantization of a compiled QLoRA step (measured faster)
@@ -433,7 +463,7 @@ def test_a_recomputed_compiled_qlora_block_counts_its_mlp_backward():
 
 
 def test_speed_efficiency_is_per_model_width_and_falls_back_to_the_nearest():
-    cal = {("blocks", True, "full", "bf16", 2048): 0.4, ("blocks", True, "full", "bf16", 4096): 0.6}
+    cal = {("blocks", True, "full", "bf16", 2048, 1.0): 0.4, ("blocks", True, "full", "bf16", 4096, 1.0): 0.6}
     s = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", fused_loss=True,
               checkpointing="full")
     assert lookup_efficiency(cal, s, get_preset("llama3.1-8b")) == (0.6, "measured")

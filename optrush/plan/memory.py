@@ -279,8 +279,12 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     if s.compile != "none":
         # Inductor keeps the residuals, the matmul inputs and outputs, attention's inputs/outputs and the two
         # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.
-        return (2 * res * d + 2 * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
-                + mlp * (2 * act * f + mm_in * f) + fp8_wo_input + 2 * 4 + adapters)
+        whole = (2 * res * d + 2 * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
+                 + mlp * (2 * act * f + mm_in * f) + fp8_wo_input + 2 * 4 + adapters)
+        # compile.memory_budget: the partitioner keeps that fraction of what lies between saving the graph's
+        # inputs only (a compiled block's input; nothing per block for the whole model) and `whole`
+        floor = res * d if s.compile == "blocks" else 0
+        return floor + s.memory_budget * (whole - floor)
     # Eager RMSNorm keeps its fp32 input, the normalised x and the linear's input (optrush.models.layers.RMSNorm)
     norm = 4 * d + res * d + mm_in * d
     swiglu = mlp * (3 * act * f + mm_in * f)  # w1 out, silu out, w3 out, and the product (w2's input)
@@ -322,10 +326,13 @@ def kept_activation_bytes(a: ModelArgs, s: Setup) -> float:
 
 
 def recompute_bytes(a: ModelArgs, s: Setup) -> float:
-    """During backward, a checkpointed block re-runs its forward and holds its full activation set again."""
+    """During backward, a checkpointed block re-runs its forward and holds its full activation set again; under
+    compile.memory_budget a compiled block recomputes what its budget left out."""
     if s.checkpointing == "none" and not s.offload:
-        return 0.0
-    return block_activation_bytes(a, s, policy="none") * s.tokens
+        budget_left_out = block_activation_bytes(a, s.replace(memory_budget=1.0), policy="none") \
+            - block_activation_bytes(a, s, policy="none")
+        return budget_left_out * s.tokens
+    return block_activation_bytes(a, s.replace(memory_budget=1.0), policy="none") * s.tokens
 
 
 def block_backward_bytes(a: ModelArgs, s: Setup) -> float:

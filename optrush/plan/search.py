@@ -146,6 +146,8 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
     setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=seq_len, peft=peft, optimizer=optimizer,
                               micro_batches=micro_batches, untied=not args.tie_embeddings)
     pinned = dict(parse_override(p) for p in pins)
+    if "compile.memory_budget" in pinned:  # not searched (no speed rows for it yet): a pin sets it for all
+        setups = [s.replace(memory_budget=float(pinned["compile.memory_budget"])) for s in setups]
     out = [evaluate(args, s, gpu=gpu, calibration=calibration, margin=margin) for s in setups
            if agrees(s, pinned) and is_valid(s, base_overrides + pins)]
     if not out:

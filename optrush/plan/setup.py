@@ -54,6 +54,8 @@ class Setup:
     """activations.mlp_chunk_tokens: the MLP runs over checkpointed chunks of this many tokens (0 = off)."""
     compile: str = "none"
     """compile.mode: none | blocks | model."""
+    memory_budget: float = 1.0
+    """compile.memory_budget: the fraction of its activations a compiled block keeps (1 = Inductor's choice)."""
     fused_loss: bool = False
     loss_chunk_tokens: int = 4096
     attention: str = "sdpa"
@@ -96,7 +98,8 @@ def setup_from_config(cfg: Config, *, n_gpus: int = 1, document_mask: bool | Non
         embedding_on_host=cfg.peft.embedding_on_host, lora_rank=cfg.peft.r, lora_targets=targets,
         virtual_tokens=cfg.peft.num_virtual_tokens, checkpointing=cfg.activations.checkpointing,
         every=cfg.activations.every, skip_last=cfg.activations.skip_last, offload=cfg.activations.offload,
-        mlp_chunk_tokens=cfg.activations.mlp_chunk_tokens, compile=cfg.compile.mode, fused_loss=cfg.kernels.fused_loss,
+        mlp_chunk_tokens=cfg.activations.mlp_chunk_tokens, compile=cfg.compile.mode,
+        memory_budget=cfg.compile.memory_budget, fused_loss=cfg.kernels.fused_loss,
         loss_chunk_tokens=cfg.kernels.loss_chunk_tokens, attention=cfg.model.attention,
         document_mask=cfg.data.packing == "bfd" if document_mask is None else document_mask,
         strategy=cfg.parallel.strategy, n_gpus=n_gpus if cfg.parallel.strategy != "none" else 1,
@@ -125,6 +128,8 @@ def config_overrides(setup: Setup) -> list[str]:
         out.append("parallel.cpu_offload=true")
     if setup.context_degree > 1:
         out.append(f"context.degree={setup.context_degree}")
+    if setup.memory_budget != Setup.memory_budget:
+        out.append(f"compile.memory_budget={setup.memory_budget}")
     if setup.mlp_chunk_tokens:
         out.append(f"activations.mlp_chunk_tokens={setup.mlp_chunk_tokens}")
     if setup.skip_last:

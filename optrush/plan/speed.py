@@ -213,12 +213,14 @@ def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
 
 def family(s: Setup, a: ModelArgs) -> tuple:
     """Setups expected to run at one efficiency: (compile, fused loss, checkpointing, matmul precision, model
-    width). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use (measured on the 1B
+    width, compile memory budget). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use (measured on the 1B
     ladder: about 15% below bf16_pure's efficiency). The width, because wider matmuls run closer to the peak and
     the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
-    left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md)."""
+    left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md). Last, the compiled
+    graph's memory budget: what it recomputes is not counted in the executed FLOPs, so it shows as efficiency (a
+    budget without rows borrows the full budget's, an optimistic guess its basis names)."""
     matmuls = {"fp8": "fp8", "fp32": "tf32", "bf16_mixed": "bf16_mixed"}.get(s.precision, "bf16")
-    return (s.compile, s.fused_loss, s.checkpointing, matmuls, a.dim)
+    return (s.compile, s.fused_loss, s.checkpointing, matmuls, a.dim, s.memory_budget)
 
 
 def peak_flops(gpu: GPU, s: Setup) -> float:
