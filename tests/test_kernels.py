@@ -133,10 +133,10 @@ def test_compiled_loss_chunk_keeps_no_fp32_logits():
 
 
 def test_fused_loss_traces_whole_under_compile():
-    """fullgraph: dynamo traces the autograd.Function and the chunk loop without a break. aot_eager skips
-    Inductor's C++ build on CPU (seconds); the GPU test below compiles with Inductor."""
+    """fullgraph: dynamo traces the autograd.Function and the chunk loop (74 tokens, two chunks) without a break.
+    aot_eager skips Inductor's C++ build on CPU (seconds); the GPU test below compiles with Inductor."""
     inputs = loss_inputs()
-    compiled = torch.compile(functools.partial(fused_linear_cross_entropy, reduction="sum", chunk_tokens=32,
+    compiled = torch.compile(functools.partial(fused_linear_cross_entropy, reduction="sum", chunk_tokens=37,
                                                z_loss=1e-3), backend="aot_eager", fullgraph=True)
     got = loss_and_grads(compiled, *inputs)
     expected = loss_and_grads(reference_linear_cross_entropy, *inputs, reduction="sum", z_loss=1e-3)
@@ -147,12 +147,36 @@ def test_fused_loss_traces_whole_under_compile():
 def test_chunked_label_logps_trace_whole_under_compile():
     hidden, weight, labels = loss_inputs()
     upstream = torch.randn(labels.shape)
-    compiled = torch.compile(functools.partial(chunked_label_logps, chunk_tokens=32), backend="aot_eager",
+    compiled = torch.compile(functools.partial(chunked_label_logps, chunk_tokens=37), backend="aot_eager",
                              fullgraph=True)
     got, expected = compiled(hidden, weight, labels), reference_label_logps(hidden, weight, labels)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
     for g, e in zip(grads, torch.autograd.grad((expected * upstream).sum(), (hidden, weight))):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["fused_linear_cross_entropy", "chunked_label_logps"])
+def test_a_loss_of_many_chunks_runs_outside_the_compiled_graph(loss):
+    """Beyond TRACED_CHUNKS chunks the loss leaves the enclosing graph (its only break), so that Inductor cannot reorder
+    its unrolled loop and hold every chunk's buffers at once (the 65,536-token 1B step, memory_peak.md); its
+    results stay the reference's."""
+    from torch._dynamo.utils import counters
+
+    hidden, weight, labels = loss_inputs()  # 74 tokens: three chunks of 32
+    upstream = torch.randn(labels.shape)
+    chunked = {"fused_linear_cross_entropy": functools.partial(fused_linear_cross_entropy, reduction="sum"),
+               "chunked_label_logps": lambda h, w, l, **kw: (chunked_label_logps(h, w, l, **kw) * upstream).sum()}
+    reference = {"fused_linear_cross_entropy": functools.partial(reference_linear_cross_entropy, reduction="sum"),
+                 "chunked_label_logps": lambda h, w, l: (reference_label_logps(h, w, l) * upstream).sum()}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda h, w, l: chunked[loss](h * 1.0, w, l, chunk_tokens=32) * 1.0,
+                             backend="aot_eager")
+    got = loss_and_grads(compiled, hidden, weight, labels)
+    reasons = list(counters["graph_break"])  # dynamo counts a break once per pass over the frame
+    assert len(reasons) == 1 and "_untraced_apply" in reasons[0], reasons
+    for g, e in zip(got, loss_and_grads(reference[loss], hidden, weight, labels)):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 

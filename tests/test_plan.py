@@ -168,7 +168,8 @@ def test_levers_lower_their_terms():
 
 def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():
     """compile.memory_budget interpolates what a compiled block keeps between its input (blocks; nothing for the
-    whole model) and what the partitioner keeps unbudgeted; backward holds one block's left-out part again."""
+    whole model) and what the partitioner keeps unbudgeted, by the measured kept fraction; backward holds one
+    block's left-out part again."""
     a = get_preset("llama3.2-1b")
     per_block = {}
     for mode, floor in (("blocks", 2 * a.dim), ("model", 0)):
@@ -177,7 +178,7 @@ def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():
         for budget in (1.0, 0.5, 0.0):
             s = full.replace(memory_budget=budget)
             per_block[mode, budget] = mem.block_activation_bytes(a, s, policy="none")
-            assert per_block[mode, budget] == pytest.approx(floor + budget * (whole - floor))
+            assert per_block[mode, budget] == pytest.approx(floor + mem.kept_fraction(budget) * (whole - floor))
             assert mem.recompute_bytes(a, s) == pytest.approx((whole - per_block[mode, budget]) * s.tokens)
         half = full.replace(memory_budget=0.5)
         assert estimate_memory(a, half).peak_bytes < estimate_memory(a, full).peak_bytes
@@ -185,7 +186,8 @@ def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():
         efficiency = {family(full, a): 0.5}
         assert lookup_efficiency(efficiency, full, a) == (0.5, "measured")
         assert lookup_efficiency(efficiency, half, a)[1].startswith("nearest")
-    assert per_block["model", 0.0] == 0
+    assert per_block["model", 0.0] == 0 and per_block["model", 0.5] > per_block["model", 1.0] / 2  # measured
+    assert [mem.kept_fraction(b) for b in (0.0, 0.4, 1.0)] == pytest.approx([0.0, 0.655, 1.0])
     # the search does not vary the budget; a pin applies it to every (compiled) candidate and its memory
     search = dict(gpu=GPUS["H100"], seq_len=2048, micro_batch=4, base_overrides=("model.preset=llama3.2-1b",),
                   calibration=CAL)

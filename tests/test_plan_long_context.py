@@ -158,15 +158,14 @@ def test_measuring_a_varlen_candidate_on_cpu_reports_it_instead_of_stopping(cali
     assert "model.attention=varlen needs a CUDA GPU" in row["error"]
 
 
-def test_varlen_without_grouped_kv_heads_counts_the_repeated_copies(monkeypatch):
-    """torch 2.11's varlen_attn takes no grouped KV heads: they are repeated and autograd keeps the copies (the
-    131,072-token plan pick ran out of memory on an H100 while predicted at 63 GiB, plan_long_context_h100.md)."""
+def test_varlen_keeps_grouped_kv_heads_where_masked_sdpa_keeps_repeated_copies():
+    """varlen passes grouped KV heads to the kernel as they are (on torch 2.11 too: varlen_gqa_h100.md); SDPA with
+    a dense document mask repeats them to the query heads, and autograd keeps the copies."""
     from optrush.plan import memory
 
-    setup = Setup(precision="bf16_pure", micro_batch=1, seq_len=LONG_ROW_TOKENS * 16, compile="model",
-                  fused_loss=True, attention="varlen", document_mask=True, mlp_chunk_tokens=LONG_ROW_TOKENS)
-    grouped = memory.estimate_memory(LLAMA_1B, setup).peak_bytes
-    monkeypatch.setattr(memory, "VARLEN_GQA", {})
-    repeated = memory.estimate_memory(LLAMA_1B, setup).peak_bytes
+    setup = Setup(precision="bf16_pure", micro_batch=1, seq_len=LONG_ROW_TOKENS, compile="model",
+                  fused_loss=True, attention="varlen", document_mask=True)
+    grouped = memory.activation_bytes(LLAMA_1B, setup)
+    repeated = memory.activation_bytes(LLAMA_1B, setup.replace(attention="sdpa"))
     copies = 2 * (LLAMA_1B.n_heads - LLAMA_1B.n_kv_heads) * LLAMA_1B.head_dim * 2  # bytes a token per layer
     assert repeated - grouped == pytest.approx(copies * setup.tokens * LLAMA_1B.n_layers, rel=1e-6)

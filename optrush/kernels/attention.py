@@ -110,7 +110,9 @@ def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_wind
 
 def varlen_gqa_keyword() -> dict:
     """What tells `varlen_attn` that k and v have fewer heads than q: enable_gqa=True where it has the parameter
-    (torch >= 2.13, which refuses unequal head counts without it); {} where it has none (torch 2.11)."""
+    (torch >= 2.13, which refuses unequal head counts without it); {} where it has none (torch 2.11, whose kernel
+    takes grouped heads as they are: same output, 1.61 vs 1.70 ms forward+backward at 8,192 tokens with 32/8
+    heads on an H100, benchmarks/results/varlen_gqa_h100.md)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10: no varlen; model.attention=varlen is refused at config load
@@ -130,12 +132,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask:
     # Under autocast, qk_norm returns fp32 q and k beside bf16 v; the kernel wants one dtype.
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     q, k = q.to(v.dtype), k.to(v.dtype)
-    # Grouped KV heads go in as they are where varlen_attn takes them (enable_gqa): FlashAttention's kernel shares
-    # each among its query heads. Repeated here, autograd keeps the repeated k and v for backward, 2 x (H - H_kv) x
-    # D more bytes a token per layer (+0.75 GiB on the 1B shape at 8,192 tokens, train_speed_h100_varlen.md);
-    # torch 2.11's varlen_attn has no enable_gqa, so there they are repeated (`optrush.plan.memory` counts it).
-    if k.shape[2] != H and not VARLEN_GQA:
-        k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+    # Grouped KV heads go in as they are: FlashAttention's kernel shares each among its query heads. Repeated
+    # here, autograd would keep the repeated k and v for backward, 2 x (H - H_kv) x D more bytes a token per layer
+    # (+0.75 GiB on the 1B shape at 8,192 tokens, train_speed_h100_varlen.md; 12 GiB at 131,072).
     q, k, v = q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D)
     cu_seqlens = mask.cu_seqlens
     if cu_seqlens is None:

@@ -45,8 +45,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     grad_enabled = torch.is_grad_enabled()
     need_hidden_grad = grad_enabled and hidden.requires_grad
     need_weight_grad = grad_enabled and weight.requires_grad
-    loss = _FusedLinearCrossEntropy.apply(hidden_2d, weight, labels_1d, chunk_tokens, z_loss,
-                                          need_hidden_grad, need_weight_grad)
+    loss = traced_or_not(_FusedLinearCrossEntropy, hidden_2d, weight, labels_1d, chunk_tokens, z_loss,
+                         need_hidden_grad, need_weight_grad)
     if reduction == "mean":
         loss = loss / (labels_1d != IGNORE_INDEX).sum()
     return loss
@@ -73,8 +73,8 @@ def chunked_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     backward; backward recomputes each chunk's logits, as the incoming gradient differs per token."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1 (kernels.loss_chunk_tokens)")
-    logps = _ChunkedLabelLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                     chunk_tokens)
+    logps = traced_or_not(_ChunkedLabelLogps, hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                          chunk_tokens)
     return logps.view(labels.shape)
 
 
@@ -83,6 +83,28 @@ def reference_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     logps = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
     logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(labels != IGNORE_INDEX, logps, 0.0)
+
+
+TRACED_CHUNKS = 2
+"""Under whole-model compile (compile.mode=model) a loss of at most this many chunks is traced into the model's
+graph, where Inductor fuses it with the model's tail (the fastest 1B step, 8,192 tokens in two chunks). A longer
+one runs outside that graph, one compiled chunk after another: traced, its unrolled loop is reordered and every
+chunk's buffers are live at once (65,536 tokens on the 1B shape: 16 (vocab x dim) weight-gradient products and 8
+chunks' logit gradients at the peak, 73 GiB where 29 were planned; benchmarks/results/memory_peak.md)."""
+
+
+def traced_or_not(function: type[torch.autograd.Function], hidden: torch.Tensor, weight: torch.Tensor,
+                  labels: torch.Tensor, chunk_tokens: int, *rest):
+    """`function.apply(hidden, weight, labels, chunk_tokens, *rest)`, outside any enclosing torch.compile graph
+    when it takes more than TRACED_CHUNKS chunks."""
+    args = (hidden, weight, labels, chunk_tokens, *rest)
+    chunks = -(-hidden.shape[0] // chunk_tokens)
+    return function.apply(*args) if chunks <= TRACED_CHUNKS else _untraced_apply(function, *args)
+
+
+@torch.compiler.disable
+def _untraced_apply(function: type[torch.autograd.Function], *args):
+    return function.apply(*args)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -18,7 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from optrush.kernels.attention import VARLEN_GQA
+from optrush.kernels.fused_loss import TRACED_CHUNKS
 from optrush.models.llama import ModelArgs
 from optrush.plan.setup import ALL_LINEAR, Setup
 
@@ -255,10 +255,8 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
     mm_in = 1 if s.precision == "fp8" else act  # float8 linears save their inputs in fp8
-    # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads; so does
-    # varlen where varlen_attn takes no grouped KV heads (torch 2.11: optrush.kernels.attention.VARLEN_GQA)
-    repeated = (s.attention == "sdpa" and s.document_mask) or (s.attention == "varlen" and not VARLEN_GQA)
-    kv_saved = q if repeated else kv
+    # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
+    kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
     lse = 4 * a.n_heads
     # activations.mlp_chunk_tokens: each MLP chunk is a checkpoint that saves only its slice of the input
     mlp = 0 if s.mlp_chunk_tokens and s.tokens > s.mlp_chunk_tokens else 1
@@ -272,7 +270,9 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         # +0.5 GiB over full checkpointing)
         return res * d + act * q + lse + adapters
     if policy == "selective":  # matmul and attention outputs plus the block input; pointwise ops recomputed
-        kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + mlp * 2 * act * f
+        # MLP chunks do not help here: the block's policy also saves the matmul outputs inside each chunk's own
+        # checkpoint (gate and up: 33.6 GiB at 65,536 tokens on the 1B shape, memory_peak.md)
+        kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
     fp8_wo_input = mm_in * q if s.precision == "fp8" else 0  # a second, fp8 copy of the attention output
@@ -281,10 +281,10 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.
         whole = (2 * res * d + 2 * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
                  + mlp * (2 * act * f + mm_in * f) + fp8_wo_input + 2 * 4 + adapters)
-        # compile.memory_budget: the partitioner keeps that fraction of what lies between saving the graph's
-        # inputs only (a compiled block's input; nothing per block for the whole model) and `whole`
+        # compile.memory_budget: the partitioner keeps part of what lies between saving the graph's inputs only (a
+        # compiled block's input; nothing per block for the whole model) and `whole`
         floor = res * d if s.compile == "blocks" else 0
-        return floor + s.memory_budget * (whole - floor)
+        return floor + kept_fraction(s.memory_budget) * (whole - floor)
     # Eager RMSNorm keeps its fp32 input, the normalised x and the linear's input (optrush.models.layers.RMSNorm)
     norm = 4 * d + res * d + mm_in * d
     swiglu = mlp * (3 * act * f + mm_in * f)  # w1 out, silu out, w3 out, and the product (w2's input)
@@ -292,6 +292,20 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     rope = (2 if act == 4 else 4) * (a.head_dim // 2) * act
     rstd = 2 * 4  # each RMSNorm's fp32 reciprocal RMS, one value per token
     return 2 * norm + rstd + act * (q + 2 * kv_saved) + act * q + lse + swiglu + rope + fp8_wo_input + adapters
+
+
+BUDGET_KEPT = ((0.0, 0.0), (0.3, 0.55), (0.5, 0.76), (1.0, 1.0))
+"""(compile.memory_budget, fraction of the compiled graph's activations kept), measured on the 1B step on an H100
+(train_speed_h100_memory_budget.md: 2.26 and 4.17 of 9.27 GiB less at budgets 0.5 and 0.3). The partitioner's
+budget is a fraction of its own size estimate, and what it keeps falls slower than the budget."""
+
+
+def kept_fraction(memory_budget: float) -> float:
+    """The fraction of activations a compiled graph keeps under `memory_budget`: BUDGET_KEPT, linear between."""
+    for (b0, k0), (b1, k1) in zip(BUDGET_KEPT, BUDGET_KEPT[1:]):
+        if memory_budget <= b1:
+            return k0 + (k1 - k0) * (memory_budget - b0) / (b1 - b0)
+    return 1.0
 
 
 def handled_blocks(a: ModelArgs, s: Setup) -> int:
@@ -398,7 +412,8 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     Fused loss (`optrush.kernels.fused_loss`): an fp32 accumulator for the head's gradient (when trained), the
     hidden-state gradient, and per chunk the working-dtype logits and their gradient: on CUDA the chunk is
     compiled without an fp32 copy of the logits (the GPU test of the loss alone: 4.2-4.3 bytes per bf16 chunk
-    element), which whole-model compile keeps to. With the chunk compiled on its own, the steps measured since
+    element), which whole-model compile keeps to when it traces the loss (up to TRACED_CHUNKS chunks). With the
+    chunk compiled on its own, the steps measured since
     came out between about 4.5 (8B QLoRA, qlora_h100_confirm2.md) and 6 bytes per element (the 1B step,
     train_speed_h100_loss_chunk_ab.md): modelled as 2 x the working dtype + 1. Before 5866a7b (2026-12-06) the
     chunk kept an fp32 copy: 3 bytes per element more (benchmarks/plan_accuracy.py checks those rows with it)."""
@@ -409,7 +424,8 @@ def loss_bytes(a: ModelArgs, s: Setup) -> float:
     chunk = min(s.loss_chunk_tokens, n)
     head_grad = 4 * v * a.dim if s.peft == "none" else 0  # a frozen head needs no weight gradient
     hidden_grad = residual_bytes(s) * n * a.dim
-    per_chunk = 2 * act if s.compile == "model" else 2 * act + 1
+    traced = s.compile == "model" and math.ceil(n / chunk) <= TRACED_CHUNKS  # else one compiled chunk at a time
+    per_chunk = 2 * act if traced else 2 * act + 1
     return head_grad + hidden_grad + per_chunk * chunk * v
 
 
