@@ -320,6 +320,9 @@ def test_setup_round_trips_through_config():
     qlora = Setup(seq_len=512, precision="bf16_pure", peft="dora", quantize="nf4", lora_rank=8,
                   lora_targets=("q_proj", "v_proj"), state_dtype="fp32", mlp_chunk_tokens=128)
     kept = qlora.replace(checkpointing="full", offload=True, skip_last=2)
+    # defaults are left out of the written config
+    assert not {"compile.memory_budget", "optim.low_bit_min_numel", "kernels.loss_chunk_tokens"} & \
+        {o.split("=")[0] for o in config_overrides(Setup(seq_len=512))}
     for s in (fsdp, qlora, qlora.replace(compile="blocks"), kept, fsdp.replace(memory_budget=0.4)):
         cfg = load_config(None, ["model.preset=debug", *config_overrides(s)], synthetic_data=True)
         assert setup_from_config(cfg, n_gpus=s.n_gpus, document_mask=False) == s

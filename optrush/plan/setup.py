@@ -79,6 +79,10 @@ class Setup:
         return dataclasses.replace(self, **changes)
 
 
+DEFAULT = Setup(seq_len=1)
+"""A setup's defaults (a slotted dataclass keeps them on no class attribute): what `config_overrides` leaves out."""
+
+
 def micro_batch_rows(cfg: Config) -> int:
     """Full rows a micro-batch holds at most: `data.batch_tokens` (when set) replaces `train.micro_batch_size`; its
     padded micro-batches (none/sorted) hold up to that many tokens, so they count as that many full rows."""
@@ -122,19 +126,19 @@ def config_overrides(setup: Setup) -> list[str]:
         out.append(f"optim.state_dtype={setup.state_dtype}")
     if setup.optimizer_offload:
         out.append("optim.offload=true")
-    if setup.low_bit_min_numel != Setup.low_bit_min_numel:
+    if setup.low_bit_min_numel != DEFAULT.low_bit_min_numel:
         out.append(f"optim.low_bit_min_numel={setup.low_bit_min_numel}")
     if setup.fsdp_cpu_offload:
         out.append("parallel.cpu_offload=true")
     if setup.context_degree > 1:
         out.append(f"context.degree={setup.context_degree}")
-    if setup.memory_budget != Setup.memory_budget:
+    if setup.memory_budget != DEFAULT.memory_budget:
         out.append(f"compile.memory_budget={setup.memory_budget}")
     if setup.mlp_chunk_tokens:
         out.append(f"activations.mlp_chunk_tokens={setup.mlp_chunk_tokens}")
     if setup.skip_last:
         out.append(f"activations.skip_last={setup.skip_last}")
-    if setup.loss_chunk_tokens != Setup.loss_chunk_tokens:
+    if setup.loss_chunk_tokens != DEFAULT.loss_chunk_tokens:
         out.append(f"kernels.loss_chunk_tokens={setup.loss_chunk_tokens}")
     if setup.peft in ("lora", "dora"):
         targets = "all-linear" if setup.lora_targets == ALL_LINEAR else "[" + ",".join(setup.lora_targets) + "]"
