@@ -456,6 +456,13 @@ def long_context_problems(cfg: Config) -> list[str]:
     non_negative = {"model.max_seq_len": cfg.model.max_seq_len,
                     "activations.mlp_chunk_tokens": cfg.activations.mlp_chunk_tokens}
     problems += [f"{key}={value}: must be >= 0 (0 = off/default)" for key, value in non_negative.items() if value < 0]
+    if cfg.activations.mlp_chunk_tokens > 0 and cfg.activations.checkpointing == "selective":
+        # the block's policy saves matmul outputs inside each chunk's checkpoint too (33.6 GiB at 65,536 tokens on
+        # the 1B shape, benchmarks/results/memory_peak.md): selective's memory plus the chunks' recomputation
+        problems.append(f"activations.mlp_chunk_tokens={cfg.activations.mlp_chunk_tokens} with "
+                        "activations.checkpointing=selective frees nothing: the selective policy keeps every MLP "
+                        "chunk's matmul outputs. Use activations.checkpointing=full (or none) with MLP chunks, or "
+                        "selective without them (activations.mlp_chunk_tokens=0)")
     cp = cfg.context
     if cp.degree < 1:
         problems.append(f"context.degree={cp.degree}: must be >= 1 (1 = no context parallelism)")

@@ -264,7 +264,8 @@ class ActivationsConfig:
     copied on a side CUDA stream during the forward pass and prefetched one block ahead in backward."""
     mlp_chunk_tokens: int = 0
     """Run each MLP over chunks of this many tokens, each chunk checkpointed, so its (tokens x ffn_dim)
-    intermediates never exist for the whole sequence; 0 = off. For very long sequences (e.g. 8192)."""
+    intermediates never exist for the whole sequence; 0 = off. For very long sequences (e.g. 8192), with
+    checkpointing full or none (selective would keep the chunks' matmul outputs)."""
 
 
 @dataclass(kw_only=True, slots=True)

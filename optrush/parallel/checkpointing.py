@@ -69,23 +69,17 @@ def apply_activation_checkpointing(model: nn.Module, cfg: Config) -> nn.Module:
         for block in model.layers:
             chunk_feed_forward(block.feed_forward, chunk_tokens=ac.mlp_chunk_tokens)
     handled = len(model.layers) - min(ac.skip_last, len(model.layers))  # the rest keep everything on the GPU
-    selective = ac.checkpointing == "selective"
     if ac.checkpointing != "none":
         for index, block in enumerate(model.layers[:handled]):
             if index % ac.every == 0:
-                # Selective with MLP chunks checkpoints attention alone: a policy over the whole block would also
-                # save the matmul outputs inside every MLP chunk's own checkpoint, and the chunks would free
-                # nothing (33.6 GiB at 65,536 tokens on the 1B shape, benchmarks/results/memory_peak.md)
-                part = block.attention if selective and ac.mlp_chunk_tokens else block
-                checkpoint_block(part, selective=selective)
+                checkpoint_block(block, selective=ac.checkpointing == "selective")
     if ac.offload:
         BlockOffloader(next(model.parameters()).device, offloaded=handled).attach(model.layers)
     return model
 
 
 def checkpoint_block(block: nn.Module, *, selective: bool) -> None:
-    """Make `block.forward` (a transformer block, or its attention) a non-reentrant checkpoint of itself (full, or
-    selective with `SAVED_OPS` kept)."""
+    """Make `block.forward` a non-reentrant checkpoint of itself (full, or selective with `SAVED_OPS` kept)."""
     forward = block.forward
     context_fn = selective_contexts if selective else None
 

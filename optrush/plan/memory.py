@@ -270,8 +270,8 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         # +0.5 GiB over full checkpointing)
         return res * d + act * q + lse + adapters
     if policy == "selective":  # matmul and attention outputs plus the block input; pointwise ops recomputed
-        # with MLP chunks, attention alone is checkpointed and the chunks keep their input slices (act * d)
-        kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + mlp * 2 * act * f + (1 - mlp) * act * d
+        # (MLP chunks are refused with selective: its policy would keep the chunks' matmul outputs anyway)
+        kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
     fp8_wo_input = mm_in * q if s.precision == "fp8" else 0  # a second, fp8 copy of the attention output

@@ -274,6 +274,7 @@ def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) ->
     same = [k for k in same if k[3] == key[3]] or same
     width_distance = {k: abs(math.log(k[4] / key[4])) for k in same}
     same = [k for k in same if width_distance[k] == min(width_distance.values())]
+    same = [k for k in same if k[5] == key[5]] or [k for k in same if k[5] == 1.0] or same  # the same budget
     names = ", ".join("/".join(str(x) for x in k) for k in same[:2]) + (f" (+{len(same) - 2})" if len(same) > 2 else "")
     return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
 

@@ -42,6 +42,7 @@ from optrush.generate.evaluate import sample_during_training
 from optrush.optim import EMA, build_optimizer, eval_weights
 from optrush.peft import has_adapters, holds_preset_base, preset_base_fingerprint, save_adapter, save_merged, \
     save_preset_base
+from optrush.peft.export import absolute
 from optrush.optim.schedule import build_scheduler
 from optrush.parallel.distributed import Distributed, all_reduce_sum, barrier, init_distributed, is_main, \
     sum_over_ranks, teardown, world_size
@@ -249,7 +250,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                    "trainable_params": trainable_params(model),
                    # absolute: the recorded model.path is relative to where training ran, and `optrush eval`
                    # reads its DPO reference from here, wherever it runs
-                   "starting_model": None if base_model_path is None else str(Path(base_model_path).resolve()),
+                   "starting_model": absolute(base_model_path),
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
