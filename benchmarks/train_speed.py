@@ -61,6 +61,15 @@ CONFIGS: list[tuple[str, list[str]]] = [
                                                                f"compile.memory_budget={budget}",
                                                                "optim.name=adamw8bit"])
       for budget in (0.5, 0.3)],
+    # the same 4 rows per optimizer step as micro-batches of 2 or 1 (exact accumulation): a half or a quarter of
+    # the activations, for smaller matmuls and the accumulation's extra passes over the gradients
+    *[(f"compile_model+fused_loss+mb{rows}x{4 // rows}", ["compile.mode=model", "kernels.fused_loss=true",
+                                                          f"train.micro_batch_size={rows}",
+                                                          f"train.grad_accum={4 // rows}"])
+      for rows in (2, 1)],
+    ("compile_model+fused_loss+mb1x4+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
+                                                  "train.micro_batch_size=1", "train.grad_accum=4",
+                                                  "optim.name=adamw8bit"]),
     # varlen on unpacked rows: one document per row, FlashAttention's varlen kernel instead of cuDNN's SDPA
     ("compile_model+fused_loss+varlen", ["compile.mode=model", "kernels.fused_loss=true", "model.attention=varlen"]),
     ("compile+fused_loss+varlen", FUSED + ["model.attention=varlen"]),
