@@ -80,3 +80,17 @@ def debug_overrides(recipe_corpus, tokenizer_dir, tmp_path):
             "model.preset=debug", "objective=sft", "data.format=recipe", "data.max_length=256",
             "train.micro_batch_size=2", "train.max_steps=6", "train.lr=1e-2", "train.device=cpu",
             "logging.progress=false", "checkpoint.resume=never"]
+
+
+def forbid_reading_data(monkeypatch) -> None:
+    """From here on, a training run that loads its tokenizer (the start of its data work) fails the test: for the
+    checks that must stop a run before any data is read."""
+    def load_config_tokenizer(*args, **kwargs):
+        raise AssertionError("the run read its data before stopping")
+
+    monkeypatch.setattr("optrush.train.loop.load_config_tokenizer", load_config_tokenizer)
+
+
+@pytest.fixture
+def data_never_read(monkeypatch):
+    forbid_reading_data(monkeypatch)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optrush.bench.ladder import (DEFAULT_LADDER, Ladder, Rung, add_loss_deltas, best_over_peers, load_ladder,
-                                  median_run, override, plan_ladder)
+from optrush.bench.ladder import (DEFAULT_LADDER, Ladder, Rung, add_loss_deltas, best_over_peers, is_config_key,
+                                  load_ladder, median_run, override, plan_ladder)
 from optrush.bench.peers import PadCollator, peer_rows, peer_skip_reason
 from optrush.bench.run import bench, markdown_table, prepare, train_step
 from optrush.cli.main import main
@@ -186,8 +186,11 @@ def test_load_ladder_from_yaml_and_its_errors(tmp_path):
     cfg = load_config(None, TINY + list(ladder.rungs[0].overrides), synthetic_data=True)
     assert cfg.train.lr == 1e-4 and cfg.kernels.fused_loss is True and cfg.data.tokenizer == "yes"
     assert load_ladder("default") is DEFAULT_LADDER
+    assert all(is_config_key(o.split("=")[0]) for rung in DEFAULT_LADDER.rungs for o in rung.overrides)
     for text, message in (("rungs: []", "non-empty 'rungs:'"), ("rungs:\n  - name: a\n    sett: {}", "unknown key"),
                           ("rungs:\n  - name: a\n  - name: a", "unique"),
+                          ("rungs:\n  - name: a\n    set: {train.lrr: 1}", r"rung 1 \(a\): unknown config key "
+                                                                            r"'train.lrr'. Did you mean 'train.lr'"),
                           ("reference: z\nrungs:\n  - name: a", "reference 'z' is not a rung name")):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):

@@ -106,7 +106,8 @@ def test_training_streams_cleaning_in_one_pass_per_fitted_rule(tmp_path, tok, mo
     with open(path, "a") as f:
         f.write("{not json\n")
     opened = []
-    monkeypatch.setattr(dataset, "iter_records", lambda p, rejects=None: opened.append(p) or iter_records(p, rejects=rejects))
+    monkeypatch.setattr(dataset, "iter_records",
+                        lambda p, rejects=None, key=None: opened.append(p) or iter_records(p, rejects=rejects, key=key))
     clean = DataCleanConfig(dedup=True, near_dedup=True, rare_field="NER", rare_min_count=2)
     cfg = DataConfig(path=str(path), format="recipe", clean=clean, on_error="skip")
     train, _, report = build_datasets(cfg, tok, seed=0)

@@ -476,3 +476,12 @@ def test_speed_efficiency_is_per_model_width_and_falls_back_to_the_nearest():
     three_b = get_preset("llama3.2-3b")  # 3072 wide: nearer 4096 than 2048 in ratio
     assert three_b.dim == 3072 and lookup_efficiency(cal, s, three_b)[0] == 0.6
     assert lookup_efficiency(cal, s.replace(checkpointing="selective"), three_b)[0] == 0.6  # prefix, then width
+
+
+def test_measure_on_cuda_without_a_gpu_is_refused_before_planning(capsys):
+    from optrush.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    code = main(["plan", "--model", "debug", "--gpus", "1xL4", "--seq", "64", "--measure"])
+    assert code != 0 and "no CUDA device is visible" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_base_is_written_once_and_a_resume_keeps_it(debug_overrides, tmp_path, m
 
 
 def test_another_seed_into_the_same_output_dir_is_refused(debug_overrides, tmp_path):
-    train(load_config(None, debug_overrides + LORA + ["checkpoint.save_final=false"]))
+    train(load_config(None, debug_overrides + LORA + ["checkpoint.save_final=false", "checkpoint.every=0"]))
     base = tmp_path / "run" / "base"
     with pytest.raises(ConfigError, match=rf"{re.escape(str(base))} holds the random base of another run "
                                           r"\(train.seed: 0 -> 1; .*train into another output_dir"):
@@ -37,7 +37,7 @@ def test_another_seed_into_the_same_output_dir_is_refused(debug_overrides, tmp_p
 
 
 def test_a_base_written_before_fingerprints_is_written_again_once(debug_overrides, tmp_path, capsys):
-    train(load_config(None, debug_overrides + LORA + ["checkpoint.save_final=false"]))
+    train(load_config(None, debug_overrides + LORA + ["checkpoint.save_final=false", "checkpoint.every=0"]))
     base = tmp_path / "run" / "base"
     (base / PRESET_BASE_FILE).unlink()  # as an older optrush left it
     (base.parent / ".base.tmp-killed").mkdir()  # as a run killed mid-write leaves it

@@ -18,14 +18,6 @@ def checkpointed_run(recipe_corpus, tokenizer_dir, tmp_path_factory):
     return base + ["checkpoint.resume=auto", "train.max_steps=3"]
 
 
-@pytest.fixture
-def data_never_read(monkeypatch):
-    def load_tokenizer(*args, **kwargs):
-        raise AssertionError("the run read its data before stopping on the changed setting")
-
-    monkeypatch.setattr("optrush.train.loop.load_tokenizer", load_tokenizer)
-
-
 @pytest.mark.parametrize("change, message", [
     ("train.seed=5", r"train.seed differs from the checkpoint's \(0 -> 5; the saved data position"),
     ("train.micro_batch_size=4", r"train.micro_batch_size differs from the checkpoint's \(2 -> 4;"),
@@ -37,8 +29,15 @@ def data_never_read(monkeypatch):
 def test_a_setting_the_checkpoint_depends_on_is_refused_before_the_data_is_read(checkpointed_run, data_never_read,
                                                                                  change, message):
     with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002: " + message + r".*: resume with the same "
-                                          r"setting, or start fresh \(checkpoint.resume=never\)"):
+                                          r"setting, or start a new run in a new output_dir "
+                                          r"\(checkpoint.resume=never\)"):
         train(load_config(None, checkpointed_run + [change]))
+
+
+def test_a_checkpoint_past_max_steps_is_refused_before_the_data_is_read(checkpointed_run, data_never_read):
+    with pytest.raises(ConfigError, match=r"step_00000002 is at step 2, past train.max_steps=1: set train.max_steps "
+                                          r"above 2 to train on"):
+        train(load_config(None, checkpointed_run + ["train.max_steps=1"]))
 
 
 def test_every_refused_setting_is_named_at_once(checkpointed_run, data_never_read):

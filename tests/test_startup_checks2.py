@@ -11,15 +11,6 @@ from optrush.objectives.grpo import import_reward
 from optrush.train import train
 
 
-@pytest.fixture
-def data_never_read(monkeypatch):
-    """Makes reading the training data (its tokenizer is loaded first) fail the test."""
-    def load_tokenizer(*args, **kwargs):
-        raise AssertionError("the run read its data before stopping on the bad reward function")
-
-    monkeypatch.setattr("optrush.train.loop.load_tokenizer", load_tokenizer)
-
-
 def train_with_reward(debug_overrides, reward: str):
     train(load_config(None, [*debug_overrides, "objective=grpo", "data.packing=none", f"grpo.rewards=[{reward}]"]))
 

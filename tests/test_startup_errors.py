@@ -11,15 +11,6 @@ from optrush.objectives.grpo import import_reward
 from optrush.train import train
 
 
-@pytest.fixture
-def data_never_read(monkeypatch):
-    """Makes reading the training data (its tokenizer is loaded first) fail the test."""
-    def load_tokenizer(*args, **kwargs):
-        raise AssertionError("the run read its data before stopping on the bad setting")
-
-    monkeypatch.setattr("optrush.train.loop.load_tokenizer", load_tokenizer)
-
-
 def test_unknown_preset_fails_when_the_config_loads(debug_overrides):
     with pytest.raises(ConfigError, match=r"model.preset='qwen3' is not a built-in architecture. Did you mean "
                                           r"'qwen3-0.6b'\? Valid presets: debug, demo.*override model.preset=qwen3"):

@@ -1,6 +1,7 @@
 """What a user sees of a run: checkpoints usable like a final model, the logged lr, metrics.jsonl across fresh and
 resumed runs, resume mistakes reported, and training-time samples on the console."""
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_fresh_run_starts_a_new_metrics_file_and_resume_keeps_each_step_once(deb
     train(load_config(None, base))
     train(load_config(None, base + [f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}"]))
     assert loss_steps(run) == [1, 2, 3, 4]  # steps 3 and 4 of the first run were trained again: logged once
+    shutil.rmtree(run / "checkpoints")  # a new run into this output_dir is refused while they are there
     train(load_config(None, base + ["train.max_steps=2", "checkpoint.resume=never"]))
     assert loss_steps(run) == [1, 2]
 
@@ -181,8 +183,8 @@ def test_resume_warns_that_changed_optimizer_hyperparameters_are_not_applied(deb
 def test_resume_refuses_another_optimizer_model_or_adapters_before_loading(debug_overrides, tmp_path, change, message):
     base = debug_overrides + ["train.max_steps=2", "checkpoint.every=2", "checkpoint.save_final=false"]
     train(load_config(None, base))
-    with pytest.raises(ConfigError, match=message + r".*: resume with the same setting, or start fresh "
-                                                    r"\(checkpoint.resume=never\)"):
+    with pytest.raises(ConfigError, match=message + r".*: resume with the same setting, or start a new run in a "
+                                                    r"new output_dir \(checkpoint.resume=never\)"):
         train(load_config(None, base + ["checkpoint.resume=auto", "train.max_steps=3", change]))
 
 
@@ -204,7 +206,7 @@ def test_resume_from_a_final_directory_says_it_is_no_checkpoint(debug_overrides,
     train(load_config(None, base))
     final = tmp_path / "run" / "final"
     with pytest.raises(ConfigError, match=rf"{final} is not a resumable training checkpoint .*checkpoints/step_N.*"
-                                          rf"model.path={final} and checkpoint.resume=never"):
+                                          rf"model.path={final} and checkpoint.resume=never in a new output_dir"):
         train(load_config(None, base + [f"checkpoint.resume={final}"]))
 
 
@@ -246,7 +248,8 @@ def test_ctrl_c_during_train_prints_one_line_naming_the_last_checkpoint(debug_ov
                    "(resume with checkpoint.resume=auto)\n")
 
     monkeypatch.setattr(loop, "build", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert main(["train", *debug_overrides]) == 130  # before the loop: no step to name
+    # before the loop: no step to name (another output_dir: a new run beside the checkpoints above is refused)
+    assert main(["train", *debug_overrides, f"output_dir={tmp_path / 'other'}"]) == 130
     assert capsys.readouterr().err == "optrush: interrupted\n"
 
 

@@ -55,6 +55,7 @@ from pathlib import Path
 import yaml
 
 from optrush.config import ConfigError, to_dict
+from optrush.config.load import LEAF_KEYS, unknown_key_message
 from optrush.config.machine import load_config_for_machine, visible_gpus
 
 
@@ -132,7 +133,18 @@ def rung_from_yaml(item: object, *, where: str) -> Rung:
     min_gpus = item.get("min_gpus", 1)
     if not isinstance(min_gpus, int) or min_gpus < 1:
         raise ConfigError(f"{where} ({item['name']}): min_gpus must be an integer >= 1, got {min_gpus!r}")
+    for key in settings:
+        if not is_config_key(str(key)):
+            section = str(key).split(".")[0] + "."
+            valid = [k for k in LEAF_KEYS if k.startswith(section)] or sorted(LEAF_KEYS)
+            raise ConfigError(f"{where} ({item['name']}): {unknown_key_message(str(key), valid)}")
     return Rung(item["name"], tuple(override(key, value) for key, value in settings.items()), min_gpus=min_gpus)
+
+
+def is_config_key(key: str) -> bool:
+    """A leaf key (`train.lr`) or a section (`train`) of the config: a typo in a ladder file is an error at load,
+    not a rung "skipped as not available" after the run."""
+    return key in LEAF_KEYS or any(leaf.startswith(key + ".") for leaf in LEAF_KEYS)
 
 
 def override(key: str, value: object) -> str:

@@ -64,9 +64,9 @@ def save_peer_model(cfg: Config, path: Path, *, synthetic: bool) -> Path:
 
 
 def load_data_tokenizer(cfg: Config):
-    from optrush.data.tokenizer import load_tokenizer
+    from optrush.data.tokenizer import load_config_tokenizer
 
-    return load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    return load_config_tokenizer(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------- data

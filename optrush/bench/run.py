@@ -45,7 +45,7 @@ from optrush.bench.report import MEMORY_KINDS
 from optrush.config import Config, ConfigError, to_dict
 from optrush.data.batch import Batch
 from optrush.data.preference import PairBatch, PreferencePair, encode_sequence
-from optrush.data.tokenizer import load_tokenizer
+from optrush.data.tokenizer import load_config_tokenizer
 from optrush.models.presets import get_preset
 from optrush.objectives import PAIRWISE
 from optrush.optim.optimizer import build_optimizer
@@ -187,7 +187,7 @@ def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int
 def data_start(cfg: Config, device: torch.device, *, n_steps: int, rank: int = 0, world_size: int = 1) -> tuple:
     """(model, objective, this rank's first `n_steps` steps of micro-batches of the configured data), built in the
     training loop's order and by its own pieces: the same data, model, objective and first batches."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    tokenizer = load_config_tokenizer(cfg)
     train_examples, eval_examples, _ = read_data(cfg, tokenizer)
     model = build(cfg, vocab_size=len(tokenizer), device=device)
     objective = starting_objective(cfg, model, tokenizer, train_examples, eval_examples)

@@ -27,7 +27,7 @@ from optrush.config.schema import ActivationsConfig, CompileConfig, ContextConfi
 from optrush.data.batch import Batch
 from optrush.data.dataset import DataReport, build_datasets
 from optrush.data.formats import Example
-from optrush.data.tokenizer import load_tokenizer
+from optrush.data.tokenizer import load_config_tokenizer
 from optrush.objectives import build_objective
 from optrush.optim.optimizer import build_optimizer
 from optrush.optim.schedule import build_scheduler
@@ -68,7 +68,7 @@ class CheckContext:
 def prepare(cfg: Config) -> CheckContext:
     """Tokenizer, training examples and data report exactly as `optrush.train.train` makes them."""
     device = loop.resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    tokenizer = load_config_tokenizer(cfg)
     examples, _, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     key = tolerance_key(cfg, device)
     return CheckContext(cfg=cfg, device=device, tokenizer=tokenizer, examples=examples, data_report=report,

@@ -19,6 +19,7 @@ from optrush.config import ConfigError
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    check_step_counts(args)
     if args.json_out:
         return bench_child(args)
     if args.ladder or args.peers:
@@ -33,6 +34,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table([result]))
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def check_step_counts(args: argparse.Namespace) -> None:
+    """--warmup, --steps and --repeats are checked before any config loads. A ladder compares processes that each
+    compile on their first step, so it needs a warm-up step to keep compilation out of the timings."""
+    fewest_warmup = 1 if args.ladder or args.peers else 0
+    if args.warmup < fewest_warmup:
+        raise SystemExit(f"optrush: --warmup {args.warmup}: " + (
+            "--ladder and --peers need at least 1 warm-up step (each rung's process compiles on its first step); "
+            "use --warmup 1 or more" if fewest_warmup else "use 0 (time every step) or more"))
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise SystemExit(f"optrush: {flag} {value}: use 1 or more")
 
 
 def bench_ladder(args: argparse.Namespace) -> int:
@@ -98,7 +112,9 @@ def add_commands(commands) -> None:
         "bench", help="time training steps of a config or a ladder of them: tokens/s, MFU, peak memory, loss"))
     p.add_argument("--synthetic", action="store_true",
                    help="random full rows of data.max_length tokens instead of the config's data (no data needed)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default: 3; 0 times every step)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first; the first compiles (default: 3; 0 times every step, compilation "
+                        "included; --ladder and --peers need at least 1)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default: 8)")
     p.add_argument("--ladder", default=None, metavar="default|FILE",
                    help="run the built-in optimization ladder or one from a YAML file, each rung in its own process")

@@ -17,9 +17,9 @@ from optrush.config import Config, ConfigError
 
 
 def _tokenizer(cfg: Config):
-    from optrush.data.tokenizer import load_tokenizer
+    from optrush.data.tokenizer import load_config_tokenizer
 
-    return load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    return load_config_tokenizer(cfg)
 
 
 def cmd_data_clean(args: argparse.Namespace) -> int:

@@ -23,16 +23,16 @@ from pathlib import Path
 
 
 def _load(args: argparse.Namespace):
-    import torch
+    from optrush.generate.load import generation_device, load_for_generation
 
-    from optrush.generate.load import load_for_generation
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = generation_device(args.device)  # a device this machine lacks stops here, before the model loads
     return load_for_generation(args.ckpt, adapter=args.adapter, base=args.base, device=device)
 
 
 # values of options left unset (None): None tells contrastive search that the user did not give the option
 DEFAULTS = {"temperature": 0.7, "repetition_penalty": 1.0}
+# the options of `Sampling`; eval takes only --temperature of them
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 # contrastive search is deterministic: these sampling options would be ignored by it
 SAMPLING_ONLY = {"temperature": "--temperature", "top_p": "--top-p", "min_p": "--min-p",
                  "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
@@ -40,15 +40,21 @@ SAMPLING_ONLY = {"temperature": "--temperature", "top_p": "--top-p", "min_p": "-
 
 def _option(args: argparse.Namespace, name: str):
     value = getattr(args, name)
-    return DEFAULTS[name] if value is None else value
+    return DEFAULTS.get(name) if value is None else value
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
+def _sampling_kwargs(args: argparse.Namespace, generator) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, generator=generator,
+                **{name: _option(args, name) for name in SAMPLING})
+
+
+def _generator(args: argparse.Namespace):
+    """One generator for the whole command, seeded once: each prompt (each chat turn) draws the next random
+    numbers, so different prompts get different draws and the same --seed repeats the whole output. Unseeded:
+    torch's global generator."""
     import torch
 
-    return dict(max_new_tokens=args.max_new_tokens, temperature=_option(args, "temperature"), top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=_option(args, "repetition_penalty"),
-                generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
+    return None if args.seed is None else torch.Generator().manual_seed(args.seed)
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
@@ -59,12 +65,20 @@ def _check_sampling(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise SystemExit(f"optrush: --max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
     try:
-        Sampling(temperature=_option(args, "temperature"), top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 repetition_penalty=_option(args, "repetition_penalty"))
+        Sampling(**{name: _option(args, name) for name in SAMPLING if hasattr(args, name)})
     except ValueError as err:  # the message starts with the parameter's name: "top_p=1.5: use ..."
         name, _, reason = str(err).partition("=")
         reason = reason.replace("or None for", "or leave the option out for")
         raise SystemExit(f"optrush: --{name.replace('_', '-')} {reason}") from None
+
+
+def _check_room(model, args: argparse.Namespace, *, prompt_tokens: int) -> None:
+    """The prompt and the new tokens must fit the model's context: checked before any text is printed."""
+    limit = model.args.max_seq_len
+    if prompt_tokens + args.max_new_tokens > limit:
+        raise SystemExit(f"optrush: --max-new-tokens {args.max_new_tokens}: the model's context holds {limit} "
+                         f"tokens (max_seq_len), of which the (longest) prompt takes {prompt_tokens}; ask for at "
+                         f"most {max(limit - prompt_tokens, 0)} new tokens, or shorten the prompt")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -89,6 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_contrastive(args)
     prompts = _prompts(args)
     model, tokenizer = _load(args)
+    _check_room(model, args, prompt_tokens=max(len(tokenizer.encode(prompt)) for prompt in prompts))
+    generator = _generator(args)
     for number, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- prompt {number + 1}/{len(prompts)}")
@@ -102,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             # one prompt at a time so that the text streams in order; library users batch with generate_texts
             generate_texts(model, tokenizer, [prompt], stop=args.stop or (), token_healing=args.token_healing,
                            on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                           **_sampling_kwargs(args))
+                           **_sampling_kwargs(args, generator))
         sys.stdout.write("\n")
     return 0
 
@@ -126,9 +142,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     _check_sampling(args)
     model, tokenizer = _load(args)
+    generator = _generator(args)
     vocab = tokenizer.get_vocab()
     eos = [tokenizer.eos_token_id] + ([vocab[IM_END]] if IM_END in vocab else [])
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    first_turn = tokenizer.apply_chat_template([*messages, {"role": "user", "content": ""}],
+                                               add_generation_prompt=True, tokenize=False)
+    _check_room(model, args, prompt_tokens=len(tokenizer.encode(first_turn, add_special_tokens=False)))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -142,7 +162,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
         new_ids = generate_batch(model, [ids], eos_id=eos, pad_id=tokenizer.pad_token_id or 0,
-                                 **_sampling_kwargs(args))[0]
+                                 **_sampling_kwargs(args, generator))[0]
         reply = tokenizer.decode([t for t in new_ids if t not in eos], skip_special_tokens=True)
         print(f"assistant> {reply}", flush=True)
         messages.append({"role": "assistant", "content": reply})
@@ -161,9 +181,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from optrush.generate.evaluate import evaluate, report_markdown
 
+    _check_sampling(args)
     ckpt, overrides = args.ckpt, args.overrides
     if ckpt is not None and "=" in ckpt and not Path(ckpt).exists():  # `eval --adapter A data.on_error=skip`
         ckpt, overrides = None, [ckpt, *overrides]
+    if args.out:  # made now (as export --gguf makes its file's): a report that cannot be written fails before the work
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = evaluate(ckpt, data=args.data, data_format=args.format, max_length=args.max_length,
                       samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       device=args.device, adapter=args.adapter, base=args.base, reference=args.reference,
@@ -198,7 +221,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than this times the most likely one, in [0, 1] (default: none)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = off (default)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed the one sampling generator of the whole command (every prompt or turn draws on): the "
+                        "same seed repeats the whole output (default: unseeded)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
@@ -229,8 +254,8 @@ def add_commands(commands) -> None:
     p.add_argument("--max-length", type=int, default=2048,
                    help="longer examples are truncated, longer pairs dropped and counted (default: 2048)")
     p.add_argument("--samples", type=int, default=None,
-                   help="prompts of the file to generate from (default: 4; format=text: the start of each "
-                        "document; preference data draws none)")
+                   help="prompts of the file to generate from, 0 or more (default: 4; format=text: the start of "
+                        "each document; preference data draws none)")
     p.add_argument("--reference", default=None,
                    help="--format preference: the DPO reference model directory (the model the DPO run started "
                         "from; default: the run's model.path recorded in its summary.json)")

@@ -37,7 +37,8 @@ optrush export MODEL_DIR --gguf FILE [--gguf-dtype f16|bf16|f32]
                                               BPE tokenizers; needs `pip install gguf`)
 optrush generate CKPT --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T] [--top-k K]
                  [--top-p P] [--min-p M] [--repetition-penalty R] [--stop S] [--seed N] [--token-healing]
-                                              stream continuations (KV-cache decoding, batched in Python);
+                                              stream continuations, one prompt after another (KV-cache
+                                              decoding; --seed N: one random stream for the whole command);
                                               --token-healing completes a prompt cut mid-word
 optrush generate CKPT --prompt TEXT --penalty-alpha A --top-k K
                                               contrastive search (SimCTG, transformers' definition)

@@ -22,6 +22,7 @@ TABLE_COLUMNS = ("#", "precision", "peft", "compile", "attention", "fused loss",
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
 
     from optrush.plan.gpus import parse_gpus
@@ -38,6 +39,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.measure and n_gpus > 1:
         raise ConfigError("--measure runs candidates in this one process, on one device: plan for --gpus 1x... "
                           "or measure a multi-GPU config with `optrush bench CONFIG` under torchrun")
+    if args.measure and args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--measure runs the candidates on --device cuda, but no CUDA device is visible: run it "
+                          "on the GPU machine, or plan without --measure (--device cpu measures on this CPU)")
     native_length = shape.max_seq_len
     shape, extension = extend_context(shape, args.seq)
     base = base_overrides(args) + extension
@@ -75,6 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(comparison_table(rows))
         if args.measure_json:
             Path(args.measure_json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        if all("error" in row for row in rows):
+            return 1
     return 0 if fitting else 1
 
 

@@ -115,7 +115,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], Origins]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train: ...), "
                           f"got {type(tree).__name__}")
-    return tree, Origins(path, key_lines(yaml.compose(text, Loader=yaml.SafeLoader)))  # composed for the lines
+    document = yaml.compose(text, Loader=yaml.SafeLoader)  # composed for the lines
+    if duplicate := first_duplicate_key(document):
+        key, line, first_line = duplicate
+        raise ConfigError(f"{path}:{line}: duplicate key '{key}' (first set at line {first_line}); YAML would keep "
+                          "only the last one and drop the first one's settings: merge the two into one")
+    return tree, Origins(path, key_lines(document))
 
 
 def yaml_error_message(path: Path, err: yaml.YAMLError) -> str:
@@ -131,6 +136,25 @@ def yaml_error_message(path: Path, err: yaml.YAMLError) -> str:
         what += f"; {err.context}"
     return (f"{path}:{mark.line + 1}: not valid YAML ({what}); fix the syntax (e.g. a missing ']' or ':', or a tab "
             "used for indentation)")
+
+
+def first_duplicate_key(node: yaml.Node | None, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, its 1-based line, the line it was first set at) of the first key set twice in one mapping of a
+    composed YAML document, at any depth; None when there is none."""
+    if isinstance(node, yaml.SequenceNode):
+        return next(filter(None, (first_duplicate_key(item, f"{prefix}{i}.") for i, item in enumerate(node.value))),
+                    None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    first_lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in first_lines:
+            return key, line, first_lines[key]
+        first_lines[key] = line
+        if duplicate := first_duplicate_key(value_node, key + "."):
+            return duplicate
+    return None
 
 
 def key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:

@@ -77,6 +77,8 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
         if rejects is not None:
             rejects.close()
     report = cleaner.report()
+    if not report.total:  # no rule dropped anything, and a histogram of nothing says nothing
+        raise DataError(no_records_message(cfg.path, rejects))
     unrenderable = report.kept - len(kept_at)  # kept by the rules, then rejected (data.on_error=skip)
     report.kept = len(kept_at)
     after = before[np.asarray(kept_at, dtype=np.int64)]
@@ -142,6 +144,14 @@ def markdown(summary: dict, report: CleanReport, *, histogram: str) -> str:
         lines.append(f"- `{name}`: " + ("none" if not shown else ""))
         lines += [f"  - {example}" for example in shown]
     return "\n".join(lines) + "\n"
+
+
+def no_records_message(path: str, rejects: Rejects | None) -> str:
+    """Why a source gave the cleaning rules no record: it holds none, or every row was malformed (skipped)."""
+    if rejects is not None and rejects.count:
+        return (f"{path} holds no readable record: all {rejects.count} rows are malformed, skipped "
+                f"(data.on_error=skip) and written to {rejects.path}; first: {rejects.messages[0]}")
+    return f"{path} holds no records: nothing to clean; point data.path at a file with records"
 
 
 def plot_histograms(before: np.ndarray, after: np.ndarray, path: Path) -> None:

@@ -167,8 +167,10 @@ class DataReport:
                 "clean": None if self.clean is None else self.clean.as_dict()}
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, Examples, DataReport]:
-    """(train examples, eval examples, report); see the module docstring."""
+def build_datasets(cfg: DataConfig, tokenizer, *, seed: int,
+                   purpose: str = "training") -> tuple[Examples, Examples, DataReport]:
+    """(train examples, eval examples, report); see the module docstring. `purpose`: what the caller reads
+    data.path for (`training`, `evaluation`), as the error says it when no example is left."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the training data (a JSONL file), e.g. data.path=train.jsonl")
     if cfg.format == "chat":
@@ -177,7 +179,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Examples, 
     train, clean_report = encode_source(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=train_tally,
                                         rules=rules_from_config(cfg, tokenizer), rejects_path=cfg.rejects_path)
     if not train:  # before the eval split, which would otherwise blame data.eval_fraction
-        raise DataError(no_examples_message(cfg, train_tally))
+        raise DataError(no_examples_message(cfg, train_tally, purpose=purpose))
     eval_tally = None
     if cfg.eval_path is not None:
         eval_tally = Tally(path=str(cfg.eval_path))
@@ -203,12 +205,12 @@ DROP_ADVICE = {
 }
 
 
-def no_examples_message(cfg: DataConfig, tally: Tally) -> str:
-    """Why a data file gave no training example: the drop counts, largest first, each with what to change."""
+def no_examples_message(cfg: DataConfig, tally: Tally, *, purpose: str) -> str:
+    """Why a data file gave no example: the drop counts, largest first, each with what to change."""
     causes = [f"{count} dropped as {reason}: " + DROP_ADVICE[reason].format(max_length=cfg.max_length)
               for reason, count in tally.dropped.most_common()]
     causes += tally.unread()
-    return f"no training examples left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
+    return f"no {purpose} examples left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
 def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally, rules: list,
@@ -227,17 +229,24 @@ def encode_source(path: str | Path, *, cfg: DataConfig, tokenizer, tally: Tally,
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
         # fit passes: bad rows are recorded once, by the final pass, so these passes ignore them
         ignore = Recounted() if rejects is not None else None
-        numbered, cleaner = clean_stream(read_source(path, cfg=cfg, rejects=rejects), rules, record=itemgetter(1),
-                                         reread=lambda: read_source(path, cfg=cfg, rejects=ignore))
-        if cfg.num_proc > 1:
-            examples = encode_parallel(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects)
-        else:
-            examples = Examples.from_examples(encode_records(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally,
-                                                             rejects=rejects))
+        try:
+            numbered, cleaner = clean_stream(read_source(path, cfg=cfg, rejects=rejects), rules,
+                                             record=itemgetter(1), reread=lambda: read_source(path, cfg=cfg,
+                                                                                             rejects=ignore))
+            if cfg.num_proc > 1:
+                examples = encode_parallel(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally, rejects=rejects)
+            else:
+                examples = Examples.from_examples(encode_records(numbered, cfg=cfg, tokenizer=tokenizer, tally=tally,
+                                                                 rejects=rejects))
+        except DataError as err:
+            if rejects is not None:
+                raise
+            render_one = partial(render_record, cfg=cfg, tokenizer=tokenizer)
+            raise first_bad_row_error(path, err, cfg=cfg, render_one=render_one) from None
         report = None
         if cleaner is not None:
             report = cleaner.report()
-            if not report.kept:
+            if report.total and not report.kept:  # no record at all: `no_examples_message` says so
                 raise DataError(f"data.clean dropped every record of {path}:\n{report.format()}\nloosen the "
                                 "data.clean rules that dropped the most")
     if key is not None:
@@ -276,8 +285,53 @@ def read_source(path: str | Path, *, cfg: DataConfig, rejects) -> Iterator[tuple
         raise DataError(f"{path} is plain text, read as whole documents (one per file), which only data.format=text "
                         f"trains on; data.format={cfg.format} needs records with columns: set data.format=text, or "
                         "give data.path as a JSONL, Parquet or CSV file holding those columns")
-    numbered = iter_records(path, rejects=rejects)
+    key = "data.path" if str(path) == str(cfg.path) else "data.eval_path"
+    numbered = iter_records(path, rejects=rejects, key=key)
     return decode_json_columns(numbered, cfg.json_columns, rejects) if cfg.json_columns else numbered
+
+
+class BadRows:
+    """A Rejects stand-in that counts the rows a pass cannot read and keeps the first few."""
+
+    KEEP = 4
+
+    def __init__(self):
+        self.count = 0
+        self.first: list[tuple[str, str]] = []
+        """(where, message) of the first KEEP bad rows."""
+
+    def add(self, where: str, error: str, row: object = None) -> None:
+        self.count += 1
+        if len(self.first) < self.KEEP:
+            self.first.append((where, error))
+
+
+def first_bad_row_error(path: str | Path, reported: DataError, *, cfg: DataConfig, render_one) -> DataError:
+    """The error to show for `reported`, the first one met in the source at `path` under data.on_error=error. Rows
+    are not met in file order (a fitting pass, or a chunk, reads a later unreadable row before an earlier record is
+    rendered), so one more pass finds every row the source cannot read or `render_one(record, where=...)` cannot
+    render: the first bad row in file order is reported, with how many others there are, so that a user fixing
+    rows learns how many are left instead of meeting them one run at a time. An error that is not a row's comes
+    back as it is."""
+    bad = BadRows()
+    try:
+        for where, record in read_source(path, cfg=cfg, rejects=bad):
+            try:
+                render_one(record, where=where)
+            except DataError as err:
+                bad.add(where, str(err))
+    except DataError:  # not a row's problem: the pass fails as the first did
+        return reported
+    if not bad.count:
+        return reported
+    (_, message), others, remaining = bad.first[0], bad.first[1:], bad.count - 1
+    if not remaining:
+        return DataError(message)
+    listed = ", ".join(where for where, _ in others[:3]) + (", ..." if remaining > 3 else "")
+    rows = "row" if remaining == 1 else "rows"
+    return DataError(f"{message}; {remaining} other {rows} of {path} cannot be read or rendered either ({listed}): "
+                     "fix those too, or set data.on_error=skip to skip them all (counted, and written to a rejects "
+                     "file)")
 
 
 class _Collect:

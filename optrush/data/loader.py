@@ -121,7 +121,7 @@ class BatchLoader:
             if saved != mine[key]:
                 raise ValueError(f"{source} differs from the checkpoint's: it saved {key}={saved!r}, this run has "
                                  f"{mine[key]!r}; resume with the same data and data/train settings, or start "
-                                 "fresh (checkpoint.resume=never)")
+                                 "a new run in a new output_dir (checkpoint.resume=never)")
         taken = int(state["batch_index"]) * int(state["world_size"])  # micro-batches of the epoch all ranks took
         if taken % self.world_size:
             raise ValueError(f"the saved data-loader state is {taken} micro-batches into epoch {state['epoch']} "

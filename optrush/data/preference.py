@@ -39,7 +39,7 @@ rejected one. Log-probs and rewards equal those of separate sequences (tests/tes
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from operator import itemgetter
@@ -52,8 +52,8 @@ from optrush.config.schema import DataConfig
 from optrush.data import cache
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.data.clean import Cleaner, Rule, rules_from_config
-from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, parallel_chunks, read_source, \
-    render_each, split_off, tokenize
+from optrush.data.dataset import Tally, collect_rejects, eval_rejects_path, first_bad_row_error, parallel_chunks, \
+    read_source, render_each, split_off, tokenize
 from optrush.data.examples import Examples
 from optrush.data.formats import Example, special_ids
 from optrush.data.loader import BatchLoader
@@ -192,16 +192,28 @@ def pairs_of(sequences: Examples) -> list[PreferencePair]:
 def encode_source_pairs(path: str, *, cfg: DataConfig, tokenizer, tally: Tally, rejects_path: str | None,
                         rules: Sequence[Rule]) -> list[PreferencePair]:
     """`read_pairs` without the cache: read, clean and encode the source at `path`."""
+    render_one = partial(pair_texts, cfg=cfg)
     with collect_rejects(path, cfg=cfg, tally=tally, rejects_path=rejects_path) as rejects:
-        numbered = list(read_source(path, cfg=cfg, rejects=rejects))
-        tally.records += len(numbered)
-        wheres, texts = render_each(numbered, partial(pair_texts, cfg=cfg), rejects=rejects)
+        try:  # read and render together, so the first bad row in file order is the one reported
+            wheres, texts = render_each(counted(read_source(path, cfg=cfg, rejects=rejects), tally), render_one,
+                                        rejects=rejects)
+        except DataError as err:
+            if rejects is not None:
+                raise
+            raise first_bad_row_error(path, err, cfg=cfg, render_one=render_one) from None
     rendered = clean_pairs(list(zip(wheres, texts)), cfg=cfg, rules=rules, tally=tally)
     encode = partial(encode_pairs, cfg=cfg, tokenizer=tokenizer)
     if cfg.num_proc > 1:
         parts = parallel_chunks(rendered, encode, num_proc=cfg.num_proc, tally=tally, rejects=None)
         return [pair for part in parts for pair in part]
     return encode(rendered, tally=tally)
+
+
+def counted(numbered: Iterable, tally: Tally) -> Iterator:
+    """The items of `numbered`, each counted into `tally.records` as it is read."""
+    for item in numbered:
+        tally.records += 1
+        yield item
 
 
 def pair_rules(cfg: DataConfig, tokenizer) -> list[Rule]:
@@ -283,9 +295,11 @@ def pair_layout(cfg: DataConfig) -> str:
     return "prompt once + chosen + rejected" if cfg.shared_prompt else "chosen + rejected"
 
 
-def build_preference_datasets(cfg: DataConfig, tokenizer, *,
-                              seed: int) -> tuple[list[PreferencePair], list[PreferencePair], PreferenceReport]:
-    """(train pairs, eval pairs, report); eval from `data.eval_path` or `data.eval_fraction` as for SFT data."""
+def build_preference_datasets(cfg: DataConfig, tokenizer, *, seed: int, purpose: str = "training"
+                              ) -> tuple[list[PreferencePair], list[PreferencePair], PreferenceReport]:
+    """(train pairs, eval pairs, report); eval from `data.eval_path` or `data.eval_fraction` as for SFT data.
+    `purpose`: what the caller reads data.path for (`training`, `evaluation`), as the error says it when no pair is
+    left."""
     if cfg.path is None:
         raise DataError("data.path is not set: give the preference data (a JSONL file), e.g. data.path=pairs.jsonl")
     rules = pair_rules(cfg, tokenizer)  # before reading: a rule a pair cannot take is a config error
@@ -293,7 +307,7 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
     train = read_pairs(cfg.path, cfg=cfg, tokenizer=tokenizer, tally=report.train, rejects_path=cfg.rejects_path,
                        rules=rules)
     if not train:  # before the eval split, which would otherwise blame data.eval_fraction
-        raise DataError(no_pairs_message(cfg, report.train))
+        raise DataError(no_pairs_message(cfg, report.train, purpose=purpose))
     if cfg.eval_path is not None:
         report.eval = Tally(path=str(cfg.eval_path))
         evals = read_pairs(cfg.eval_path, cfg=cfg, tokenizer=tokenizer, tally=report.eval,
@@ -309,8 +323,8 @@ def build_preference_datasets(cfg: DataConfig, tokenizer, *,
     return train, evals, report
 
 
-def no_pairs_message(cfg: DataConfig, tally: Tally) -> str:
-    """Why a data file gave no training pair: the drop counts, largest first, each with what to change."""
+def no_pairs_message(cfg: DataConfig, tally: Tally, *, purpose: str) -> str:
+    """Why a data file gave no pair: the drop counts, largest first, each with what to change."""
     advice = {"too_long": f"are longer than data.max_length={cfg.max_length} ({pair_layout(cfg)}): raise "
                           "data.max_length",
               "identical": "have chosen and rejected completions that encode alike (nothing to learn): check "
@@ -320,7 +334,7 @@ def no_pairs_message(cfg: DataConfig, tally: Tally) -> str:
     causes = [f"{'all ' if count == tally.records else ''}{count} pairs {advice[reason]}"
               for reason, count in tally.dropped.most_common()]
     causes += tally.unread()
-    return f"no training pairs left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
+    return f"no {purpose} pairs left from {cfg.path}: read {tally.records} records; " + "; ".join(causes)
 
 
 @dataclass(slots=True)

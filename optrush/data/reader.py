@@ -27,6 +27,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and line or item) and says what to do."""
 
 
+def relative_path_note(path: str | Path) -> str:
+    """For a path not found: where a relative one was looked for (the working directory, not the config file's)."""
+    return "" if Path(path).is_absolute() else f" (a relative path is taken from the working directory, {Path.cwd()})"
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(number, record) for every record of a JSONL file or a JSON array file (see the module docstring); its
     callers have no data.on_error, so errors do not suggest it."""
@@ -92,7 +97,7 @@ def read_json(path: str | Path, *, rejects: Rejects | None = None) -> Iterator[t
 def _objects(path: Path, items: list, rejects: Rejects | None) -> Iterator[tuple[int, dict]]:
     for number, item in enumerate(items, 1):
         if not isinstance(item, dict):
-            problem = (f"{path}: item {number} of the JSON array is {_json_type(item)}, expected an object "
+            problem = (f"{path} item {number}: {_json_type(item)} in the JSON array, expected an object "
                        "({\"column\": value, ...})")
             if rejects is None:
                 raise DataError(problem)

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl
+from optrush.data.reader import DataError, is_json_array, read_json, read_jsonl, relative_path_note
 
 BATCH_ROWS = 1024
 HUB_PREFIX = "hf://datasets/"
@@ -78,9 +78,11 @@ class Recounted:
         pass
 
 
-def iter_records(path: str | Path, *, rejects: Rejects | Recounted | None = None) -> Iterator[tuple[str, dict]]:
+def iter_records(path: str | Path, *, rejects: Rejects | Recounted | None = None,
+                 key: str | None = None) -> Iterator[tuple[str, dict]]:
     """(where, record) for every record of the source at `path` (see the module docstring). Its callers honour
-    data.on_error, so without `rejects` an error suggests data.on_error=skip."""
+    data.on_error, so without `rejects` an error suggests data.on_error=skip. `key`: the config key that names
+    `path` (data.path, data.eval_path), for the error when nothing is there."""
     if (hub := parse_hub_path(path)) is not None:
         return read_hub_dataset(hub)
     path = Path(path)
@@ -91,8 +93,9 @@ def iter_records(path: str | Path, *, rejects: Rejects | Recounted | None = None
                             f"(splits: {splits})")
         return read_saved_dataset(path) if (path / "state.json").is_file() else read_text_folder(path, rejects)
     if not path.is_file():
-        raise DataError(f"data not found: {path} (give a JSONL, JSON, Parquet or CSV file, a .txt or .md text file, "
-                        "a folder of text files, or a directory written by datasets' save_to_disk)")
+        what = f"{key}={path}: no such file or directory" if key else f"data not found: {path}"
+        raise DataError(f"{what}{relative_path_note(path)}: give a JSONL, JSON, Parquet or CSV file, a .txt or .md "
+                        "text file, a folder of text files, or a directory written by datasets' save_to_disk")
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         return read_text_file(path, rejects)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optrush.data.reader import DataError
+from optrush.data.reader import DataError, relative_path_note
 
 if TYPE_CHECKING:
+    from optrush.config.schema import Config
     from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -57,7 +58,11 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, out_dir: str | Pat
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    counted = CountedTexts(texts)
+    tok.train_from_iterator(counted, trainer)
+    if not counted.with_text:  # the BPE would be the byte alphabet alone, and a model trained on it learns nothing
+        raise DataError(f"no text to train a tokenizer on: {counted.total} texts given, none holding any character "
+                        "but whitespace; give a corpus of text")
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, bos_id)])
@@ -69,6 +74,19 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, out_dir: str | Pat
     hf.save_pretrained(out_dir)
     _make_portable(out_dir)
     return load_tokenizer(out_dir)
+
+
+class CountedTexts:
+    """The texts of an iterable, counting those given and those holding more than whitespace as they pass."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.total, self.with_text = texts, 0, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.total += 1
+            self.with_text += bool(text.strip())
+            yield text
 
 
 def _make_portable(out_dir: Path) -> None:
@@ -89,17 +107,22 @@ def holds_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
 
 
-def load_tokenizer(path: str | Path | None) -> "PreTrainedTokenizerFast":
+def load_config_tokenizer(cfg: Config) -> "PreTrainedTokenizerFast":
+    """The tokenizer a run uses: data.tokenizer, else model.path's; an error names the key that gave the path."""
+    key = "data.tokenizer" if cfg.data.tokenizer else "model.path"
+    return load_tokenizer(cfg.data.tokenizer or cfg.model.path, key=key)
+
+
+def load_tokenizer(path: str | Path | None, *, key: str | None = None) -> "PreTrainedTokenizerFast":
     """The HF tokenizer in directory `path`, with a pad token distinct from EOS where it had none (a warning
-    says which one was chosen, or that one was added)."""
+    says which one was chosen, or that one was added). `key`: the config key that named `path`, for the errors."""
     from transformers import AutoTokenizer
 
     if path is None:
         raise DataError("no tokenizer directory given: set data.tokenizer (or model.path to an HF checkpoint)")
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"tokenizer directory not found: {path} (expected a directory holding tokenizer.json and "
-                        "tokenizer_config.json, e.g. one written by `optrush tokenizer train` or an HF checkpoint)")
+        raise DataError(not_a_tokenizer_directory(path, key))
     if not holds_tokenizer(path):
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise DataError(f"{path} holds no tokenizer: expected tokenizer.json (or a sentencepiece tokenizer.model) "
@@ -108,6 +131,18 @@ def load_tokenizer(path: str | Path | None) -> "PreTrainedTokenizerFast":
     if tokenizer.pad_token is None:
         _set_pad_token(tokenizer, path)
     return tokenizer
+
+
+def not_a_tokenizer_directory(path: Path, key: str | None) -> str:
+    """Why `path` cannot be loaded as a tokenizer directory (missing, or a file), naming `key` when given."""
+    named = f"{key}={path}" if key else f"tokenizer path {path}"
+    expected = ("give a directory holding tokenizer.json and tokenizer_config.json, e.g. one written by "
+                "`optrush tokenizer train` or an HF checkpoint")
+    if not path.exists():
+        return f"{named}: no such directory{relative_path_note(path)}: {expected}"
+    if path.name in ("tokenizer.json", "tokenizer_config.json"):
+        expected = f"give the directory that holds it, {path.parent}"
+    return f"{named} is a file, not a directory: {expected}"
 
 
 def _set_pad_token(tokenizer, path: Path) -> None:

@@ -142,10 +142,12 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
     preference data, `PAIR_KEYS`), e.g. data.on_error=skip."""
     from optrush.config import ConfigError, load_config
     from optrush.data.dataset import build_datasets
-    from optrush.generate.load import load_for_generation, resolve
+    from optrush.generate.load import generation_device, load_for_generation, resolve
 
     check_data_overrides(data_overrides, data_format)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if samples is not None and samples < 0:
+        raise ConfigError(f"--samples {samples}: give how many prompts of the file to generate from, 0 or more")
+    device = generation_device(device)
     if data_format == "preference":
         if samples:
             raise ConfigError("--samples: preference data is scored pair by pair and draws no samples; leave "
@@ -164,7 +166,7 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
     cfg = load_config(None, [f"model.path={model_dir}", f"data.path={data}", f"data.tokenizer={tokenizer_dir}",
                              f"data.format={data_format}", f"data.max_length={max_length}",
                              "data.too_long=truncate", *data_overrides]).data
-    examples, _, data_report = build_datasets(cfg, tokenizer, seed=0)
+    examples, _, data_report = build_datasets(cfg, tokenizer, seed=0, purpose="evaluation")
     report = {"checkpoint": checkpoint_name(model_dir, adapter_dir), "data": str(data), "format": data_format,
               "examples": len(examples), "rejected": data_report.train.rejected,
               "rejects_path": data_report.train.rejects_path, **perplexity(model, examples)}
@@ -190,11 +192,13 @@ def is_reward_checkpoint(model_dir: Path, adapter_dir: Path | None) -> bool:
 
 def check_data_overrides(overrides: list[str] | tuple[str, ...], data_format: str = "recipe") -> None:
     from optrush.config import ConfigError
-    from optrush.config.load import parse_override
+    from optrush.config.load import LEAF_KEYS, parse_override, unknown_key_message
 
     allowed = EVAL_DATA_KEYS + (PAIR_KEYS if data_format == "preference" else ())
     for item in overrides:
         key = parse_override(item)[0]
+        if key not in LEAF_KEYS:  # a typo: suggested as training suggests it
+            raise ConfigError(f"override {item}: {unknown_key_message(key, list(allowed))}")
         if key in PAIR_KEYS and key not in allowed:
             raise ConfigError(f"override {item}: {key} scores preference pairs; it applies with --format "
                               "preference only")
@@ -279,7 +283,7 @@ def evaluate_pairs(ckpt: str | Path | None, *, data: str | Path, max_length: int
                              f"data.tokenizer={tokenizer_dir}", "data.format=preference",
                              f"data.max_length={max_length}", *recorded, *data_overrides])
     tokenizer = load_tokenizer(tokenizer_dir)
-    pairs, _, data_report = build_preference_datasets(cfg.data, tokenizer, seed=0)
+    pairs, _, data_report = build_preference_datasets(cfg.data, tokenizer, seed=0, purpose="evaluation")
     tally = data_report.train
     report = {"checkpoint": checkpoint_name(model_dir, adapter_dir), "data": str(data), "format": "preference",
               "pairs": len(pairs), "dropped": dict(tally.dropped), "rejected": tally.rejected,

@@ -60,7 +60,8 @@ def load_for_generation(ckpt: str | Path | None = None, *, adapter: str | Path |
                         base: str | Path | None = None, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode with any adapter merged in, tokenizer). A QLoRA adapter's base is quantized as in
     training (`base_quantization`): the model generates through the unmerged adapters, as it trained (folding them
-    into quantized weights would lose them; into the unquantized base would not be the model that trained)."""
+    into quantized weights would lose them; into the unquantized base would not be the model that trained).
+    Weights holding NaN or inf are refused (`check_finite_weights`)."""
     from optrush.data.tokenizer import load_tokenizer
     from optrush.models.io import load_model
 
@@ -69,4 +70,35 @@ def load_for_generation(ckpt: str | Path | None = None, *, adapter: str | Path |
     model = load_model(model_dir, device=device, quantize=quantize)
     if adapter_dir is not None:
         merge_lora_unless_quantized(load_adapter(model, adapter_dir))
+    check_finite_weights(model, checkpoint=model_dir if adapter_dir is None else adapter_dir)
     return model.eval(), load_tokenizer(tokenizer_dir)
+
+
+def check_finite_weights(model: nn.Module, *, checkpoint: Path) -> None:
+    """Stop at load when a weight holds NaN or inf: such a model's logits are not finite, so it would generate
+    garbage (greedy) or fail mid-output (sampling), and its perplexity would be NaN."""
+    weights = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in weights]).tolist() if weights else []  # one sync
+    broken = [name for (name, _), ok in zip(weights, finite) if not ok]
+    if broken:
+        raise ValueError(f"{checkpoint}: {len(broken)} of {len(weights)} weight tensors hold NaN or inf (first: "
+                         f"{broken[0]}), so the model's logits are not finite: the checkpoint is broken, e.g. its "
+                         "training run diverged (see the loss in its metrics.jsonl); use an earlier step_N/ "
+                         "checkpoint, or train again with a lower train.lr")
+
+
+def generation_device(name: str | None) -> torch.device:
+    """The device of `--device NAME` (None: cuda when available, else cpu), checked before any model loads."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps (or leave --device "
+                          "out: cuda when available, else cpu)") from None
+    visible = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if device.type in visible and (device.index or 0) >= visible[device.type]:
+        raise ConfigError(f"--device {name}: this machine has {visible[device.type]} {device.type.upper()} "
+                          "device(s) that torch can use; use --device cpu, or leave --device out (cuda when "
+                          "available, else cpu)")
+    return device

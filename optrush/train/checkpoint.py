@@ -57,6 +57,9 @@ DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # loading into a model with frozen weights (LoRA's base): those keys are absent by design; every trainable one is
 # still required, because dcp.load fills the dict built from the live model's trainable tensors
 DCP_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+# What the errors that refuse a resume offer instead. A new output_dir: checkpoint.resume=never into one that holds
+# checkpoints is refused too (the new run's checkpoints would mix with the old run's).
+START_FRESH = "start a new run in a new output_dir (checkpoint.resume=never)"
 
 
 @dataclass
@@ -102,7 +105,7 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         found = [p for p in self.directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        return sorted(found, key=checkpoint_step)
 
     def remove_partial(self) -> list[Path]:
         """Delete temporary directories left by a process killed while writing; returns what was removed."""
@@ -189,6 +192,11 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory `path` (step_00000040: 40), from its name."""
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
     """{file name: contents} of what `tokenizer.save_pretrained` writes: the same files as the run's final/."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,8 +231,7 @@ def load_extra_states(extras: dict[str, Any], saved: dict[str, Any], path: Path)
     for name, obj in extras.items():
         if f"extra/{name}" not in saved:
             raise ConfigError(f"{path} holds no {name} state (it was saved by a run without it, e.g. "
-                              "train.ema_decay=0): resume with the settings it was saved with, or start fresh "
-                              "with checkpoint.resume=never")
+                              f"train.ema_decay=0): resume with the settings it was saved with, or {START_FRESH}")
         obj.load_state_dict(saved[f"extra/{name}"])
 
 
@@ -235,14 +242,14 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def saved_run(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the run settings, rank 0's data-loader state) that checkpoint `path` saved, for a start-up check. mmap: the
-    optimizer state beside them (gigabytes for a large model) is mapped, not read."""
+    """(the TrainState fields: step, settings, ...; rank 0's data-loader state) that checkpoint `path` saved, for a
+    start-up check. mmap: the optimizer state beside them (gigabytes for a large model) is mapped, not read."""
     require_trainer_state(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
     # a distributed run keeps each rank's loader state in its own file
     loader = state["loader"] if "loader" in state else \
         torch.load(path / f"rank_{0:05d}.pt", map_location="cpu", weights_only=False, mmap=True)["loader"]
-    return state["train"].get("settings", {}), loader
+    return state["train"], loader
 
 
 def require_trainer_state(path: Path) -> None:
@@ -259,11 +266,11 @@ def not_a_checkpoint_advice(path: Path) -> str:
               "checkpoint.resume=auto takes the newest in output_dir)")
     if (path / "config.json").is_file():
         return (f"it holds a trained model (like a run's final/); {resume}, or fine-tune the model further with "
-                f"model.path={path} and checkpoint.resume=never")
+                f"model.path={path} and checkpoint.resume=never in a new output_dir")
     if (path / "adapter").is_dir():
         return (f"it holds a trained adapter (like a LoRA run's final/); {resume}, or merge it with `optrush "
-                f"export {path} --merge --out DIR` and fine-tune further with model.path=DIR")
-    return "give a checkpoints/step_N directory of a run, or start fresh with checkpoint.resume=never"
+                f"export {path} --merge --out DIR` and fine-tune further with model.path=DIR in a new output_dir")
+    return f"give a checkpoints/step_N directory of a run, or {START_FRESH}"
 
 
 def write_synced(obj: Any, path: Path) -> None:

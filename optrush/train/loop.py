@@ -31,7 +31,7 @@ from optrush.bench.provenance import provenance
 from optrush.config import Config, ConfigError, to_dict
 from optrush.data.dataset import build_datasets
 from optrush.data.loader import BatchLoader
-from optrush.data.tokenizer import load_tokenizer
+from optrush.data.tokenizer import load_config_tokenizer
 from optrush.models.io import adopt_token_ids, build_model, load_model, save_model
 from optrush.models.presets import get_preset
 from optrush.data.preference import PairLoader, build_preference_datasets
@@ -114,7 +114,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
         verify(cfg, output_dir)
     seed_everything(cfg.train.seed)
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    tokenizer = load_config_tokenizer(cfg)
     train_examples, eval_examples, data_report = read_data(cfg, tokenizer)
     if is_main():
         print(data_report.format(), flush=True)
@@ -193,6 +193,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
 
             state.step += 1
             loss = float(step_loss) / max(units, 1)  # the first wait for the GPU in this step
+            norm = float(grad_norm)  # computed before the step: read without a further wait
             state.losses.append(loss)
             tokens = sum(b.input_ids.numel() for b in micro_batches)
             padding = sum(b.num_padding for b in micro_batches)
@@ -201,7 +202,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             throughput.update(tokens=tokens, real_tokens=real_tokens, seconds=time.perf_counter() - started)
-            window.add(loss=loss, grad_norm=grad_norm, units=units)
+            window.add(loss=loss, grad_norm=norm, units=units)
             evaluating = bool(eval_examples) and cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             # an evaluation ends the window too: its batches add to the objective's metrics, which must not mix
             # with training's
@@ -212,16 +213,15 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                     "mfu": mfu(throughput.tokens_per_s, flops_per_token, peak_flops),
                     "peak_mem_gib": peak_memory_gib(device),
                     **objective.pop_metrics(partial(sum_over_ranks, device=device))})
+            require_finite(state.step, loss=loss, grad_norm=norm)  # before sampling from broken weights
             if samples := sample_during_training(model, tokenizer, cfg, state.step):
                 metrics.log(state.step, samples)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {state.step}; lower train.lr or use "
-                                         "precision.mode=fp32 to find the cause")
             if evaluating:
                 with eval_weights(model, optimizer, ema):  # schedule-free's average / the EMA weights
                     final_eval, eval_step = evaluate(model, objective, eval_examples, cfg, tokenizer, device,
                                                      autocast, shard=shard), state.step
                 metrics.log(state.step, final_eval)
+                require_finite(state.step, eval_loss=final_eval["eval_loss"])
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 saved = checkpoints.save(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                                          state=state, extras=extras)
@@ -233,6 +233,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                 final_eval = evaluate(model, objective, eval_examples, cfg, tokenizer, device, autocast,
                                       shard=shard)
             metrics.log(state.step, final_eval)
+            require_finite(state.step, eval_loss=final_eval["eval_loss"])  # final/ holds these weights
         if cfg.checkpoint.save_final:
             final_dir = output_dir / "final"
             # collective under fsdp/hsdp: rank 0 gathers the full weights into the plain structure kept above
@@ -243,8 +244,10 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                     tokenizer.save_pretrained(final_dir)
                     metrics.note(f"final model saved to {final_dir}")
             barrier()
+        # both over the steps' own losses (`losses`), which a resume restores: the last step's and the lowest
         summary = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
-                   "losses": state.losses, "tokens_seen": state.tokens_seen, **final_eval,
+                   "min_loss": min(state.losses, default=None), "losses": state.losses,
+                   "tokens_seen": state.tokens_seen, **final_eval,
                    "tokens_per_s": throughput.tokens_per_s, "real_tokens_per_s": throughput.real_tokens_per_s,
                    "peak_mem_gib": peak_memory_gib(device), "params": model_params(model),
                    "trainable_params": trainable_params(model),
@@ -254,6 +257,21 @@ def run(cfg: Config, parallel: Distributed) -> dict:
                    "data": data_report.as_dict(), "config": to_dict(cfg), "provenance": provenance()}
         metrics.summary(summary)
     return summary
+
+
+class TrainingDiverged(FloatingPointError, ValueError):
+    """A loss or gradient norm became inf or NaN. A ValueError too: the fix is a setting (the message says which),
+    so the CLI prints the message, as for other bad input, not a stack."""
+
+
+def require_finite(step: int, **values: float) -> None:
+    """Stop the run when a loss or grad norm of `step` is not finite: the weights are broken (a non-finite grad norm
+    has just been applied), and no checkpoint or final/ may be written from them."""
+    broken = [f"{name} became {value}" for name, value in values.items() if not math.isfinite(value)]
+    if broken:
+        raise TrainingDiverged(f"{' and '.join(broken)} at step {step}, so the run stops without saving these "
+                               "weights: lower train.lr, keep gradient clipping on (train.max_grad_norm > 0), or "
+                               "use precision.mode=fp32 to find the cause")
 
 
 def params_line(model: torch.nn.Module) -> str:

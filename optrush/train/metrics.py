@@ -129,28 +129,25 @@ class LogWindow:
     """The training numbers of the steps since the last log line, so that a line's loss and grad norm cover the
     same steps as the objective's own metrics (`pop_metrics`, averaged since its last call): their means over those
     steps, and the sum of the units the loss was averaged over, as `trained_<units>` (tokens, pairs or
-    completions). The grad norms add up on the device: reading one waits for the GPU, so that happens once per log
-    line, not once per step."""
+    completions)."""
 
     def __init__(self, units: str):
         self.units_key = f"trained_{units}"
         self._start()
 
     def _start(self) -> None:
-        self.steps, self.loss_sum, self.units = 0, 0.0, 0
-        self.grad_norm_sum: torch.Tensor | None = None
+        self.steps, self.loss_sum, self.grad_norm_sum, self.units = 0, 0.0, 0.0, 0
 
-    def add(self, *, loss: float, grad_norm: torch.Tensor, units: int) -> None:
-        """One finished optimizer step: its loss (a mean over its `units`) and its grad norm (a device tensor)."""
-        norm = grad_norm.detach().float()
-        self.grad_norm_sum = norm if self.grad_norm_sum is None else self.grad_norm_sum + norm
+    def add(self, *, loss: float, grad_norm: float, units: int) -> None:
+        """One finished optimizer step: its loss (a mean over its `units`) and its grad norm."""
         self.steps += 1
         self.loss_sum += loss
+        self.grad_norm_sum += grad_norm
         self.units += units
 
     def pop(self) -> dict[str, float | int]:
         """The window's numbers for the log (`loss`, `grad_norm`, `trained_<units>`); the next window starts."""
-        record = {"loss": self.loss_sum / self.steps, "grad_norm": float(self.grad_norm_sum) / self.steps,
+        record = {"loss": self.loss_sum / self.steps, "grad_norm": self.grad_norm_sum / self.steps,
                   self.units_key: self.units}
         self._start()
         return record
@@ -321,7 +318,8 @@ class MetricsLogger:
 
     def summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Print a table of the run and write `<output_dir>/summary.json`: steps, final/min loss, mean tokens/s,
-        peak memory and time from what was logged, then `extra` (which wins on equal keys). Returns the record."""
+        peak memory and time from what was logged, then `extra` (which wins on equal keys: `train` gives the final
+        and min loss of its steps' own losses instead of the logged averages). Returns the record."""
         if not self.enabled:
             return {}
         record = {

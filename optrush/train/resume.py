@@ -1,6 +1,7 @@
 """Resuming a run: which checkpoint, what may differ from the run that saved it, and what Ctrl-C leaves behind.
 
-    check_resume(cfg)     # at start-up, before any data is read: a bad path or a refused change fails in seconds
+    check_resume(cfg)     # at start-up, before any data is read: a bad path, a refused change, a checkpoint past
+                          # train.max_steps or a new run into another run's checkpoints fails in seconds
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)     # a fresh TrainState, or the restored one (checkpoint.resume)
     with report_interrupt(state, checkpoints, every=cfg.checkpoint.every):
@@ -30,8 +31,8 @@ from optrush.config import Config, ConfigError, PeftConfig
 from optrush.data.loader import MUST_MATCH, SAVED_BEFORE
 from optrush.parallel.context import data_parallel_position
 from optrush.parallel.distributed import barrier, is_main
-from optrush.train.checkpoint import CheckpointManager, TrainState, load_trainer_state, require_trainer_state, \
-    restore, saved_run
+from optrush.train.checkpoint import START_FRESH, CheckpointManager, TrainState, checkpoint_step, \
+    load_trainer_state, require_trainer_state, restore, saved_run
 from optrush.train.metrics import trainable_params
 
 
@@ -68,11 +69,6 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
         return TrainState(settings=settings)
     saved = load_trainer_state(path)
     refuse_incompatible(saved["train"].get("settings", {}), settings, path)
-    if (step := saved["train"]["step"]) > cfg.train.max_steps:
-        # training cannot go back: finishing "done" would label step-N weights as a shorter run's
-        raise ConfigError(f"checkpoint {path} is at step {step}, past train.max_steps={cfg.train.max_steps}: "
-                          f"set train.max_steps above {step} to train on, resume an earlier checkpoint "
-                          "(checkpoint.resume=PATH), or start fresh with checkpoint.resume=never")
     state = restore(path, trainer_state=saved, **live)
     apply_schedule_at_resumed_step(live["scheduler"])
     if is_main():
@@ -93,15 +89,41 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
 
 def check_resume(cfg: Config) -> None:
     """Raise when checkpoint.resume names no resumable checkpoint, or one that this config cannot resume (a setting
-    that must match and is decided by the config alone differs). Cheap, so that a run can stop on it before any data
-    is read or any model is built."""
+    that must match and is decided by the config alone differs, or it is past train.max_steps), or is `never` into
+    an output_dir that holds another run's checkpoints. Cheap, so that a run can stop on it before any data is read
+    or any model is built."""
     check_resume_path(cfg.checkpoint.resume)
-    path = resume_target(cfg.checkpoint.resume, CheckpointManager(Path(cfg.output_dir) / "checkpoints",
-                                                                  keep_last=cfg.checkpoint.keep_last))
+    checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    if cfg.checkpoint.resume == "never":
+        refuse_to_mix_runs(checkpoints, cfg.output_dir)
+    path = resume_target(cfg.checkpoint.resume, checkpoints)
     if path is None:
         return
     saved, loader = saved_run(path)
-    refuse(path, incompatibilities(saved, config_settings(cfg)) + loader_mismatches(loader, cfg))
+    refuse(path, incompatibilities(saved.get("settings", {}), config_settings(cfg)) + loader_mismatches(loader, cfg))
+    refuse_step_past_max(path, saved["step"], cfg.train.max_steps)
+
+
+def refuse_to_mix_runs(checkpoints: CheckpointManager, output_dir: str) -> None:
+    """Raise when a new run (checkpoint.resume=never) would write its checkpoints beside another run's: pruning
+    (checkpoint.keep_last) keeps the highest steps, so it would delete the new run's, and checkpoint.resume=auto
+    would later continue the old run under the new run's final/."""
+    newest = checkpoints.latest()
+    if newest is None:
+        return
+    raise ConfigError(f"output_dir={output_dir} already holds the checkpoints of a run (the newest: {newest}, step "
+                      f"{checkpoint_step(newest)}), and checkpoint.resume=never starts a new run, whose checkpoints "
+                      "would mix with them: train into a new output_dir, or move or delete "
+                      f"{checkpoints.directory} to start over here (checkpoint.resume=auto continues that run)")
+
+
+def refuse_step_past_max(path: Path, step: int, max_steps: int) -> None:
+    """Raise when checkpoint `path` is past train.max_steps: training cannot go back, and finishing "done" would
+    label step-N weights as a shorter run's."""
+    if step > max_steps:
+        raise ConfigError(f"checkpoint {path} is at step {step}, past train.max_steps={max_steps}: set "
+                          f"train.max_steps above {step} to train on, resume an earlier checkpoint "
+                          f"(checkpoint.resume=PATH), or {START_FRESH}")
 
 
 def resume_target(resume: str, checkpoints: CheckpointManager) -> Path | None:
@@ -131,7 +153,8 @@ def check_resume_path(resume: str) -> None:
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint directory (a relative path is taken from "
                           f"the working directory, {Path.cwd()}): give a run's checkpoints/step_N directory, auto (the "
-                          "newest checkpoint in output_dir, if any) or never (start fresh)")
+                          "newest checkpoint in output_dir, if any) or never (a new run, into an output_dir "
+                          "without checkpoints)")
     require_trainer_state(path)
 
 
@@ -247,8 +270,8 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
 
 def refuse(path: Path, changes: list[str]) -> None:
     if changes:
-        raise ConfigError(f"cannot resume {path}: {'; '.join(changes)}: resume with the same setting, or start fresh "
-                          "(checkpoint.resume=never)")
+        raise ConfigError(f"cannot resume {path}: {'; '.join(changes)}: resume with the same setting, or "
+                          f"{START_FRESH}")
 
 
 def another_model(saved: dict, current: dict) -> str | None:
