@@ -340,7 +340,7 @@ class ParallelConfig:
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     every: int = 0
-    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    """Save a resumable checkpoint every N steps (0: none; `save_final` still writes the trained model)."""
     keep_last: int = 2
     """Resumable checkpoints kept on disk; older ones are deleted after a newer one is complete."""
     resume: str = "auto"
