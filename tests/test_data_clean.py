@@ -91,6 +91,7 @@ def test_data_clean_command_writes_data_and_report(recipe_corpus, tokenizer_dir,
     assert main(["data", "clean", *overrides, "data.clean.min_items=99", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "data error: data.clean dropped every record" in err and "items" in err
+    assert (tmp_path / "none" / "report.md").exists() and not list((tmp_path / "none").glob("recipes.clean.jsonl*"))
 
 
 def test_training_streams_cleaning_in_one_pass_per_fitted_rule(tmp_path, tok, monkeypatch):
@@ -132,6 +133,7 @@ def test_data_clean_honours_on_error_skip_and_counts_the_rejects(tmp_path, tok):
         cfg = DataConfig(path=str(path), format="prompt_completion", clean=DataCleanConfig(dedup=True))
         with pytest.raises(DataError, match=rf"{path.name}.* line 3|{path.name}:2"):
             clean_dataset(cfg, tokenizer=tok, out_dir=tmp_path / "error")
+        assert not list((tmp_path / "error").glob("bad.clean.jsonl*"))  # not the rows before the bad one
         cfg.on_error = "skip"
         out = tmp_path / f"clean_{path.suffix[1:]}"
         paths = clean_dataset(cfg, tokenizer=tok, out_dir=out)

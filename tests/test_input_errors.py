@@ -134,6 +134,7 @@ def test_cleaning_an_empty_file_says_it_holds_no_records(tmp_path, tok):
     with pytest.raises(DataError, match=r"empty\.jsonl holds no records: nothing to clean"):
         clean_dataset(cfg, tokenizer=tok, out_dir=tmp_path / "out")
     assert not (tmp_path / "out" / "token_lengths.png").exists()  # no histogram of nothing (and no log-scale warning)
+    assert not list((tmp_path / "out").glob("empty.clean.jsonl*"))  # no cleaned file that looks complete
     with pytest.raises(DataError, match=r"no training examples left .*the file holds no records") as err:
         build_datasets(cfg, tok, seed=0)
     assert "dropped every record" not in str(err.value)

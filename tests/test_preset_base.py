@@ -104,5 +104,6 @@ def test_preset_lora_run_under_fsdp_saves_the_base_its_adapters_name(debug_overr
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids), merged(ids), atol=1e-5, rtol=1e-4)
     written = (run / "base" / "model.safetensors").stat()
+    shutil.move(run / "final", tmp_path / "first_final")  # (a new run refuses to replace another's final/)
     run_ranks(common + ["parallel.strategy=fsdp"], world=2)  # a second start finds base/ and gathers nothing
     assert (run / "base" / "model.safetensors").stat().st_ino == written.st_ino

@@ -32,6 +32,20 @@ def test_a_new_run_starts_once_the_checkpoints_are_moved_away(debug_overrides, t
     assert train(load_config(None, base))["steps"] == 2
 
 
+def test_a_run_from_step_0_into_an_output_dir_with_a_final_model_is_refused_before_the_data_is_read(
+        debug_overrides, tmp_path, monkeypatch):
+    base = debug_overrides + ["train.max_steps=2", "checkpoint.every=0"]
+    train(load_config(None, base))
+    final = tmp_path / "run" / "final"
+    saved = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    forbid_reading_data(monkeypatch)
+    for resume in ("auto", "never"):
+        with pytest.raises(ConfigError, match=rf"output_dir={tmp_path / 'run'} already holds a finished run's model "
+                                              rf"\({final}\) and no checkpoint to resume.*move or delete {final}"):
+            train(load_config(None, base + [f"checkpoint.resume={resume}"]))
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == saved
+
+
 def test_a_nan_grad_norm_stops_the_run_and_no_final_is_written(debug_overrides, tmp_path):
     # a huge lr without clipping: the weights blow up, their gradients become NaN while the loss stays finite
     diverging = ["train.max_steps=4", "train.lr=1e5", "train.max_grad_norm=0", "train.warmup_steps=0",

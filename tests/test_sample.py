@@ -83,6 +83,15 @@ def test_top_k_and_top_p_cut_the_distribution():
     assert {int(next_tokens(logits, seen, Sampling(), gen, allowed=allowed)) for _ in range(100)} == {1, 3}
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_from_non_finite_logits_names_the_row_and_the_cause(bad):
+    logits = torch.zeros(2, 4)
+    logits[1, 2] = bad
+    seen = torch.zeros(2, 4, dtype=torch.bool)
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite \(batch rows \[1\]\).*diverged"):
+        next_tokens(logits, seen, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+
+
 def test_bad_arguments(model):
     with pytest.raises(ValueError, match="top_p=1.5"):
         generate(model, [1], max_new_tokens=2, top_p=1.5)

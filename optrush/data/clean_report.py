@@ -71,13 +71,20 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
             kept_at.append(index)
             yield record
 
+    # written beside its final name and renamed once it holds records, so that a failed clean (a bad row, no
+    # record left) leaves no cleaned file that looks complete
+    partial = paths["data"].with_name(paths["data"].name + ".partial")
     try:
-        write_jsonl(written(), paths["data"])
+        write_jsonl(written(), partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         if rejects is not None:
             rejects.close()
     report = cleaner.report()
     if not report.total:  # no rule dropped anything, and a histogram of nothing says nothing
+        partial.unlink()
         raise DataError(no_records_message(cfg.path, rejects))
     unrenderable = report.kept - len(kept_at)  # kept by the rules, then rejected (data.on_error=skip)
     report.kept = len(kept_at)
@@ -94,9 +101,11 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
     paths["markdown"].write_text(markdown(summary, report, histogram=paths["histogram"].name))
     plot_histograms(before, after, paths["histogram"])
     if not report.kept:
+        partial.unlink()
         skipped = f"; {summary['rejected']} bad rows skipped (data.on_error=skip)" if summary["rejected"] else ""
         raise DataError(f"data.clean dropped every record of {cfg.path}{skipped}:\n{report.format()}\nloosen the "
                         f"data.clean rules that dropped the most (report: {paths['markdown']})")
+    partial.replace(paths["data"])
     return paths
 
 

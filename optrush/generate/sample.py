@@ -70,6 +70,11 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, ge
         kth_largest = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if probs.isnan().any():  # NaN or +inf logits, or every token masked out: multinomial's own error names none
+        rows = probs.isnan().any(dim=-1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"the model's next-token logits are NaN or infinite (batch rows {rows}), so no "
+                                 "token can be sampled: the weights have diverged or overflowed (check the run's "
+                                 "loss and grad_norm, or load the model in float32)")
     if sampling.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the more likely tokens before it already hold top_p of the mass; the first is kept.

@@ -1,7 +1,7 @@
 """Resuming a run: which checkpoint, what may differ from the run that saved it, and what Ctrl-C leaves behind.
 
     check_resume(cfg)     # at start-up, before any data is read: a bad path, a refused change, a checkpoint past
-                          # train.max_steps or a new run into another run's checkpoints fails in seconds
+                          # train.max_steps, a new run into another run's checkpoints or final/ fails in seconds
     state = maybe_resume(cfg, checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                          extras=extras)     # a fresh TrainState, or the restored one (checkpoint.resume)
     with report_interrupt(state, checkpoints, every=cfg.checkpoint.every):
@@ -89,15 +89,16 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
 
 def check_resume(cfg: Config) -> None:
     """Raise when checkpoint.resume names no resumable checkpoint, or one that this config cannot resume (a setting
-    that must match and is decided by the config alone differs, or it is past train.max_steps), or is `never` into
-    an output_dir that holds another run's checkpoints. Cheap, so that a run can stop on it before any data is read
-    or any model is built."""
+    that must match and is decided by the config alone differs, or it is past train.max_steps), or when a run from
+    step 0 would write beside another run's checkpoints (`never`) or over its final/. Cheap, so that a run can stop
+    on it before any data is read or any model is built."""
     check_resume_path(cfg.checkpoint.resume)
     checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     if cfg.checkpoint.resume == "never":
         refuse_to_mix_runs(checkpoints, cfg.output_dir)
     path = resume_target(cfg.checkpoint.resume, checkpoints)
     if path is None:
+        refuse_to_replace_final(cfg.output_dir)
         return
     saved, loader = saved_run(path)
     refuse(path, incompatibilities(saved.get("settings", {}), config_settings(cfg)) + loader_mismatches(loader, cfg))
@@ -115,6 +116,16 @@ def refuse_to_mix_runs(checkpoints: CheckpointManager, output_dir: str) -> None:
                       f"{checkpoint_step(newest)}), and checkpoint.resume=never starts a new run, whose checkpoints "
                       "would mix with them: train into a new output_dir, or move or delete "
                       f"{checkpoints.directory} to start over here (checkpoint.resume=auto continues that run)")
+
+
+def refuse_to_replace_final(output_dir: str) -> None:
+    """Raise when a run that starts from step 0 would write over another run's final/ (and its metrics.jsonl):
+    with no checkpoint beside it (checkpoint.every=0, or pruned), nothing says that run is this config's."""
+    final = Path(output_dir) / "final"
+    if final.exists():
+        raise ConfigError(f"output_dir={output_dir} already holds a finished run's model ({final}) and no checkpoint "
+                          "to resume, so this run would start from step 0 and replace it and its metrics.jsonl: "
+                          f"train into a new output_dir, or move or delete {final} to train here again")
 
 
 def refuse_step_past_max(path: Path, step: int, max_steps: int) -> None:
