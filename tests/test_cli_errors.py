@@ -98,6 +98,8 @@ def test_eval_arguments_are_checked_as_generate_checks_them(ckpt, heldout, no_mo
         main(["eval", ckpt, "--data", heldout, "--temperature", "-1", "--device", "cpu"])
     assert main(["eval", ckpt, "--data", heldout, "--samples", "-1", "--device", "cpu"]) == 2
     assert "--samples -1: give how many prompts of the file to generate from, 0 or more" in capsys.readouterr().err
+    assert main(["eval", ckpt, "--data", heldout, "--max-length", "0", "--device", "cpu"]) == 2
+    assert "--max-length 0: give the most tokens an example keeps, 1 or more" in capsys.readouterr().err
 
 
 def test_bench_warmup_help_and_checks_agree(capsys):

@@ -147,6 +147,8 @@ def evaluate(ckpt: str | Path | None, *, data: str | Path, data_format: str = "r
     check_data_overrides(data_overrides, data_format)
     if samples is not None and samples < 0:
         raise ConfigError(f"--samples {samples}: give how many prompts of the file to generate from, 0 or more")
+    if max_length < 1:  # named as typed: the data config would name data.max_length
+        raise ConfigError(f"--max-length {max_length}: give the most tokens an example keeps, 1 or more")
     device = generation_device(device)
     if data_format == "preference":
         if samples:
