@@ -43,6 +43,24 @@ def test_chat_answers_each_stdin_line(ckpt, monkeypatch, capsys):
     assert capsys.readouterr().out.count("assistant> ") == 2
 
 
+def test_chat_forgets_the_oldest_exchanges_past_the_context_and_refuses_a_message_too_long(ckpt, monkeypatch,
+                                                                                             capsys):
+    """The tiny model holds 256 tokens, 100 of them for each reply: a message longer than the rest is refused and
+    the chat goes on; a conversation that outgrows the context forgets its oldest exchanges, the system message
+    kept, instead of stopping."""
+    path, _, tokenizer = ckpt
+    medium = "how do I make a good soup with salt and water and oil " * 2
+    lines = ["soup " * 300, *[medium] * 8]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert main(["chat", str(path), "--max-new-tokens", "100", "--temperature", "0", "--device", "cpu",
+                 "--system", "You are a cook."]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant> ") == 8
+    assert captured.err.count("this message does not fit the model's context (256 tokens, --max-new-tokens 100 of "
+                              "them for the reply): send a shorter one") == 1
+    assert "the conversation outgrew the model's context of 256 tokens: the oldest" in captured.err
+
+
 def test_eval_report(ckpt, recipe_corpus, tmp_path, capsys):
     path, model, tokenizer = ckpt
     data = tmp_path / "heldout.jsonl"

@@ -159,13 +159,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids, kept = _fit_chat(tokenizer, messages, room=model.args.max_seq_len - args.max_new_tokens)
+        if ids is None:
+            messages.pop()
+            print(f"optrush: this message does not fit the model's context ({model.args.max_seq_len} tokens, "
+                  f"--max-new-tokens {args.max_new_tokens} of them for the reply): send a shorter one",
+                  file=sys.stderr, flush=True)
+            continue
+        if len(kept) < len(messages):
+            print(f"(the conversation outgrew the model's context of {model.args.max_seq_len} tokens: the oldest "
+                  f"{(len(messages) - len(kept)) // 2} exchange(s) are forgotten)", file=sys.stderr, flush=True)
+            messages = kept
         new_ids = generate_batch(model, [ids], eos_id=eos, pad_id=tokenizer.pad_token_id or 0,
                                  **_sampling_kwargs(args, generator))[0]
         reply = tokenizer.decode([t for t in new_ids if t not in eos], skip_special_tokens=True)
         print(f"assistant> {reply}", flush=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def _fit_chat(tokenizer, messages: list[dict], *, room: int) -> tuple[list[int] | None, list[dict]]:
+    """(prompt token ids, the messages they hold): the chat with its oldest user/assistant exchanges left out (a
+    system message kept) until it fits `room` tokens; ids None when the last user message alone does not fit."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    for dropped in range(0, len(messages) - first, 2):  # whole exchanges: the kept turns still start with a user's
+        kept = messages[:first] + messages[first + dropped:]
+        text = tokenizer.apply_chat_template(kept, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= room:
+            return ids, kept
+    return None, messages
 
 
 def cmd_average(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ optrush generate CKPT --prompt TEXT --penalty-alpha A --top-k K
                                               contrastive search (SimCTG, transformers' definition)
 optrush chat CKPT [sampling options] [--system TEXT]
                                               chat through the tokenizer's chat template, one stdin line a turn
+                                              (the oldest exchanges are dropped once the context is full)
 optrush eval CKPT --data FILE [--format recipe] [--samples 4] [--out report.md] [data.on_error=skip ...]
                                               perplexity on held-out data + metrics of generated samples
                                               (repetition; recipes: parses, ingredients used); markdown report;
