@@ -135,6 +135,14 @@ def markdown(results: list[dict]) -> str:
         "rows 10-27% under. Left-out speed predictions within 10%: from 57 to 90 of 146 rows (QLoRA: 18 to 52 of "
         "74). The misses left: micro-batch-1 rows (predicted over: their families' efficiency was measured at "
         "B=4), the eager 8B rows at B=4 (under), and the eager long-context rows (19-28% under).",
+        "- Per micro-batch and per optimizer step (`optrush.plan.speed.step_overhead_seconds_per_token`, "
+        "2026-12-07): a micro-batch costs a fixed number of weight reads whatever its tokens, fitted on the "
+        "full fine-tuning rows alike but for their rows per micro-batch (train_speed_h100_accum: issue #5's 4 "
+        "rows as 1, 2 or 4 micro-batches; about 7 reads), and AdamW's update traffic comes once a step. Before, "
+        "every micro-batch size of a family ran at one efficiency, so `optrush plan` ranked micro-batch 1 first "
+        "on a 1B model (tied speed, least memory), measured 12% slower than 4; the accum rows' left-out errors "
+        "went from +10% (mb1x4) and +21% (mb1x4 with 8-bit AdamW, whose slower update is not modelled) to 0% "
+        "and +9%, and speed predictions within 10% from 98 to 102 of 161 rows.",
         "- Reverted code: a results file whose `meta.reverted` names a commit (qlora_h100_kept.json) measured code "
         "that no longer exists; `optrush.plan.speed.load_measurements` leaves it out of this table and of the "
         "speed calibration.",

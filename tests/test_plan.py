@@ -17,7 +17,8 @@ from optrush.plan.gpus import gpu_from_device_name
 from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
 from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token, family,
-                                load_measurements, lookup_efficiency, measured_from_record, offload_bytes_per_token)
+                                fit_micro_batch_passes, load_measurements, lookup_efficiency, measured_from_record,
+                                offload_bytes_per_token, step_overhead_seconds_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
@@ -234,6 +235,28 @@ def test_committed_measurements_are_predicted_within_ten_percent():
     assert sum(not accuracy.measured_old_loss_chunk(m) for m in covered) >= 10
 
 
+def test_fewer_tokens_a_micro_batch_run_slower_by_the_fitted_weight_passes():
+    """Rows alike but for their rows per micro-batch (issue #5's 4 x 2,048 tokens as 1, 2 or 4 micro-batches, the
+    accumulated gradient the same) give the weight reads a micro-batch costs; the speed model then ranks a
+    larger micro-batch faster, with the speeds that generated the rows."""
+    from types import SimpleNamespace
+
+    a, gpu, passes = get_preset("llama3.2-1b"), GPUS["H100"], 6.0
+    base = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="model", fused_loss=True)
+    calibration = Calibration(efficiency={family(base, a): 0.5}, pcie_bytes_per_s=20e9, rows=3,
+                              micro_batch_passes=passes)
+    setups = [base.replace(micro_batch=rows, grad_accum=4 // rows) for rows in (4, 2, 1)]
+    rows = [SimpleNamespace(setup=s, args=a, gpu=gpu, cfg=SimpleNamespace(optim=SimpleNamespace(name="adamw")),
+                            tokens_per_s=estimate_speed(a, s, gpu, calibration).tokens_per_s) for s in setups]
+    assert rows[0].tokens_per_s > rows[1].tokens_per_s > rows[2].tokens_per_s
+    assert fit_micro_batch_passes(rows) == pytest.approx(passes)
+    assert fit_micro_batch_passes(rows[:1]) == 0  # one micro-batch size says nothing
+    adapters = [SimpleNamespace(**{**vars(r), "setup": r.setup.replace(peft="lora")}) for r in rows]
+    assert fit_micro_batch_passes(adapters) == 0  # an adapter run's per-micro-batch cost is modelled apart
+    fitted = calibrate([])
+    assert fitted.micro_batch_passes == 0 and not fitted.efficiency
+
+
 def test_results_of_reverted_code_are_not_measurements(tmp_path):
     kept = RESULTS_DIR / "qlora_h100_kept.json"
     if not kept.exists():
@@ -250,11 +273,13 @@ def test_speed_model_is_calibrated_from_measured_rows():
     s = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", fused_loss=True)
     speed = estimate_speed(a, s, GPUS["H100"], CAL)
     assert speed.basis == "measured"
-    assert speed.tokens_per_s == pytest.approx(0.5 * 989e12 / executed_flops_per_token(a, s))
+    update_s = step_overhead_seconds_per_token(a, s, GPUS["H100"], 0.0)  # AdamW's traffic, once a step
+    assert 0 < update_s * 8192 < 0.01  # 1.24B parameters x 14 bytes at 3.35 TB/s: about 5 ms
+    assert speed.tokens_per_s == pytest.approx(1 / (executed_flops_per_token(a, s) / (0.5 * 989e12) + update_s))
     recompute = s.replace(checkpointing="full")
     assert executed_flops_per_token(a, recompute) > executed_flops_per_token(a, s)
     assert estimate_speed(a, recompute, GPUS["H100"], CAL).basis.startswith("nearest")
-    assert estimate_speed(a, s, GPUS["H200"], CAL).tokens_per_s == speed.tokens_per_s  # same compute
+    assert estimate_speed(a, s, GPUS["H200"], CAL).tokens_per_s > speed.tokens_per_s  # same compute, faster HBM
     assert estimate_speed(a, s, GPUS["A100"], CAL).tokens_per_s < speed.tokens_per_s
     lora = s.replace(peft="lora")  # frozen weights skip their weight-gradient matmuls
     assert executed_flops_per_token(a, lora) < executed_flops_per_token(a, s)

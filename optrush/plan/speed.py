@@ -4,8 +4,9 @@
     calibration = calibrate(measured)
     speed = estimate_speed(args, setup, gpu, calibration)   # speed.tokens_per_s (all GPUs), speed.mfu, speed.basis
 
-Time per token on one GPU = executed FLOPs / (peak FLOP/s x efficiency) + CPU-offload copies / PCIe bandwidth
-+ NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP traffic overlaps compute (the step
+Time per token on one GPU = executed FLOPs / (peak FLOP/s x efficiency) + what each micro-batch and each optimizer
+step cost whatever their tokens (weight reads per micro-batch, fitted; the update's traffic) / HBM bandwidth +
+CPU-offload copies / PCIe bandwidth + NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP traffic overlaps compute (the step
 takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params + 6 x layers x seq x dim, as
 `Transformer.flops_per_token`) minus the weight-gradient matmuls frozen weights skip (LoRA, QLoRA) plus the
 forward re-run by full activation checkpointing. The efficiency is measured: for each family of
@@ -66,6 +67,9 @@ class Calibration:
     """Executed FLOP/s over peak, per `family`."""
     pcie_bytes_per_s: float
     rows: int
+    micro_batch_passes: float = 0.0
+    """Reads of the model's weights that a micro-batch costs beyond its FLOPs, whatever its token count (fitted
+    from rows that differ only in tokens per micro-batch; 0 without such rows)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -196,6 +200,22 @@ def dequantize_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     return passes * a.n_layers * block_linear_params(a) * per_param / s.tokens
 
 
+UPDATE_BYTES = {"fp32": 28, "bf16_mixed": 28, "bf16_pure": 14, "fp8": 28}
+"""HBM bytes an AdamW-style update moves per trainable parameter: the weight read and written, its gradient read,
+two moments read and written, each in the precision's storage dtype (fp32 master weights and states, or bf16)."""
+
+
+def step_overhead_seconds_per_token(a: ModelArgs, s: Setup, gpu: GPU, micro_batch_passes: float) -> float:
+    """Time per token of what a micro-batch and an optimizer step cost whatever their token counts, so that fewer
+    tokens a micro-batch run slower: `micro_batch_passes` reads of the weights per micro-batch (launches, weight
+    and gradient traffic that no matmul hides; calibrated) and the optimizer's update traffic once per step (not
+    when it runs on the host, `optim.offload`)."""
+    micro_batch = micro_batch_passes * total_params(a) * COMPUTE_BYTES[s.precision] / s.tokens
+    trainable = count_params(trainable_shapes(a, s))
+    update = 0 if s.optimizer_offload else trainable * UPDATE_BYTES[s.precision] / (s.tokens * s.grad_accum)
+    return (micro_batch + update) / gpu.hbm_bytes_per_s
+
+
 def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     """Bytes each GPU sends per token: FSDP all-gathers the weights for forward (and again for backward when
     resharded) and reduce-scatters fp32 gradients every micro-batch; DDP all-reduces the gradients (2x their
@@ -230,26 +250,56 @@ def peak_flops(gpu: GPU, s: Setup) -> float:
 
 
 def calibrate(measured: list[Measured]) -> Calibration:
-    """Efficiency per family from the `plannable` rows without offload; then the PCIe bandwidth that explains the
-    offload rows' extra time (their family's compute time subtracted)."""
+    """Efficiency per family from the `plannable` rows without offload, their time net of the per-micro-batch and
+    optimizer-step overheads (`step_overhead_seconds_per_token`, its weight passes fitted first); then the PCIe
+    bandwidth that explains the offload rows' extra time (their family's compute time subtracted)."""
     measured = [m for m in measured if plannable(m)]
+    passes = fit_micro_batch_passes([m for m in measured if not m.setup.offload])
     by_family: dict[tuple, list[float]] = {}
     for m in measured:
-        if not m.setup.offload:
-            per_gpu = m.tokens_per_s / m.setup.n_gpus
+        net_s = m.setup.n_gpus / m.tokens_per_s - step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
+        if not m.setup.offload and net_s > 0:
             by_family.setdefault(family(m.setup, m.args), []).append(
-                per_gpu * executed_flops_per_token(m.args, m.setup) / peak_flops(m.gpu, m.setup))
+                executed_flops_per_token(m.args, m.setup) / (peak_flops(m.gpu, m.setup) * net_s))
     efficiency = {key: statistics.mean(values) for key, values in by_family.items()}
     bandwidths = []
     for m in measured:
         if m.setup.offload and efficiency:
             compute_s = executed_flops_per_token(m.args, m.setup) / (
                 peak_flops(m.gpu, m.setup) * lookup_efficiency(efficiency, m.setup, m.args)[0])
+            compute_s += step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
             extra_s = m.setup.n_gpus / m.tokens_per_s - compute_s
             if extra_s > 0:
                 bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
     pcie = statistics.mean(bandwidths) if bandwidths else PCIE_BYTES_PER_S
-    return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured))
+    return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured), micro_batch_passes=passes)
+
+
+def fit_micro_batch_passes(measured: list[Measured]) -> float:
+    """Weight reads per micro-batch that explain how time per token grows as a micro-batch holds fewer tokens:
+    among rows alike but for their rows per micro-batch (and accumulation), time per token = c + b / tokens per
+    micro-batch, fitted by least squares per group; b in weight reads, averaged over the groups. 0 without such
+    rows. Full fine-tuning rows only: an adapter run's per-micro-batch cost is its base's dequantization, which
+    `dequantize_bytes_per_token` models."""
+    groups: dict[tuple, list[Measured]] = {}
+    for m in measured:
+        if m.setup.peft != "none":
+            continue
+        alike = m.setup.replace(micro_batch=1, grad_accum=1)
+        groups.setdefault((alike, repr(m.args), m.gpu.name, m.cfg.optim.name), []).append(m)
+    fitted = []
+    for rows in groups.values():
+        if len({m.setup.tokens for m in rows}) < 2:
+            continue
+        x = [1 / m.setup.tokens for m in rows]
+        y = [m.setup.n_gpus / m.tokens_per_s - step_overhead_seconds_per_token(m.args, m.setup, m.gpu, 0.0)
+             for m in rows]
+        mean_x, mean_y = statistics.mean(x), statistics.mean(y)
+        slope = (sum((xi - mean_x) * (yi - mean_y) for xi, yi in zip(x, y))
+                 / sum((xi - mean_x) ** 2 for xi in x))
+        m = rows[0]
+        fitted.append(slope * m.gpu.hbm_bytes_per_s / (total_params(m.args) * COMPUTE_BYTES[m.setup.precision]))
+    return max(statistics.mean(fitted), 0.0) if fitted else 0.0
 
 
 def plannable(m: Measured) -> bool:
@@ -294,6 +344,7 @@ def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -
     if s.peft != "none" and basis == "measured":
         basis = "measured full-FT family"
     compute_s = executed_flops_per_token(a, s) / (peak_flops(gpu, s) * efficiency)
+    compute_s += step_overhead_seconds_per_token(a, s, gpu, calibration.micro_batch_passes)
     compute_s += offload_bytes_per_token(a, s) / calibration.pcie_bytes_per_s
     compute_s += dequantize_bytes_per_token(a, s) / gpu.hbm_bytes_per_s
     comm_s = communication_bytes_per_token(a, s) / (gpu.link_bytes_per_s * NCCL_BUS_EFFICIENCY)
