@@ -6,8 +6,8 @@
 
 Time per token on one GPU = executed FLOPs / (peak FLOP/s x efficiency) + what each micro-batch and each optimizer
 step cost whatever their tokens (weight reads per micro-batch, fitted; the update's traffic) / HBM bandwidth +
-CPU-offload copies / PCIe bandwidth + NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP traffic overlaps compute (the step
-takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params + 6 x layers x seq x dim, as
+CPU-offload copies / PCIe bandwidth + NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP
+traffic overlaps compute (the step takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params + 6 x layers x seq x dim, as
 `Transformer.flops_per_token`) minus the weight-gradient matmuls frozen weights skip (LoRA, QLoRA) plus the
 forward re-run by full activation checkpointing. The efficiency is measured: for each family of
 (compile mode, fused loss, checkpointing, matmul precision) that has bench rows, their executed FLOP/s over the
@@ -201,8 +201,9 @@ def dequantize_bytes_per_token(a: ModelArgs, s: Setup) -> float:
 
 
 UPDATE_BYTES = {"fp32": 28, "bf16_mixed": 28, "bf16_pure": 14, "fp8": 28}
-"""HBM bytes an AdamW-style update moves per trainable parameter: the weight read and written, its gradient read,
-two moments read and written, each in the precision's storage dtype (fp32 master weights and states, or bf16)."""
+"""HBM bytes an AdamW update moves per trainable parameter: the weight read and written, its gradient read, two
+moments read and written, each in the precision's storage dtype (fp32 master weights and states, or bf16). Every
+optimizer is counted so: the 8-bit ones move fewer bytes but measured slower (train_speed_h100_accum.md)."""
 
 
 def step_overhead_seconds_per_token(a: ModelArgs, s: Setup, gpu: GPU, micro_batch_passes: float) -> float:
@@ -211,7 +212,8 @@ def step_overhead_seconds_per_token(a: ModelArgs, s: Setup, gpu: GPU, micro_batc
     and gradient traffic that no matmul hides; calibrated) and the optimizer's update traffic once per step (not
     when it runs on the host, `optim.offload`)."""
     micro_batch = micro_batch_passes * total_params(a) * COMPUTE_BYTES[s.precision] / s.tokens
-    trainable = count_params(trainable_shapes(a, s))
+    shards = s.n_gpus if s.strategy in ("fsdp", "hsdp") else 1  # each GPU updates its shard
+    trainable = count_params(trainable_shapes(a, s)) / shards
     update = 0 if s.optimizer_offload else trainable * UPDATE_BYTES[s.precision] / (s.tokens * s.grad_accum)
     return (micro_batch + update) / gpu.hbm_bytes_per_s
 
