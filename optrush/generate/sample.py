@@ -70,8 +70,9 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, ge
         kth_largest = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if probs.isnan().any():  # NaN or +inf logits, or every token masked out: multinomial's own error names none
-        rows = probs.isnan().any(dim=-1).nonzero().flatten().tolist()
+    broken = probs.isnan().any(dim=-1)  # NaN or +inf logits, or every token masked out
+    if broken.any():  # multinomial's own error would name neither the rows nor the cause
+        rows = broken.nonzero().flatten().tolist()
         raise FloatingPointError(f"the model's next-token logits are NaN or infinite (batch rows {rows}), so no "
                                  "token can be sampled: the weights have diverged or overflowed (check the run's "
                                  "loss and grad_norm, or load the model in float32)")

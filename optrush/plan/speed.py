@@ -7,8 +7,8 @@
 Time per token on one GPU = executed FLOPs / (peak FLOP/s x efficiency) + what each micro-batch and each optimizer
 step cost whatever their tokens (weight reads per micro-batch, fitted; the update's traffic) / HBM bandwidth +
 CPU-offload copies / PCIe bandwidth + NF4 dequantization traffic / HBM bandwidth; with several GPUs the FSDP/DDP
-traffic overlaps compute (the step takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params + 6 x layers x seq x dim, as
-`Transformer.flops_per_token`) minus the weight-gradient matmuls frozen weights skip (LoRA, QLoRA) plus the
+traffic overlaps compute (the step takes the longer of the two). Executed FLOPs are the MFU numerator (6 x params
++ 6 x layers x seq x dim, as `Transformer.flops_per_token`) minus the weight-gradient matmuls frozen weights skip (LoRA, QLoRA) plus the
 forward re-run by full activation checkpointing. The efficiency is measured: for each family of
 (compile mode, fused loss, checkpointing, matmul precision) that has bench rows, their executed FLOP/s over the
 device peak; a setup from a family without rows takes the closest measured family's efficiency and says so in
@@ -258,9 +258,9 @@ def calibrate(measured: list[Measured]) -> Calibration:
     measured = [m for m in measured if plannable(m)]
     passes = fit_micro_batch_passes([m for m in measured if not m.setup.offload])
     by_family: dict[tuple, list[float]] = {}
-    for m in measured:
+    for m in (m for m in measured if not m.setup.offload):
         net_s = m.setup.n_gpus / m.tokens_per_s - step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
-        if not m.setup.offload and net_s > 0:
+        if net_s > 0:
             by_family.setdefault(family(m.setup, m.args), []).append(
                 executed_flops_per_token(m.args, m.setup) / (peak_flops(m.gpu, m.setup) * net_s))
     efficiency = {key: statistics.mean(values) for key, values in by_family.items()}
