@@ -67,6 +67,12 @@ CONFIGS: list[tuple[str, list[str]]] = [
                                                           f"train.micro_batch_size={rows}",
                                                           f"train.grad_accum={4 // rows}"])
       for rows in (2, 1)],
+    # more rows a micro-batch than issue #5's 4 (more tokens a step): what `optrush plan` ranks first for this shape
+    *[(f"compile_model+fused_loss+mb{rows}x1", ["compile.mode=model", "kernels.fused_loss=true",
+                                                f"train.micro_batch_size={rows}"])
+      for rows in (8, 16)],
+    ("compile_model+fused_loss+varlen+mb16x1", ["compile.mode=model", "kernels.fused_loss=true",
+                                                "model.attention=varlen", "train.micro_batch_size=16"]),
     ("compile_model+fused_loss+mb1x4+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
                                                   "train.micro_batch_size=1", "train.grad_accum=4",
                                                   "optim.name=adamw8bit"]),
