@@ -67,10 +67,11 @@ CONFIGS: list[tuple[str, list[str]]] = [
                                                           f"train.micro_batch_size={rows}",
                                                           f"train.grad_accum={4 // rows}"])
       for rows in (2, 1)],
-    # more rows a micro-batch than issue #5's 4 (more tokens a step): what `optrush plan` ranks first for this shape
+    # more rows a micro-batch than issue #5's 4 (more tokens a step): `optrush plan`'s picks for this shape (H100: 16,
+    # H200: 32)
     *[(f"compile_model+fused_loss+mb{rows}x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 f"train.micro_batch_size={rows}"])
-      for rows in (8, 16)],
+      for rows in (8, 16, 32)],
     ("compile_model+fused_loss+varlen+mb16x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 "model.attention=varlen", "train.micro_batch_size=16"]),
     ("compile_model+fused_loss+mb1x4+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",

@@ -83,13 +83,17 @@ def test_top_k_and_top_p_cut_the_distribution():
     assert {int(next_tokens(logits, seen, Sampling(), gen, allowed=allowed)) for _ in range(100)} == {1, 3}
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_sampling_from_non_finite_logits_names_the_row_and_the_cause(bad):
+def test_decoding_from_non_finite_logits_names_the_row_and_the_cause(bad, temperature):
     logits = torch.zeros(2, 4)
     logits[1, 2] = bad
     seen = torch.zeros(2, 4, dtype=torch.bool)
     with pytest.raises(FloatingPointError, match=r"NaN or infinite \(batch rows \[1\]\).*diverged"):
-        next_tokens(logits, seen, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+        next_tokens(logits, seen, Sampling(temperature=temperature), torch.Generator().manual_seed(0))
+    logits[1, 2] = 0.0
+    logits[0, 1] = float("-inf")  # a token ruled out is no fault while others are left
+    assert next_tokens(logits, seen, Sampling(temperature=temperature), torch.Generator().manual_seed(0)).shape == (2,)
 
 
 def test_bad_arguments(model):

@@ -55,6 +55,15 @@ def penalise_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def raise_if_broken(broken: torch.Tensor) -> None:
+    """Stop decoding when any row's (B,) `broken` flag is set: its logits leave no token to pick."""
+    if broken.any():
+        rows = broken.nonzero().flatten().tolist()
+        raise FloatingPointError(f"the model's next-token logits are NaN or infinite (batch rows {rows}), so no "
+                                 "token can be picked: the weights have diverged or overflowed (check the run's "
+                                 "loss and grad_norm, or load the model in float32)")
+
+
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
                 *, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits` (B, V), on `seen`'s device. `seen` (B, V) bool marks the tokens the
@@ -64,18 +73,17 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, ge
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
+        choice = logits.argmax(dim=-1)
+        # argmax picks a NaN, and index 0 of an all -inf row: either would decode garbage without a word
+        raise_if_broken(~logits.gather(-1, choice[:, None]).squeeze(-1).isfinite())
+        return choice
     logits = logits.cpu() / sampling.temperature
     if sampling.top_k is not None:
         kth_largest = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    broken = probs.isnan().any(dim=-1)  # NaN or +inf logits, or every token masked out
-    if broken.any():  # multinomial's own error would name neither the rows nor the cause
-        rows = broken.nonzero().flatten().tolist()
-        raise FloatingPointError(f"the model's next-token logits are NaN or infinite (batch rows {rows}), so no "
-                                 "token can be sampled: the weights have diverged or overflowed (check the run's "
-                                 "loss and grad_norm, or load the model in float32)")
+    # NaN or +inf logits, or every token masked out; multinomial's own error would name neither rows nor cause
+    raise_if_broken(probs.isnan().any(dim=-1))
     if sampling.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the more likely tokens before it already hold top_p of the mass; the first is kept.
