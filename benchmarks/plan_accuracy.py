@@ -143,6 +143,16 @@ def markdown(results: list[dict]) -> str:
         "on a 1B model (tied speed, least memory), measured 12% slower than 4; the accum rows' left-out errors "
         "went from +10% (mb1x4) and +21% (mb1x4 with 8-bit AdamW, whose slower update is not modelled) to 0% "
         "and +9%, and speed predictions within 10% from 98 to 102 of 161 rows.",
+        "- Attention at its own efficiency (`optrush.plan.speed.fit_attention`, 2026-12-07): plan_picks_h100 "
+        "measured the 1B model's MFU falling from 0.55 at 2,048 tokens to 0.29 (varlen) and 0.40 (sdpa) at "
+        "131,072, where attention is 78% of the FLOPs; priced at the short rows' efficiency those long rows came "
+        "out 22-78% over. Rows where attention is at least 30% of the FLOPs now calibrate an efficiency per "
+        "backend (about 0.39 sdpa, 0.27 varlen), the families are fitted on their short rows net of it, and "
+        "packed rows' SDPA (dense document mask) counts as no faster than the slowest backend. The long rows "
+        "came within 8%, the planner's 131k pick within 1% (8,755 predicted, 8,675 measured); with the 10 new "
+        "rows speed predictions within 10% went from 112 to 118 of 171. Memory: with chunked MLPs a compiled "
+        "block keeps one (token x dim) tensor fewer (the 65,536-token trace), which brought those rows from "
+        "11-13% over to within 1.3% (peak memory within 10%: 163 to 167 of 171).",
         "- Reverted code: a results file whose `meta.reverted` names a commit (qlora_h100_kept.json) measured code "
         "that no longer exists; `optrush.plan.speed.load_measurements` leaves it out of this table and of the "
         "speed calibration.",

@@ -257,6 +257,38 @@ def test_fewer_tokens_a_micro_batch_run_slower_by_the_fitted_weight_passes():
     assert fitted.micro_batch_passes == 0 and not fitted.efficiency
 
 
+def test_long_rows_calibrate_attentions_own_efficiency_per_backend():
+    """Rows generated with the matmuls at 0.55 of the peak and attention at 0.39 (sdpa) or 0.27 (varlen): the
+    calibration gets both back from 2,048-token rows and long ones (at 131,072 tokens attention is 78% of the
+    1B model's FLOPs), and predicts those rows' speeds. A backend without long rows runs at its family's
+    efficiency; packed rows' SDPA (a dense document mask) counts as no faster than the slowest backend."""
+    from types import SimpleNamespace
+
+    a, gpu = get_preset("llama3.2-1b"), GPUS["H100"]
+    short = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="model", fused_loss=True)
+    truth = Calibration(efficiency={family(short, a): 0.55}, pcie_bytes_per_s=20e9, rows=0,
+                        attention_efficiency={"sdpa": 0.39, "varlen": 0.27})
+    setups = [short, short.replace(micro_batch=1, seq_len=65536, mlp_chunk_tokens=8192),
+              short.replace(micro_batch=1, seq_len=131072, mlp_chunk_tokens=8192)]
+    setups += [s.replace(attention="varlen") for s in setups[1:]]
+    rows = [SimpleNamespace(setup=s, args=a, gpu=gpu, cfg=SimpleNamespace(optim=SimpleNamespace(name="adamw")),
+                            tokens_per_s=estimate_speed(a, s, gpu, truth).tokens_per_s) for s in setups]
+    assert rows[2].tokens_per_s < 0.5 * rows[0].tokens_per_s
+    fitted = calibrate(rows)
+    assert fitted.efficiency[family(short, a)] == pytest.approx(0.55, rel=1e-3)
+    assert fitted.attention_efficiency == pytest.approx({"sdpa": 0.39, "varlen": 0.27}, rel=1e-3)
+    for row in rows:
+        assert estimate_speed(a, row.setup, gpu, fitted).tokens_per_s == pytest.approx(row.tokens_per_s, rel=1e-3)
+    assert calibrate(rows[:1]).attention_efficiency == {}
+    flex = short.replace(seq_len=131072, micro_batch=1, attention="flex")
+    family_only = Calibration(efficiency=fitted.efficiency, pcie_bytes_per_s=20e9, rows=0)
+    assert estimate_speed(a, flex, gpu, fitted).tokens_per_s == pytest.approx(
+        estimate_speed(a, flex, gpu, family_only).tokens_per_s)  # flex: at the family's 0.55
+    packed = setups[2].replace(document_mask=True)
+    assert estimate_speed(a, packed, gpu, fitted).tokens_per_s == pytest.approx(
+        estimate_speed(a, packed.replace(attention="varlen"), gpu, fitted).tokens_per_s)
+
+
 def test_results_of_reverted_code_are_not_measurements(tmp_path):
     kept = RESULTS_DIR / "qlora_h100_kept.json"
     if not kept.exists():

@@ -35,7 +35,7 @@ def test_half_a_million_tokens_fit_one_h100_with_varlen_and_mlp_chunks(calibrati
                       calibration=calibration)
     fitting = [c for c in candidates if c.fits]
     assert fitting and all(c.setup.attention == "varlen" for c in fitting)
-    assert all(c.setup.mlp_chunk_tokens == LONG_ROW_TOKENS for c in fitting[:2])
+    assert fitting[0].setup.mlp_chunk_tokens == LONG_ROW_TOKENS
     assert not any(c.fits for c in candidates if c.setup.attention == "sdpa")  # the dense mask does not fit
     # the measured setup (eager, full checkpointing with offload, fused loss, 8192-token MLP chunks) is among them
     assert any(c.setup.compile == "none" and c.setup.checkpointing == "full" and c.setup.offload

@@ -1,5 +1,8 @@
 """The README stays true: every config key is documented, and the demo command runs end to end (short)."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from optrush.config.load import all_keys
@@ -22,10 +25,22 @@ def test_readme_set_up_commands_are_marked_for_ci():
 
 
 def test_demo_runs_end_to_end_quickly(tmp_path, capsys):
+    """The README's first command, in a fresh interpreter as a user runs it, then again in this process into the
+    same folder: the second run replaces the first's (a new run refuses an output_dir that holds another run's
+    checkpoints). The first once said "on auto" (the config value) for the device; and transformers, loading the
+    saved model at the end, imports torchao, which logged the CUDA extensions it cannot load on a CPU machine."""
     from optrush.cli.main import main
+
+    first = subprocess.run([sys.executable, "-m", "optrush", "demo", "--out", str(tmp_path / "demo"), "--steps", "1",
+                            "--records", "60"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "for 1 steps on cpu" in first.stdout, first.stdout
+    assert "Failed to load" not in first.stderr and "Enum subclass" not in first.stderr, first.stderr
 
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "8", "--records", "600"]) == 0
     out = capsys.readouterr().out
+    assert "removed the earlier demo run" in out
     assert "two sampled recipes" in out and "from_pretrained" in out and "demo finished" in out
     assert (tmp_path / "demo" / "run" / "final" / "config.json").is_file()
 

@@ -133,22 +133,17 @@ def test_grad_accum_run_equals_large_batch_run(debug_overrides, packing, tmp_pat
     assert max(abs(x - y) for x, y in zip(big["losses"], small["losses"])) < 1e-5
 
 
-def run_cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "optrush", "train", *args], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
-
-
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-def test_sigkill_then_resume_equals_uninterrupted(debug_overrides, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(debug_overrides, tmp_path, capsys):
     base = [o for o in debug_overrides if not o.startswith(("output_dir", "checkpoint.resume"))]
     # enough steps after the awaited checkpoint that the kill always lands mid-run
     base += ["train.max_steps=30", "checkpoint.every=2", "train.deterministic=true", "checkpoint.keep_last=2"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    done = run_cli(base + [f"output_dir={straight}"])
-    assert done.returncode == 0, done.stderr
+    # the runs that end normally train in this process (the same code as the CLI's, without a second start-up)
+    train(load_config(None, base + [f"output_dir={straight}"]))
 
     # kill -9 the run once it has written a checkpoint past the first, mid-training
     proc = subprocess.Popen([sys.executable, "-m", "optrush", "train", *base, f"output_dir={interrupted}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,9 +155,8 @@ def test_sigkill_then_resume_equals_uninterrupted(debug_overrides, tmp_path):
     proc.wait()
     assert (ckpts / "step_00000004").exists() and not (interrupted / "final").exists()
 
-    resumed = run_cli(base + [f"output_dir={interrupted}", "checkpoint.resume=auto"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    train(load_config(None, base + [f"output_dir={interrupted}", "checkpoint.resume=auto"]))
+    assert "resumed from" in capsys.readouterr().out
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((interrupted / "summary.json").read_text())
     assert len(a["losses"]) == len(b["losses"]) == 30
@@ -188,7 +182,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-def test_kill_during_checkpoint_write_keeps_previous(debug_overrides, tmp_path):
+def test_kill_during_checkpoint_write_keeps_previous(debug_overrides, tmp_path, capsys):
     base = [o for o in debug_overrides if not o.startswith(("output_dir", "checkpoint.resume"))]
     base += ["train.max_steps=6", "checkpoint.every=2", "train.deterministic=true", f"output_dir={tmp_path / 'r'}"]
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *base], cwd=ROOT, capture_output=True, text=True)
@@ -196,10 +190,9 @@ def test_kill_during_checkpoint_write_keeps_previous(debug_overrides, tmp_path):
     ckpts = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step_00000002"]
     assert any(p.name.startswith(".tmp-") for p in ckpts.iterdir())  # the half-written one
-    resumed = run_cli(base + ["checkpoint.resume=auto"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and "step_00000002" in resumed.stdout
-    assert "removed an incomplete checkpoint" in resumed.stdout
+    train(load_config(None, base + ["checkpoint.resume=auto"]))  # in this process: one start-up less
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000002" in out and "removed an incomplete checkpoint" in out
     assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 6
 

@@ -1,10 +1,9 @@
-"""Fixes from a fourth user walkthrough (multi-process training, `optrush check`, the demo): each test failed before
-its fix."""
+"""Fixes from a fourth user walkthrough (multi-process training, `optrush check`; the demo's is in
+test_readme.py): each test failed before its fix."""
 import json
 import os
 import socket
 import subprocess
-import sys
 import warnings
 from types import SimpleNamespace
 
@@ -133,20 +132,3 @@ def test_ddp_is_applied_without_a_deprecation_warning_on_every_rank(monkeypatch)
         teardown()
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "broadcast_buffers" in m], messages
-
-
-# ----------------------------------------------------------------------------------------------------- demo
-
-
-def test_demo_names_the_device_it_trains_on_and_ends_without_torchao_noise(tmp_path):
-    """It said "on auto" (the config value); and transformers, loading the saved model at the end, imports torchao,
-    which logged the CUDA extensions it cannot load on a CPU machine. Run twice into one folder: the second run
-    replaces the first's (a new run refuses an output_dir that holds another run's checkpoints)."""
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "optrush", "demo", "--out", str(tmp_path / "demo"), "--steps",
-                               "1", "--records", "60"], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert "for 1 steps on cpu" in done.stdout, done.stdout
-    assert "removed the earlier demo run" in done.stdout, done.stdout
-    assert "Failed to load" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr

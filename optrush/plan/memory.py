@@ -278,7 +278,10 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     if s.compile != "none":
         # Inductor keeps the residuals, the matmul inputs and outputs, attention's inputs/outputs and the two
         # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.
-        whole = (2 * res * d + 2 * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
+        # With chunked MLPs one (token x dim) tensor a block fewer: the chunks' checkpoint input stands in for the
+        # MLP's matmul input (5.5 instead of 6.5 per block in the 65,536-token trace, memory_peak/
+        # peak_65k_nockpt_varlen_chunks.json; plan_picks_h100.md's long rows had been 11-13% over)
+        whole = (2 * res * d + (1 + mlp) * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
                  + mlp * (2 * act * f + mm_in * f) + fp8_wo_input + 2 * 4 + adapters)
         # compile.memory_budget: the partitioner keeps part of what lies between saving the graph's inputs only (a
         # compiled block's input; nothing per block for the whole model) and `whole`

@@ -12,15 +12,16 @@ traffic overlaps compute (the step takes the longer of the two). Executed FLOPs 
 forward re-run by full activation checkpointing. The efficiency is measured: for each family of
 (compile mode, fused loss, checkpointing, matmul precision) that has bench rows, their executed FLOP/s over the
 device peak; a setup from a family without rows takes the closest measured family's efficiency and says so in
-`basis`. All committed rows are from one H100 and one model shape, so speeds on other GPUs and shapes are
-extrapolations (same efficiency, that GPU's peak).
+`basis`. Attention's FLOPs run at their backend's own measured efficiency (`fit_attention`, from the rows where
+attention is most of the work), so long rows are not priced at the matmuls' rate. Rows come from H100s and
+H200s and a few model shapes; other GPUs and shapes are extrapolations (same efficiency, that GPU's peak).
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optrush.config import Config, ConfigError, load_config
@@ -70,6 +71,9 @@ class Calibration:
     micro_batch_passes: float = 0.0
     """Reads of the model's weights that a micro-batch costs beyond its FLOPs, whatever its token count (fitted
     from rows that differ only in tokens per micro-batch; 0 without such rows)."""
+    attention_efficiency: dict[str, float] = field(default_factory=dict)
+    """Attention's executed FLOP/s over peak, per model.attention backend with long rows measured (see
+    `fit_attention`); a backend without them runs at its family's efficiency."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -178,6 +182,42 @@ def executed_flops_per_token(a: ModelArgs, s: Setup) -> float:
     return flops
 
 
+def attention_flops_per_token(a: ModelArgs, s: Setup) -> float:
+    """The part of `executed_flops_per_token` that attention runs: the MFU formula's 6 x layers x seq x dim, plus
+    the forward that full checkpointing re-runs."""
+    checkpointed = layer_policies(a, s).count("full") if s.checkpointing == "full" else 0
+    return (6 * a.n_layers + 2 * checkpointed) * s.seq_len * a.dim
+
+
+def own_attention_efficiency(s: Setup, attention_efficiency: dict[str, float]) -> float | None:
+    """The efficiency `s`'s attention runs at, from `fit_attention`'s (measured on rows of one document), or None
+    to count it at its family's. Ring attention (context parallelism) has none: its exchanges between GPUs are
+    not the kernel's time. SDPA with a dense document mask leaves its causal kernels (7.35 ms against varlen's
+    1.31 at 8,192 tokens of 4 documents, kernels_h100.md) and no training row measures it, so it counts as no
+    faster than the slowest measured backend."""
+    if s.context_degree > 1 or s.attention not in attention_efficiency:
+        return None
+    if s.attention == "sdpa" and s.document_mask:
+        return min(attention_efficiency.values())
+    return attention_efficiency[s.attention]
+
+
+def flops_seconds_per_token(a: ModelArgs, s: Setup, gpu: GPU, efficiency: float,
+                            attention_efficiency: dict[str, float]) -> float:
+    """Executed FLOPs over the peak: attention's at its own efficiency where there is one
+    (`own_attention_efficiency`), the rest (or all, without one) at the family's `efficiency`."""
+    peak = peak_flops(gpu, s)
+    own = own_attention_efficiency(s, attention_efficiency)
+    if own is None:
+        return executed_flops_per_token(a, s) / (peak * efficiency)
+    attention = attention_flops_per_token(a, s)
+    return (executed_flops_per_token(a, s) - attention) / (peak * efficiency) + attention / (peak * own)
+
+
+def attention_share(m: Measured) -> float:
+    return attention_flops_per_token(m.args, m.setup) / executed_flops_per_token(m.args, m.setup)
+
+
 def offload_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     """Host<->GPU copies: saved activations to the host in forward and back in backward (activations.offload);
     gradients to the host and updated weights back once per optimizer step (optim.offload); each token's
@@ -251,30 +291,80 @@ def peak_flops(gpu: GPU, s: Setup) -> float:
     return gpu.tf32_flops if s.precision == "fp32" else gpu.bf16_flops
 
 
+LONG_ROW_ATTENTION_SHARE = 0.3
+"""Rows whose attention is at least this share of their executed FLOPs calibrate attention's own efficiency (the
+1B model's: 32,768 tokens and up; at 2,048 its share is 5%)."""
+
+
 def calibrate(measured: list[Measured]) -> Calibration:
     """Efficiency per family from the `plannable` rows without offload, their time net of the per-micro-batch and
-    optimizer-step overheads (`step_overhead_seconds_per_token`, its weight passes fitted first); then the PCIe
-    bandwidth that explains the offload rows' extra time (their family's compute time subtracted)."""
+    optimizer-step overheads (`step_overhead_seconds_per_token`, its weight passes fitted first) and, once it is
+    known, of attention's time at its own efficiency (`fit_attention`, from the long rows; families and attention
+    are fitted in turn, three rounds); then the PCIe bandwidth that explains the offload rows' extra time (their
+    compute time subtracted)."""
     measured = [m for m in measured if plannable(m)]
     passes = fit_micro_batch_passes([m for m in measured if not m.setup.offload])
-    by_family: dict[tuple, list[float]] = {}
-    for m in (m for m in measured if not m.setup.offload):
-        net_s = m.setup.n_gpus / m.tokens_per_s - step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
-        if net_s > 0:
-            by_family.setdefault(family(m.setup, m.args), []).append(
-                executed_flops_per_token(m.args, m.setup) / (peak_flops(m.gpu, m.setup) * net_s))
-    efficiency = {key: statistics.mean(values) for key, values in by_family.items()}
+    plain = [m for m in measured if not m.setup.offload]
+    attention: dict[str, float] = {}
+    for _ in range(3):
+        efficiency = fit_families(plain, passes, attention)
+        attention = fit_attention(plain, efficiency, passes)
+    efficiency = fit_families(plain, passes, attention)
     bandwidths = []
     for m in measured:
         if m.setup.offload and efficiency:
-            compute_s = executed_flops_per_token(m.args, m.setup) / (
-                peak_flops(m.gpu, m.setup) * lookup_efficiency(efficiency, m.setup, m.args)[0])
+            compute_s = flops_seconds_per_token(m.args, m.setup, m.gpu,
+                                                lookup_efficiency(efficiency, m.setup, m.args)[0], attention)
             compute_s += step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
             extra_s = m.setup.n_gpus / m.tokens_per_s - compute_s
             if extra_s > 0:
                 bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
     pcie = statistics.mean(bandwidths) if bandwidths else PCIE_BYTES_PER_S
-    return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured), micro_batch_passes=passes)
+    return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured), micro_batch_passes=passes,
+                       attention_efficiency=attention)
+
+
+def net_seconds_per_token(m: Measured, passes: float) -> float:
+    """A row's time per token on one GPU less its per-micro-batch and optimizer-step overheads."""
+    return m.setup.n_gpus / m.tokens_per_s - step_overhead_seconds_per_token(m.args, m.setup, m.gpu, passes)
+
+
+def fit_families(rows: list[Measured], passes: float, attention: dict[str, float]) -> dict[tuple, float]:
+    """Mean efficiency per `family`: FLOPs over peak x time, attention's FLOPs and time left out where its
+    backend has its own efficiency. A family with rows where attention is under `LONG_ROW_ATTENTION_SHARE` of the
+    FLOPs is fitted on those alone (its long rows calibrate attention)."""
+    short = [m for m in rows if attention_share(m) < LONG_ROW_ATTENTION_SHARE]
+    covered = {family(m.setup, m.args) for m in short}
+    by_family: dict[tuple, list[float]] = {}
+    for m in short + [m for m in rows if family(m.setup, m.args) not in covered]:
+        flops, net_s = executed_flops_per_token(m.args, m.setup), net_seconds_per_token(m, passes)
+        own = own_attention_efficiency(m.setup, attention)
+        if own is not None:
+            share = attention_flops_per_token(m.args, m.setup)
+            net_s -= share / (peak_flops(m.gpu, m.setup) * own)
+            flops -= share
+        if net_s > 0:
+            by_family.setdefault(family(m.setup, m.args), []).append(flops / (peak_flops(m.gpu, m.setup) * net_s))
+    return {key: statistics.mean(values) for key, values in by_family.items()}
+
+
+def fit_attention(rows: list[Measured], efficiency: dict[tuple, float], passes: float) -> dict[str, float]:
+    """Attention's efficiency per backend from the rows where it is at least `LONG_ROW_ATTENTION_SHARE` of the
+    FLOPs: what their time leaves after the rest of their FLOPs at the family's efficiency. Measured on one H100
+    (plan_picks_h100.md): the 1B model's MFU falls from 0.55 at 2,048 tokens to 0.29-0.40 at 131,072, where
+    attention is 78% of the FLOPs; priced at the short rows' efficiency, those rows were predicted 22-78% fast."""
+    by_backend: dict[str, list[float]] = {}
+    for m in rows:
+        if attention_share(m) < LONG_ROW_ATTENTION_SHARE or m.setup.context_degree > 1 or m.setup.document_mask:
+            continue
+        attention = attention_flops_per_token(m.args, m.setup)
+        rest = executed_flops_per_token(m.args, m.setup) - attention
+        peak = peak_flops(m.gpu, m.setup)
+        attention_s = net_seconds_per_token(m, passes) - rest / (
+            peak * lookup_efficiency(efficiency, m.setup, m.args)[0])
+        if attention_s > 0:
+            by_backend.setdefault(m.setup.attention, []).append(attention / (peak * attention_s))
+    return {backend: statistics.mean(values) for backend, values in by_backend.items()}
 
 
 def fit_micro_batch_passes(measured: list[Measured]) -> float:
@@ -345,7 +435,7 @@ def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -
     efficiency, basis = lookup_efficiency(calibration.efficiency, s, a)
     if s.peft != "none" and basis == "measured":
         basis = "measured full-FT family"
-    compute_s = executed_flops_per_token(a, s) / (peak_flops(gpu, s) * efficiency)
+    compute_s = flops_seconds_per_token(a, s, gpu, efficiency, calibration.attention_efficiency)
     compute_s += step_overhead_seconds_per_token(a, s, gpu, calibration.micro_batch_passes)
     compute_s += offload_bytes_per_token(a, s) / calibration.pcie_bytes_per_s
     compute_s += dequantize_bytes_per_token(a, s) / gpu.hbm_bytes_per_s
