@@ -446,6 +446,19 @@ def test_cli_writes_a_loadable_config_and_measures_on_cpu(tmp_path, capsys):
         estimate_memory(DEBUG, setup_from_config(cfg, document_mask=True)).peak_gib)
 
 
+def test_plan_for_rows_of_one_document_searches_sdpa_and_writes_the_packing(tmp_path, capsys):
+    """`--packing none`: rows hold one document each, so no document mask; SDPA's causal kernel (measured faster
+    than varlen there, plan_picks_h100.md) is what the search tries, and the written config says data.packing."""
+    from optrush.cli.main import main
+
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--model", "llama3.2-1b", "--seq", "131072", "--micro-batch", "1", "--packing", "none",
+                 "--top", "2", "--out", str(out)]) == 0
+    assert "varlen" not in capsys.readouterr().out
+    cfg = load_config(out, synthetic_data=True)
+    assert (cfg.data.packing, cfg.model.attention, cfg.data.max_length) == ("none", "sdpa", 131072)
+
+
 def test_extrapolation_warning_only_far_from_the_measured_widths():
     from optrush.plan.speed import Calibration, extrapolation_warning
 

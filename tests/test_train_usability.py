@@ -90,6 +90,31 @@ def test_fresh_run_starts_a_new_metrics_file_and_resume_keeps_each_step_once(deb
     assert loss_steps(run) == [1, 2]
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(debug_overrides, tmp_path, capsys):
+    """Back to step 2 of a run saved at 2, 4 and 6: steps 4 and 6 of the old history leave the checkpoint names,
+    so `auto` after an interruption of the new run continues the new history (it took the old step 6), and
+    pruning keeps the new run's checkpoints instead of the old ones."""
+    base = debug_overrides + ["train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=2",
+                              "checkpoint.save_final=false", "train.deterministic=true"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    train(load_config(None, base + ["checkpoint.keep_last=3"]))
+    old_6 = torch.load(checkpoints / "step_00000006" / STATE_FILE, weights_only=False)["train"]
+    capsys.readouterr()
+    train(load_config(None, base + ["train.max_steps=4", f"checkpoint.resume={checkpoints / 'step_00000002'}"]))
+    assert f"moved the checkpoints past step 2 to {checkpoints / 'abandoned_after_step_00000002'}" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["abandoned_after_step_00000002", "step_00000002",
+                                                             "step_00000004"]
+    assert sorted(p.name for p in (checkpoints / "abandoned_after_step_00000002").iterdir()) == [
+        "step_00000004", "step_00000006"]
+    train(load_config(None, base + ["checkpoint.resume=auto"]))  # the new history's step 4, not the old step 6
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["abandoned_after_step_00000002", "step_00000004",
+                                                             "step_00000006"]
+    new_6 = torch.load(checkpoints / "step_00000006" / STATE_FILE, weights_only=False)["train"]
+    assert new_6["step"] == old_6["step"] == 6
+
+
 def test_metrics_file_on_resume_keeps_rows_up_to_the_resumed_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
                                             + '{"step": 4, "lo')  # the interrupted run died mid-row

@@ -96,16 +96,16 @@ def test_single_bench_report_says_what_its_peak_memory_is():
     ("--max-new-tokens", "0", "--max-new-tokens 0: ask for at least 1 new token")])
 def test_generate_rejects_bad_sampling_options_before_loading_or_printing(tmp_path, capsys, option, value, message):
     code, out = run_cli(["generate", str(tmp_path / "no_model"), "--prompt", "Recipe: Soup", option, value], capsys)
-    assert code == 1 and out.startswith(f"optrush: {message}")  # no prompt echoed first, no model needed
+    assert code == 2 and out.startswith(f"optrush: config error: {message}")  # no prompt echoed, no model needed
 
 
 def test_contrastive_search_refuses_the_sampling_options_it_would_ignore(tmp_path, capsys):
     code, out = run_cli(["generate", str(tmp_path / "no_model"), "--prompt", "x", "--penalty-alpha", "0.6",
                          "--top-k", "4", "--temperature", "0.3", "--seed", "1"], capsys)
-    assert code == 1 and "--temperature, --seed: contrastive search" in out
+    assert code == 2 and "--temperature, --seed: contrastive search" in out
     code, out = run_cli(["generate", str(tmp_path / "no_model"), "--prompt", "x", "--penalty-alpha", "1.5",
                          "--top-k", "4"], capsys)
-    assert code == 1 and "--penalty-alpha 1.5" in out
+    assert code == 2 and "--penalty-alpha 1.5" in out
 
 
 # ------------------------------------------------------------------------------------------------ data, export

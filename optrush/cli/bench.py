@@ -41,12 +41,12 @@ def check_step_counts(args: argparse.Namespace) -> None:
     compile on their first step, so it needs a warm-up step to keep compilation out of the timings."""
     fewest_warmup = 1 if args.ladder or args.peers else 0
     if args.warmup < fewest_warmup:
-        raise SystemExit(f"optrush: --warmup {args.warmup}: " + (
+        raise ConfigError(f"--warmup {args.warmup}: " + (
             "--ladder and --peers need at least 1 warm-up step (each rung's process compiles on its first step); "
             "use --warmup 1 or more" if fewest_warmup else "use 0 (time every step) or more"))
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
-            raise SystemExit(f"optrush: {flag} {value}: use 1 or more")
+            raise ConfigError(f"{flag} {value}: use 1 or more")
 
 
 def bench_ladder(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from optrush.config import ConfigError
+
 
 def _load(args: argparse.Namespace):
     from optrush.generate.load import generation_device, load_for_generation
@@ -63,20 +65,20 @@ def _check_sampling(args: argparse.Namespace) -> None:
     from optrush.generate.sample import Sampling
 
     if args.max_new_tokens < 1:
-        raise SystemExit(f"optrush: --max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: ask for at least 1 new token")
     try:
         Sampling(**{name: _option(args, name) for name in SAMPLING if hasattr(args, name)})
     except ValueError as err:  # the message starts with the parameter's name: "top_p=1.5: use ..."
         name, _, reason = str(err).partition("=")
         reason = reason.replace("or None for", "or leave the option out for")
-        raise SystemExit(f"optrush: --{name.replace('_', '-')} {reason}") from None
+        raise ConfigError(f"--{name.replace('_', '-')} {reason}") from None
 
 
 def _check_room(model, args: argparse.Namespace, *, prompt_tokens: int) -> None:
     """The prompt and the new tokens must fit the model's context: checked before any text is printed."""
     limit = model.args.max_seq_len
     if prompt_tokens + args.max_new_tokens > limit:
-        raise SystemExit(f"optrush: --max-new-tokens {args.max_new_tokens}: the model's context holds {limit} "
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the model's context holds {limit} "
                          f"tokens (max_seq_len), of which the (longest) prompt takes {prompt_tokens}; ask for at "
                          f"most {max(limit - prompt_tokens, 0)} new tokens, or shorten the prompt")
 
@@ -86,11 +88,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise SystemExit(f"optrush: prompts file not found: {path}")
+            raise ConfigError(f"prompts file not found: {path}")
         # One prompt a line; a literal \n inside a line stands for a newline (recipe prompts span lines).
         prompts += [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit("optrush: no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
 
 
@@ -125,13 +127,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _check_contrastive(args: argparse.Namespace) -> None:
     if not 0 <= args.penalty_alpha <= 1:
-        raise SystemExit(f"optrush: --penalty-alpha {args.penalty_alpha}: use a degeneration penalty in [0, 1]")
+        raise ConfigError(f"--penalty-alpha {args.penalty_alpha}: use a degeneration penalty in [0, 1]")
     if args.top_k is None or args.token_healing:
-        raise SystemExit("optrush: --penalty-alpha (contrastive search) needs --top-k K and does not combine with "
+        raise ConfigError("--penalty-alpha (contrastive search) needs --top-k K and does not combine with "
                          "--token-healing")
     ignored = [flag for name, flag in SAMPLING_ONLY.items() if getattr(args, name) is not None]
     if ignored:
-        raise SystemExit(f"optrush: {', '.join(ignored)}: contrastive search (--penalty-alpha) picks each token "
+        raise ConfigError(f"{', '.join(ignored)}: contrastive search (--penalty-alpha) picks each token "
                          "deterministically from the --top-k candidates and takes no sampling options; leave them "
                          "out, or drop --penalty-alpha to sample")
 

@@ -137,14 +137,17 @@ def long_row_choices(seq_len: int, *, document_mask: bool) -> list[tuple[str, in
 
 def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str = "none", optimizer: str = "adamw",
          micro_batch: int | None = None, base_overrides: tuple[str, ...] = (), pins: tuple[str, ...] = (),
-         margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None) -> list[Candidate]:
+         margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None,
+         document_mask: bool = True) -> list[Candidate]:
     """Valid candidates, those that fit first, each group fastest first. `base_overrides` (model, objective, data)
-    are part of every candidate's config; `pins` (e.g. "compile.mode=none") keep only candidates that agree. No
-    valid candidate at all raises ConfigError saying why (`no_candidate_message`)."""
+    are part of every candidate's config; `pins` (e.g. "compile.mode=none") keep only candidates that agree;
+    `document_mask`: rows packed from several documents (data.packing=bfd). No valid candidate at all raises
+    ConfigError saying why (`no_candidate_message`)."""
     calibration = calibrate(load_measurements()) if calibration is None else calibration
     micro_batches = MICRO_BATCHES if micro_batch is None else (micro_batch,)
     setups = candidate_setups(gpu=gpu, n_gpus=n_gpus, seq_len=seq_len, peft=peft, optimizer=optimizer,
-                              micro_batches=micro_batches, untied=not args.tie_embeddings)
+                              micro_batches=micro_batches, document_mask=document_mask,
+                              untied=not args.tie_embeddings)
     pinned = dict(parse_override(p) for p in pins)
     if "compile.memory_budget" in pinned:  # not searched (no speed rows for it yet): a pin sets it for all
         setups = [s.replace(memory_budget=float(pinned["compile.memory_budget"])) for s in setups]

@@ -120,6 +120,24 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
+    def set_aside_after(self, step: int) -> Path | None:
+        """Move the complete checkpoints past `step` into one folder beside them, whose name is no checkpoint's,
+        so that neither checkpoint.resume=auto nor pruning sees them; returns it (None: there were none). A run
+        resumed from an earlier step writes a new history: left in place, they would be pruned as the newest
+        instead of its own checkpoints, and after an interruption `auto` would continue the abandoned run."""
+        later = [path for path in self.complete() if checkpoint_step(path) > step]
+        if not later:
+            return None
+        aside = self.directory / f"abandoned_after_step_{step:08d}"
+        suffix = 1
+        while aside.exists():  # rolled back to this step before
+            suffix += 1
+            aside = self.directory / f"abandoned_after_step_{step:08d}_{suffix}"
+        aside.mkdir()
+        for path in later:
+            os.replace(path, aside / path.name)
+        return aside
+
     def save(self, *, model, optimizer, scheduler, loader, state: TrainState, extras: Extras = None) -> Path:
         """`extras`: further live objects with state_dict/load_state_dict (the objective's sampling state, the
         EMA weights), saved under their names."""

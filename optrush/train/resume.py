@@ -73,6 +73,9 @@ def maybe_resume(cfg: Config, checkpoints: CheckpointManager, **live) -> TrainSt
     apply_schedule_at_resumed_step(live["scheduler"])
     if is_main():
         print(f"resumed from {path} at step {state.step}", flush=True)
+        if aside := checkpoints.set_aside_after(state.step):
+            print(f"moved the checkpoints past step {state.step} to {aside}: this run trains a new history from "
+                  "there, and checkpoint.resume=auto must not continue the old one", flush=True)
         if (moved_from := state.settings.get("model.path")) not in (None, settings["model.path"]):
             print(f"model.path changed from {moved_from} to {settings['model.path']}: the same model (its "
                   "config.json and weights match the checkpoint's)", flush=True)
