@@ -79,8 +79,8 @@ def _check_room(model, args: argparse.Namespace, *, prompt_tokens: int) -> None:
     limit = model.args.max_seq_len
     if prompt_tokens + args.max_new_tokens > limit:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the model's context holds {limit} "
-                         f"tokens (max_seq_len), of which the (longest) prompt takes {prompt_tokens}; ask for at "
-                         f"most {max(limit - prompt_tokens, 0)} new tokens, or shorten the prompt")
+                          f"tokens (max_seq_len), of which the (longest) prompt takes {prompt_tokens}; ask for at "
+                          f"most {max(limit - prompt_tokens, 0)} new tokens, or shorten the prompt")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -130,12 +130,12 @@ def _check_contrastive(args: argparse.Namespace) -> None:
         raise ConfigError(f"--penalty-alpha {args.penalty_alpha}: use a degeneration penalty in [0, 1]")
     if args.top_k is None or args.token_healing:
         raise ConfigError("--penalty-alpha (contrastive search) needs --top-k K and does not combine with "
-                         "--token-healing")
+                          "--token-healing")
     ignored = [flag for name, flag in SAMPLING_ONLY.items() if getattr(args, name) is not None]
     if ignored:
         raise ConfigError(f"{', '.join(ignored)}: contrastive search (--penalty-alpha) picks each token "
-                         "deterministically from the --top-k candidates and takes no sampling options; leave them "
-                         "out, or drop --penalty-alpha to sample")
+                          "deterministically from the --top-k candidates and takes no sampling options; leave them "
+                          "out, or drop --penalty-alpha to sample")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ optrush bench CONFIG [key=value ...] --max-context [LIMIT]
                                               the largest data.max_length that trains (batch 1, each try in its
                                               own process): JSON + markdown in <output_dir>
 optrush plan --model M --gpus 1xH100 --seq N [--objective sft] [--peft none|lora|qlora|any] [--micro-batch N]
-             [--packing bfd|none] [--out FILE] [--measure]
+             [--packing bfd|none|sorted] [--out FILE] [--measure]
                                               the fastest configurations that fit (predicted memory, tokens/s);
                                               the best as a ready config file (see "Plan a run")
 optrush export CKPT (--merge | --adapter) --out DIR [--base MODEL]
