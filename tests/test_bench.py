@@ -278,7 +278,10 @@ def test_interrupted_bench_stops_the_rung_it_is_running(tmp_path):
     the rung's process too: none may outlive the bench and keep its GPU."""
     pid_file = tmp_path / "rung.pid"
     sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
-    bench = (f"import sys; from pathlib import Path; from optrush.bench.ladder import run_child; "
+    # Python keeps SIGINT ignored in a process started with it ignored (a background job of a non-interactive
+    # shell: how pytest itself may run), so the bench process takes the handler a foreground start gives it
+    bench = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             f"from pathlib import Path; from optrush.bench.ladder import run_child; "
              f"run_child([sys.executable, '-c', {sleeper!r}, {str(pid_file)!r}], name='rung', timeout_s=None, "
              f"logs=Path({str(tmp_path)!r}))")
     parent = subprocess.Popen([sys.executable, "-c", bench])
