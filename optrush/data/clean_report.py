@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optrush.atomic import written_whole
 from optrush.config.schema import DataConfig
 from optrush.data.chat import check_chat_template
 from optrush.data.clean import UNRENDERABLE, Cleaner, CleanReport, rules_from_config, token_lengths
@@ -73,39 +74,33 @@ def clean_dataset(cfg: DataConfig, *, tokenizer, out_dir: str | Path, keep_examp
 
     # written beside its final name and renamed once it holds records, so that a failed clean (a bad row, no
     # record left) leaves no cleaned file that looks complete
-    partial = paths["data"].with_name(paths["data"].name + ".partial")
-    try:
-        write_jsonl(written(), partial)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        if rejects is not None:
-            rejects.close()
-    report = cleaner.report()
-    if not report.total:  # no rule dropped anything, and a histogram of nothing says nothing
-        partial.unlink()
-        raise DataError(no_records_message(cfg.path, rejects))
-    unrenderable = report.kept - len(kept_at)  # kept by the rules, then rejected (data.on_error=skip)
-    report.kept = len(kept_at)
-    after = before[np.asarray(kept_at, dtype=np.int64)]
-    before = before[before != UNRENDERABLE]
-    summary = {"source": str(cfg.path), "rules": [rule.name for rule in rules], **report.as_dict(),
-               "unrenderable": unrenderable, "rejected": 0 if rejects is None else rejects.count,
-               "rejects_path": None if rejects is None or not rejects.count else str(rejects.path),
-               "reject_messages": [] if rejects is None else rejects.messages,
-               "tokens_before": length_stats(before), "tokens_after": length_stats(after)}
-    if summary["rejects_path"]:
-        paths["rejects"] = rejects.path
-    paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    paths["markdown"].write_text(markdown(summary, report, histogram=paths["histogram"].name))
-    plot_histograms(before, after, paths["histogram"])
-    if not report.kept:
-        partial.unlink()
-        skipped = f"; {summary['rejected']} bad rows skipped (data.on_error=skip)" if summary["rejected"] else ""
-        raise DataError(f"data.clean dropped every record of {cfg.path}{skipped}:\n{report.format()}\nloosen the "
-                        f"data.clean rules that dropped the most (report: {paths['markdown']})")
-    partial.replace(paths["data"])
+    with written_whole(paths["data"]) as pending:
+        try:
+            write_jsonl(written(), pending)
+        finally:
+            if rejects is not None:
+                rejects.close()
+        report = cleaner.report()
+        if not report.total:  # no rule dropped anything, and a histogram of nothing says nothing
+            raise DataError(no_records_message(cfg.path, rejects))
+        unrenderable = report.kept - len(kept_at)  # kept by the rules, then rejected (data.on_error=skip)
+        report.kept = len(kept_at)
+        after = before[np.asarray(kept_at, dtype=np.int64)]
+        before = before[before != UNRENDERABLE]
+        summary = {"source": str(cfg.path), "rules": [rule.name for rule in rules], **report.as_dict(),
+                   "unrenderable": unrenderable, "rejected": 0 if rejects is None else rejects.count,
+                   "rejects_path": None if rejects is None or not rejects.count else str(rejects.path),
+                   "reject_messages": [] if rejects is None else rejects.messages,
+                   "tokens_before": length_stats(before), "tokens_after": length_stats(after)}
+        if summary["rejects_path"]:
+            paths["rejects"] = rejects.path
+        paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        paths["markdown"].write_text(markdown(summary, report, histogram=paths["histogram"].name))
+        plot_histograms(before, after, paths["histogram"])
+        if not report.kept:
+            skipped = f"; {summary['rejected']} bad rows skipped (data.on_error=skip)" if summary["rejected"] else ""
+            raise DataError(f"data.clean dropped every record of {cfg.path}{skipped}:\n{report.format()}\nloosen the "
+                            f"data.clean rules that dropped the most (report: {paths['markdown']})")
     return paths
 
 

@@ -29,7 +29,6 @@ starting model, so this is the copy reference without a second model in memory.
 """
 from __future__ import annotations
 
-import os
 import time
 import zlib
 from collections import Counter
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optrush.atomic import written_whole
 from optrush.config.schema import DPOConfig
 from optrush.data.batch import IGNORE_INDEX
 from optrush.data.preference import PairBatch, PairLoader, PreferencePair
@@ -274,9 +274,8 @@ def precompute_reference_logps(model: nn.Module, pairs: list[PreferencePair], *,
     model.train(was_training)
     if is_main():  # every rank computed the same table; one writes it, whole or not at all
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.partial")
-        torch.save({"fingerprint": fingerprint, "logps": table}, partial)
-        os.replace(partial, cache)
+        with written_whole(cache) as partial:
+            torch.save({"fingerprint": fingerprint, "logps": table}, partial)
     print_on_main_rank(f"computed {what} in {time.perf_counter() - started:.1f} s; cached in {cache} for a rerun "
                        "with the same pairs and starting weights")
     return table

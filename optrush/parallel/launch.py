@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optrush.atomic import written_whole
 from optrush.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -99,11 +100,10 @@ def hand_error_to_launcher(message: str) -> bool:
     errors_dir = os.environ.get(ERRORS_DIR_VARIABLE)
     if errors_dir is None or not launched_by_torchrun():
         return False
-    path = Path(errors_dir, f"rank_{os.environ['RANK']}.txt")
-    partial = path.with_suffix(".partial")
     try:
-        partial.write_text(message)
-        os.replace(partial, path)  # whole or absent: torchrun may stop this process at any moment
+        # whole or absent: torchrun may stop this process at any moment
+        with written_whole(Path(errors_dir, f"rank_{os.environ['RANK']}.txt")) as partial:
+            partial.write_text(message)
     except OSError:  # the launcher's folder is gone: print it after all
         return False
     return True

@@ -21,7 +21,6 @@ below their step's line, after their prompt.
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import sys
@@ -35,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from optrush.atomic import written_whole
 from optrush.config.schema import LoggingConfig
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -213,9 +213,8 @@ def open_metrics_file(path: Path, start_step: int):
         return open(path, "w", encoding="utf-8")
     kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.endswith("\n") and json.loads(line)["step"] <= start_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)  # a crash here leaves the old file whole
+    with written_whole(path) as partial:  # a crash here leaves the old file whole
+        partial.write_text("".join(kept), encoding="utf-8")
     return open(path, "a", encoding="utf-8")
 
 
