@@ -5,7 +5,7 @@
     # `path` now holds the whole file; had the block raised, neither `path` nor `partial` would be changed or left
 
 A process killed mid-write (torchrun stopping a rank, Ctrl-C, out of memory), or a write that fails validation,
-must not leave a file that looks complete to the next reader: a cache, a cleaned dataset, a metrics log, a GGUF.
+must not leave a file that looks complete to the next reader: a cache, a cleaned dataset, a metrics log.
 (Checkpoint and model directories have their own temporary-directory renames in train/checkpoint.py and
 models/io.py.)
 """

@@ -303,8 +303,8 @@ def calibrate(measured: list[Measured]) -> Calibration:
     are fitted in turn, three rounds); then the PCIe bandwidth that explains the offload rows' extra time (their
     compute time subtracted)."""
     measured = [m for m in measured if plannable(m)]
-    passes = fit_micro_batch_passes([m for m in measured if not m.setup.offload])
     plain = [m for m in measured if not m.setup.offload]
+    passes = fit_micro_batch_passes(plain)
     attention: dict[str, float] = {}
     for _ in range(3):
         efficiency = fit_families(plain, passes, attention)
