@@ -14,6 +14,7 @@ from optrush.config.schema import Config, KernelsConfig, ModelConfig
 from optrush.kernels import (apply_kernels, chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
                              reference_linear_cross_entropy)
 from optrush.kernels import fused_loss, ops, projections
+from optrush.kernels.lazy_compile import compile_on_first_call, never_traced
 from optrush.models import layers
 from optrush.models.llama import ModelArgs, Transformer
 
@@ -223,6 +224,28 @@ def test_fused_ops_match_reference_on_odd_shapes():
     check_same(ops.fused_swiglu, reference_swiglu, *gate_up)
     check_same(lambda q, k: ops.fused_rotary(q, k, *rotary[2:]), lambda q, k: layers.apply_rotary(q, k, *rotary[2:]),
                *rotary[:2])
+
+
+# ---------------------------------------------------------------------------------------------- lazy compile
+
+def test_lazily_compiled_function_inlines_into_an_enclosing_graph_and_never_traced_breaks_it():
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    doubled = compile_on_first_call(lambda x: 2 * x, backend=counting_backend, fullgraph=True)
+    whole = torch.compile(lambda x: doubled(x) + 1, backend=counting_backend, fullgraph=True)
+    assert torch.equal(whole(torch.ones(3)), torch.full((3,), 3.0)) and len(graphs) == 1  # one graph, inlined
+    assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and len(graphs) == 2  # alone: its own
+
+    compiling = []
+    eager = never_traced(lambda x: compiling.append(torch.compiler.is_compiling()) or x.nonzero())
+    broken = torch.compile(lambda x: eager(x * 2).sum() + 1, backend=counting_backend)
+    for _ in range(2):
+        assert broken(torch.tensor([0.0, 1.0, 2.0])).item() == 4
+    assert compiling == [False, False]  # ran outside the graph, every time
 
 
 # ---------------------------------------------------------------------------------------------- apply_kernels

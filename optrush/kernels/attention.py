@@ -24,20 +24,22 @@ runs within a row, which is what packing produces.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from optrush.kernels.lazy_compile import compile_on_first_call, never_traced
 from optrush.models.layers import AttentionBackend
 
 # FlexAttention only runs fast compiled: eager it materialises the scores. Compiling happens on first call, and a
 # compiled block or model inlines this wrapper into its own graph. Static shapes: on torch 2.11 inductor finds no
 # kernel for flex_attention once the sequence length turns symbolic (seen on an H100 at the second padded length),
 # so a new length compiles anew; packed rows always have one length.
-_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
-_create_block_mask_compiled = torch.compile(create_block_mask, dynamic=False)
+_flex_attention_compiled = compile_on_first_call(flex_attention, dynamic=False)
+_create_block_mask_compiled = compile_on_first_call(create_block_mask, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------------------- flex
@@ -83,9 +85,11 @@ class VarlenMask:
     """An upper bound on the longest segment in tokens (the row length: see `varlen_mask`)."""
     window: tuple[int, int]
     """varlen_attn's (left, right) window: (-1, 0) is causal; (W - 1, 0) sees the last W keys."""
+    enable_gqa: bool
+    """Pass enable_gqa=True for grouped KV heads (`varlen_takes_enable_gqa`)."""
 
 
-@torch.compiler.disable  # data-dependent sizes (nonzero): run eagerly, once per forward
+@never_traced  # data-dependent sizes (nonzero): run eagerly, once per forward
 def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_window: int | None = None,
                 device: torch.device | str | None = None) -> VarlenMask:
     """Segments for (B, T) document ids: a new segment starts at each row start and each change of id.
@@ -97,30 +101,27 @@ def varlen_mask(document_ids: torch.Tensor | None, *, seq_len: int, sliding_wind
     recompilations inside the timed epoch; the bound only launches thread blocks past a segment's end, which exit
     at once."""
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    enable_gqa = varlen_takes_enable_gqa()
     if document_ids is None:
-        return VarlenMask(cu_seqlens=None, max_len=seq_len, window=window)
+        return VarlenMask(cu_seqlens=None, max_len=seq_len, window=window, enable_gqa=enable_gqa)
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     offsets = starts.flatten().nonzero().flatten()
     total = torch.tensor([document_ids.numel()], device=offsets.device, dtype=offsets.dtype)
     cu_seqlens = torch.cat([offsets, total]).to(torch.int32)
     torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
-    return VarlenMask(cu_seqlens=cu_seqlens, max_len=seq_len, window=window)
+    return VarlenMask(cu_seqlens=cu_seqlens, max_len=seq_len, window=window, enable_gqa=enable_gqa)
 
 
-def varlen_gqa_keyword() -> dict:
-    """What tells `varlen_attn` that k and v have fewer heads than q: enable_gqa=True where it has the parameter
-    (torch >= 2.13, which refuses unequal head counts without it); {} where it has none (torch 2.11, whose kernel
-    takes grouped heads as they are: same output, 1.61 vs 1.70 ms forward+backward at 8,192 tokens with 32/8
-    heads on an H100, benchmarks/results/varlen_gqa_h100.md)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10: no varlen; model.attention=varlen is refused at config load
-        return {}
-    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+@functools.cache
+def varlen_takes_enable_gqa() -> bool:
+    """Whether `varlen_attn` has the enable_gqa parameter (torch >= 2.13, which refuses unequal head counts without
+    it); torch 2.11 has none, and its kernel takes grouped heads as they are (same output, 1.61 vs 1.70 ms
+    forward+backward at 8,192 tokens with 32/8 heads on an H100, benchmarks/results/varlen_gqa_h100.md). Asked
+    when a mask is built, outside the compiled blocks, not at import: importing the varlen module imports dynamo."""
+    from torch.nn.attention.varlen import varlen_attn
 
-
-VARLEN_GQA = varlen_gqa_keyword()  # decided once here, not inside the compiled blocks
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: VarlenMask) -> torch.Tensor:
@@ -139,7 +140,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask:
     cu_seqlens = mask.cu_seqlens
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    gqa = VARLEN_GQA if k.shape[1] != H else {}
+    gqa = {"enable_gqa": True} if mask.enable_gqa and k.shape[1] != H else {}
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, mask.max_len, mask.max_len, window_size=mask.window, **gqa)
     return out.view(B, T, H, D).transpose(1, 2)
 

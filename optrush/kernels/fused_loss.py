@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from optrush.data.batch import IGNORE_INDEX
+from optrush.kernels.lazy_compile import compile_on_first_call, never_traced
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -102,7 +103,7 @@ def traced_or_not(function: type[torch.autograd.Function], hidden: torch.Tensor,
     return function.apply(*args) if chunks <= TRACED_CHUNKS else _untraced_apply(function, *args)
 
 
-@torch.compiler.disable
+@never_traced
 def _untraced_apply(function: type[torch.autograd.Function], *args):
     return function.apply(*args)
 
@@ -250,4 +251,4 @@ def _chunk_for_compiler(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 # `_chunk_for_compiler`). Only the chunk is compiled, so any number of rows runs with at most two shapes (full
 # chunks and the last one), and a compiled model inlines it. On CPU the eager `_chunk` runs (Inductor's CPU build
 # costs seconds and buys nothing in tests).
-_chunk_compiled = torch.compile(_chunk_for_compiler, fullgraph=True)
+_chunk_compiled = compile_on_first_call(_chunk_for_compiler, fullgraph=True)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optrush.kernels.lazy_compile import compile_on_first_call
 from optrush.models import layers
 from optrush.models.llama import Transformer
 
@@ -49,9 +50,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_rms_norm_compiled = torch.compile(rms_norm, fullgraph=True)
-_swiglu_compiled = torch.compile(swiglu, fullgraph=True)
-_rotary_compiled = torch.compile(layers.apply_rotary, fullgraph=True)
+_rms_norm_compiled = compile_on_first_call(rms_norm, fullgraph=True)
+_swiglu_compiled = compile_on_first_call(swiglu, fullgraph=True)
+_rotary_compiled = compile_on_first_call(layers.apply_rotary, fullgraph=True)
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
