@@ -76,6 +76,12 @@ CONFIGS: list[tuple[str, list[str]]] = [
     *[(f"compile_model+fused_loss+mb{rows}x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 f"train.micro_batch_size={rows}"])
       for rows in (8, 16, 32)],
+    ("compile_model+fused_loss+fused_projections+mb16x1", ["compile.mode=model", "kernels.fused_loss=true",
+                                                           "kernels.fused_projections=true",
+                                                           "train.micro_batch_size=16"]),
+    ("compile_model+fused_loss+fused_projections+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
+                                                                 "kernels.fused_projections=true",
+                                                                 "activations.checkpointing=selective"]),
     ("compile_model+fused_loss+varlen+mb16x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 "model.attention=varlen", "train.micro_batch_size=16"]),
     ("compile_model+fused_loss+mb1x4+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",
