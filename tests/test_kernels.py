@@ -295,6 +295,34 @@ def test_fused_projections_match_separate_linears(qkv_bias):
         torch.testing.assert_close(params[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-blocks"])
+def test_fused_projections_keep_exactly_the_concatenated_weights_more_for_backward(compiled):
+    """What kernels.fused_projections costs in memory (optrush.kernels.projections' docstring): one copy of each
+    block's q/k/v and gate/up weights, eager and compiled (the min-cut partitioner keeps it too), nothing else."""
+    def saved_bytes(model):
+        if compiled:
+            for block in model.layers:
+                block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition", fullgraph=True)
+        params = {p.data_ptr() for p in model.parameters()}
+        storages = {}  # a tensor saved by several ops (the input of q, k and v) is kept once
+
+        def count(t):
+            if t.data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        ids = torch.randint(0, 64, (2, 24))
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            model(ids, labels=ids).backward()
+        return sum(storages.values())
+
+    plain, fused = tiny_model(), tiny_model()
+    apply_kernels(fused, Config(kernels=KernelsConfig(fused_projections=True)))
+    a, block = plain.args, plain.layers[0]
+    concatenated = sum(m.weight.numel() for m in (block.attention.wq, block.attention.wk, block.attention.wv,
+                                                  block.feed_forward.w1, block.feed_forward.w3))
+    assert saved_bytes(fused) - saved_bytes(plain) == a.n_layers * concatenated * 4
+
+
 def test_fused_projections_leave_other_linears_to_their_own_projection():
     """A group with any layer that is not exactly nn.Linear (LoRA, a float8 subclass, quantized) runs layer by
     layer, each through its own forward."""

@@ -6,8 +6,14 @@ Each group of linear layers that reads the same input runs as one matmul against
 the output dimension, and the output is split back. One wide matmul instead of three (q: 2048 outputs, k and v:
 512 each on the Llama-3.2-1B shape) keeps the GPU's matmul units busier, reads the input once, and in backward
 gives the input gradient as one matmul instead of a matmul per layer plus their sum. The parameters stay the very
-same objects under the same state-dict keys (the concatenation is a copy made in each forward, a few MB per
-block), so checkpoints, optimizers, FSDP2 and HF export see no difference.
+same objects under the same state-dict keys, so checkpoints, optimizers, FSDP2 and HF export see no difference.
+
+The cost: the concatenated weights are a copy made in each forward, and the matmul keeps that copy for backward,
+eager or compiled (Inductor's partitioner keeps it rather than concatenating again): one block's q/k/v and
+gate/up weights more per block, 80 MB a block in bf16 on the 1B shape (1.3 GB for its 16 blocks), as measured on
+CPU by the saved-tensor count in tests/test_kernels.py. Under full activation checkpointing the copy lives only
+within its block's recompute. Its speed on a GPU is still to be measured (benchmarks/train_speed.py's
+`*fused_projections*` configs).
 
 Only plain `nn.Linear` groups are fused: LoRA layers share their input through their own `project`
 (optrush.peft.lora), and FP8 or quantized linears multiply with their own kernels.
