@@ -9,11 +9,12 @@ gives the input gradient as one matmul instead of a matmul per layer plus their 
 same objects under the same state-dict keys, so checkpoints, optimizers, FSDP2 and HF export see no difference.
 
 The cost: the concatenated weights are a copy made in each forward, and the matmul keeps that copy for backward,
-eager or compiled (Inductor's partitioner keeps it rather than concatenating again): one block's q/k/v and
-gate/up weights more per block, 80 MB a block in bf16 on the 1B shape (1.3 GB for its 16 blocks), as measured on
-CPU by the saved-tensor count in tests/test_kernels.py. Under full activation checkpointing the copy lives only
-within its block's recompute. Its speed on a GPU is still to be measured (benchmarks/train_speed.py's
-`*fused_projections*` configs).
+eager or compiled: one block's q/k/v and gate/up weights more per block, 80 MB a block in bf16 on the 1B shape
+(1.3 GB for its 16 blocks), counted on CPU by the saved-tensor test in tests/test_kernels.py. Compiled, the
+min-cut partitioner keeps it because backward's input-gradient matmul needs the concatenation materialized (it
+never recomputes such a node); an autograd.Function that concatenates again in backward was tried, and under
+compile the copy was still kept. Under full activation checkpointing the copy lives only within its block's
+recompute. Its speed on a GPU is still to be measured (benchmarks/train_speed.py's `*fused_projections*` configs).
 
 Only plain `nn.Linear` groups are fused: LoRA layers share their input through their own `project`
 (optrush.peft.lora), and FP8 or quantized linears multiply with their own kernels.
