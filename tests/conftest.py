@@ -18,6 +18,25 @@ def load_benchmark(name: str):
     return module
 
 
+def saved_tensor_bytes(run, *, kept=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` runs, leaving out those of `kept`
+    (weights and buffers, which exist anyway); a tensor saved by several ops (one input of q, k and v) counts once."""
+    import torch
+
+    kept_storages = {t.untyped_storage().data_ptr() for t in kept}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in kept_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(saved.values())
+
+
 @pytest.fixture(scope="session")
 def recipe_corpus(tmp_path_factory):
     """(path to a cleaned recipe JSONL of a few hundred records, the records)."""

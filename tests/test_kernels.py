@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import saved_tensor_bytes
 from optrush.config.schema import Config, KernelsConfig, ModelConfig
 from optrush.kernels import (apply_kernels, chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
                              reference_linear_cross_entropy)
@@ -303,17 +304,9 @@ def test_fused_projections_keep_exactly_the_concatenated_weights_more_for_backwa
         if compiled:
             for block in model.layers:
                 block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition", fullgraph=True)
-        params = {p.data_ptr() for p in model.parameters()}
-        storages = {}  # a tensor saved by several ops (the input of q, k and v) is kept once
-
-        def count(t):
-            if t.data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
         ids = torch.randint(0, 64, (2, 24))
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            model(ids, labels=ids).backward()
-        return sum(storages.values())
+        return saved_tensor_bytes(lambda: model(ids, labels=ids).backward(),
+                                  kept=[*model.parameters(), *model.buffers()])
 
     plain, fused = tiny_model(), tiny_model()
     apply_kernels(fused, Config(kernels=KernelsConfig(fused_projections=True)))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_benchmark
+from conftest import load_benchmark, saved_tensor_bytes
 from optrush.config import load_config, to_dict
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
@@ -132,19 +132,10 @@ def test_eager_activation_term_is_what_autograd_saves(precision, dtype):
     hidden = model.tok_embeddings(torch.randint(0, 512, (batch, length)))
     positions = torch.arange(length).expand(batch, length)
     cos, sin = model.rope_cos[positions], model.rope_sin[positions]
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.layers[0](hidden, cos, sin, None)
+    saved = saved_tensor_bytes(lambda: model.layers[0](hidden, cos, sin, None),
+                               kept=[*model.parameters(), *model.buffers()])
     predicted = mem.block_activation_bytes(DEBUG, setup(precision=precision), policy="none") * batch * length
-    assert sum(saved.values()) == predicted
+    assert saved == predicted
 
 
 def test_levers_lower_their_terms():
