@@ -62,8 +62,6 @@ def test_missing_and_invalid_files(tmp_path):
     (BASE + ["train.warmup_steps=500", "train.max_steps=10"], "exceeds train.max_steps"),
     (BASE + ["train.device=cuda", "model.attention=flex", "data.packing=sorted"], "flex with data.packing=sorted"),
     (BASE + ["kernels.fused_dequantize=true"], "fused_dequantize=true speeds up the dequantization"),
-    (BASE + ["kernels.fused_projections=true", "peft.method=lora"], "but peft.method=lora replaces them"),
-    (BASE + ["kernels.fused_projections=true", "precision.mode=fp8"], "but precision.mode=fp8 replaces them"),
     (BASE + ["data.max_length=2048", "data.batch_tokens=1024"], "data.batch_tokens=1024: must be 0 .* >= data.max"),
     # preference pairs too: unpacked pair rows are as wide as the step's longest (a new flex compile per width;
     # measured on an H100: the 8 steps of one padded run used up dynamo's recompile limit, then flex ran eagerly)

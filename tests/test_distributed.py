@@ -140,18 +140,6 @@ def test_low_bit_adamw_under_fsdp_equals_one_process_and_resumes(overrides, tmp_
     assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "fsdp")[2:], rel=1e-6, abs=0)
 
 
-def test_fused_projections_under_fsdp_equal_one_unfused_process(overrides, tmp_path):
-    """kernels.fused_projections concatenates each block's q/k/v and gate/up weights in its forward: under FSDP
-    those are the all-gathered parameters, so 2 ranks train what one process with separate projections trains."""
-    common = overrides + ["train.max_steps=2", "checkpoint.every=0", "kernels.fused_ops=true"]
-    run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp",
-                        "kernels.fused_projections=true"], world=2)
-    single = train(load_config(None, common + [f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
-    assert logged(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-5, abs=0)
-    assert logged(tmp_path / "fsdp", "grad_norm") == pytest.approx(logged(tmp_path / "single", "grad_norm"),
-                                                                   rel=1e-4, abs=0)
-
-
 class TwoRanks:
     """`all_reduce_sum` for two threads standing in for two ranks: each gets the element-wise sum of both ranks'
     values. A rank that skips the collective breaks the barrier (a real run would hang), one that sends another

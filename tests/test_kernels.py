@@ -10,11 +10,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import saved_tensor_bytes
 from optrush.config.schema import Config, KernelsConfig, ModelConfig
 from optrush.kernels import (apply_kernels, chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
                              reference_linear_cross_entropy)
-from optrush.kernels import fused_loss, ops, projections
+from optrush.kernels import fused_loss, ops
 from optrush.kernels.lazy_compile import compile_on_first_call, never_traced
 from optrush.models import layers
 from optrush.models.llama import ModelArgs, Transformer
@@ -277,59 +276,6 @@ def test_apply_kernels_keeps_parameters_and_matches_reference():
         torch.testing.assert_close(params[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_projections_match_separate_linears(qkv_bias):
-    """q/k/v and gate/up as one matmul each (with the Qwen2 q/k/v biases, and over the fused ops' MLP): the same
-    loss and gradients, the same parameter objects."""
-    ref, model = tiny_model(qkv_bias=qkv_bias), tiny_model(qkv_bias=qkv_bias)
-    params = dict(model.named_parameters())
-    apply_kernels(model, Config(kernels=KernelsConfig(fused_ops=True, fused_projections=True)))
-    assert model.layers[0].attention.project is projections.fused_project
-    assert model.layers[0].feed_forward.project is projections.fused_project
-    assert dict(model.named_parameters()) == params
-    torch.manual_seed(3)
-    ids = torch.randint(0, 64, (2, 20))
-    for m in (ref, model):
-        m(ids, labels=ids, reduction="sum").backward()
-    torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-5)
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(params[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-blocks"])
-def test_fused_projections_keep_exactly_the_concatenated_weights_more_for_backward(compiled):
-    """What kernels.fused_projections costs in memory (optrush.kernels.projections' docstring): one copy of each
-    block's q/k/v and gate/up weights, eager and compiled (the min-cut partitioner keeps it too), nothing else."""
-    def saved_bytes(model):
-        if compiled:
-            for block in model.layers:
-                block.forward = torch.compile(block.forward, backend="aot_eager_decomp_partition", fullgraph=True)
-        ids = torch.randint(0, 64, (2, 24))
-        return saved_tensor_bytes(lambda: model(ids, labels=ids).backward(),
-                                  kept=[*model.parameters(), *model.buffers()])
-
-    plain, fused = tiny_model(), tiny_model()
-    apply_kernels(fused, Config(kernels=KernelsConfig(fused_projections=True)))
-    a, block = plain.args, plain.layers[0]
-    concatenated = sum(m.weight.numel() for m in (block.attention.wq, block.attention.wk, block.attention.wv,
-                                                  block.feed_forward.w1, block.feed_forward.w3))
-    assert saved_bytes(fused) - saved_bytes(plain) == a.n_layers * concatenated * 4  # fp32: 4 bytes a weight
-
-
-def test_fused_projections_leave_other_linears_to_their_own_projection():
-    """A group with any layer that is not exactly nn.Linear (LoRA, a float8 subclass, quantized) runs layer by
-    layer, each through its own forward."""
-    class DoublingLinear(torch.nn.Linear):  # a subclass with its own forward, as torchao's Float8Linear is
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    torch.manual_seed(0)
-    group = (torch.nn.Linear(8, 4), DoublingLinear(8, 2), torch.nn.Linear(8, 2))
-    x = torch.randn(3, 8)
-    for got, linear in zip(projections.fused_project(x, *group), group):
-        torch.testing.assert_close(got, linear(x))
-
-
 def test_apply_kernels_defaults_change_nothing_and_z_loss_alone_uses_reference():
     model = tiny_model()
     assert apply_kernels(model, Config()) is model and model.loss_fn is layers.linear_cross_entropy
@@ -390,14 +336,12 @@ def test_gpu_chunked_label_logps_bf16(autocast):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_model_with_every_kernel_compiled_matches_reference():
-    """flex + fused loss + fused ops + fused projections, bf16, each block compiled, against the plain fp32
-    model."""
+    """flex + fused loss + fused ops, bf16, each block compiled, against the plain fp32 model."""
     shape = dict(dim=128, ffn_dim=256, max_seq_len=256)  # FlexAttention's Triton kernel wants head_dim >= 16
     ref = tiny_model(**shape).cuda()
     model = tiny_model(**shape).cuda().to(torch.bfloat16)
     apply_kernels(model, Config(model=ModelConfig(attention="flex"),
-                                kernels=KernelsConfig(fused_loss=True, loss_chunk_tokens=100, fused_ops=True,
-                                                      fused_projections=True)))
+                                kernels=KernelsConfig(fused_loss=True, loss_chunk_tokens=100, fused_ops=True)))
     for block in model.layers:
         block.compile()
     torch.manual_seed(3)

@@ -4,7 +4,7 @@
   restarting per document) vs one document per padded row; loss and gradients.
 - `check_accumulation`: the loop's `accumulate_gradients` over micro-batches vs one batch holding all their rows.
 - `check_kernels`: for each speed switch the config turns on (attention backend, fused loss, fused ops, fused
-  projections, activation checkpointing, compile), the plain model plus that one transform vs the plain model,
+  dequantize, activation checkpointing, compile), the plain model plus that one transform vs the plain model,
   and all of them together, applied through `optrush.train.optimizations.apply_optimizations`, on a batch with
   ignored labels.
 - `check_precision`: a short training run in the configured precision vs the same run in fp32 (loss drift).
@@ -94,9 +94,6 @@ def speed_switches(cfg: Config) -> list[tuple[str, str, Callable[[Config], None]
         switches.append(("fused loss", "kernels.fused_loss=false", lambda c: setattr(c.kernels, "fused_loss", True)))
     if cfg.kernels.fused_ops:
         switches.append(("fused ops", "kernels.fused_ops=false", lambda c: setattr(c.kernels, "fused_ops", True)))
-    if cfg.kernels.fused_projections:
-        switches.append(("fused projections", "kernels.fused_projections=false",
-                         lambda c: setattr(c.kernels, "fused_projections", True)))
     if cfg.kernels.fused_dequantize:
         switches.append(("fused dequantize", "kernels.fused_dequantize=false",
                          lambda c: setattr(c.kernels, "fused_dequantize", True)))

@@ -454,11 +454,6 @@ def kernel_problems(cfg: Config) -> list[str]:
     if cfg.kernels.fused_dequantize and cfg.peft.quantize == "none":
         problems.append("kernels.fused_dequantize=true speeds up the dequantization of a quantized base: it needs "
                         "peft.quantize=nf4 or int8")
-    if cfg.kernels.fused_projections and (cfg.peft.method != "none" or cfg.precision.mode == "fp8"):
-        what = f"peft.method={cfg.peft.method}" if cfg.peft.method != "none" else "precision.mode=fp8"
-        problems.append(f"kernels.fused_projections=true fuses plain linear layers, but {what} replaces them "
-                        "(adapters share their input their own way; float8 linears multiply with their own "
-                        "kernels): set kernels.fused_projections=false")
     if cfg.kernels.loss_chunk_tokens < 1:
         problems.append(f"kernels.loss_chunk_tokens={cfg.kernels.loss_chunk_tokens}: must be >= 1")
     if cfg.kernels.z_loss < 0:

@@ -229,9 +229,6 @@ class KernelsConfig:
     """Weight of the z-loss (log-partition squared) regulariser; 0 disables it."""
     fused_ops: bool = False
     """Fused RMSNorm, RoPE and SwiGLU kernels (compile-friendly)."""
-    fused_projections: bool = False
-    """Attention's q/k/v and the MLP's gate/up projections as one matmul each (their weights concatenated in each
-    forward); full fine-tuning of the native model (LoRA shares its input its own way)."""
     fused_dequantize: bool = False
     """QLoRA (peft.quantize nf4/int8): dequantize each frozen weight with one kernel instead of the eager
     gather/scale/cast chain: Triton for NF4 on CUDA, in forward and backward; otherwise a compiled one per weight

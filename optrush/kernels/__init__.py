@@ -8,7 +8,6 @@
   fused linear + cross-entropy (optrush.kernels.fused_loss); a z-loss without fusion uses the reference loss.
   The DPO and GRPO objectives read the same switch for their per-token log-probs (`chunked_label_logps`).
 - `kernels.fused_ops`: compiled RMSNorm, RoPE and SwiGLU (optrush.kernels.ops).
-- `kernels.fused_projections`: q/k/v and gate/up as one matmul each (optrush.kernels.projections).
 
 Every fused path has a plain reference with the same signature, and the tests compare the two in values and
 gradients. Nothing here patches a foreign library: only our own model's attributes and submodules change.
@@ -25,11 +24,10 @@ from optrush.kernels.attention import BACKENDS, FLEX, VARLEN
 from optrush.kernels.fused_loss import (chunked_label_logps, fused_linear_cross_entropy, reference_label_logps,
                                        reference_linear_cross_entropy)
 from optrush.kernels.ops import apply_fused_ops
-from optrush.kernels.projections import apply_fused_projections
 from optrush.models.llama import Transformer
 
-__all__ = ["FLEX", "VARLEN", "apply_fused_ops", "apply_fused_projections", "apply_kernels", "chunked_label_logps",
-           "fused_linear_cross_entropy", "reference_label_logps", "reference_linear_cross_entropy"]
+__all__ = ["FLEX", "VARLEN", "apply_fused_ops", "apply_kernels", "chunked_label_logps", "fused_linear_cross_entropy",
+           "reference_label_logps", "reference_linear_cross_entropy"]
 
 
 def apply_kernels(model: nn.Module, cfg: Config) -> nn.Module:
@@ -53,8 +51,6 @@ def apply_kernels(model: nn.Module, cfg: Config) -> nn.Module:
         model.loss_fn = functools.partial(reference_linear_cross_entropy, z_loss=k.z_loss)
     if k.fused_ops:
         apply_fused_ops(model)
-    if k.fused_projections:
-        apply_fused_projections(model)
     if k.fused_dequantize:
         from optrush.peft.quant import QuantizedWeight
 
@@ -74,8 +70,6 @@ def kernel_choices(cfg: Config) -> list[str]:
         chosen.append(f"kernels.z_loss={k.z_loss}")
     if k.fused_ops:
         chosen.append("kernels.fused_ops")
-    if k.fused_projections:
-        chosen.append("kernels.fused_projections")
     if k.fused_dequantize:
         chosen.append("kernels.fused_dequantize")
     return chosen
