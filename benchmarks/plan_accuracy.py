@@ -188,7 +188,8 @@ def markdown(results: list[dict]) -> str:
         "numbers say anything.",
         "- Not compared: the HF baseline rows of train_speed_h100.json (another stack), the DPO layout rows of "
         "dpo_packing_h100.json (a custom forward+backward loop without optimizer, not a bench record), decode and "
-        "kernel micro-benchmarks (not training steps).",
+        "kernel micro-benchmarks (not training steps), and bench rows of `objective=dpo` or `reward` "
+        "(bench_objectives_h100: the planner models a language model's step; `PLANNED_OBJECTIVES`).",
         "", "Regenerate: `python benchmarks/plan_accuracy.py`."]
     return "\n".join(lines) + "\n"
 

@@ -291,6 +291,19 @@ def test_results_of_reverted_code_are_not_measurements(tmp_path):
     assert load_measurements([kept]) == [] < load_measurements([tmp_path / "live.json"])
 
 
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_pairwise_objectives_rows_are_not_measurements_of_the_planned_step(objective):
+    """The planner models a language model's step; a DPO step also runs its reference, a reward model has a
+    one-output head (bench_objectives_h100.md's rows)."""
+    cfg = load_config(None, ["model.preset=llama3.2-1b", "data.format=preference", f"objective={objective}"],
+                      synthetic_data=True)
+    record = {"config": to_dict(cfg), "tokens_per_s": 38_000.0, "peak_mem_gib": 17.0,
+              "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+    assert measured_from_record(record, source="test") is None
+    record["config"] = to_dict(load_config(None, ["model.preset=llama3.2-1b"], synthetic_data=True))
+    assert measured_from_record(record, source="test") is not None
+
+
 def test_speed_model_is_calibrated_from_measured_rows():
     a = get_preset("llama3.2-1b")
     s = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks", fused_loss=True)

@@ -117,12 +117,17 @@ def bench_records(tree) -> list[dict]:
     return [r for value in tree.values() for r in bench_records(value)]
 
 
+PLANNED_OBJECTIVES = ("causal_lm", "sft")
+"""The objectives whose step the planner models: a language model's forward and backward. A DPO step adds its
+reference's forward, a reward model has no vocabulary-wide head: their rows would skew the families' speed."""
+
+
 def measured_from_record(record: dict, *, source: str) -> Measured | None:
-    """The record as a `Measured` row, or None when it ran on CPU or a GPU outside the table, or when its
-    configuration cannot be rebuilt (see `record_setup`)."""
+    """The record as a `Measured` row, or None when it ran on CPU or a GPU outside the table, trained an objective
+    outside `PLANNED_OBJECTIVES`, or when its configuration cannot be rebuilt (see `record_setup`)."""
     gpu = gpu_from_device_name(record["device"])
     rebuilt = record_setup(record) if gpu is not None else None
-    if rebuilt is None:
+    if rebuilt is None or rebuilt[0].objective not in PLANNED_OBJECTIVES:
         return None
     cfg, args, setup = rebuilt
     return Measured(name=record.get("name", "?"), source=source, cfg=cfg, args=args, setup=setup, gpu=gpu,
