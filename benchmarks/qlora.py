@@ -162,7 +162,7 @@ def run_optrush(case: dict, path: Path, *, steps: int, warmup: int) -> dict:
                  f"data.max_length={case['seq']}", f"train.micro_batch_size={case['batch']}", *peft, *case["extra"]]
     cfg = load_config(None, overrides, synthetic_data=True)
     torch.manual_seed(0)
-    model = load_model(path, dtype=loop.PARAM_DTYPES[cfg.precision.mode], device=device,
+    model = load_model(path, dtype=loop.param_dtype(cfg), device=device,
                        quantize=cfg.peft.quantize)
     model = apply_optimizations(model, cfg)
     model.train()

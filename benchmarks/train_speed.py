@@ -12,7 +12,7 @@ of one cannot leak into the next. The HF baseline script runs first, in the same
 `--shape 8b`: the Llama-3.1-8B shape, B=1 x S=4096, full checkpointing, compiled blocks, fused loss; bf16 autocast
 and FP8 (`precision.mode=fp8`, torchao float8 on the block linears), both over fp32 master weights with 8-bit
 AdamW (what fits one H200), so the FP8 / bf16 ratio compares the matmul precision alone; then pure bf16 with
-AdamW. Written to `train_speed_8b_<gpu>.json` / `.md`.
+AdamW, without and with float8 matmuls (`fp8_pure`). Written to `train_speed_8b_<gpu>.json` / `.md`.
 
 A config whose feature is not available (its config key rejected, or torchao missing for fp8) is reported as
 skipped; one that fails (e.g. out of memory) as failed; configs left when `--budget-s` runs out are not started.
@@ -47,6 +47,7 @@ CONFIGS: list[tuple[str, list[str]]] = [
     ("compile+fused_loss+fused_ops", FUSED + ["kernels.fused_ops=true"]),
     ("compile+fused_loss+ac_selective", FUSED + ["activations.checkpointing=selective"]),
     ("fp8+compile+fused_loss", FUSED + ["precision.mode=fp8"]),
+    ("fp8_pure+compile_model+fused_loss", ["precision.mode=fp8_pure", "compile.mode=model", "kernels.fused_loss=true"]),
     ("compile_model+fused_loss", ["compile.mode=model", "kernels.fused_loss=true"]),
     ("compile_model+fused_loss+ac_selective", ["compile.mode=model", "kernels.fused_loss=true",
                                                "activations.checkpointing=selective"]),
@@ -91,6 +92,7 @@ CONFIGS_8B: list[tuple[str, list[str]]] = [
     ("bf16_mixed adamw8bit", ["precision.mode=bf16_mixed", "optim.name=adamw8bit"]),
     ("fp8 adamw8bit", ["precision.mode=fp8", "optim.name=adamw8bit"]),
     ("bf16_pure adamw", ["precision.mode=bf16_pure"]),
+    ("fp8_pure adamw", ["precision.mode=fp8_pure"]),
 ]
 SHAPES = {"1b": ("Llama-3.2-1B shape, B=4 x S=2048", BASE, CONFIGS),
           "8b": ("Llama-3.1-8B shape, B=1 x S=4096", BASE_8B, CONFIGS_8B)}
@@ -194,11 +196,14 @@ def markdown(results: list[dict], hf: dict, *, warmup: int, steps: int, shape: s
             f"GiB, {leanest['tokens_per_s']:,.0f} tokens/s)",
         ]
         by_name = {r["name"]: r for r in ours}
-        if "fp8 adamw8bit" in by_name and "bf16_mixed adamw8bit" in by_name:
-            fp8, bf16 = by_name["fp8 adamw8bit"], by_name["bf16_mixed adamw8bit"]
-            lines.append(f"- FP8 / bf16 (same fp32 master weights and 8-bit AdamW, same command): "
-                         f"{fp8['tokens_per_s'] / bf16['tokens_per_s']:.2f}x the tokens/s, "
-                         f"{fp8['peak_mem_gib'] / bf16['peak_mem_gib']:.2f}x the peak memory")
+        pairs = (("fp8 adamw8bit", "bf16_mixed adamw8bit", "fp32 master weights and 8-bit AdamW"),
+                 ("fp8_pure adamw", "bf16_pure adamw", "bf16 weights and AdamW states"))
+        for fp8_name, bf16_name, alike in pairs:
+            if fp8_name in by_name and bf16_name in by_name:
+                fp8, bf16 = by_name[fp8_name], by_name[bf16_name]
+                lines.append(f"- {fp8_name} / {bf16_name} (same {alike}, same command): "
+                             f"{fp8['tokens_per_s'] / bf16['tokens_per_s']:.2f}x the tokens/s, "
+                             f"{fp8['peak_mem_gib'] / bf16['peak_mem_gib']:.2f}x the peak memory")
         if best_hf:
             lines.append(f"- best HF: {best_hf['variant']} ({best_hf['tok_s']:,} tokens/s, MFU {best_hf['mfu']}); "
                          f"fastest optrush / best HF = {fastest['tokens_per_s'] / best_hf['tok_s']:.2f}x")

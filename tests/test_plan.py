@@ -158,6 +158,20 @@ def test_levers_lower_their_terms():
     assert mem.activation_bytes(a, long_rows.replace(mlp_chunk_tokens=1024)) < mem.activation_bytes(a, long_rows)
 
 
+def test_fp8_pure_counts_bf16_pure_weights_and_state_and_fp8_activations():
+    a = get_preset("llama3.2-1b")
+    s = Setup(seq_len=2048, micro_batch=4, compile="blocks", fused_loss=True)
+    pure, mixed = (estimate_memory(a, s.replace(precision=p)).terms for p in ("fp8_pure", "fp8"))
+    bf16 = estimate_memory(a, s.replace(precision="bf16_pure")).terms
+    for term in ("weights", "optimizer"):
+        assert pure[term] == bf16[term] < mixed[term], term
+    assert mem.gradient_bytes(a, s.replace(precision="fp8_pure")) < mem.gradient_bytes(a, s.replace(precision="fp8"))
+    # float8 linears keep their inputs in fp8; the residual stream is bf16 without autocast's fp32 one
+    activations = {p: mem.activation_bytes(a, s.replace(precision=p)) for p in ("fp8_pure", "fp8", "bf16_pure")}
+    assert activations["fp8_pure"] < min(activations["fp8"], activations["bf16_pure"])
+    assert config_overrides(s.replace(precision="fp8_pure"))[3] == "precision.mode=fp8_pure"
+
+
 def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():
     """compile.memory_budget interpolates what a compiled block keeps between its input (blocks; nothing for the
     whole model) and what the partitioner keeps unbudgeted, by the measured kept fraction; backward holds one

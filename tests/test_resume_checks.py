@@ -24,7 +24,9 @@ def checkpointed_run(recipe_corpus, tokenizer_dir, tmp_path_factory):
     ("data.max_length=128", r"data.max_length differs from the checkpoint's \(256 -> 128;"),
     ("data.shuffle=false", r"data.shuffle differs from the checkpoint's \(True -> False;"),
     ("precision.mode=bf16_pure", r"precision.mode differs from the checkpoint's \(fp32 -> bf16_pure; bf16_pure "
-                                 r"keeps bf16 weights"),
+                                 r"and fp8_pure keep bf16 weights"),
+    ("precision.mode=fp8_pure", r"precision.mode differs from the checkpoint's \(fp32 -> fp8_pure; bf16_pure "
+                                r"and fp8_pure keep bf16 weights"),
 ])
 def test_a_setting_the_checkpoint_depends_on_is_refused_before_the_data_is_read(checkpointed_run, data_never_read,
                                                                                  change, message):
@@ -53,4 +55,4 @@ def test_changed_clipping_and_matmul_precision_are_reported_as_applied(checkpoin
     assert ("train.max_grad_norm: 1.0 -> 0.5 (gradients are clipped to the new norm from the resumed step on)"
             in err)
     assert ("precision.mode: fp32 -> bf16_mixed (the matmuls run in the new precision from the resumed step on "
-            "(the weights and the optimizer state stay fp32))" in err)
+            "(the weights and the optimizer state keep their dtype))" in err)

@@ -294,9 +294,30 @@ def test_config_accepts_transforms_and_rejects_bad_combinations():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
-def test_fp8_without_gpu_fails_at_start_up():
-    with pytest.raises(ConfigError, match="precision.mode=fp8 needs an NVIDIA GPU with FP8 tensor cores"):
-        require_float8(torch.device("cpu"))
+@pytest.mark.parametrize("mode, instead", [("fp8", "bf16_mixed"), ("fp8_pure", "bf16_pure")])
+def test_fp8_without_gpu_fails_at_start_up(mode, instead):
+    with pytest.raises(ConfigError, match=f"precision.mode={mode} needs an NVIDIA GPU with FP8 tensor cores .*; "
+                                          f"use precision.mode={instead}$"):
+        require_float8(torch.device("cpu"), mode)
+
+
+def test_fp8_pure_is_bf16_pure_with_float8_block_linears():
+    """fp8_pure stores bf16 weights and runs without autocast, as bf16_pure; fp8 keeps fp32 weights under
+    autocast, as bf16_mixed; both put the float8 transform in the transform list."""
+    from optrush.train.loop import precision_context
+    from optrush.train.optimizations import enabled_transforms
+
+    for mode, like in (("fp8_pure", "bf16_pure"), ("fp8", "bf16_mixed")):
+        cfg, same = config(precision__mode=mode), config(precision__mode=like)
+        assert cfg.precision.bf16_weights == same.precision.bf16_weights
+        assert cfg.precision.autocast == same.precision.autocast
+        assert type(precision_context(cfg, torch.device("cpu"))) is type(precision_context(same, torch.device("cpu")))
+        assert [name for name, _ in enabled_transforms(cfg)][0].startswith("float8 training linears")
+        assert not enabled_transforms(same)
+    base = ["model.preset=debug", "precision.mode=fp8_pure"]
+    assert load_config(None, base + ["optim.bf16_update=kahan"], synthetic_data=True).precision.float8
+    with pytest.raises(ConfigError, match="peft.method=lora/dora with precision.mode=fp8_pure is not supported yet"):
+        load_config(None, base + ["peft.method=lora"], synthetic_data=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU
@@ -334,20 +355,26 @@ def test_gpu_transforms_match_eager_in_bf16(sections):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fp8_trains_close_to_bf16():
+@pytest.mark.parametrize("mode", ["fp8", "fp8_pure"])
+def test_gpu_fp8_trains_close_to_bf16(mode):
+    """float8 block linears against the same model in bf16: fp8 over fp32 weights under autocast (as bf16_mixed),
+    fp8_pure over bf16 weights without it (as bf16_pure)."""
     pytest.importorskip("torchao")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores")
     torch._dynamo.reset()
     batch = gpu_batch(0, length=512)
-    cfg = config(precision__mode="fp8", compile__mode="blocks")
-    ref = build_model(ARGS, dtype=torch.float32, device="cuda", seed=0)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    cfg = config(precision__mode=mode, compile__mode="blocks")
+    dtype = torch.bfloat16 if cfg.precision.bf16_weights else torch.float32
+    precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision.autocast)
+    ref = build_model(ARGS, dtype=dtype, device="cuda", seed=0)
+    with precision:
         ref_loss, ref_grads = loss_and_grads(ref, batch)
-    model = apply_optimizations(build_model(ARGS, dtype=torch.float32, device="cuda", seed=0), cfg)
+    model = apply_optimizations(build_model(ARGS, dtype=dtype, device="cuda", seed=0), cfg)
     assert type(model.layers[0].attention.wq).__name__ == "Float8Linear"
     assert type(model.output).__name__ == "Linear"
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    assert model.layers[0].attention.wq.weight.dtype == dtype
+    with precision:
         loss, grads = loss_and_grads(model, batch)
     assert loss == pytest.approx(ref_loss, rel=2e-2)
     for name, grad in ref_grads.items():

@@ -167,8 +167,8 @@ def prepare(cfg: Config, parallel: Distributed, *, synthetic: bool, n_steps: int
     """The model (every optimization applied), `n_steps` steps of this rank's micro-batches, objective,
     optimizer, scheduler and precision context of `cfg`; the model is left in train mode."""
     device = parallel.device
-    if cfg.precision.mode == "fp8":
-        require_float8(device)
+    if cfg.precision.float8:
+        require_float8(device, cfg.precision.mode)
     seed_everything(cfg.train.seed)
     # the ranks of one context-parallel group read the same rows and each keeps its share of every row
     data_rank, data_world = data_parallel_position(cfg.context.degree)
@@ -234,7 +234,7 @@ def train_step(run: Prepared, micro_batches: list[Batch | PairBatch], *,
 def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
     """Dense peak FLOP/s for the precision the matmuls run in; FP8 tensor cores are twice the bf16 rate on
     Hopper (1979 vs 989 TFLOP/s on H100 SXM), as issue #5's MFU definition uses."""
-    if mode == "fp8":
+    if mode in ("fp8", "fp8_pure"):
         bf16 = device_peak_flops(device, torch.bfloat16)
         return None if bf16 is None else 2 * bf16
     return device_peak_flops(device, torch.float32 if mode == "fp32" else torch.bfloat16)

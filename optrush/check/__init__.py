@@ -41,6 +41,7 @@ except the precision row, which is against fp32):
 | bf16_mixed              | 1e-2          | 5e-2                       | 3e-2                    |
 | bf16_pure               | 2e-2          | 1e-1                       | 5e-2                    |
 | fp8                     | 3e-2          | 1.5e-1                     | 5e-2                    |
+| fp8_pure                | 3e-2          | 1.5e-1                     | 5e-2                    |
 
 Why these: fp32 paths that are mathematically equal differ only by summation order, about 1e-7 relative per op,
 so 1e-5 on a loss (1e-4 on a gradient norm, which sums millions of products) leaves two orders of margin while a

@@ -42,6 +42,7 @@ TOLERANCES = {
     "bf16_mixed": Tolerance(loss=1e-2, grad=5e-2, drift=3e-2),
     "bf16_pure": Tolerance(loss=2e-2, grad=1e-1, drift=5e-2),
     "fp8": Tolerance(loss=3e-2, grad=1.5e-1, drift=5e-2),
+    "fp8_pure": Tolerance(loss=3e-2, grad=1.5e-1, drift=5e-2),
 }
 
 

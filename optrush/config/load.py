@@ -567,10 +567,11 @@ def optimizer_problems(o: OptimConfig) -> list[str]:
 def optim_problems(cfg: Config) -> list[str]:
     """Optimizer settings that clash with the precision, device, schedule or EMA settings."""
     o, problems = cfg.optim, optimizer_problems(cfg.optim)
-    if o.bf16_update != "plain" and cfg.precision.mode != "bf16_pure":
+    if o.bf16_update != "plain" and not cfg.precision.bf16_weights:
         problems.append(f"optim.bf16_update={o.bf16_update} rounds updates into bf16 weights: it needs "
-                        f"precision.mode=bf16_pure (got {cfg.precision.mode}); or set optim.bf16_update=plain")
-    weights = "bf16" if cfg.precision.mode == "bf16_pure" else "fp32"
+                        f"precision.mode=bf16_pure or fp8_pure (got {cfg.precision.mode}); or set "
+                        "optim.bf16_update=plain")
+    weights = "bf16" if cfg.precision.bf16_weights else "fp32"
     if o.fused and o.name == "adamw" and o.state_dtype not in (None, weights):
         problems.append(f"optim.fused=true keeps AdamW's moments in the weights' dtype ({weights}): set "
                         f"optim.fused=null to use optim.state_dtype={o.state_dtype}")
@@ -638,9 +639,9 @@ def peft_problems(cfg: Config) -> list[str]:
             given = f"unknown module name(s) {', '.join(map(repr, bad))}" if bad else "an empty list"
             problems.append(f"peft.target_modules: {given}; use all-linear or a list of names from "
                             f"{', '.join(PEFT_TARGETS)}, e.g. peft.target_modules=[q_proj, v_proj]")
-    if cfg.precision.mode == "fp8":
-        problems.append("peft.method=lora/dora with precision.mode=fp8 is not supported yet: the float8 transform "
-                        "would replace the adapted linears; use bf16_mixed")
+    if cfg.precision.float8:
+        problems.append(f"peft.method=lora/dora with precision.mode={cfg.precision.mode} is not supported yet: the "
+                        "float8 transform would replace the adapted linears; use bf16_mixed or bf16_pure")
     return problems
 
 

@@ -210,13 +210,28 @@ class OptimConfig:
 
 @dataclass(kw_only=True, slots=True)
 class PrecisionConfig:
-    mode: Literal["fp32", "bf16_mixed", "bf16_pure", "fp8"] = "fp32"
+    mode: Literal["fp32", "bf16_mixed", "bf16_pure", "fp8", "fp8_pure"] = "fp32"
     """`fp32`; `bf16_mixed`: fp32 weights and optimizer, bf16 autocast compute; `bf16_pure`: bf16 weights (and
     optimizer state unless optim.state_dtype=fp32; optim.bf16_update picks plain/kahan/stochastic writes);
     `fp8`: `bf16_mixed` with the block matmuls in float8 (torchao float8 training; needs torchao and a GPU of
-    compute capability 8.9+, e.g. H100)."""
+    compute capability 8.9+, e.g. H100); `fp8_pure`: `bf16_pure` with the block matmuls in float8."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU)."""
+
+    @property
+    def bf16_weights(self) -> bool:
+        """The weights (and by default the optimizer state) are stored in bf16, no fp32 master copy."""
+        return self.mode in ("bf16_pure", "fp8_pure")
+
+    @property
+    def autocast(self) -> bool:
+        """fp32 weights computed with under bf16 autocast."""
+        return self.mode in ("bf16_mixed", "fp8")
+
+    @property
+    def float8(self) -> bool:
+        """The transformer blocks' linears run their matmuls in float8 (optrush.train.float8)."""
+        return self.mode in ("fp8", "fp8_pure")
 
 
 @dataclass(kw_only=True, slots=True)

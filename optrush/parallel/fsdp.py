@@ -66,7 +66,7 @@ def apply_fsdp(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> nn.Module:
                           f"this model is a {type(model).__name__} (an architecture loaded through transformers): "
                           "use parallel.strategy=ddp")
     p = cfg.parallel
-    bf16_compute = cfg.precision.mode in ("bf16_mixed", "fp8")
+    bf16_compute = cfg.precision.autocast
     settings = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_compute else None,

@@ -37,8 +37,10 @@ ALLOCATOR_SLACK = 0.08
 INT8_BITS = 8.0
 """int8 weight-only base: one byte per weight plus a per-row scale (negligible)."""
 
-PARAM_BYTES = {"fp32": 4, "bf16_mixed": 4, "bf16_pure": 2, "fp8": 4}
-COMPUTE_BYTES = {"fp32": 4, "bf16_mixed": 2, "bf16_pure": 2, "fp8": 2}
+PARAM_BYTES = {"fp32": 4, "bf16_mixed": 4, "bf16_pure": 2, "fp8": 4, "fp8_pure": 2}
+COMPUTE_BYTES = {"fp32": 4, "bf16_mixed": 2, "bf16_pure": 2, "fp8": 2, "fp8_pure": 2}
+FLOAT8 = ("fp8", "fp8_pure")
+"""Precisions whose block linears run in float8 (torchao)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -187,7 +189,7 @@ def optimizer_bytes(a: ModelArgs, s: Setup) -> float:
                                      hidden_matrix=len(x) == 2 and (s.peft != "none" or x not in embed),
                                      low_bit_min_numel=s.low_bit_min_numel)
                  for x, count in shapes.items())
-    kahan = count_params(shapes) * 2 if s.kahan and s.precision == "bf16_pure" else 0
+    kahan = count_params(shapes) * 2 if s.kahan and PARAM_BYTES[s.precision] == 2 else 0
     return shard(states + kahan, s)
 
 
@@ -254,7 +256,7 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     d, f, q, kv = a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
-    mm_in = 1 if s.precision == "fp8" else act  # float8 linears save their inputs in fp8
+    mm_in = 1 if s.precision in FLOAT8 else act  # float8 linears save their inputs in fp8
     # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
     kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
     lse = 4 * a.n_heads
@@ -274,7 +276,7 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
-    fp8_wo_input = mm_in * q if s.precision == "fp8" else 0  # a second, fp8 copy of the attention output
+    fp8_wo_input = mm_in * q if s.precision in FLOAT8 else 0  # a second, fp8 copy of the attention output
     if s.compile != "none":
         # Inductor keeps the residuals, the matmul inputs and outputs, attention's inputs/outputs and the two
         # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.

@@ -23,7 +23,7 @@ class Setup:
     micro_batch: int = 1
     grad_accum: int = 1
     precision: str = "bf16_pure"
-    """precision.mode: fp32 | bf16_mixed | bf16_pure | fp8."""
+    """precision.mode: fp32 | bf16_mixed | bf16_pure | fp8 | fp8_pure."""
     optimizer: str = "adamw"
     """optim.name."""
     state_dtype: str | None = None

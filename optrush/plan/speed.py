@@ -245,7 +245,7 @@ def dequantize_bytes_per_token(a: ModelArgs, s: Setup) -> float:
     return passes * a.n_layers * block_linear_params(a) * per_param / s.tokens
 
 
-UPDATE_BYTES = {"fp32": 28, "bf16_mixed": 28, "bf16_pure": 14, "fp8": 28}
+UPDATE_BYTES = {"fp32": 28, "bf16_mixed": 28, "bf16_pure": 14, "fp8": 28, "fp8_pure": 14}
 """HBM bytes an AdamW update moves per trainable parameter: the weight read and written, its gradient read, two
 moments read and written, each in the precision's storage dtype (fp32 master weights and states, or bf16). Every
 optimizer is counted so: the 8-bit ones move fewer bytes but measured slower (train_speed_h100_accum.md)."""
@@ -281,12 +281,12 @@ def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
 def family(s: Setup, a: ModelArgs) -> tuple:
     """Setups expected to run at one efficiency: (compile, fused loss, checkpointing, matmul precision, model
     width, compile memory budget). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use (measured on the 1B
-    ladder: about 15% below bf16_pure's efficiency). The width, because wider matmuls run closer to the peak and
+    ladder: about 15% below bf16_pure's efficiency); so is fp8_pure, not yet measured, apart from fp8's casts. The width, because wider matmuls run closer to the peak and
     the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
     left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md). Last, the compiled
     graph's memory budget: what it recomputes is not counted in the executed FLOPs, so it shows as efficiency (a
     budget without rows borrows the full budget's, an optimistic guess its basis names)."""
-    matmuls = {"fp8": "fp8", "fp32": "tf32", "bf16_mixed": "bf16_mixed"}.get(s.precision, "bf16")
+    matmuls = {"fp32": "tf32", "bf16_pure": "bf16"}.get(s.precision, s.precision)
     return (s.compile, s.fused_loss, s.checkpointing, matmuls, a.dim, s.memory_budget)
 
 

@@ -55,8 +55,6 @@ from optrush.train.metrics import LogWindow, MetricsLogger, Throughput, device_p
 from optrush.train.optimizations import apply_optimizations, apply_peft
 from optrush.train.resume import check_resume, maybe_resume, report_interrupt
 
-PARAM_DTYPES = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16_pure": torch.bfloat16,
-                "fp8": torch.float32}
 
 
 def train(cfg: Config) -> dict:
@@ -108,8 +106,8 @@ def run(cfg: Config, parallel: Distributed) -> dict:
     # tokenizing
     output_dir = check_before_start(cfg)
     device = parallel.device
-    if cfg.precision.mode == "fp8":
-        require_float8(device)
+    if cfg.precision.float8:
+        require_float8(device, cfg.precision.mode)
     if cfg.train.verify:
         verify(cfg, output_dir)
     seed_everything(cfg.train.seed)
@@ -362,9 +360,14 @@ def backend_flags(cfg: Config):
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The weights' storage dtype: bf16 for bf16_pure and fp8_pure, fp32 for every other precision.mode."""
+    return torch.bfloat16 if cfg.precision.bf16_weights else torch.float32
+
+
 def build(cfg: Config, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
     """The model named by the config: loaded from an HF directory, or a fresh preset sized to the tokenizer."""
-    dtype = PARAM_DTYPES[cfg.precision.mode]
+    dtype = param_dtype(cfg)
     if cfg.model.path is not None:
         model = load_model(cfg.model.path, dtype=dtype, device=device, quantize=cfg.peft.quantize)
         if model.vocab_size < vocab_size:
@@ -406,7 +409,7 @@ def make_loader(examples, cfg: Config, pad_id: int, *, shuffle: bool, pin_memory
 
 
 def precision_context(cfg: Config, device: torch.device):
-    if cfg.precision.mode in ("bf16_mixed", "fp8"):
+    if cfg.precision.autocast:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

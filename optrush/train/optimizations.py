@@ -67,7 +67,7 @@ def enabled_transforms(cfg: Config) -> list[tuple[str, Transform]]:
                       "(embeddings and head unquantized)", apply_quantize))
     if p.embedding_on_host:
         steps.append(("frozen token embedding in pinned host memory, rows read over PCIe", apply_embedding_on_host))
-    if cfg.precision.mode == "fp8":
+    if cfg.precision.float8:
         steps.append(("float8 training linears in the transformer blocks (torchao, tensorwise scaling)",
                       apply_float8))
     if kernel_choices(cfg):

@@ -194,11 +194,11 @@ LOADER_KEYS = {source: name for name, source in MUST_MATCH.items() if source.sta
 # Settings read from the config at every step, so a change applies from the resumed step on (and is reported).
 APPLIED_KEYS = {"train.max_grad_norm": "gradients are clipped to the new norm from the resumed step on",
                 "precision.mode": "the matmuls run in the new precision from the resumed step on (the weights and "
-                                  "the optimizer state stay fp32)"}
-# The one mode with bf16 weights; the optimizer state is laid out for them (moments in bf16 unless optim.state_dtype
+                                  "the optimizer state keep their dtype)"}
+# The modes with bf16 weights; the optimizer state is laid out for them (moments in bf16 unless optim.state_dtype
 # says otherwise, Kahan buffers, optrush's AdamW instead of torch's with optim.state_dtype=fp32), and a resume
-# converts none of that, so a change to or from it is refused.
-BF16_WEIGHTS = "bf16_pure"
+# converts none of that, so a change between them and the fp32-weight modes is refused.
+BF16_WEIGHTS = ("bf16_pure", "fp8_pure")
 # bytes read at evenly spaced offsets of each weight file: a fine-tune of the same architecture has the same config
 # and file sizes, and differs in (nearly) every weight
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 4096
@@ -272,11 +272,11 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
     """Why the checkpoint's weights or optimizer state cannot be loaded with `current` settings, one entry a key."""
     changes = [f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
                for key in differing(saved, current) if key in MUST_MATCH_KEYS]
-    if "precision.mode" in differing(saved, current) and BF16_WEIGHTS in (saved["precision.mode"],
-                                                                          current["precision.mode"]):
-        changes.append(f"precision.mode differs from the checkpoint's ({saved['precision.mode']} -> "
-                       f"{current['precision.mode']}; {BF16_WEIGHTS} keeps bf16 weights and an optimizer state laid "
-                       "out for them, every other mode fp32 ones)")
+    before, after = saved.get("precision.mode"), current["precision.mode"]
+    if "precision.mode" in differing(saved, current) and (before in BF16_WEIGHTS) != (after in BF16_WEIGHTS):
+        changes.append(f"precision.mode differs from the checkpoint's ({before} -> {after}; "
+                       f"{' and '.join(BF16_WEIGHTS)} keep bf16 weights and an optimizer state laid out for them, "
+                       "every other mode fp32 ones)")
     if model := another_model(saved, current):
         changes.insert(0, model)
     return changes
