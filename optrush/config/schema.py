@@ -194,11 +194,11 @@ class OptimConfig:
     """muon: Newton-Schulz iterations per orthogonalisation."""
     state_dtype: Literal["fp32", "bf16"] | None = None
     """Dtype of the optimizer's moment buffers (adamw, lion, muon, schedule_free_adamw); `null` = the weights'
-    dtype (bf16 under precision.mode=bf16_pure). bf16 halves the state memory."""
+    dtype (bf16 under precision.mode=bf16_pure and fp8_pure). bf16 halves the state memory."""
     bf16_update: Literal["plain", "kahan", "stochastic"] = "plain"
-    """precision.mode=bf16_pure: how an update is written into the bf16 weights: `plain` rounds to nearest (updates
-    under half a bf16 ulp are lost), `kahan` carries the rounding residue to the next step (2 more bytes per
-    weight), `stochastic` rounds up or down at random, unbiased (adamw8bit/adamw4bit: stochastic only)."""
+    """precision.mode=bf16_pure or fp8_pure: how an update is written into the bf16 weights: `plain` rounds to
+    nearest (updates under half a bf16 ulp are lost), `kahan` carries the rounding residue to the next step (2 more
+    bytes per weight), `stochastic` rounds up or down at random, unbiased (adamw8bit/adamw4bit: stochastic only)."""
     offload: bool = False
     """Keep optimizer state and the optimizer step on the CPU (torchao CPUOffloadOptimizer; CUDA only)."""
     low_bit_min_numel: int = 1_048_576
