@@ -169,7 +169,7 @@ def test_fp8_pure_counts_bf16_pure_weights_and_state_and_fp8_activations():
     # float8 linears keep their inputs in fp8; the residual stream is bf16 without autocast's fp32 one
     activations = {p: mem.activation_bytes(a, s.replace(precision=p)) for p in ("fp8_pure", "fp8", "bf16_pure")}
     assert activations["fp8_pure"] < min(activations["fp8"], activations["bf16_pure"])
-    assert config_overrides(s.replace(precision="fp8_pure"))[3] == "precision.mode=fp8_pure"
+    assert "precision.mode=fp8_pure" in config_overrides(s.replace(precision="fp8_pure"))
 
 
 def test_compile_memory_budget_keeps_its_fraction_and_recomputes_the_rest():

@@ -225,7 +225,7 @@ class PrecisionConfig:
 
     @property
     def autocast(self) -> bool:
-        """fp32 weights computed with under bf16 autocast."""
+        """fp32 weights, computed under bf16 autocast."""
         return self.mode in ("bf16_mixed", "fp8")
 
     @property

@@ -3,8 +3,9 @@
     new = p.float() - lr * update                          # the exact new value, in fp32
     write_param_(p, new, state, rule="kahan")             # state: the optimizer's per-parameter dict
 
-With pure bf16 weights (precision.mode=bf16_pure or fp8_pure) an update smaller than half a bf16 ulp of the weight (8 bits of
-mantissa: |update| < |w| / 512) rounds away entirely, so late-training updates at small learning rates are lost.
+With pure bf16 weights (precision.mode=bf16_pure or fp8_pure) an update smaller than half a bf16 ulp of the weight
+(8 bits of mantissa: |update| < |w| / 512) rounds away entirely, so late-training updates at small learning rates
+are lost.
 
 - plain: round to nearest (what `p.add_` on a bf16 tensor does).
 - kahan: keep the rounding residue `new - bf16(new)` in a bf16 buffer (`state["kahan"]`, 2 bytes per parameter)

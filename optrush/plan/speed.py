@@ -280,8 +280,9 @@ def communication_bytes_per_token(a: ModelArgs, s: Setup) -> float:
 
 def family(s: Setup, a: ModelArgs) -> tuple:
     """Setups expected to run at one efficiency: (compile, fused loss, checkpointing, matmul precision, model
-    width, compile memory budget). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use (measured on the 1B
-    ladder: about 15% below bf16_pure's efficiency); so is fp8_pure, not yet measured, apart from fp8's casts. The width, because wider matmuls run closer to the peak and
+    width, compile memory budget). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use
+    (measured on the 1B ladder: about 15% below bf16_pure's efficiency); fp8 and fp8_pure are apart for the same
+    reason (fp8_pure not yet measured). The width, because wider matmuls run closer to the peak and
     the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
     left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md). Last, the compiled
     graph's memory budget: what it recomputes is not counted in the executed FLOPs, so it shows as efficiency (a
