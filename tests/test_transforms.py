@@ -329,8 +329,9 @@ def lift_float8_device_check(monkeypatch) -> None:
         torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError) as err:
         pytest.skip(f"this torch has no CPU float8 matmul: {err}")
+    from optrush.bench import run
     from optrush.train import float8, loop
-    for module in (float8, loop):
+    for module in (float8, loop, run):
         monkeypatch.setattr(module, "require_float8", lambda device, mode="fp8": None)
 
 
@@ -351,6 +352,18 @@ def test_float8_trains_close_to_its_bf16_mode_and_resumes_exactly(mode, like, de
     resumed = train(load_config(None, common + [f"precision.mode={mode}", f"output_dir={tmp_path / 'resumed'}",
                                                 f"checkpoint.resume={checkpoint}"]))
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=0)
+
+
+def test_fp8_pure_compiles_with_the_fused_loss(monkeypatch):
+    """Compiled blocks with float8 linears and the fused loss (Inductor on CPU): the eager fp8_pure losses."""
+    from optrush.bench.run import bench
+
+    lift_float8_device_check(monkeypatch)
+    base = ["model.preset=debug", "precision.mode=fp8_pure", "train.device=cpu", "data.max_length=64",
+            "train.micro_batch_size=2", "kernels.fused_loss=true"]
+    eager, compiled = (bench(load_config(None, base + extra, synthetic_data=True), synthetic=True, warmup=1, steps=2)
+                       for extra in ([], ["compile.mode=blocks"]))
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU
