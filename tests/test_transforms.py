@@ -410,8 +410,10 @@ def test_gpu_fp8_trains_close_to_bf16(mode):
         pytest.skip("needs FP8 tensor cores")
     torch._dynamo.reset()
     batch = gpu_batch(0, length=512)
+    from optrush.train.loop import param_dtype
+
     cfg = config(precision__mode=mode, compile__mode="blocks")
-    dtype = torch.bfloat16 if cfg.precision.bf16_weights else torch.float32
+    dtype = param_dtype(cfg)
     precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision.autocast)
     ref = build_model(ARGS, dtype=dtype, device="cuda", seed=0)
     with precision:
