@@ -18,6 +18,23 @@ def load_benchmark(name: str):
     return module
 
 
+def lift_float8_device_check(monkeypatch) -> None:
+    """torch's CPU `_scaled_mm` runs float8 matmuls (emulated, slowly): enough to run the training loop's float8
+    path in a CPU test. Users are refused on CPU (`require_float8`: no speed to gain there); tests lift that."""
+    import torch
+
+    pytest.importorskip("torchao.float8")
+    one = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"this torch has no CPU float8 matmul: {err}")
+    from optrush.bench import run
+    from optrush.train import float8, loop
+    for module in (float8, loop, run):
+        monkeypatch.setattr(module, "require_float8", lambda device, mode: None)
+
+
 def saved_tensor_bytes(run, *, kept=()) -> int:
     """Bytes of the distinct storages autograd saves for backward while `run()` runs, leaving out those of `kept`
     (weights and buffers, which exist anyway); a tensor saved by several ops (one input of q, k and v) counts once."""

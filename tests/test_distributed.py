@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import lift_float8_device_check
 from optrush.config import ConfigError, load_config
 from optrush.config.schema import DPOConfig, GRPOConfig
 from optrush.data.loader import BatchLoader
@@ -146,8 +147,6 @@ def test_fp8_pure_under_fsdp_equals_one_process(overrides, tmp_path, monkeypatch
     one process accumulates its two micro-batches' gradients in the bf16 weights' dtype, the ranks reduce theirs
     in fp32 (measured 1.4e-5 relative at step 2; training on one rank's half of the batch, as a rank that skipped
     the reduction would, is 1.6e-3 off)."""
-    from test_transforms import lift_float8_device_check
-
     lift_float8_device_check(monkeypatch)  # the ranks fork from this process and keep the lifted check
     common = overrides + ["precision.mode=fp8_pure", "train.max_steps=2", "checkpoint.every=0", "train.lr=1e-3"]
     run_ranks(common + [f"output_dir={tmp_path / 'fsdp'}", "parallel.strategy=fsdp"], world=2)

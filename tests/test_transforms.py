@@ -8,6 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import lift_float8_device_check
 from optrush.config import Config, ConfigError, load_config
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
@@ -318,21 +319,6 @@ def test_fp8_pure_is_bf16_pure_with_float8_block_linears():
     assert load_config(None, base + ["optim.bf16_update=kahan"], synthetic_data=True).precision.float8
     with pytest.raises(ConfigError, match="peft.method=lora/dora with precision.mode=fp8_pure is not supported yet"):
         load_config(None, base + ["peft.method=lora"], synthetic_data=True)
-
-
-def lift_float8_device_check(monkeypatch) -> None:
-    """torch's CPU `_scaled_mm` runs float8 matmuls (emulated, slowly): enough to run the training loop's float8
-    path in a CPU test. Users are refused on CPU (`require_float8`: no speed to gain there); tests lift that."""
-    pytest.importorskip("torchao.float8")
-    one = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError) as err:
-        pytest.skip(f"this torch has no CPU float8 matmul: {err}")
-    from optrush.bench import run
-    from optrush.train import float8, loop
-    for module in (float8, loop, run):
-        monkeypatch.setattr(module, "require_float8", lambda device, mode="fp8": None)
 
 
 @pytest.mark.parametrize("mode, like", [("fp8_pure", "bf16_pure"), ("fp8", "bf16_mixed")])

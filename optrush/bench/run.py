@@ -43,6 +43,7 @@ import torch
 from optrush.bench.provenance import provenance
 from optrush.bench.report import MEMORY_KINDS
 from optrush.config import Config, ConfigError, to_dict
+from optrush.config.schema import FLOAT8_MODES
 from optrush.data.batch import Batch
 from optrush.data.preference import PairBatch, PreferencePair, encode_sequence
 from optrush.data.tokenizer import load_config_tokenizer
@@ -234,7 +235,7 @@ def train_step(run: Prepared, micro_batches: list[Batch | PairBatch], *,
 def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
     """Dense peak FLOP/s for the precision the matmuls run in; FP8 tensor cores are twice the bf16 rate on
     Hopper (1979 vs 989 TFLOP/s on H100 SXM), as issue #5's MFU definition uses."""
-    if mode in ("fp8", "fp8_pure"):
+    if mode in FLOAT8_MODES:
         bf16 = device_peak_flops(device, torch.bfloat16)
         return None if bf16 is None else 2 * bf16
     return device_peak_flops(device, torch.float32 if mode == "fp32" else torch.bfloat16)

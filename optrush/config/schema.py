@@ -208,6 +208,14 @@ class OptimConfig:
     can (4096+ elements). See optrush.optim.low_bit."""
 
 
+BF16_WEIGHT_MODES = ("bf16_pure", "fp8_pure")
+"""precision.mode values that store the weights (and by default the optimizer state) in bf16."""
+AUTOCAST_MODES = ("bf16_mixed", "fp8")
+"""precision.mode values that keep fp32 weights and compute under bf16 autocast."""
+FLOAT8_MODES = ("fp8", "fp8_pure")
+"""precision.mode values whose transformer-block linears multiply in float8 (optrush.train.float8)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class PrecisionConfig:
     mode: Literal["fp32", "bf16_mixed", "bf16_pure", "fp8", "fp8_pure"] = "fp32"
@@ -220,18 +228,15 @@ class PrecisionConfig:
 
     @property
     def bf16_weights(self) -> bool:
-        """The weights (and by default the optimizer state) are stored in bf16, no fp32 master copy."""
-        return self.mode in ("bf16_pure", "fp8_pure")
+        return self.mode in BF16_WEIGHT_MODES
 
     @property
     def autocast(self) -> bool:
-        """fp32 weights, computed under bf16 autocast."""
-        return self.mode in ("bf16_mixed", "fp8")
+        return self.mode in AUTOCAST_MODES
 
     @property
     def float8(self) -> bool:
-        """The transformer blocks' linears run their matmuls in float8 (optrush.train.float8)."""
-        return self.mode in ("fp8", "fp8_pure")
+        return self.mode in FLOAT8_MODES
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from optrush.config.schema import BF16_WEIGHT_MODES, FLOAT8_MODES
 from optrush.kernels.fused_loss import TRACED_CHUNKS
 from optrush.models.llama import ModelArgs
 from optrush.plan.setup import ALL_LINEAR, Setup
@@ -39,8 +40,6 @@ INT8_BITS = 8.0
 
 PARAM_BYTES = {"fp32": 4, "bf16_mixed": 4, "bf16_pure": 2, "fp8": 4, "fp8_pure": 2}
 COMPUTE_BYTES = {"fp32": 4, "bf16_mixed": 2, "bf16_pure": 2, "fp8": 2, "fp8_pure": 2}
-FLOAT8 = ("fp8", "fp8_pure")
-"""Precisions whose block linears run in float8 (torchao)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -189,7 +188,7 @@ def optimizer_bytes(a: ModelArgs, s: Setup) -> float:
                                      hidden_matrix=len(x) == 2 and (s.peft != "none" or x not in embed),
                                      low_bit_min_numel=s.low_bit_min_numel)
                  for x, count in shapes.items())
-    kahan = count_params(shapes) * 2 if s.kahan and PARAM_BYTES[s.precision] == 2 else 0
+    kahan = count_params(shapes) * 2 if s.kahan and s.precision in BF16_WEIGHT_MODES else 0
     return shard(states + kahan, s)
 
 
@@ -256,7 +255,7 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     d, f, q, kv = a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
-    mm_in = 1 if s.precision in FLOAT8 else act  # float8 linears save their inputs in fp8
+    mm_in = 1 if s.precision in FLOAT8_MODES else act  # float8 linears save their inputs in fp8
     # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
     kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
     lse = 4 * a.n_heads
@@ -276,7 +275,7 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
-    fp8_wo_input = mm_in * q if s.precision in FLOAT8 else 0  # a second, fp8 copy of the attention output
+    fp8_wo_input = mm_in * q if s.precision in FLOAT8_MODES else 0  # a second, fp8 copy of the attention output
     if s.compile != "none":
         # Inductor keeps the residuals, the matmul inputs and outputs, attention's inputs/outputs and the two
         # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.

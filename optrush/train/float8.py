@@ -28,7 +28,7 @@ BF16_MODE_OF = {"fp8": "bf16_mixed", "fp8_pure": "bf16_pure"}
 """The same precision without float8 matmuls: what to use where float8 cannot run."""
 
 
-def require_float8(device: torch.device, mode: str = "fp8") -> None:
+def require_float8(device: torch.device, mode: str) -> None:
     """Raise ConfigError unless `device` has FP8 tensor cores and torchao is installed (`mode`: the
     precision.mode asking, named in the message)."""
     instead = f"use precision.mode={BF16_MODE_OF[mode]}"

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from optrush.config import Config, ConfigError, PeftConfig
+from optrush.config.schema import BF16_WEIGHT_MODES
 from optrush.data.loader import MUST_MATCH, SAVED_BEFORE
 from optrush.parallel.context import data_parallel_position
 from optrush.parallel.distributed import barrier, is_main
@@ -195,10 +196,6 @@ LOADER_KEYS = {source: name for name, source in MUST_MATCH.items() if source.sta
 APPLIED_KEYS = {"train.max_grad_norm": "gradients are clipped to the new norm from the resumed step on",
                 "precision.mode": "the matmuls run in the new precision from the resumed step on (the weights and "
                                   "the optimizer state keep their dtype)"}
-# The modes with bf16 weights; the optimizer state is laid out for them (moments in bf16 unless optim.state_dtype
-# says otherwise, Kahan buffers, optrush's AdamW instead of torch's with optim.state_dtype=fp32), and a resume
-# converts none of that, so a change between them and the fp32-weight modes is refused.
-BF16_WEIGHTS = ("bf16_pure", "fp8_pure")
 # bytes read at evenly spaced offsets of each weight file: a fine-tune of the same architecture has the same config
 # and file sizes, and differs in (nearly) every weight
 SAMPLES_PER_FILE, SAMPLE_BYTES = 16, 4096
@@ -273,10 +270,13 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
     changes = [f"{key} differs from the checkpoint's ({saved[key]} -> {current[key]})"
                for key in differing(saved, current) if key in MUST_MATCH_KEYS]
     before, after = saved.get("precision.mode"), current["precision.mode"]
-    if "precision.mode" in differing(saved, current) and (before in BF16_WEIGHTS) != (after in BF16_WEIGHTS):
+    # bf16 weights get an optimizer state laid out for them (moments in bf16 unless optim.state_dtype says
+    # otherwise, Kahan buffers, optrush's AdamW instead of torch's with optim.state_dtype=fp32), and a resume
+    # converts none of that, so a change between them and the fp32-weight modes is refused
+    if "precision.mode" in differing(saved, current) and (before in BF16_WEIGHT_MODES) != (after in BF16_WEIGHT_MODES):
         changes.append(f"precision.mode differs from the checkpoint's ({before} -> {after}; "
-                       f"{' and '.join(BF16_WEIGHTS)} keep bf16 weights and an optimizer state laid out for them, "
-                       "every other mode fp32 ones)")
+                       f"{' and '.join(BF16_WEIGHT_MODES)} keep bf16 weights and an optimizer state laid out for "
+                       "them, every other mode fp32 ones)")
     if model := another_model(saved, current):
         changes.insert(0, model)
     return changes
