@@ -2,6 +2,7 @@
 depend on are refused at start-up, before any data is read; those applied from the resumed step on are reported."""
 import pytest
 
+from conftest import lift_float8_device_check
 from optrush.config import ConfigError, load_config
 from optrush.train import train
 
@@ -56,3 +57,20 @@ def test_changed_clipping_and_matmul_precision_are_reported_as_applied(checkpoin
             in err)
     assert ("precision.mode: fp32 -> bf16_mixed (the matmuls run in the new precision from the resumed step on "
             "(the weights and the optimizer state keep their dtype))" in err)
+
+
+def test_float8_matmuls_switch_on_over_the_same_bf16_weights_on_resume(recipe_corpus, tokenizer_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """bf16_pure -> fp8_pure keeps the weights and optimizer state as saved (both bf16), so it resumes and is
+    reported as applied, unlike a change between bf16 and fp32 weights (refused above)."""
+    lift_float8_device_check(monkeypatch)
+    base = [f"data.path={recipe_corpus[0]}", f"data.tokenizer={tokenizer_dir}", f"output_dir={tmp_path}",
+            "model.preset=debug", "objective=sft", "data.format=recipe", "data.max_length=256",
+            "train.micro_batch_size=2", "train.device=cpu", "logging.progress=false", "checkpoint.every=2",
+            "checkpoint.save_final=false"]
+    train(load_config(None, base + ["precision.mode=bf16_pure", "train.max_steps=2", "checkpoint.resume=never"]))
+    capsys.readouterr()
+    summary = train(load_config(None, base + ["precision.mode=fp8_pure", "train.max_steps=3",
+                                              "checkpoint.resume=auto"]))
+    assert summary["steps"] == 3
+    assert "precision.mode: bf16_pure -> fp8_pure (the matmuls run in the new precision" in capsys.readouterr().err
