@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optrush.config.load import ConfigError, load_config
+from optrush.config import ConfigError, load_config
 from optrush.config.schema import Config, ModelConfig
 from optrush.kernels import apply_kernels
 from optrush.kernels.attention import FLEX, VARLEN, varlen_mask

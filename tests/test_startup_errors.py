@@ -5,7 +5,7 @@ import pytest
 
 from optrush.cli.main import main
 from optrush.config import ConfigError, load_config
-from optrush.config.load import PRESET_NAMES
+from optrush.config.checks import PRESET_NAMES
 from optrush.models.presets import PRESETS
 from optrush.objectives.grpo import import_reward
 from optrush.train import train

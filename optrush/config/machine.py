@@ -11,7 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from optrush.config.load import load_config, validate
+from optrush.config.checks import validate
+from optrush.config.load import load_config
 from optrush.config.schema import Config
 
 

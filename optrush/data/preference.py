@@ -47,7 +47,8 @@ from operator import itemgetter
 import numpy as np
 import torch
 
-from optrush.config.load import ConfigError, preference_clean_problems
+from optrush.config.checks import preference_clean_problems
+from optrush.config.errors import ConfigError
 from optrush.config.schema import DataConfig
 from optrush.data import cache
 from optrush.data.batch import IGNORE_INDEX, Batch

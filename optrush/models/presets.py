@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from optrush.config.load import did_you_mean
+from optrush.config.errors import did_you_mean
 from optrush.models.llama import ModelArgs
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from optrush.config import ConfigError
-from optrush.config.load import did_you_mean
+from optrush.config.errors import did_you_mean
 from optrush.config.schema import GRPOConfig
 from optrush.data.batch import IGNORE_INDEX, Batch
 from optrush.generate.decode import generate_batch

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optrush.config.load import optimizer_problems
+from optrush.config.checks import optimizer_problems
 from optrush.config.schema import OptimConfig
 from optrush.optim.adamw import AdamW
 from optrush.optim.bf16 import STATE_DTYPES

@@ -37,7 +37,7 @@ HF_TO_OURS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
 OURS_TO_HF = {ours: hf for hf, ours in HF_TO_OURS.items()}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """`all-linear` as PEFT defines it: every linear layer of the blocks, not the output head. `lm_head` is refused
-(optrush.config.load): the training loss reads `output.weight` directly, fused or not, so an adapter there would
+(optrush.config.checks): the training loss reads `output.weight` directly, fused or not, so an adapter there would
 be bypassed (and the head may be tied to the embedding)."""
 
 
