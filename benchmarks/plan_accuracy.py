@@ -180,8 +180,19 @@ def markdown(results: list[dict]) -> str:
         "65.4 measured; the rest is in the last block's recompute and backward transients (modelled 22.6 GiB, "
         "measured at most 9.6), not yet understood at this length without offload.",
         "  `tests/test_plan.py` bounds the other rows only.",
-        "- The fp8 row: the model assumes torchao's float8 linears keep fp8 inputs and recompute their weight "
-        "casts; it predicts more than was measured, so some bf16 activation is not kept either.",
+        "- Float8 (2026-12-08, with the fp8_pure rows of fp8_pure_h100): a compiled block with torchao's float8 "
+        "linears keeps no matmul input at all, neither bf16 nor an fp8 copy (the norms and SiLU*mul are "
+        "recomputed and cast again in backward), and an eager one keeps what a bf16 block keeps (a compiled and "
+        "an eager block's saved tensors, counted on CPU in tests/test_plan.py). The model had counted fp8 copies "
+        "of the inputs: the 1B fp8_pure rows came out 13.6% over, the 1B fp8 row 6.1% over; now +2.6% and -0.5% "
+        "(peak memory within 10%: 172 to 175 of 179). Speed: a float8 family without rows is the same setup in "
+        "bf16_pure times the float8 mode's speed-up measured side by side (rows of one results file alike but "
+        "for the precision), nearest in width (`optrush.plan.speed.setup_efficiency`), instead of the nearest "
+        "family of another width or precision. Left out: the 8B fp8_pure row went from -29.9% to -16.1% (from "
+        "the 1B pairs' ratio; its own 8B pair is left out with it), the 8B fp8 row from +7.5% to +2.5%; the 1B "
+        "fp8 row, the only fp8 pair, from -20.0% to +14.4% (left out, it has no ratio, and the nearest float8 "
+        "family is an 8B one). Within 10%: 125 of 179 before and after. Family means had first been tried as the "
+        "ratio: they mix machines and dates and put fp8 at 1.41x bf16_pure where one command measured 1.00x.",
         f"- Speed: {speed_within} of {len(results)} within {TARGET:.0%} when each row is predicted from the "
         "other rows only (its own family's efficiency removed: `nearest` families stand in). With its own row "
         "in the calibration a measured family reproduces its speed by construction, so only the left-out "

@@ -73,6 +73,13 @@ CONFIGS: list[tuple[str, list[str]]] = [
     *[(f"compile_model+fused_loss+mb{rows}x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 f"train.micro_batch_size={rows}"])
       for rows in (8, 16, 32)],
+    # the same with float8 block matmuls: the planner's pick for this shape on an H100, and the 4 rows as micro-batches
+    # of 1 (the same gradient)
+    ("fp8_pure+compile_model+fused_loss+mb16x1", ["precision.mode=fp8_pure", "compile.mode=model",
+                                                  "kernels.fused_loss=true", "train.micro_batch_size=16"]),
+    ("fp8_pure+compile_model+fused_loss+mb1x4", ["precision.mode=fp8_pure", "compile.mode=model",
+                                                 "kernels.fused_loss=true", "train.micro_batch_size=1",
+                                                 "train.grad_accum=4"]),
     ("compile_model+fused_loss+varlen+mb16x1", ["compile.mode=model", "kernels.fused_loss=true",
                                                 "model.attention=varlen", "train.micro_batch_size=16"]),
     ("compile_model+fused_loss+mb1x4+adamw8bit", ["compile.mode=model", "kernels.fused_loss=true",

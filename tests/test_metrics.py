@@ -8,7 +8,8 @@ import torch
 
 from optrush.bench.provenance import provenance
 from optrush.config.schema import LoggingConfig
-from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib
+from optrush.train.metrics import MetricsLogger, Throughput, device_peak_flops, matmul_peak_flops, mfu, \
+    peak_memory_gib
 
 
 def test_jsonl_text_lines_and_summary(tmp_path, capsys):
@@ -83,6 +84,12 @@ def test_mfu_and_peaks(monkeypatch):
     for name, dtype, peak in cases:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert device_peak_flops(torch.device("cuda", 0), dtype) == peak, name
+    # the training log, bench and plan divide by the peak of the precision the matmuls run in (FP8 for float8)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    peaks = {mode: matmul_peak_flops(torch.device("cuda", 0), mode)
+             for mode in ("fp32", "bf16_mixed", "bf16_pure", "fp8", "fp8_pure")}
+    assert peaks == {"fp32": 494e12, "bf16_mixed": 989e12, "bf16_pure": 989e12, "fp8": 1979e12, "fp8_pure": 1979e12}
+    assert matmul_peak_flops(torch.device("cpu"), "fp8_pure") is None
     assert 0.01 < peak_memory_gib(torch.device("cpu")) < 64
 
 

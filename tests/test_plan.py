@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_benchmark, saved_tensor_bytes
+from conftest import lift_float8_device_check, load_benchmark, saved_tensor_bytes
 from optrush.config import load_config, to_dict
 from optrush.models.io import build_model
 from optrush.models.presets import get_preset
@@ -18,7 +18,7 @@ from optrush.plan.search import candidate_setups, evaluate
 from optrush.plan.setup import config_overrides, setup_from_config
 from optrush.plan.speed import (RESULTS_DIR, Calibration, calibrate, estimate_speed, executed_flops_per_token, family,
                                 fit_micro_batch_passes, load_measurements, lookup_efficiency, measured_from_record,
-                                offload_bytes_per_token, step_overhead_seconds_per_token)
+                                offload_bytes_per_token, setup_efficiency, step_overhead_seconds_per_token)
 
 DEBUG = get_preset("debug")  # vocab 512, dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 192, untied
 # by hand: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 x 64x192 = 49,152 linear + 2 x 64 norm gains;
@@ -138,6 +138,31 @@ def test_eager_activation_term_is_what_autograd_saves(precision, dtype):
     assert saved == predicted
 
 
+@pytest.mark.parametrize("precision", ["bf16_pure", "fp8_pure"])
+def test_compiled_activation_term_is_what_the_compiled_block_saves(precision, monkeypatch):
+    """A compiled block's saved tensors (Inductor on CPU; float8 through torch's emulated CPU matmul): bf16 keeps
+    the matmul inputs, float8 linears keep none (the norms and SiLU*mul are recomputed and cast in backward)."""
+    from optrush.train.float8 import in_blocks_and_aligned
+
+    torch._dynamo.reset()
+    model = build_model(DEBUG, dtype=torch.bfloat16, seed=0)
+    if precision == "fp8_pure":
+        lift_float8_device_check(monkeypatch)
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=in_blocks_and_aligned)
+    block = torch.compile(model.layers[0], fullgraph=True)
+    batch, length = 2, 48  # 96 tokens: no activation shares a weight's shape
+    hidden = torch.randn(batch, length, DEBUG.dim, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(length).expand(batch, length)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    block(hidden, cos, sin, None)  # compiles
+    saved = saved_tensor_bytes(lambda: block(hidden, cos, sin, None), kept=[*model.parameters(), *model.buffers()])
+    predicted = mem.block_activation_bytes(DEBUG, setup(precision=precision, compile="blocks"), policy="none")
+    rope = 2 * 2 * DEBUG.head_dim // 2  # the compiled graph also keeps cos and sin: left out, <1% at real widths
+    scales = 64  # float8: the per-tensor scales, a few scalars
+    assert 0 <= saved - (predicted + rope) * batch * length < (scales if precision == "fp8_pure" else 1)
+
+
 def test_levers_lower_their_terms():
     a = get_preset("llama3.2-1b")
     base = Setup(seq_len=2048, micro_batch=4, precision="bf16_pure", compile="blocks")
@@ -166,7 +191,7 @@ def test_fp8_pure_counts_bf16_pure_weights_and_state_and_fp8_activations():
     for term in ("weights", "optimizer"):
         assert pure[term] == bf16[term] < mixed[term], term
     assert mem.gradient_bytes(a, s.replace(precision="fp8_pure")) < mem.gradient_bytes(a, s.replace(precision="fp8"))
-    # float8 linears keep their inputs in fp8; the residual stream is bf16 without autocast's fp32 one
+    # compiled float8 linears keep no matmul inputs; the residual stream is bf16 without autocast's fp32 one
     activations = {p: mem.activation_bytes(a, s.replace(precision=p)) for p in ("fp8_pure", "fp8", "bf16_pure")}
     assert activations["fp8_pure"] < min(activations["fp8"], activations["bf16_pure"])
     assert "precision.mode=fp8_pure" in config_overrides(s.replace(precision="fp8_pure"))
@@ -276,7 +301,8 @@ def test_long_rows_calibrate_attentions_own_efficiency_per_backend():
     setups = [short, short.replace(micro_batch=1, seq_len=65536, mlp_chunk_tokens=8192),
               short.replace(micro_batch=1, seq_len=131072, mlp_chunk_tokens=8192)]
     setups += [s.replace(attention="varlen") for s in setups[1:]]
-    rows = [SimpleNamespace(setup=s, args=a, gpu=gpu, cfg=SimpleNamespace(optim=SimpleNamespace(name="adamw")),
+    adamw = SimpleNamespace(optim=SimpleNamespace(name="adamw"))
+    rows = [SimpleNamespace(setup=s, args=a, gpu=gpu, source="test", cfg=adamw,
                             tokens_per_s=estimate_speed(a, s, gpu, truth).tokens_per_s) for s in setups]
     assert rows[2].tokens_per_s < 0.5 * rows[0].tokens_per_s
     fitted = calibrate(rows)
@@ -564,6 +590,48 @@ def test_speed_efficiency_is_per_model_width_and_falls_back_to_the_nearest():
     three_b = get_preset("llama3.2-3b")  # 3072 wide: nearer 4096 than 2048 in ratio
     assert three_b.dim == 3072 and lookup_efficiency(cal, s, three_b)[0] == 0.6
     assert lookup_efficiency(cal, s.replace(checkpointing="selective"), three_b)[0] == 0.6  # prefix, then width
+
+
+def test_unmeasured_float8_family_is_bf16_pure_times_the_side_by_side_speedup():
+    """A float8 family without rows is priced as the same setup in bf16_pure (measured, or its stand-in) times the
+    float8 mode's speed-up measured side by side, nearest in width; without one, the nearest float8 family stands
+    in; a bf16 setup never borrows a float8 family's efficiency."""
+    efficiency = {("model", True, "none", "bf16", 2048, 1.0): 0.50, ("blocks", True, "full", "bf16", 2048, 1.0): 0.30,
+                  ("blocks", True, "full", "bf16", 4096, 1.0): 0.40,
+                  ("blocks", True, "full", "fp8_pure", 4096, 1.0): 0.52,
+                  ("blocks", True, "selective", "fp8_pure", 2048, 1.0): 0.9}
+    cal = Calibration(efficiency=efficiency, pcie_bytes_per_s=20e9, rows=5,
+                      float8_speedup={("fp8_pure", 2048): 1.2, ("fp8_pure", 4096): 1.3})
+    one_b, three_b, eight_b = (get_preset(p) for p in ("llama3.2-1b", "llama3.2-3b", "llama3.1-8b"))
+    full = Setup(seq_len=2048, micro_batch=4, precision="fp8_pure", compile="blocks", fused_loss=True,
+                 checkpointing="full")
+    assert setup_efficiency(cal, full, one_b) == (pytest.approx(0.30 * 1.2),
+                                                  "bf16_pure measured x 1.20 (fp8_pure, width 2048)")
+    assert setup_efficiency(cal, full, eight_b) == (0.52, "measured")
+    assert setup_efficiency(cal, full, three_b)[0] == pytest.approx(0.40 * 1.3)  # 3072 wide: nearer 4096 in ratio
+    unfused = setup_efficiency(cal, full.replace(fused_loss=False), one_b)  # bf16_pure's own stand-in, x 1.2
+    assert unfused[0] == pytest.approx(0.30 * 1.2) and unfused[1].startswith("bf16_pure nearest: blocks/True/full")
+    fp8 = setup_efficiency(cal, full.replace(precision="fp8"), one_b)  # no fp8 speed-up: the nearest float8 family
+    assert fp8 == (0.52, "nearest: blocks/True/full/fp8_pure/4096/1.0")
+    bf16 = full.replace(precision="bf16_pure", checkpointing="selective")  # only a float8 family has selective
+    assert setup_efficiency(cal, bf16, one_b)[0] == 0.30
+
+
+def test_float8_speedup_comes_from_rows_of_one_command_alike_but_for_the_precision():
+    def row(precision: str, tokens_per_s: float, compile_mode: str = "model") -> dict:
+        cfg = load_config(None, ["model.preset=llama3.2-1b", f"precision.mode={precision}", "kernels.fused_loss=true",
+                                 f"compile.mode={compile_mode}", "train.micro_batch_size=4"], synthetic_data=True)
+        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 16.0,
+                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+
+    bf16, fp8_pure = (measured_from_record(row(precision, tokens_per_s), source="a.json")
+                      for precision, tokens_per_s in (("bf16_pure", 64e3), ("fp8_pure", 73e3)))
+    other_file = measured_from_record(row("bf16_pure", 50e3), source="b.json")
+    other_setup = measured_from_record(row("fp8", 60e3, "blocks"), source="a.json")
+    speedup = calibrate([bf16, fp8_pure, other_file, other_setup]).float8_speedup
+    assert list(speedup) == [("fp8_pure", 2048)]
+    assert 73 / 64 < speedup["fp8_pure", 2048] < 1.3  # tokens/s net of the (equal) step overheads: a little more
+    assert calibrate([fp8_pure, other_file]).float8_speedup == {}
 
 
 def test_measure_on_cuda_without_a_gpu_is_refused_before_planning(capsys):

@@ -124,9 +124,8 @@ def run_peer(peer: str, cfg: Config, *, synthetic: bool, warmup: int, steps: int
     from transformers import TrainerCallback
 
     from optrush.bench.provenance import package_version, provenance
-    from optrush.bench.run import matmul_peak_flops
     from optrush.train.loop import resolve_device, seed_everything
-    from optrush.train.metrics import mfu, peak_memory_gib
+    from optrush.train.metrics import matmul_peak_flops, mfu, peak_memory_gib
 
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)

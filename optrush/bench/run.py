@@ -43,7 +43,6 @@ import torch
 from optrush.bench.provenance import provenance
 from optrush.bench.report import MEMORY_KINDS
 from optrush.config import Config, ConfigError, to_dict
-from optrush.config.schema import FLOAT8_MODES
 from optrush.data.batch import Batch
 from optrush.data.preference import PairBatch, PreferencePair, encode_sequence
 from optrush.data.tokenizer import load_config_tokenizer
@@ -56,7 +55,7 @@ from optrush.parallel.distributed import Distributed, all_reduce_sum, init_distr
 from optrush.train.float8 import require_float8
 from optrush.train.loop import (accumulate_gradients, backend_flags, build, clip_gradients, make_loader,
                                 precision_context, read_data, resolve_device, seed_everything, starting_objective)
-from optrush.train.metrics import device_peak_flops, mfu, model_params, peak_memory_gib, training_flops_per_token
+from optrush.train.metrics import matmul_peak_flops, mfu, model_params, peak_memory_gib, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations
 
 
@@ -230,15 +229,6 @@ def train_step(run: Prepared, micro_batches: list[Batch | PairBatch], *,
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum, units
-
-
-def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
-    """Dense peak FLOP/s for the precision the matmuls run in; FP8 tensor cores are twice the bf16 rate on
-    Hopper (1979 vs 989 TFLOP/s on H100 SXM), as issue #5's MFU definition uses."""
-    if mode in FLOAT8_MODES:
-        bf16 = device_peak_flops(device, torch.bfloat16)
-        return None if bf16 is None else 2 * bf16
-    return device_peak_flops(device, torch.float32 if mode == "fp32" else torch.bfloat16)
 
 
 def synthetic_batches(cfg: Config, *, vocab_size: int, n_steps: int, rank: int = 0) -> list[list[Batch]]:

@@ -255,7 +255,6 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
     d, f, q, kv = a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     act = COMPUTE_BYTES[s.precision]
     res = residual_bytes(s)
-    mm_in = 1 if s.precision in FLOAT8_MODES else act  # float8 linears save their inputs in fp8
     # SDPA with a dense document mask runs the memory-efficient kernel on KV heads repeated to n_heads
     kv_saved = q if s.attention == "sdpa" and s.document_mask else kv
     lse = 4 * a.n_heads
@@ -275,26 +274,28 @@ def block_activation_bytes(a: ModelArgs, s: Setup, *, policy: str) -> float:
         kept = res * d + act * (q + 2 * kv) + act * q + lse + act * d + 2 * act * f
         # eager also keeps the w2 output (nothing in backward needs it, so the compiler drops it)
         return kept + (act * d if s.compile == "none" else 0) + adapters
-    fp8_wo_input = mm_in * q if s.precision in FLOAT8_MODES else 0  # a second, fp8 copy of the attention output
     if s.compile != "none":
         # Inductor keeps the residuals, the matmul inputs and outputs, attention's inputs/outputs and the two
-        # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward.
+        # RMSNorm rstd vectors; norms, RoPE and SiLU*mul are recomputed in backward. Under float8 linears it keeps
+        # no matmul input (no fp8 copy either): the norms and SiLU*mul are recomputed and cast again in backward
+        # (a compiled block's saved tensors, tests/test_plan.py; the 1B step's 15.8 GiB, fp8_pure_h100.md).
         # With chunked MLPs one (token x dim) tensor a block fewer: the chunks' checkpoint input stands in for the
         # MLP's matmul input (5.5 instead of 6.5 per block in the 65,536-token trace, memory_peak/
         # peak_65k_nockpt_varlen_chunks.json; plan_picks_h100.md's long rows had been 11-13% over)
-        whole = (2 * res * d + (1 + mlp) * mm_in * d + act * (q + 2 * kv_saved) + act * q + lse
-                 + mlp * (2 * act * f + mm_in * f) + fp8_wo_input + 2 * 4 + adapters)
+        inputs = (1 - mlp) * act * d if s.precision in FLOAT8_MODES else (1 + mlp) * act * d + mlp * act * f
+        whole = 2 * res * d + inputs + act * (q + 2 * kv_saved) + act * q + lse + mlp * 2 * act * f + 2 * 4 + adapters
         # compile.memory_budget: the partitioner keeps part of what lies between saving the graph's inputs only (a
         # compiled block's input; nothing per block for the whole model) and `whole`
         floor = res * d if s.compile == "blocks" else 0
         return floor + kept_fraction(s.memory_budget) * (whole - floor)
-    # Eager RMSNorm keeps its fp32 input, the normalised x and the linear's input (optrush.models.layers.RMSNorm)
-    norm = 4 * d + res * d + mm_in * d
-    swiglu = mlp * (3 * act * f + mm_in * f)  # w1 out, silu out, w3 out, and the product (w2's input)
+    # Eager RMSNorm keeps its fp32 input, the normalised x and the linear's input (optrush.models.layers.RMSNorm);
+    # eager float8 linears keep their inputs in the compute dtype as bf16 ones do (torchao casts again in backward)
+    norm = 4 * d + res * d + act * d
+    swiglu = mlp * 4 * act * f  # w1 out, silu out, w3 out, and the product (w2's input)
     # cos/sin cast to the working dtype for q and again for k; in fp32 the cast is a no-op and both share them
     rope = (2 if act == 4 else 4) * (a.head_dim // 2) * act
     rstd = 2 * 4  # each RMSNorm's fp32 reciprocal RMS, one value per token
-    return 2 * norm + rstd + act * (q + 2 * kv_saved) + act * q + lse + swiglu + rope + fp8_wo_input + adapters
+    return 2 * norm + rstd + act * (q + 2 * kv_saved) + act * q + lse + swiglu + rope + adapters
 
 
 BUDGET_KEPT = ((0.0, 0.0), (0.3, 0.55), (0.5, 0.76), (1.0, 1.0))

@@ -107,8 +107,8 @@ def candidate_setups(*, gpu: GPU, n_gpus: int, seq_len: int, peft: str = "none",
                      untied: bool = True) -> list[Setup]:
     """Every combination the planner considers (before validation and the memory check); `untied`: the model has
     an embedding table apart from its head, which a frozen-embedding setup may keep in host memory."""
-    # validation drops fp8 + LoRA; fp8_pure waits for a measurement (UNSEARCHED)
-    precisions = ["bf16_pure", "bf16_mixed"] + (["fp8"] if gpu.fp8_flops else [])
+    # validation drops fp8 + LoRA
+    precisions = ["bf16_pure", "bf16_mixed"] + (["fp8_pure", "fp8"] if gpu.fp8_flops else [])
     strategies = ["none"] if n_gpus == 1 else ["fsdp", "ddp"]
     grid = itertools.product(precisions, PEFT_CHOICES[peft], ("none", "blocks", "model"), (False, True),
                              CHECKPOINTING, micro_batches, strategies, (False, True),
@@ -162,8 +162,6 @@ def plan(args: ModelArgs, *, gpu: GPU, n_gpus: int = 1, seq_len: int, peft: str 
 # the plan options that set a key the search varies, for messages about a pin that asks for another value
 OPTION_OF_KEY = {"data.max_length": "--seq", "train.micro_batch_size": "--micro-batch", "optim.name": "--optim",
                  "peft.method": "--peft", "peft.quantize": "--peft", "parallel.strategy": "--gpus"}
-# values the search leaves out on purpose, and why
-UNSEARCHED = {("precision.mode", "fp8_pure"): "fp8_pure is not measured on a GPU yet, so its speed has no basis"}
 
 
 def check_pins(pins: tuple[str, ...]) -> None:
@@ -187,9 +185,7 @@ def no_candidate_message(setups: list[Setup], *, pins: tuple[str, ...], base_ove
                  for chosen in (dict(parse_override(o) for o in config_overrides(s)) for s in setups)}
         if value not in tried.values():
             option = f" (set it with {OPTION_OF_KEY[key]})" if key in OPTION_OF_KEY else ""
-            why = f"; {UNSEARCHED[key, value]}" if (key, value) in UNSEARCHED else ""
-            return (f"--pin {pin}: for this model and GPU the search tries only {key} = {', '.join(tried)}"
-                    f"{option}{why}")
+            return f"--pin {pin}: for this model and GPU the search tries only {key} = {', '.join(tried)}{option}"
     pinned = dict(parse_override(p) for p in pins)
     agreeing = next((s for s in setups if agrees(s, pinned)), None)
     if agreeing is None:

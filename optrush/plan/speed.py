@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optrush.config import Config, ConfigError, load_config
+from optrush.config.schema import FLOAT8_MODES
 from optrush.models.llama import ModelArgs
 from optrush.plan.gpus import GPU, gpu_from_device_name
 from optrush.plan.memory import (
@@ -74,6 +75,9 @@ class Calibration:
     attention_efficiency: dict[str, float] = field(default_factory=dict)
     """Attention's executed FLOP/s over peak, per model.attention backend with long rows measured (see
     `fit_attention`); a backend without them runs at its family's efficiency."""
+    float8_speedup: dict[tuple[str, int], float] = field(default_factory=dict)
+    """(float8 precision.mode, model width) -> its efficiency over bf16_pure's in rows measured side by side (see
+    `fit_float8_speedup`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -82,8 +86,9 @@ class Speed:
     """All GPUs together."""
     mfu: float
     basis: str
-    """`measured` (the setup's family has bench rows), `measured full-FT family` (PEFT on a measured family) or
-    `nearest: <families>` (compile/fused loss/checkpointing/matmul precision of the rows it borrows from)."""
+    """`measured` (the setup's family has bench rows), `measured full-FT family` (PEFT on a measured family),
+    `nearest: <families>` (compile/fused loss/checkpointing/matmul precision of the rows it borrows from), or for a
+    float8 setup `bf16_pure <one of those> x <its speed-up> (<mode>, width <where measured>)`."""
 
 
 # -------------------------------------------------------------------------------------------- measurements
@@ -282,8 +287,8 @@ def family(s: Setup, a: ModelArgs) -> tuple:
     """Setups expected to run at one efficiency: (compile, fused loss, checkpointing, matmul precision, model
     width, compile memory budget). bf16_mixed is its own: its fp32 master weights are cast to bf16 at every use
     (measured on the 1B ladder: about 15% below bf16_pure's efficiency); fp8 and fp8_pure are apart for the same
-    reason (fp8_pure not yet measured). The width, because wider matmuls run closer to the peak and
-    the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
+    reason (`setup_efficiency` prices them where unmeasured). The width, because wider matmuls run closer to the
+    peak and the memory-bound work per FLOP shrinks: the 8B rows' efficiency is not the 1B rows' (keyed by width, the
     left-out speed predictions within 10% went from 57 to 90 of 146 rows, plan_accuracy.md). Last, the compiled
     graph's memory budget: what it recomputes is not counted in the executed FLOPs, so it shows as efficiency (a
     budget without rows borrows the full budget's, an optimistic guess its basis names)."""
@@ -292,9 +297,15 @@ def family(s: Setup, a: ModelArgs) -> tuple:
 
 
 def peak_flops(gpu: GPU, s: Setup) -> float:
-    """The peak the MFU is measured against: TF32 for fp32, bf16 otherwise (also fp8, so that a measured FP8
+    """The peak efficiencies are fitted against: TF32 for fp32, bf16 otherwise (also fp8, so that a measured FP8
     speed-up shows as a higher efficiency rather than vanishing into a doubled peak)."""
     return gpu.tf32_flops if s.precision == "fp32" else gpu.bf16_flops
+
+
+def reported_peak_flops(gpu: GPU, s: Setup) -> float:
+    """The MFU column's peak: the FP8 peak for float8 modes, as training logs and bench report it
+    (`optrush.train.metrics.matmul_peak_flops`, issue #5's definition)."""
+    return (gpu.fp8_flops or gpu.bf16_flops) if s.precision in FLOAT8_MODES else peak_flops(gpu, s)
 
 
 LONG_ROW_ATTENTION_SHARE = 0.3
@@ -327,7 +338,7 @@ def calibrate(measured: list[Measured]) -> Calibration:
                 bandwidths.append(offload_bytes_per_token(m.args, m.setup) / extra_s)
     pcie = statistics.mean(bandwidths) if bandwidths else PCIE_BYTES_PER_S
     return Calibration(efficiency=efficiency, pcie_bytes_per_s=pcie, rows=len(measured), micro_batch_passes=passes,
-                       attention_efficiency=attention)
+                       attention_efficiency=attention, float8_speedup=fit_float8_speedup(plain, passes, attention))
 
 
 def net_seconds_per_token(m: Measured, passes: float) -> float:
@@ -343,15 +354,38 @@ def fit_families(rows: list[Measured], passes: float, attention: dict[str, float
     covered = {family(m.setup, m.args) for m in short}
     by_family: dict[tuple, list[float]] = {}
     for m in short + [m for m in rows if family(m.setup, m.args) not in covered]:
-        flops, net_s = executed_flops_per_token(m.args, m.setup), net_seconds_per_token(m, passes)
-        own = own_attention_efficiency(m.setup, attention)
-        if own is not None:
-            share = attention_flops_per_token(m.args, m.setup)
-            net_s -= share / (peak_flops(m.gpu, m.setup) * own)
-            flops -= share
-        if net_s > 0:
-            by_family.setdefault(family(m.setup, m.args), []).append(flops / (peak_flops(m.gpu, m.setup) * net_s))
+        if (value := row_efficiency(m, passes, attention)) is not None:
+            by_family.setdefault(family(m.setup, m.args), []).append(value)
     return {key: statistics.mean(values) for key, values in by_family.items()}
+
+
+def row_efficiency(m: Measured, passes: float, attention: dict[str, float]) -> float | None:
+    """One row's executed FLOP/s over peak, net of the step overheads and of attention where its backend has its
+    own efficiency; None when the overheads explain all of its time."""
+    flops, net_s = executed_flops_per_token(m.args, m.setup), net_seconds_per_token(m, passes)
+    own = own_attention_efficiency(m.setup, attention)
+    if own is not None:
+        share = attention_flops_per_token(m.args, m.setup)
+        net_s -= share / (peak_flops(m.gpu, m.setup) * own)
+        flops -= share
+    return flops / (peak_flops(m.gpu, m.setup) * net_s) if net_s > 0 else None
+
+
+def fit_float8_speedup(rows: list[Measured], passes: float,
+                       attention: dict[str, float]) -> dict[tuple[str, int], float]:
+    """(float8 mode, model width) -> mean efficiency ratio over bf16_pure, from rows of one results file (one
+    command, one machine) alike but for the precision. Only side-by-side pairs: family means mix machines and
+    dates, and put fp8 (fp32 master weights) 1.41x over bf16_pure where the same command measured it 1.00x."""
+    by_setup = {(m.source, m.gpu.name, repr(m.args), m.setup): m for m in rows if m.setup.precision == "bf16_pure"}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for m in rows:
+        if m.setup.precision not in FLOAT8_MODES:
+            continue
+        twin = by_setup.get((m.source, m.gpu.name, repr(m.args), m.setup.replace(precision="bf16_pure")))
+        if twin is not None and None not in (pair := (row_efficiency(m, passes, attention),
+                                                     row_efficiency(twin, passes, attention))):
+            ratios.setdefault((m.setup.precision, m.args.dim), []).append(pair[0] / pair[1])
+    return {key: statistics.mean(values) for key, values in ratios.items()}
 
 
 def fit_attention(rows: list[Measured], efficiency: dict[tuple, float], passes: float) -> dict[str, float]:
@@ -409,22 +443,41 @@ def plannable(m: Measured) -> bool:
 
 
 def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) -> tuple[float, str]:
-    """(efficiency, basis): the setup's own family if measured, else the mean over the measured families that
-    share the longest prefix of (compile, fused loss, checkpointing), preferring the same matmul precision and
-    then the nearest model width."""
+    """(efficiency, basis): the setup's own family if measured, else the mean over the measured families, float8
+    or not as the setup is (a bf16 setup never borrows FP8's speed), that share the longest prefix of (compile,
+    fused loss, checkpointing), preferring the same matmul precision, then the nearest model width."""
     key = family(s, a)
     if not efficiency:  # e.g. an installed package without the repository's benchmarks/results
         return 1.0, "uncalibrated: no bench rows, peak FLOP/s"
     if key in efficiency:
         return efficiency[key], "measured"
-    length = max(n for n in range(5) if any(k[:n] == key[:n] for k in efficiency))  # n = 0 matches every family
-    same = [k for k in efficiency if k[:length] == key[:length]]
+    pool = [k for k in efficiency if is_float8(k) == is_float8(key)] or list(efficiency)
+    length = max(n for n in range(5) if any(k[:n] == key[:n] for k in pool))  # n = 0 matches every family
+    same = [k for k in pool if k[:length] == key[:length]]
     same = [k for k in same if k[3] == key[3]] or same
     width_distance = {k: abs(math.log(k[4] / key[4])) for k in same}
     same = [k for k in same if width_distance[k] == min(width_distance.values())]
     same = [k for k in same if k[5] == key[5]] or [k for k in same if k[5] == 1.0] or same  # the same budget
     names = ", ".join("/".join(str(x) for x in k) for k in same[:2]) + (f" (+{len(same) - 2})" if len(same) > 2 else "")
     return statistics.mean(efficiency[k] for k in same), f"nearest: {names}"
+
+
+def is_float8(key: tuple) -> bool:
+    return key[3] in FLOAT8_MODES
+
+
+def setup_efficiency(calibration: Calibration, s: Setup, a: ModelArgs) -> tuple[float, str]:
+    """(efficiency, basis) for `s`: `lookup_efficiency`, except that a float8 setup whose family has no rows is
+    the same setup in bf16_pure times the float8 mode's side-by-side speed-up nearest in model width
+    (`fit_float8_speedup`). FP8's gain follows the matmul shapes more than compile or checkpointing (fp8_pure over
+    bf16_pure: 1.14x on the 1B step, 1.23x on the 8B, fp8_pure_h100.md); the nearest float8 family of another
+    width had put the 8B fp8_pure row 30% under."""
+    speedups = {dim: ratio for (mode, dim), ratio in calibration.float8_speedup.items() if mode == s.precision}
+    if family(s, a) in calibration.efficiency or not speedups:
+        return lookup_efficiency(calibration.efficiency, s, a)
+    dim = min(speedups, key=lambda d: abs(math.log(d / a.dim)))
+    efficiency, basis = lookup_efficiency(calibration.efficiency, s.replace(precision="bf16_pure"), a)
+    return efficiency * speedups[dim], f"bf16_pure {basis} x {speedups[dim]:.2f} ({s.precision}, width {dim})"
 
 
 def extrapolation_warning(calibration: Calibration, a: ModelArgs) -> str | None:
@@ -438,7 +491,7 @@ def extrapolation_warning(calibration: Calibration, a: ModelArgs) -> str | None:
 
 
 def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -> Speed:
-    efficiency, basis = lookup_efficiency(calibration.efficiency, s, a)
+    efficiency, basis = setup_efficiency(calibration, s, a)
     if s.peft != "none" and basis == "measured":
         basis = "measured full-FT family"
     compute_s = flops_seconds_per_token(a, s, gpu, efficiency, calibration.attention_efficiency)
@@ -447,5 +500,5 @@ def estimate_speed(a: ModelArgs, s: Setup, gpu: GPU, calibration: Calibration) -
     compute_s += dequantize_bytes_per_token(a, s) / gpu.hbm_bytes_per_s
     comm_s = communication_bytes_per_token(a, s) / (gpu.link_bytes_per_s * NCCL_BUS_EFFICIENCY)
     per_gpu = 1 / max(compute_s, comm_s)
-    mfu = per_gpu * model_flops_per_token(a, s) / peak_flops(gpu, s)
+    mfu = per_gpu * model_flops_per_token(a, s) / reported_peak_flops(gpu, s)
     return Speed(tokens_per_s=per_gpu * s.n_gpus, mfu=mfu, basis=basis)

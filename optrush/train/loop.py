@@ -50,7 +50,7 @@ from optrush.parallel.context import apply_context_extension, data_parallel_posi
 from optrush.parallel.fsdp import gather_full_model, meta_copy
 from optrush.train.checkpoint import CheckpointManager
 from optrush.train.float8 import require_float8
-from optrush.train.metrics import LogWindow, MetricsLogger, Throughput, device_peak_flops, mfu, model_params, \
+from optrush.train.metrics import LogWindow, MetricsLogger, Throughput, matmul_peak_flops, mfu, model_params, \
     peak_memory_gib, trainable_params, training_flops_per_token
 from optrush.train.optimizations import apply_optimizations, apply_peft
 from optrush.train.resume import check_resume, maybe_resume, report_interrupt
@@ -167,7 +167,7 @@ def run(cfg: Config, parallel: Distributed) -> dict:
 
     autocast = precision_context(cfg, device)
     flops_per_token = training_flops_per_token(model, cfg.data.max_length)
-    peak_flops = device_peak_flops(device, torch.bfloat16 if cfg.precision.mode != "fp32" else torch.float32)
+    peak_flops = matmul_peak_flops(device, cfg.precision.mode)
     peak_flops = peak_flops * parallel.world_size if peak_flops else None  # MFU of all devices together
     throughput = Throughput()
     window = LogWindow(UNITS[cfg.objective])

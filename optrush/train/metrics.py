@@ -35,7 +35,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from optrush.atomic import written_whole
-from optrush.config.schema import LoggingConfig
+from optrush.config.schema import FLOAT8_MODES, LoggingConfig
+
+def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
+    """Dense peak FLOP/s of `device` for the precision.mode its matmuls run in: the FP8 peak for float8 modes (issue
+    #5's MFU definition: 1979 TFLOP/s on an H100 SXM, twice bf16), TF32 for fp32, bf16 otherwise."""
+    dtype = torch.float8_e4m3fn if mode in FLOAT8_MODES else torch.float32 if mode == "fp32" else torch.bfloat16
+    return device_peak_flops(device, dtype)
+
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Peak dense matmul FLOP/s of `device` for `dtype` compute, or None when unknown (CPU, unlisted GPUs)."""
@@ -53,7 +60,8 @@ def peak_flops_of(device_name: str, dtype: torch.dtype) -> float | None:
     gpu = gpu_from_device_name(device_name)
     if gpu is None:
         return None
-    return {torch.bfloat16: gpu.bf16_flops, torch.float16: gpu.bf16_flops, torch.float32: gpu.tf32_flops}.get(dtype)
+    return {torch.bfloat16: gpu.bf16_flops, torch.float16: gpu.bf16_flops, torch.float32: gpu.tf32_flops,
+            torch.float8_e4m3fn: gpu.fp8_flops}.get(dtype)
 
 
 def mfu(tokens_per_s: float | None, flops_per_token: float, peak_flops: float | None) -> float | None:
