@@ -37,6 +37,7 @@ from rich.table import Table
 from optrush.atomic import written_whole
 from optrush.config.schema import FLOAT8_MODES, LoggingConfig
 
+
 def matmul_peak_flops(device: torch.device, mode: str) -> float | None:
     """Dense peak FLOP/s of `device` for the precision.mode its matmuls run in: the FP8 peak for float8 modes (issue
     #5's MFU definition: 1979 TFLOP/s on an H100 SXM, twice bf16), TF32 for fp32, bf16 otherwise."""
