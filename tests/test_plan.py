@@ -457,6 +457,11 @@ def test_oom_advice_offers_smaller_loss_chunks_and_the_host_table():
     assert "kernels.loss_chunk_tokens=1024" in config_overrides(smaller)  # the written config keeps it
     written = load_config(None, ["model.preset=debug", *config_overrides(smaller)], synthetic_data=True)
     assert setup_from_config(written, document_mask=False) == smaller
+    # lighter weights and optimizer state in bf16, keeping the float8 matmuls of an fp8 run
+    fp8 = dict(advice_changes(fused.replace(precision="fp8", peft="none")))
+    assert "precision.mode=fp8_pure" in fp8 and "precision.mode=bf16_pure" not in fp8
+    assert estimate_memory(a, fp8["precision.mode=fp8_pure"]).peak_bytes < estimate_memory(
+        a, fused.replace(precision="fp8", peft="none")).peak_bytes
 
 
 def test_model_args_from_a_model_directory(tmp_path):

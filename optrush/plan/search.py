@@ -290,8 +290,10 @@ def advice_changes(setup: Setup, *, untied: bool = True) -> list[tuple[str, Setu
                         setup.replace(micro_batch=mb, grad_accum=accum)))
     if setup.n_gpus > 1 and setup.strategy != "fsdp":
         changes.append(("parallel.strategy=fsdp", setup.replace(strategy="fsdp")))
-    if setup.precision in ("fp32", "bf16_mixed", "fp8"):
-        changes.append(("precision.mode=bf16_pure", setup.replace(precision="bf16_pure")))
+    # bf16 weights and optimizer state, keeping float8 matmuls where they ran
+    lighter = {"fp32": "bf16_pure", "bf16_mixed": "bf16_pure", "fp8": "fp8_pure"}.get(setup.precision)
+    if lighter:
+        changes.append((f"precision.mode={lighter}", setup.replace(precision=lighter)))
     if setup.optimizer == "adamw" and setup.peft == "none":
         changes.append(("optim.name=adamw8bit", setup.replace(optimizer="adamw8bit")))
     return changes
