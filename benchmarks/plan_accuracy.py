@@ -193,6 +193,16 @@ def markdown(results: list[dict]) -> str:
         "fp8 row, the only fp8 pair, from -20.0% to +14.4% (left out, it has no ratio, and the nearest float8 "
         "family is an 8B one). Within 10%: 125 of 179 before and after. Family means had first been tried as the "
         "ratio: they mix machines and dates and put fp8 at 1.41x bf16_pure where one command measured 1.00x.",
+        "- Real length mixes do not calibrate (2026-12-08; `optrush.plan.speed.plannable`): the length_mix rows "
+        "(`data.batch_tokens`: padded or packed micro-batches of varying shape) had calibrated the compiled-block "
+        "family as if they were full rows; their padded rows ran 20,104 tokens/s (9,326 real) with 6-12 s "
+        "recompiles inside the timed steps, which put that family's full rows 24-26% under (train_speed_h100's "
+        "compile+fused_loss: -23.9%). Fitted on full rows only, those come within 1.5%, the packed length-mix "
+        "rows of the current code within 2% (flex, varlen) to 10% (SDPA with a dense document mask), and speed "
+        "predictions within 10% went from 125 to 135 of 179. The padded and length-sorted rows now come out "
+        "65-260% over: the model prices full rows, and a padded real mix is not one (the planner's `--packing "
+        "none` prediction is the full-row speed; the README says so). The length_mix_h100_before_fix rows "
+        "measured code since fixed.",
         f"- Speed: {speed_within} of {len(results)} within {TARGET:.0%} when each row is predicted from the "
         "other rows only (its own family's efficiency removed: `nearest` families stand in). With its own row "
         "in the calibration a measured family reproduces its speed by construction, so only the left-out "

@@ -301,7 +301,7 @@ def test_long_rows_calibrate_attentions_own_efficiency_per_backend():
     setups = [short, short.replace(micro_batch=1, seq_len=65536, mlp_chunk_tokens=8192),
               short.replace(micro_batch=1, seq_len=131072, mlp_chunk_tokens=8192)]
     setups += [s.replace(attention="varlen") for s in setups[1:]]
-    adamw = SimpleNamespace(optim=SimpleNamespace(name="adamw"))
+    adamw = SimpleNamespace(optim=SimpleNamespace(name="adamw"), data=SimpleNamespace(batch_tokens=0))
     rows = [SimpleNamespace(setup=s, args=a, gpu=gpu, source="test", cfg=adamw,
                             tokens_per_s=estimate_speed(a, s, gpu, truth).tokens_per_s) for s in setups]
     assert rows[2].tokens_per_s < 0.5 * rows[0].tokens_per_s
@@ -377,6 +377,22 @@ def test_compiled_qlora_rows_without_the_fused_dequantization_do_not_calibrate_t
     fused, eager = (measured_from_record(row(f, t), source="test") for f, t in ((True, 11_000.0), (False, 9_000.0)))
     assert calibrate([fused, eager]).efficiency == calibrate([fused]).efficiency
     assert calibrate([eager]).efficiency == {}
+
+
+def test_real_length_mix_rows_do_not_calibrate_the_full_row_families():
+    """Padded or packed micro-batches of varying shape (`data.batch_tokens`) are predicted, not fitted: their
+    padding and recompiles would price full rows low."""
+    def row(batch_tokens: int, tokens_per_s: float) -> dict:
+        cfg = load_config(None, ["model.preset=llama3.2-1b", "precision.mode=bf16_pure", "compile.mode=blocks",
+                                 "kernels.fused_loss=true", "train.micro_batch_size=4",
+                                 f"data.batch_tokens={batch_tokens}"], synthetic_data=True)
+        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 21.0,
+                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+
+    full, mix = (measured_from_record(row(b, t), source="test") for b, t in ((0, 60_000.0), (8192, 20_000.0)))
+    assert full.setup == mix.setup  # the same setup as the planner sees it
+    assert calibrate([full, mix]).efficiency == calibrate([full]).efficiency
+    assert calibrate([mix]).efficiency == {}
 
 
 def test_gpus_parse_and_agree_with_the_mfu_table():

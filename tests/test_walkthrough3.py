@@ -39,7 +39,9 @@ def test_plan_pin_of_a_value_the_search_never_tries_says_which_option_sets_it(ca
     code, out = run_cli([*PLAN, "--gpus", "1x3090", "--pin", "precision.mode=fp8"], capsys)  # no FP8 cores
     assert code == 2 and "precision.mode = bf16_pure, bf16_mixed" in out
     code, out = run_cli([*PLAN, "--pin", "precision.mode=fp8_pure"], capsys)  # an L4 has them: searched
-    assert code == 0 and "fp8_pure" in out and "nothing fits" not in out
+    assert code == 0 and "fp8_pure" in out and "nothing fits" not in out and "leave padding" not in out
+    code, out = run_cli([*PLAN, "--packing", "none"], capsys)  # full-row speeds: padding is not priced
+    assert code == 0 and "leave padding in unpacked (none) batches" in out and "--packing bfd packs them" in out
     # the message reads the setups the search tried: with --micro-batch, that one size only
     code, out = run_cli([*PLAN, "--micro-batch", "4", "--pin", "train.micro_batch_size=8"], capsys)
     assert code == 2 and "tries only train.micro_batch_size = 4 (set it with --micro-batch)" in out

@@ -61,6 +61,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(f"[yellow]note[/]: rows of {args.seq} tokens are longer than the model's {native_length}: the "
                       f"configurations set model.max_seq_len={args.seq} (positions past {native_length} are "
                       "extrapolated unless you also set model.rope_scaling)")
+    if args.packing != "bfd":
+        console.print(f"[yellow]note[/]: tokens/s are for full rows of {args.seq} tokens; documents shorter than that "
+                      f"leave padding in unpacked ({args.packing}) batches, which runs far slower (a real SFT length "
+                      "mix on the 1B shape: 9,326 non-padding tokens/s padded against 60,132 packed, "
+                      "benchmarks/results/length_mix_h100.md): --packing bfd packs them")
     if warning := extrapolation_warning(calibration, shape):
         console.print(f"[yellow]note[/]: {warning}")
     if fitting and args.out:

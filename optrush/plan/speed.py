@@ -435,11 +435,16 @@ def fit_micro_batch_passes(measured: list[Measured]) -> float:
 
 
 def plannable(m: Measured) -> bool:
-    """Whether the planner could emit the measured config's speed-relevant kernels: it always dequantizes a
-    compiled quantized base with one kernel (`config_overrides`), so rows without that (1.18x slower, measured)
-    would calibrate its QLoRA families low."""
+    """Whether the row calibrates the speed model: full rows of one shape, in kernels the planner emits. A real
+    length mix (`data.batch_tokens`: padded or packed micro-batches of varying shape, each new shape compiled
+    again) is predicted but does not calibrate: the padded rows of length_mix_h100 ran 20,104 tokens/s (9,326 of
+    them real) with 6-12 s recompiles inside the timed steps, and had pulled the compiled-block family's
+    efficiency 24% under the full rows it describes. The planner always dequantizes a compiled quantized base
+    with one kernel (`config_overrides`), so rows without that (1.18x slower, measured) would calibrate its QLoRA
+    families low."""
     s = m.setup
-    return s.quantize == "none" or s.compile == "none" or m.cfg.kernels.fused_dequantize
+    fused_dequantize = s.quantize == "none" or s.compile == "none" or m.cfg.kernels.fused_dequantize
+    return fused_dequantize and not m.cfg.data.batch_tokens
 
 
 def lookup_efficiency(efficiency: dict[tuple, float], s: Setup, a: ModelArgs) -> tuple[float, str]:
