@@ -34,6 +34,14 @@ def setup(**kw) -> Setup:
     return Setup(seq_len=64, micro_batch=2, **kw)
 
 
+def h100_row(overrides: list[str], tokens_per_s: float, *, source: str = "test", peak_mem_gib: float = 16.0):
+    """A bench record measured on an H100, of the config `overrides` build, read back as the planner reads it."""
+    cfg = load_config(None, overrides, synthetic_data=True)
+    record = {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": peak_mem_gib,
+              "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+    return measured_from_record(record, source=source)
+
+
 def test_parameter_counts_match_the_model():
     assert mem.block_linear_params(DEBUG) == BLOCK_LINEAR == 49152
     assert mem.total_params(DEBUG) == TOTAL == build_model(DEBUG).num_params()
@@ -366,15 +374,13 @@ def test_speed_model_is_calibrated_from_measured_rows():
 def test_compiled_qlora_rows_without_the_fused_dequantization_do_not_calibrate_the_plan():
     """The planner's compiled QLoRA configs always dequantize with one kernel, so a row that did not (1.18x
     slower) is left out of the efficiency of its family."""
-    def row(fused: bool, tokens_per_s: float) -> dict:
-        cfg = load_config(None, ["model.preset=llama3.1-8b", "peft.method=lora", "peft.quantize=nf4",
-                                 "precision.mode=bf16_pure", "compile.mode=blocks", "kernels.fused_loss=true",
-                                 "activations.checkpointing=full", "train.micro_batch_size=4",
-                                 f"kernels.fused_dequantize={str(fused).lower()}"], synthetic_data=True)
-        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 10.0,
-                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+    def row(fused: bool, tokens_per_s: float):
+        return h100_row(["model.preset=llama3.1-8b", "peft.method=lora", "peft.quantize=nf4",
+                         "precision.mode=bf16_pure", "compile.mode=blocks", "kernels.fused_loss=true",
+                         "activations.checkpointing=full", "train.micro_batch_size=4",
+                         f"kernels.fused_dequantize={str(fused).lower()}"], tokens_per_s, peak_mem_gib=10.0)
 
-    fused, eager = (measured_from_record(row(f, t), source="test") for f, t in ((True, 11_000.0), (False, 9_000.0)))
+    fused, eager = (row(f, t) for f, t in ((True, 11_000.0), (False, 9_000.0)))
     assert calibrate([fused, eager]).efficiency == calibrate([fused]).efficiency
     assert calibrate([eager]).efficiency == {}
 
@@ -382,14 +388,12 @@ def test_compiled_qlora_rows_without_the_fused_dequantization_do_not_calibrate_t
 def test_real_length_mix_rows_do_not_calibrate_the_full_row_families():
     """Padded or packed micro-batches of varying shape (`data.batch_tokens`) are predicted, not fitted: their
     padding and recompiles would price full rows low."""
-    def row(batch_tokens: int, tokens_per_s: float) -> dict:
-        cfg = load_config(None, ["model.preset=llama3.2-1b", "precision.mode=bf16_pure", "compile.mode=blocks",
-                                 "kernels.fused_loss=true", "train.micro_batch_size=4",
-                                 f"data.batch_tokens={batch_tokens}"], synthetic_data=True)
-        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 21.0,
-                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+    def row(batch_tokens: int, tokens_per_s: float):
+        return h100_row(["model.preset=llama3.2-1b", "precision.mode=bf16_pure", "compile.mode=blocks",
+                         "kernels.fused_loss=true", "train.micro_batch_size=4", f"data.batch_tokens={batch_tokens}"],
+                        tokens_per_s, peak_mem_gib=21.0)
 
-    full, mix = (measured_from_record(row(b, t), source="test") for b, t in ((0, 60_000.0), (8192, 20_000.0)))
+    full, mix = (row(b, t) for b, t in ((0, 60_000.0), (8192, 20_000.0)))
     assert full.setup == mix.setup  # the same setup as the planner sees it
     assert calibrate([full, mix]).efficiency == calibrate([full]).efficiency
     assert calibrate([mix]).efficiency == {}
@@ -639,16 +643,13 @@ def test_unmeasured_float8_family_is_bf16_pure_times_the_side_by_side_speedup():
 
 
 def test_float8_speedup_comes_from_rows_of_one_command_alike_but_for_the_precision():
-    def row(precision: str, tokens_per_s: float, compile_mode: str = "model") -> dict:
-        cfg = load_config(None, ["model.preset=llama3.2-1b", f"precision.mode={precision}", "kernels.fused_loss=true",
-                                 f"compile.mode={compile_mode}", "train.micro_batch_size=4"], synthetic_data=True)
-        return {"config": to_dict(cfg), "tokens_per_s": tokens_per_s, "peak_mem_gib": 16.0,
-                "device": "NVIDIA H100 80GB HBM3", "world_size": 1}
+    def row(precision: str, tokens_per_s: float, *, compile_mode: str = "model", source: str = "a.json"):
+        return h100_row(["model.preset=llama3.2-1b", f"precision.mode={precision}", "kernels.fused_loss=true",
+                         f"compile.mode={compile_mode}", "train.micro_batch_size=4"], tokens_per_s, source=source)
 
-    bf16, fp8_pure = (measured_from_record(row(precision, tokens_per_s), source="a.json")
-                      for precision, tokens_per_s in (("bf16_pure", 64e3), ("fp8_pure", 73e3)))
-    other_file = measured_from_record(row("bf16_pure", 50e3), source="b.json")
-    other_setup = measured_from_record(row("fp8", 60e3, "blocks"), source="a.json")
+    bf16, fp8_pure = row("bf16_pure", 64e3), row("fp8_pure", 73e3)
+    other_file = row("bf16_pure", 50e3, source="b.json")
+    other_setup = row("fp8", 60e3, compile_mode="blocks")
     speedup = calibrate([bf16, fp8_pure, other_file, other_setup]).float8_speedup
     assert list(speedup) == [("fp8_pure", 2048)]
     assert 73 / 64 < speedup["fp8_pure", 2048] < 1.3  # tokens/s net of the (equal) step overheads: a little more

@@ -56,7 +56,6 @@ from optrush.train.optimizations import apply_optimizations, apply_peft
 from optrush.train.resume import check_resume, maybe_resume, report_interrupt
 
 
-
 def train(cfg: Config) -> dict:
     """Train as configured; returns the run summary (also written to `<output_dir>/summary.json`). Under torchrun
     with a parallel.strategy, every rank calls it (the summary is rank 0's)."""
