@@ -150,14 +150,14 @@ def test_eager_activation_term_is_what_autograd_saves(precision, dtype):
 def test_compiled_activation_term_is_what_the_compiled_block_saves(precision, monkeypatch):
     """A compiled block's saved tensors (Inductor on CPU; float8 through torch's emulated CPU matmul): bf16 keeps
     the matmul inputs, float8 linears keep none (the norms and SiLU*mul are recomputed and cast in backward)."""
-    from optrush.train.float8 import in_blocks_and_aligned
+    from optrush.train.float8 import apply_float8
 
     torch._dynamo.reset()
     model = build_model(DEBUG, dtype=torch.bfloat16, seed=0)
     if precision == "fp8_pure":
         lift_float8_device_check(monkeypatch)
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=in_blocks_and_aligned)
+        model = apply_float8(model, load_config(None, ["model.preset=debug", "precision.mode=fp8_pure"],
+                                                 synthetic_data=True))
     block = torch.compile(model.layers[0], fullgraph=True)
     batch, length = 2, 48  # 96 tokens: no activation shares a weight's shape
     hidden = torch.randn(batch, length, DEBUG.dim, dtype=torch.bfloat16, requires_grad=True)
